@@ -1,0 +1,181 @@
+"""yacs configuration: the official TransReID keys plus a MERGE section for token reduction.
+
+`get_cfg()` returns a fresh copy of the defaults. YAML files and command-line `KEY VALUE`
+overrides are merged with `load_cfg`; an unknown key is an error that names it (yacs' own check).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from yacs.config import CfgNode as CN
+
+_C = CN()
+
+# ----------------------------------------------------------------------------- MODEL
+_C.MODEL = CN()
+_C.MODEL.DEVICE = "cuda"  # falls back to cpu with a message when CUDA is absent
+_C.MODEL.DEVICE_ID = "0"
+_C.MODEL.NAME = "transformer"
+_C.MODEL.LAST_STRIDE = 1
+_C.MODEL.PRETRAIN_PATH = ""
+# 'imagenet': initialise the backbone from a local timm-format ViT file at PRETRAIN_PATH;
+# 'self': load a full TransReID state dict; 'none': random initialisation.
+_C.MODEL.PRETRAIN_CHOICE = "imagenet"
+_C.MODEL.NECK = "bnneck"
+_C.MODEL.IF_WITH_CENTER = "no"
+_C.MODEL.ID_LOSS_TYPE = "softmax"
+_C.MODEL.ID_LOSS_WEIGHT = 1.0
+_C.MODEL.TRIPLET_LOSS_WEIGHT = 1.0
+_C.MODEL.METRIC_LOSS_TYPE = "triplet"
+_C.MODEL.DIST_TRAIN = False
+_C.MODEL.NO_MARGIN = False
+_C.MODEL.IF_LABELSMOOTH = "on"
+_C.MODEL.COS_LAYER = False
+_C.MODEL.DROP_PATH = 0.1
+_C.MODEL.DROP_OUT = 0.0
+_C.MODEL.ATT_DROP_RATE = 0.0
+_C.MODEL.TRANSFORMER_TYPE = "vit_base_patch16_224_TransReID"
+_C.MODEL.STRIDE_SIZE = [16, 16]
+_C.MODEL.JPM = False
+_C.MODEL.SHIFT_NUM = 5
+_C.MODEL.SHUFFLE_GROUP = 2
+_C.MODEL.DEVIDE_LENGTH = 4
+_C.MODEL.RE_ARRANGE = True
+_C.MODEL.SIE_COE = 3.0
+_C.MODEL.SIE_CAMERA = False
+_C.MODEL.SIE_VIEW = False
+# Size overrides for small test/demo models (0 keeps the TRANSFORMER_TYPE's value).
+_C.MODEL.EMBED_DIM = 0
+_C.MODEL.DEPTH = 0
+_C.MODEL.NUM_HEADS = 0
+# Allow full unpickling of a checkpoint that weights_only loading refuses. Only for files you trust.
+_C.MODEL.TRUST_CHECKPOINT = False
+
+# ----------------------------------------------------------------------------- INPUT
+_C.INPUT = CN()
+_C.INPUT.SIZE_TRAIN = [384, 128]
+_C.INPUT.SIZE_TEST = [384, 128]
+_C.INPUT.PROB = 0.5
+_C.INPUT.RE_PROB = 0.5
+_C.INPUT.PIXEL_MEAN = [0.485, 0.456, 0.406]
+_C.INPUT.PIXEL_STD = [0.229, 0.224, 0.225]
+_C.INPUT.PADDING = 10
+
+# ----------------------------------------------------------------------------- DATASETS
+_C.DATASETS = CN()
+_C.DATASETS.NAMES = "market1501"
+_C.DATASETS.ROOT_DIR = "datasets"
+# Generic crop folders: file-name pattern with named groups `pid` (optional) and `camid`.
+_C.DATASETS.FOLDER_PATTERN = r"(?P<pid>-?\d+)_c(?P<camid>\d+)"
+
+# ----------------------------------------------------------------------------- DATALOADER
+_C.DATALOADER = CN()
+_C.DATALOADER.NUM_WORKERS = 2
+_C.DATALOADER.SAMPLER = "softmax"
+_C.DATALOADER.NUM_INSTANCE = 16
+
+# ----------------------------------------------------------------------------- SOLVER
+_C.SOLVER = CN()
+_C.SOLVER.OPTIMIZER_NAME = "Adam"
+_C.SOLVER.MAX_EPOCHS = 100
+_C.SOLVER.BASE_LR = 3e-4
+_C.SOLVER.LARGE_FC_LR = False
+_C.SOLVER.BIAS_LR_FACTOR = 1
+_C.SOLVER.SEED = 1234
+_C.SOLVER.MOMENTUM = 0.9
+_C.SOLVER.MARGIN = 0.3
+_C.SOLVER.CENTER_LR = 0.5
+_C.SOLVER.CENTER_LOSS_WEIGHT = 0.0005
+_C.SOLVER.WEIGHT_DECAY = 0.0005
+_C.SOLVER.WEIGHT_DECAY_BIAS = 0.0005
+_C.SOLVER.GAMMA = 0.1
+_C.SOLVER.STEPS = (40, 70)
+_C.SOLVER.WARMUP_FACTOR = 0.01
+_C.SOLVER.WARMUP_EPOCHS = 5
+_C.SOLVER.WARMUP_METHOD = "linear"
+_C.SOLVER.COSINE_MARGIN = 0.5
+_C.SOLVER.COSINE_SCALE = 30
+_C.SOLVER.CHECKPOINT_PERIOD = 10
+_C.SOLVER.LOG_PERIOD = 100
+_C.SOLVER.EVAL_PERIOD = 10
+_C.SOLVER.IMS_PER_BATCH = 64
+
+# ----------------------------------------------------------------------------- TEST
+_C.TEST = CN()
+_C.TEST.IMS_PER_BATCH = 128
+_C.TEST.RE_RANKING = False
+_C.TEST.WEIGHT = ""
+_C.TEST.NECK_FEAT = "after"
+_C.TEST.FEAT_NORM = "yes"
+_C.TEST.DIST_MAT = "dist_mat.npy"
+_C.TEST.EVAL = False
+# reid_lite additions
+_C.TEST.FLIP = False  # average the features of the image and its horizontal flip
+_C.TEST.AMP = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16
+_C.TEST.QUERY_CHUNK = 1024  # queries searched at once, bounds memory for large galleries
+
+# ----------------------------------------------------------------------------- MERGE
+# Token reduction inside the backbone's blocks (after attention, before the MLP).
+_C.MERGE = CN()
+_C.MERGE.METHOD = "none"  # none | tome | evit | stm
+_C.MERGE.R = 8  # tokens removed per merging block
+_C.MERGE.R_LIST = []  # per-layer r (same length as LAYERS); overrides R when set
+_C.MERGE.LAYERS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]  # 1-based block indices
+_C.MERGE.TARGET_GFLOPS = 0.0  # > 0: choose a constant r over LAYERS that meets this budget
+_C.MERGE.PROP_ATTN = True  # proportional attention (+log size on the keys) after a merge
+_C.MERGE.TRACE_SOURCE = False  # keep the patch -> token source map (visualisation)
+
+_C.MERGE.STM = CN()
+_C.MERGE.STM.ALPHA = 0.1  # AdaptGST: sigma = ALPHA * sqrt(N)
+_C.MERGE.STM.K = 9  # neighbourhood size for the local entropy
+_C.MERGE.STM.DELTA1 = 1.0  # exponent of the similarity term of the CC-Function
+_C.MERGE.STM.DELTA2 = 0.05  # exponent of the response term of the CC-Function
+_C.MERGE.STM.DSE = True  # DSE-Assess: PR-Degree ordered grouping (else ToMe's alternating split)
+_C.MERGE.STM.CCF = True  # CCF-Match: CC-Function (else plain cosine similarity)
+_C.MERGE.STM.PRN = True  # PRN-Fuse: PR-weighted, max-norm fusion (else size-weighted mean)
+_C.MERGE.STM.ENTROPY = "literal"  # literal (Eq. 5) | normalized (A / sum over the neighbourhood)
+_C.MERGE.STM.COORDS = "virtual"  # virtual (Dynamic Virtual Coordinates) | tracked (true centroids)
+_C.MERGE.STM.KEYS = "concat"  # concat (full D-dim keys) | mean (averaged over heads, as ToMe)
+
+_C.MERGE.EVIT = CN()
+_C.MERGE.EVIT.KEEP_RATE = 0.9
+_C.MERGE.EVIT.LAYERS = [4, 7, 10]
+_C.MERGE.EVIT.FUSE_TOKEN = True
+
+_C.OUTPUT_DIR = "output"
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def get_cfg() -> CN:
+    """Return a fresh, mutable copy of the default configuration."""
+    return _C.clone()
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """Find a config file: the path as given, else the same name inside the project's `configs/`."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    candidate = CONFIG_DIR / p.name
+    if candidate.is_file():
+        return candidate
+    raise FileNotFoundError(f"config file not found: {path} (also looked for {candidate})")
+
+
+def load_cfg(config_file: str | Path | None = None, opts: Sequence[str] = ()) -> CN:
+    """Defaults, then `config_file`, then `KEY VALUE` pairs from `opts`; returns a frozen config.
+
+    Raises KeyError naming the key when the file or `opts` contains a key the defaults lack.
+    """
+    cfg = get_cfg()
+    if config_file:
+        cfg.merge_from_file(str(resolve_config_path(config_file)))
+    if opts:
+        if len(opts) % 2:
+            raise ValueError(f"overrides must be KEY VALUE pairs, got an odd count: {list(opts)}")
+        cfg.merge_from_list(list(opts))
+    cfg.freeze()
+    return cfg

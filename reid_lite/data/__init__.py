@@ -1,0 +1,61 @@
+"""Datasets (Market-1501, MSMT17, DukeMTMC-reID, generic crop folders), transforms and loaders.
+
+    dataset = build_dataset("market1501", root="datasets")
+    loader, num_query = build_test_loader(cfg, dataset)
+    for batch in loader:          # reid_lite.data.Batch
+        batch.images, batch.pids, batch.camids, batch.failed
+
+No dataset is downloaded; see datasets/README.md for the expected layouts.
+"""
+
+from .datasets import (
+    MSMT17,
+    DatasetLayoutError,
+    DukeMTMCreID,
+    FolderDataset,
+    Market1501,
+    Record,
+    ReIDDataset,
+    SidecarError,
+    available_datasets,
+    build_dataset,
+    build_dataset_from_cfg,
+    register_dataset,
+)
+from .loader import (
+    Batch,
+    ImageDataset,
+    ImageReadWarning,
+    ReIDCollate,
+    Sample,
+    build_test_loader,
+    build_train_loader,
+    read_image,
+)
+from .sampler import RandomIdentitySampler
+from .transforms import build_transforms
+
+__all__ = [
+    "MSMT17",
+    "Batch",
+    "DatasetLayoutError",
+    "DukeMTMCreID",
+    "FolderDataset",
+    "ImageDataset",
+    "ImageReadWarning",
+    "Market1501",
+    "RandomIdentitySampler",
+    "ReIDCollate",
+    "ReIDDataset",
+    "Record",
+    "Sample",
+    "SidecarError",
+    "available_datasets",
+    "build_dataset",
+    "build_dataset_from_cfg",
+    "build_test_loader",
+    "build_train_loader",
+    "build_transforms",
+    "read_image",
+    "register_dataset",
+]

@@ -1,0 +1,211 @@
+"""Image dataset that survives unreadable files, its batch format, and the train/test loaders."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from .datasets import Record, ReIDDataset
+from .sampler import RandomIdentitySampler
+from .transforms import build_transforms
+
+__all__ = [
+    "Batch",
+    "ImageDataset",
+    "ImageReadWarning",
+    "ReIDCollate",
+    "Sample",
+    "build_test_loader",
+    "build_train_loader",
+    "read_image",
+]
+
+# PIL raises these for missing, truncated, corrupt or oversized files (PNG reports some
+# corruption as SyntaxError). Anything else is a bug and must propagate.
+_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+class ImageReadWarning(UserWarning):
+    """An image could not be read and was dropped from its batch."""
+
+
+def read_image(path: str) -> Image.Image:
+    """Open and fully decode `path` as RGB (grayscale, RGBA, palette, CMYK ... are converted).
+
+    Raises OSError (or another PIL error) when the file is missing, truncated or corrupt;
+    decoding happens here, not lazily, so a truncated JPEG fails in this call.
+    """
+    with Image.open(path) as img:
+        img.load()
+        if img.mode == "P":
+            # Palette images with transparency warn unless they pass through RGBA.
+            img = img.convert("RGBA")
+        return img.convert("RGB") if img.mode != "RGB" else img.copy()
+
+
+class Sample(NamedTuple):
+    """One item of `ImageDataset`; `image` is None when the file could not be read."""
+
+    image: Any
+    pid: int
+    camid: int
+    viewid: int
+    path: str
+    index: int
+
+
+class ImageDataset(Dataset):
+    """Records `(path, pid, camid, viewid)` -> `Sample`; unreadable images give `image=None`.
+
+    `transform` maps a PIL RGB image to a tensor (e.g. `build_transforms(cfg, False)`); with
+    None the sample carries the PIL image. A failed read warns once per file
+    (`ImageReadWarning`) and the collate function drops the sample, reporting its path.
+    """
+
+    def __init__(self, records: Sequence[Record], transform: Callable[[Image.Image], Any] | None = None) -> None:
+        self.records = list(records)
+        self.transform = transform
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Sample:
+        path, pid, camid, viewid = self.records[index]
+        try:
+            img = read_image(path)
+        except _READ_ERRORS as err:
+            if path not in self._warned:
+                self._warned.add(path)
+                warnings.warn(f"cannot read image {path} ({type(err).__name__}: {err}); skipped",
+                              ImageReadWarning, stacklevel=2)
+            return Sample(None, pid, camid, viewid, path, index)
+        if self.transform is not None:
+            img = self.transform(img)
+        return Sample(img, pid, camid, viewid, path, index)
+
+
+@dataclass
+class Batch:
+    """A collated batch of readable images plus the paths that failed.
+
+    images: (B, 3, H, W) float; pids, camids, viewids: (B,) int64; indices: (B,) int64, each
+    image's position in the dataset's records (in a test loader, `indices < num_query` marks
+    the queries even when reads fail); paths: the B image paths;
+    failed: paths dropped because they could not be read (B + len(failed) = samples asked for).
+    When every image failed, B = 0: `images` is an empty (0, 3, H, W) tensor (H = W = 0 when the
+    collate does not know the size) and the id tensors are empty; callers just skip it.
+    """
+
+    images: torch.Tensor
+    pids: torch.Tensor
+    camids: torch.Tensor
+    viewids: torch.Tensor
+    indices: torch.Tensor
+    paths: list[str]
+    failed: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """Copy of the batch with its tensors on `device`."""
+        return Batch(*(t.to(device, non_blocking=non_blocking)
+                       for t in (self.images, self.pids, self.camids, self.viewids, self.indices)),
+                     paths=self.paths, failed=self.failed)
+
+    def pin_memory(self) -> Batch:
+        """Called by DataLoader(pin_memory=True)."""
+        tensors = (self.images, self.pids, self.camids, self.viewids, self.indices)
+        return Batch(*(t.pin_memory() for t in tensors),
+                     paths=self.paths, failed=self.failed)
+
+
+class ReIDCollate:
+    """Collate `Sample`s into a `Batch`, dropping (and listing) unreadable ones.
+
+    `image_size` (H, W) shapes the empty `images` tensor of an all-failed batch. A class rather
+    than a closure so that DataLoader workers can pickle it.
+    """
+
+    def __init__(self, image_size: Sequence[int] | None = None) -> None:
+        self.image_size = tuple(int(s) for s in image_size) if image_size is not None else (0, 0)
+
+    def __call__(self, samples: Sequence[Sample]) -> Batch:
+        ok = [s for s in samples if s.image is not None]
+        failed = [s.path for s in samples if s.image is None]
+        if ok:
+            images = torch.stack([s.image for s in ok])
+        else:
+            images = torch.empty((0, 3, *self.image_size), dtype=torch.float32)
+
+        def ids(attr: str) -> torch.Tensor:
+            return torch.tensor([getattr(s, attr) for s in ok], dtype=torch.long)
+
+        return Batch(images, ids("pid"), ids("camid"), ids("viewid"), ids("index"), [s.path for s in ok],
+                     failed)
+
+
+def build_test_loader(cfg: Any, dataset: ReIDDataset,
+                      transform: Callable[[Image.Image], Any] | None = None) -> tuple[DataLoader, int]:
+    """Loader over `dataset.query + dataset.gallery` (in that order) and the number of queries.
+
+    Uses TEST.IMS_PER_BATCH, DATALOADER.NUM_WORKERS, no shuffling, pinned memory when CUDA is
+    available, and `build_transforms(cfg, is_train=False)` unless `transform` is given. Items
+    are `Batch`es; samples with `Batch.indices < num_query` are queries (robust to dropped,
+    unreadable images, which are listed in `Batch.failed`).
+    """
+    records = list(dataset.query) + list(dataset.gallery)
+    loader = DataLoader(
+        ImageDataset(records, transform or build_transforms(cfg, is_train=False)),
+        batch_size=cfg.TEST.IMS_PER_BATCH,
+        shuffle=False,
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
+        pin_memory=torch.cuda.is_available(),
+        collate_fn=ReIDCollate(cfg.INPUT.SIZE_TEST),
+    )
+    return loader, len(dataset.query)
+
+
+def build_train_loader(cfg: Any, dataset: ReIDDataset, transform: Callable[[Image.Image], Any] | None = None,
+                       seed: int | None = None) -> DataLoader:
+    """Training loader over `dataset.train`, as TransReID builds it.
+
+    DATALOADER.SAMPLER containing 'triplet' (e.g. 'softmax_triplet') -> `RandomIdentitySampler`
+    with SOLVER.IMS_PER_BATCH images of DATALOADER.NUM_INSTANCE per identity; 'softmax' ->
+    plain shuffling. The order, and the workers' random augmentations, are seeded from `seed`
+    (default SOLVER.SEED); with NUM_WORKERS = 0 the augmentations use the main process' RNGs.
+    """
+    if not dataset.train:
+        raise ValueError(f"{dataset.name} has no training images")
+    seed = cfg.SOLVER.SEED if seed is None else seed
+    generator = torch.Generator().manual_seed(seed)
+    batch_size = cfg.SOLVER.IMS_PER_BATCH
+    sampler_name = cfg.DATALOADER.SAMPLER
+    if "triplet" in sampler_name:
+        sampler = RandomIdentitySampler(dataset.train, batch_size, cfg.DATALOADER.NUM_INSTANCE, seed=seed)
+        if len(sampler.pids) < sampler.num_pids_per_batch:
+            raise ValueError(
+                f"P x K sampling needs at least {sampler.num_pids_per_batch} training identities "
+                f"(SOLVER.IMS_PER_BATCH / DATALOADER.NUM_INSTANCE), the dataset has {len(sampler.pids)}")
+        shuffle = None
+    elif sampler_name == "softmax":
+        sampler, shuffle = None, True
+    else:
+        raise ValueError(f"unsupported DATALOADER.SAMPLER {sampler_name!r}: use 'softmax' or 'softmax_triplet'")
+    return DataLoader(
+        ImageDataset(dataset.train, transform or build_transforms(cfg, is_train=True)),
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=shuffle,
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
+        pin_memory=torch.cuda.is_available(),
+        collate_fn=ReIDCollate(cfg.INPUT.SIZE_TRAIN),
+        generator=generator,
+    )

@@ -1,0 +1,172 @@
+"""The contract every token-reduction method implements, and the bipartite-merge primitives they share.
+
+A reducer is called inside a block after `x = x + attn(norm1(x))` and before the MLP with
+the block's tokens `x` (B, T, C), the attention keys (B, H, T, d), and the class token's per-head
+attention row (B, H, T) when it asked for it (`needs_cls_attn`). It returns fewer tokens and updates
+the `TokenState` (token sizes, optional source map and tracked positions) in place. The class token
+is index 0 and is never merged.
+
+The merge primitives follow ToMe's design: small pure tensor functions; `bipartite_match` turns a
+score matrix into index tensors and `BipartiteMerge` applies them to any per-token tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class TokenState:
+    """What travels with the tokens through the blocks of one forward pass.
+
+    size: (B, T, 1) number of patches each token holds (None until the first reduction: all ones).
+    source: (B, T, P) which patches each token holds, kept when tracing is on (for visualisation).
+    pos: (B, T, 2) size-weighted centroid of each token's patches on the real patch grid, in [0, 1]^2,
+        kept when a method asks for it (STM's tracked-coordinates variant).
+    """
+
+    grid: tuple[int, int]
+    prop_attn: bool = True
+    size: Tensor | None = None
+    source: Tensor | None = None
+    pos: Tensor | None = None
+    track_pos: bool = False
+    trace_source: bool = False
+
+    def attn_bias(self) -> Tensor | None:
+        """Proportional attention: log(size) added to every key's logit, shape (B, 1, 1, T)."""
+        if self.size is None or not self.prop_attn:
+            return None
+        return self.size.log()[:, None, None, :, 0]
+
+    def init(self, x: Tensor) -> None:
+        """Fill in sizes (and positions/sources when requested) for the unreduced tokens `x`."""
+        B, T, _ = x.shape
+        if self.size is None:
+            self.size = x.new_ones(B, T, 1, dtype=torch.float32)
+        if self.track_pos and self.pos is None:
+            self.pos = grid_positions(self.grid, x.device).expand(B, -1, -1)
+        if self.trace_source and self.source is None:
+            eye = torch.eye(T - 1, device=x.device, dtype=torch.float32)
+            self.source = torch.cat([eye.new_zeros(1, T - 1), eye])[None].expand(B, -1, -1)
+
+
+def grid_positions(grid: tuple[int, int], device: torch.device | str = "cpu") -> Tensor:
+    """(1, 1+N, 2) centres of the patch grid's cells in [0, 1]^2 (row, column); the class token at 0.5."""
+    rows, cols = grid
+    r = (torch.arange(rows, device=device, dtype=torch.float32) + 0.5) / rows
+    c = (torch.arange(cols, device=device, dtype=torch.float32) + 0.5) / cols
+    pos = torch.stack(torch.meshgrid(r, c, indexing="ij"), dim=-1).reshape(-1, 2)
+    return torch.cat([pos.new_full((1, 2), 0.5), pos])[None]
+
+
+class TokenReducer:
+    """Base class of a reduction method for one block. Subclasses implement `reduce` and `num_out`."""
+
+    needs_cls_attn: bool = False
+    needs_pos: bool = False
+
+    def __call__(self, x: Tensor, keys: Tensor, cls_attn: Tensor | None, state: TokenState) -> Tensor:
+        if self.num_out(x.shape[1]) == x.shape[1]:
+            return x  # nothing to reduce: leave the state untouched, so r = 0 changes nothing
+        state.init(x)
+        return self.reduce(x, keys, cls_attn, state)
+
+    def reduce(self, x: Tensor, keys: Tensor, cls_attn: Tensor | None, state: TokenState) -> Tensor:
+        raise NotImplementedError
+
+    def num_out(self, num_tokens: int) -> int:
+        """Tokens left (class token included) when `num_tokens` come in: static, for FLOPs and shapes."""
+        raise NotImplementedError
+
+    def matching_flops(self, num_tokens: int, dim: int, heads: int) -> int:
+        """Multiply-adds of the method's own matrix products (e.g. the similarity matrix), as fvcore counts."""
+        return 0
+
+
+def bipartite_r(num_tokens: int, r: int) -> int:
+    """How many tokens bipartite matching can merge: at most half of the non-class tokens (ToMe)."""
+    return max(0, min(r, (num_tokens - 1) // 2))
+
+
+@dataclass
+class BipartiteMerge:
+    """Which A tokens merge into which B tokens.
+
+    a_idx / b_idx: positions of the A (sources, class token first) and B (destinations) tokens in the
+    sequence, (B, Na) / (B, Nb), or None for ToMe's alternating split (A = x[::2], B = x[1::2]).
+    unm_idx (B, Na - r): A tokens kept, in A's order; src_idx / dst_idx (B, r): merged A tokens and the
+    B token each merges into. Output order: kept A tokens, then all B tokens.
+    """
+
+    unm_idx: Tensor
+    src_idx: Tensor
+    dst_idx: Tensor
+    a_idx: Tensor | None = None
+    b_idx: Tensor | None = None
+
+    def __call__(self, t: Tensor, mode: str = "sum") -> Tensor:
+        """Merge a per-token tensor (B, T, C): sources are reduced into destinations with `mode`."""
+        a, b = bipartite_split(t, self.a_idx, self.b_idx)
+        unm = _take(a, self.unm_idx)
+        src = _take(a, self.src_idx)
+        dst = b.scatter_reduce(1, self.dst_idx[..., None].expand(-1, -1, t.shape[-1]), src, reduce=mode)
+        return torch.cat([unm, dst], dim=1)
+
+    def received(self, t: Tensor) -> Tensor:
+        """(B, T', 1) bool: which output tokens are destinations that received at least one source."""
+        B = t.shape[0]
+        nb = t.shape[1] - (self.unm_idx.shape[1] + self.src_idx.shape[1])
+        got = t.new_zeros(B, nb).scatter(1, self.dst_idx, 1.0)
+        kept = t.new_zeros(B, self.unm_idx.shape[1])
+        return torch.cat([kept, got], dim=1)[..., None] > 0
+
+
+def bipartite_split(t: Tensor, a_idx: Tensor | None = None, b_idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The A and B parts of a per-token tensor (B, T, C): alternating when no indices are given."""
+    if a_idx is None:
+        return t[:, ::2], t[:, 1::2]
+    return _take(t, a_idx), _take(t, b_idx)
+
+
+def _take(t: Tensor, idx: Tensor) -> Tensor:
+    return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
+
+
+def bipartite_match(scores: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+    """ToMe's bipartite soft matching on an (B, Na, Nb) score matrix whose row 0 is the class token.
+
+    Each A token picks its best B partner; the r A tokens with the highest best score merge.
+    Returns (unm_idx, src_idx, dst_idx). Sorting is stable so that ties resolve by index, the same
+    for every batch composition.
+    """
+    scores = scores.clone()
+    scores[:, 0, :] = -math.inf
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
+    src_idx = edge_idx[:, :r]
+    unm_idx = edge_idx[:, r:].sort(dim=-1).values
+    dst_idx = node_idx.gather(1, src_idx)
+    return unm_idx, src_idx, dst_idx
+
+
+def merge_state(merge: BipartiteMerge, state: TokenState, new_size: Tensor | None = None) -> None:
+    """Carry sizes, sources and tracked positions through a merge (sizes add, positions average)."""
+    new_size = merge(state.size) if new_size is None else new_size
+    if state.pos is not None:
+        state.pos = merge(state.pos * state.size) / new_size
+    if state.source is not None:
+        state.source = merge(state.source)
+    state.size = new_size
+
+
+def size_weighted_merge(merge: BipartiteMerge, x: Tensor, state: TokenState) -> Tensor:
+    """ToMe's fusion: the size-weighted average of each group; updates the state."""
+    new_size = merge(state.size)
+    out = (merge(x * state.size) / new_size).to(x.dtype)
+    merge_state(merge, state, new_size)
+    return out

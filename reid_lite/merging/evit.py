@@ -1,0 +1,61 @@
+"""EViT (Liang et al., ICLR 2022): keep the most attended patch tokens, fuse the rest into one token."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .base import TokenReducer, TokenState, _take
+
+
+class EViT(TokenReducer):
+    """Keep ceil(keep_rate * (T - 1)) patch tokens by the class token's head-averaged attention.
+
+    The inattentive tokens are fused into one extra token, appended last, as the official code does:
+    their sum weighted by the (unnormalised) class attention. Kept tokens come in attention order.
+    """
+
+    needs_cls_attn = True
+
+    def __init__(self, keep_rate: float, fuse_token: bool = True):
+        if not 0.0 < keep_rate <= 1.0:
+            raise ValueError(f"MERGE.EVIT.KEEP_RATE must be in (0, 1], got {keep_rate}")
+        self.keep_rate, self.fuse_token = keep_rate, fuse_token
+
+    def num_kept(self, num_tokens: int) -> int:
+        return math.ceil(self.keep_rate * (num_tokens - 1))
+
+    def num_out(self, num_tokens: int) -> int:
+        keep = self.num_kept(num_tokens)
+        if keep >= num_tokens - 1:
+            return num_tokens
+        return 1 + keep + int(self.fuse_token)
+
+    def reduce(self, x: Tensor, keys: Tensor, cls_attn: Tensor | None, state: TokenState) -> Tensor:
+        keep = self.num_kept(x.shape[1])
+        attn = cls_attn[:, :, 1:].mean(dim=1)  # (B, T-1)
+        order = attn.argsort(dim=-1, descending=True, stable=True)
+        kept, dropped = order[:, :keep] + 1, order[:, keep:] + 1
+        parts = [x[:, :1], _take(x, kept)]
+        size_parts = [state.size[:, :1], _take(state.size, kept)]
+        if self.fuse_token:
+            w = attn.gather(1, dropped - 1)[..., None]
+            parts.append((_take(x, dropped) * w.to(x.dtype)).sum(dim=1, keepdim=True))
+            size_parts.append(_take(state.size, dropped).sum(dim=1, keepdim=True))
+        for name in ("source", "pos"):
+            t = getattr(state, name)
+            if t is None:
+                continue
+            new = [t[:, :1], _take(t, kept)]
+            if self.fuse_token:
+                dropped_t = _take(t, dropped)
+                if name == "source":
+                    new.append(dropped_t.sum(dim=1, keepdim=True))
+                else:
+                    sz = _take(state.size, dropped)
+                    new.append((dropped_t * sz).sum(dim=1, keepdim=True) / sz.sum(dim=1, keepdim=True))
+            setattr(state, name, torch.cat(new, dim=1))
+        state.size = torch.cat(size_parts, dim=1)
+        return torch.cat(parts, dim=1)

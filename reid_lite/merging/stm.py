@@ -1,0 +1,199 @@
+"""STM-ReID: spatial-aware, training-free token merging (DSE-Assess, CCF-Match, PRN-Fuse).
+
+Implements ../shared/DESIGN.md section 3 (the paper's Eq. 3-9 and Algorithms 1-3). Each step is a
+small pure function of tensors; `STM` strings them together for one block. Per block:
+
+1. virtual coordinates of the N patch tokens in sequence order and their k nearest neighbours
+   (cached per N and device), 2. the AdaptGST prior W, 3. local neighbourhood entropy of the class
+   token's attention, 4. head weights softmax_h(-H), 5. PR-Degree S = W * sum_h R A, 6. grouping by
+   S, 7. the CC-Function, 8. bipartite soft matching, 9. PRN-Fuse.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .base import (
+    BipartiteMerge,
+    TokenReducer,
+    TokenState,
+    bipartite_match,
+    bipartite_r,
+    bipartite_split,
+    merge_state,
+    size_weighted_merge,
+)
+from .tome import bipartite_flops, cosine_scores
+
+_EPS = 1e-12
+
+
+def virtual_coordinates(n: int, device: torch.device | str = "cpu") -> Tensor:
+    """Dynamic Virtual Coordinates: (n, 2) positions of n tokens laid row-major on a ceil(sqrt n) grid."""
+    hv = math.ceil(math.sqrt(n))
+    wv = math.ceil(n / hv)
+    i = torch.arange(n, device=device)
+    return torch.stack([(i // wv + 0.5) / hv, (i % wv + 0.5) / wv], dim=-1).float()
+
+
+def knn_indices(coords: Tensor, k: int) -> Tensor:
+    """(..., n, k) indices of each point's k nearest points (itself included; ties broken by index)."""
+    dist = torch.cdist(coords, coords)
+    return dist.argsort(dim=-1, stable=True)[..., : min(k, coords.shape[-2])]
+
+
+_NEIGHBOURS: dict[tuple[int, int, str], tuple[Tensor, Tensor]] = {}
+
+
+def virtual_neighbourhood(n: int, k: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Cached (coords (n, 2), neighbours (n, k)) of the virtual grid: they depend on n alone."""
+    key = (n, k, str(device))
+    if key not in _NEIGHBOURS:
+        coords = virtual_coordinates(n, device)
+        _NEIGHBOURS[key] = coords, knn_indices(coords, k)
+    return _NEIGHBOURS[key]
+
+
+def gaussian_prior(coords: Tensor, n: int, alpha: float) -> Tensor:
+    """AdaptGST: W(i) = exp(-||c_i - (0.5, 0.5)||^2 / (2 sigma^2)), sigma = alpha sqrt(n). Shape (..., n)."""
+    sigma = alpha * math.sqrt(n)
+    return torch.exp(-((coords - 0.5) ** 2).sum(-1) / (2 * sigma**2))
+
+
+def neighbourhood_entropy(attn: Tensor, neighbours: Tensor, normalized: bool = False) -> Tensor:
+    """Local entropy of the class-token attention over each token's neighbourhood.
+
+    attn: (B, H, n) class-token attention to the patch tokens; neighbours: (n, k) or (B, n, k).
+    Literal (Eq. 5): H = -sum_{j in N(i)} A_j log A_j. Normalised: the entropy of A restricted to N(i)
+    and renormalised, log Z - sum A log A / Z with Z = sum_{N(i)} A.
+    """
+    B, H, n = attn.shape
+    a = attn.clamp_min(_EPS)
+    idx = neighbours.reshape(-1, n * neighbours.shape[-1]) if neighbours.dim() == 3 else neighbours.reshape(1, -1)
+    idx = idx[:, None].expand(B, H, -1)
+    alog = (a * a.log()).gather(-1, idx).unflatten(-1, (n, -1)).sum(-1)
+    if not normalized:
+        return -alog
+    z = a.gather(-1, idx).unflatten(-1, (n, -1)).sum(-1)
+    return z.log() - alog / z
+
+
+def pr_degree(attn: Tensor, entropy: Tensor, prior: Tensor) -> Tensor:
+    """PR-Degree S_i = W(i) sum_h softmax_h(-H)[h, i] A[h, i]: (B, n) from attn/entropy (B, H, n)."""
+    head_weight = (-entropy).softmax(dim=1)
+    return prior * (head_weight * attn).sum(dim=1)
+
+
+def pr_grouping(score: Tensor) -> tuple[Tensor, Tensor]:
+    """Sequence positions of A = [cls, p1, p3, ...] and B = [p2, p4, ...], patches ranked by `score` (B, n)."""
+    order = score.argsort(dim=-1, descending=True, stable=True) + 1  # +1: skip the class token
+    cls = order.new_zeros(order.shape[0], 1)
+    return torch.cat([cls, order[:, 0::2]], dim=1), order[:, 1::2]
+
+
+def cc_function(k_a: Tensor, k_b: Tensor, s_a: Tensor, s_b: Tensor, s_min: Tensor, d1: float, d2: float) -> Tensor:
+    """CC-Function F = F_sim^d1 * F_res^d2 (Eq. 8-9).
+
+    F_sim = (cos(k_a, k_b) + 1) / 2; F_res = S^_a S^_b with S^ = min_k S_k / S (inverse response).
+    k_a (B, Na, C), k_b (B, Nb, C), s_a (B, Na), s_b (B, Nb), s_min (B, 1).
+    """
+    f_sim = (cosine_scores(k_a, k_b) + 1) / 2
+    f_res = (s_min / s_a)[:, :, None] * (s_min / s_b)[:, None, :]
+    return f_sim.pow(d1) * f_res.pow(d2)
+
+
+def prn_fuse(merge: BipartiteMerge, x: Tensor, score: Tensor, state: TokenState) -> Tensor:
+    """PRN-Fuse: PR-weighted average of each group, rescaled to the group's largest norm; sizes add.
+
+    Tokens that take part in no merge are returned unchanged (bit for bit).
+    """
+    w = score[..., None]
+    fused = merge(x * w) / merge(w)
+    fused = fused / fused.norm(dim=-1, keepdim=True).clamp_min(_EPS) * merge(x.norm(dim=-1, keepdim=True), "amax")
+    out = torch.where(merge.received(x), fused.to(x.dtype), merge(x))
+    merge_state(merge, state)
+    return out
+
+
+class STM(TokenReducer):
+    """STM-ReID for one block. Component switches reproduce the paper's Table 5 ablations.
+
+    dse: group by PR-Degree (else ToMe's alternating split); ccf: match with the CC-Function (else
+    cosine); prn: PRN-Fuse (else size-weighted mean). keys: 'concat' (full D-dim keys) or 'mean'
+    (averaged over heads, as ToMe). entropy: 'literal' or 'normalized'. coords: 'virtual' or 'tracked'.
+    """
+
+    needs_cls_attn = True
+
+    def __init__(
+        self,
+        r: int,
+        alpha: float = 0.1,
+        k: int = 9,
+        delta1: float = 1.0,
+        delta2: float = 0.05,
+        dse: bool = True,
+        ccf: bool = True,
+        prn: bool = True,
+        entropy: str = "literal",
+        coords: str = "virtual",
+        keys: str = "concat",
+    ):
+        if entropy not in ("literal", "normalized"):
+            raise ValueError(f"MERGE.STM.ENTROPY must be 'literal' or 'normalized', got {entropy!r}")
+        if coords not in ("virtual", "tracked"):
+            raise ValueError(f"MERGE.STM.COORDS must be 'virtual' or 'tracked', got {coords!r}")
+        if keys not in ("concat", "mean"):
+            raise ValueError(f"MERGE.STM.KEYS must be 'concat' or 'mean', got {keys!r}")
+        self.r, self.alpha, self.k, self.delta1, self.delta2 = r, alpha, k, delta1, delta2
+        self.dse, self.ccf, self.prn = dse, ccf, prn
+        self.entropy, self.coords, self.keys = entropy, coords, keys
+        self.needs_cls_attn = dse or ccf or prn
+        self.needs_pos = coords == "tracked"
+
+    def num_out(self, num_tokens: int) -> int:
+        return num_tokens - bipartite_r(num_tokens, self.r)
+
+    def matching_flops(self, num_tokens: int, dim: int, heads: int) -> int:
+        if self.num_out(num_tokens) == num_tokens:
+            return 0
+        return bipartite_flops(num_tokens, dim if self.keys == "concat" else dim // heads)
+
+    def assess(self, cls_attn: Tensor, state: TokenState) -> Tensor:
+        """DSE-Assess: the PR-Degree (B, n) of the patch tokens from the class token's attention."""
+        attn = cls_attn[:, :, 1:]
+        n = attn.shape[-1]
+        if self.coords == "tracked":
+            coords = state.pos[:, 1:]
+            neighbours = knn_indices(coords, self.k)
+        else:
+            coords, neighbours = virtual_neighbourhood(n, self.k, attn.device)
+        entropy = neighbourhood_entropy(attn, neighbours, normalized=self.entropy == "normalized")
+        return pr_degree(attn, entropy, gaussian_prior(coords, n, self.alpha))
+
+    def reduce(self, x: Tensor, keys: Tensor, cls_attn: Tensor | None, state: TokenState) -> Tensor:
+        r = bipartite_r(x.shape[1], self.r)
+        with torch.no_grad():
+            metric = keys.mean(dim=1) if self.keys == "mean" else keys.transpose(1, 2).flatten(2)
+            score = None
+            if self.needs_cls_attn:
+                score = self.assess(cls_attn, state)
+                # The class token gets score 1; it is never merged, so the value only has to be finite.
+                score = torch.cat([score.new_ones(score.shape[0], 1), score.clamp_min(_EPS)], dim=1)
+            a_idx = b_idx = None
+            if self.dse:
+                a_idx, b_idx = pr_grouping(score[:, 1:])
+            k_a, k_b = bipartite_split(metric, a_idx, b_idx)
+            if self.ccf:
+                s_a, s_b = bipartite_split(score[..., None], a_idx, b_idx)
+                s_min = score[:, 1:].amin(dim=1, keepdim=True)
+                scores = cc_function(k_a, k_b, s_a[..., 0], s_b[..., 0], s_min, self.delta1, self.delta2)
+            else:
+                scores = cosine_scores(k_a, k_b)
+            merge = BipartiteMerge(*bipartite_match(scores, r), a_idx, b_idx)
+        if self.prn:
+            return prn_fuse(merge, x, score, state)
+        return size_weighted_merge(merge, x, state)

@@ -1,0 +1,192 @@
+"""TransReID (He et al., ICCV 2021): ViT backbone + BNNeck heads, with the jigsaw patch module (JPM).
+
+`TransReID` covers the official `build_transformer` (global branch only) and `build_transformer_local`
+(JPM) with the official state-dict layout: `base.*`, `b1.*`, `b2.*`, `bottleneck*`, `classifier*`.
+Token reduction (reid_lite.merging) runs inside the backbone's blocks; the JPM branch consumes the
+reduced tokens, their sizes shuffled along with them.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from ..merging.base import TokenReducer, TokenState
+from .vit import BACKBONES, TransReIDViT
+
+
+def shuffle_unit(features: Tensor, shift: int, group: int, begin: int = 1) -> Tensor:
+    """JPM's shift and patch-shuffle of the token sequence (the official `shuffle_unit`).
+
+    Drops the class token (positions before `begin`), rolls the rest, then interleaves `group` groups.
+    When the length is not a multiple of `group`, the second-to-last token is repeated to pad, as the
+    official code does for its group of 2. Works on any per-token tensor (B, T, C), sizes included.
+    """
+    x = torch.cat([features[:, begin - 1 + shift :], features[:, begin : begin - 1 + shift]], dim=1)
+    pad = (-x.shape[1]) % group
+    if pad:
+        x = torch.cat([x] + [x[:, -2:-1]] * pad, dim=1)
+    B, T, C = x.shape
+    return x.view(B, group, T // group, C).transpose(1, 2).reshape(B, T, C)
+
+
+def weights_init_kaiming(m: nn.Module) -> None:
+    if isinstance(m, nn.BatchNorm1d) and m.affine:
+        nn.init.constant_(m.weight, 1.0)
+        nn.init.constant_(m.bias, 0.0)
+
+
+def weights_init_classifier(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.normal_(m.weight, std=0.001)
+        if m.bias is not None:
+            nn.init.constant_(m.bias, 0.0)
+
+
+def _bnneck(dim: int) -> nn.BatchNorm1d:
+    bn = nn.BatchNorm1d(dim)
+    bn.bias.requires_grad_(False)
+    bn.apply(weights_init_kaiming)
+    return bn
+
+
+def _classifier(dim: int, num_classes: int) -> nn.Linear:
+    fc = nn.Linear(dim, num_classes, bias=False)
+    fc.apply(weights_init_classifier)
+    return fc
+
+
+class TransReID(nn.Module):
+    """The full TransReID model.
+
+    Called as the official one: `model(images, cam_label=..., view_label=...)`. In eval mode it returns
+    the feature (B, D) without JPM, or the concatenation of the global and four local features
+    (B, 5 D, locals divided by 4) with JPM; NECK_FEAT 'after' takes them after the BNNeck. In train mode
+    it returns (scores, features): lists of five with JPM.
+    """
+
+    def __init__(self, num_classes: int, camera_num: int, view_num: int, cfg):
+        super().__init__()
+        m = cfg.MODEL
+        if m.TRANSFORMER_TYPE not in BACKBONES:
+            raise ValueError(f"unknown MODEL.TRANSFORMER_TYPE {m.TRANSFORMER_TYPE!r}; one of {sorted(BACKBONES)}")
+        if m.ID_LOSS_TYPE != "softmax":
+            raise ValueError(f"MODEL.ID_LOSS_TYPE {m.ID_LOSS_TYPE!r} is not supported; use 'softmax'")
+        sizes = {k: v for k, v in dict(embed_dim=m.EMBED_DIM, depth=m.DEPTH, num_heads=m.NUM_HEADS).items() if v}
+        self.base: TransReIDViT = BACKBONES[m.TRANSFORMER_TYPE](
+            img_size=tuple(cfg.INPUT.SIZE_TRAIN),
+            stride_size=m.STRIDE_SIZE,
+            sie_xishu=m.SIE_COE,
+            camera=camera_num,
+            view=view_num,
+            local_feature=m.JPM,
+            drop_path_rate=m.DROP_PATH,
+            drop_rate=m.DROP_OUT,
+            attn_drop_rate=m.ATT_DROP_RATE,
+            **sizes,
+        )
+        self.in_planes = dim = self.base.in_planes
+        self.num_classes = num_classes
+        self.neck_feat = cfg.TEST.NECK_FEAT
+        self.jpm = m.JPM
+        self.prop_attn = True
+        self.trace_source = False
+        self.last_state: TokenState | None = None
+        self.classifier = _classifier(dim, num_classes)
+        self.bottleneck = _bnneck(dim)
+        if self.jpm:
+            self.b1 = nn.Sequential(copy.deepcopy(self.base.blocks[-1]), copy.deepcopy(self.base.norm))
+            self.b2 = nn.Sequential(copy.deepcopy(self.base.blocks[-1]), copy.deepcopy(self.base.norm))
+            for i in range(1, 5):
+                setattr(self, f"classifier_{i}", _classifier(dim, num_classes))
+                setattr(self, f"bottleneck_{i}", _bnneck(dim))
+            self.shuffle_groups = m.SHUFFLE_GROUP
+            self.shift_num = m.SHIFT_NUM
+            self.divide_length = m.DEVIDE_LENGTH
+            self.rearrange = m.RE_ARRANGE
+            if self.divide_length != 4:
+                raise ValueError("MODEL.DEVIDE_LENGTH must be 4: the official JPM has four local heads")
+
+    # -- token reduction ------------------------------------------------------------------------
+    @property
+    def reducible_blocks(self) -> list[nn.Module]:
+        """The blocks in which tokens may be reduced (the JPM branches consume the result)."""
+        return list(self.base.trunk)
+
+    def set_reducers(self, reducers: dict[int, TokenReducer], prop_attn: bool = True) -> None:
+        """Attach {0-based block index: reducer}; other blocks are left unreduced."""
+        blocks = self.reducible_blocks
+        bad = [i for i in reducers if not 0 <= i < len(blocks)]
+        if bad:
+            raise ValueError(f"blocks {[i + 1 for i in bad]} cannot reduce tokens (1..{len(blocks)})")
+        for i, blk in enumerate(blocks):
+            blk.reducer = reducers.get(i)
+        self.prop_attn = prop_attn
+
+    @property
+    def reducers(self) -> dict[int, TokenReducer]:
+        return {i: b.reducer for i, b in enumerate(self.reducible_blocks) if b.reducer is not None}
+
+    def _new_state(self) -> TokenState | None:
+        reducers = self.reducers
+        if not reducers and not self.trace_source:
+            return None
+        return TokenState(
+            grid=self.base.patch_embed.grid_size,
+            prop_attn=self.prop_attn,
+            track_pos=any(r.needs_pos for r in reducers.values()),
+            trace_source=self.trace_source,
+        )
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(self, x: Tensor, label: Tensor | None = None, cam_label=None, view_label=None):
+        state = self._new_state()
+        features = self.base(x, cam_label=cam_label, view_label=view_label, state=state)
+        if self.trace_source:
+            self.last_state = state
+        if not self.jpm:
+            return self._head_global(features)
+        return self._head_jpm(features, state)
+
+    def _head_global(self, global_feat: Tensor):
+        feat = self.bottleneck(global_feat)
+        if self.training:
+            return self.classifier(feat), global_feat
+        return feat if self.neck_feat == "after" else global_feat
+
+    def _head_jpm(self, features: Tensor, state: TokenState | None):
+        B, T, D = features.shape
+        global_feat = self.b1[1](self.b1[0](features, state))[:, 0]
+
+        size = state.size if state is not None else None
+        patches = features[:, 1:] if not self.rearrange else shuffle_unit(features, self.shift_num, self.shuffle_groups)
+        part_len = (T - 1) // self.divide_length
+        # The four local branches share b2's weights: run them as one batch of 4B sequences.
+        parts = patches[:, : part_len * self.divide_length].reshape(B * self.divide_length, part_len, D)
+        cls = features[:, :1].repeat_interleave(self.divide_length, dim=0)
+        part_state = None
+        if size is not None:
+            psize = size[:, 1:] if not self.rearrange else shuffle_unit(size, self.shift_num, self.shuffle_groups)
+            psize = psize[:, : part_len * self.divide_length].reshape(B * self.divide_length, part_len, 1)
+            part_state = TokenState(grid=state.grid, prop_attn=state.prop_attn,
+                                    size=torch.cat([psize.new_ones(psize.shape[0], 1, 1), psize], dim=1))
+        elif state is not None:
+            part_state = TokenState(grid=state.grid, prop_attn=state.prop_attn)
+        local = self.b2[1](self.b2[0](torch.cat([cls, parts], dim=1), part_state))[:, 0]
+        local_feats = local.reshape(B, self.divide_length, D).unbind(1)
+
+        feat = self.bottleneck(global_feat)
+        local_bn = [getattr(self, f"bottleneck_{i + 1}")(f) for i, f in enumerate(local_feats)]
+        if self.training:
+            scores = [self.classifier(feat)] + [getattr(self, f"classifier_{i + 1}")(f) for i, f in enumerate(local_bn)]
+            return scores, [global_feat, *local_feats]
+        if self.neck_feat == "after":
+            return torch.cat([feat] + [f / 4 for f in local_bn], dim=1)
+        return torch.cat([global_feat] + [f / 4 for f in local_feats], dim=1)
+
+    @property
+    def feature_dim(self) -> int:
+        """Dimension of the eval-mode feature."""
+        return self.in_planes * (5 if self.jpm else 1)

@@ -1,0 +1,1 @@
+"""Utilities: FLOPs counting, devices, logging."""
