@@ -6,8 +6,8 @@ overrides are merged with `load_cfg`; an unknown key is an error that names it (
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from yacs.config import CfgNode as CN
 
@@ -176,6 +176,9 @@ def load_cfg(config_file: str | Path | None = None, opts: Sequence[str] = ()) ->
     if opts:
         if len(opts) % 2:
             raise ValueError(f"overrides must be KEY VALUE pairs, got an odd count: {list(opts)}")
-        cfg.merge_from_list(list(opts))
+        try:
+            cfg.merge_from_list(list(opts))
+        except AssertionError as e:  # yacs asserts on unknown keys from a list; make it a KeyError
+            raise KeyError(str(e)) from None
     cfg.freeze()
     return cfg

@@ -104,7 +104,8 @@ def test_chunked_equals_one_shot(chunks: list[int]) -> None:
     acc = RankAccumulator(g_pids, g_camids, num_threads=1)
     start = 0
     for size in chunks:
-        acc.update(distmat[start : start + size], q_pids[start : start + size], q_camids[start : start + size])
+        sl = slice(start, start + size)
+        acc.update(distmat[sl], q_pids[sl], q_camids[sl])
         start += size
     cmc, mAP, mINP = acc.result().as_tuple()
     assert np.array_equal(cmc, one_shot[0]) and mAP == one_shot[1] and mINP == one_shot[2]

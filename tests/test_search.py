@@ -176,7 +176,8 @@ def _dense_re_ranking(prob_fea: torch.Tensor, gal_fea: torch.Tensor, k1: int, k2
             cand_k_reciprocal_index = cand_forward[fi_candidate]
             if len(np.intersect1d(cand_k_reciprocal_index, k_reciprocal_index)) > 2 / 3 * len(
                     cand_k_reciprocal_index):
-                k_reciprocal_expansion_index = np.append(k_reciprocal_expansion_index, cand_k_reciprocal_index)
+                k_reciprocal_expansion_index = np.append(k_reciprocal_expansion_index,
+                                                         cand_k_reciprocal_index)
         k_reciprocal_expansion_index = np.unique(k_reciprocal_expansion_index)
         weight = np.exp(-original_dist[i, k_reciprocal_expansion_index])
         V[i, k_reciprocal_expansion_index] = weight / np.sum(weight)

@@ -41,8 +41,20 @@ def virtual_coordinates(n: int, device: torch.device | str = "cpu") -> Tensor:
 
 def knn_indices(coords: Tensor, k: int) -> Tensor:
     """(..., n, k) indices of each point's k nearest points (itself included; ties broken by index)."""
-    dist = torch.cdist(coords, coords)
+    dist = (coords[..., :, None, :] - coords[..., None, :, :]).square().sum(-1)
     return dist.argsort(dim=-1, stable=True)[..., : min(k, coords.shape[-2])]
+
+
+def virtual_knn(n: int, k: int, device: torch.device | str = "cpu") -> Tensor:
+    """k nearest neighbours on the virtual grid, from exact integer distances so that ties (which the
+    regular grid is full of) break by index rather than by floating-point noise."""
+    hv = math.ceil(math.sqrt(n))
+    wv = math.ceil(n / hv)
+    i = torch.arange(n, device=device)
+    row, col = i // wv, i % wv
+    # squared distance scaled by (hv * wv)^2: (d_row * wv)^2 + (d_col * hv)^2
+    dist = ((row[:, None] - row[None]) * wv).square() + ((col[:, None] - col[None]) * hv).square()
+    return dist.argsort(dim=-1, stable=True)[:, : min(k, n)]
 
 
 _NEIGHBOURS: dict[tuple[int, int, str], tuple[Tensor, Tensor]] = {}
@@ -52,8 +64,7 @@ def virtual_neighbourhood(n: int, k: int, device: torch.device) -> tuple[Tensor,
     """Cached (coords (n, 2), neighbours (n, k)) of the virtual grid: they depend on n alone."""
     key = (n, k, str(device))
     if key not in _NEIGHBOURS:
-        coords = virtual_coordinates(n, device)
-        _NEIGHBOURS[key] = coords, knn_indices(coords, k)
+        _NEIGHBOURS[key] = virtual_coordinates(n, device), virtual_knn(n, k, device)
     return _NEIGHBOURS[key]
 
 

@@ -57,7 +57,8 @@ def check_and_load(module: nn.Module, state: dict[str, torch.Tensor], source: st
         lines = [f"{source} does not match the model:"]
         for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
             if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
+                more = " ..." if len(items) > 20 else ""
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + more)
         raise CheckpointError("\n".join(lines))
     module.load_state_dict(state, strict=strict)
 

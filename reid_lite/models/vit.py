@@ -9,8 +9,8 @@ the official ones do; attention runs through the fused `scaled_dot_product_atten
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

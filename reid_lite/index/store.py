@@ -1,0 +1,191 @@
+"""SQLite metadata of a gallery: one row per stored crop, plus key/value gallery metadata.
+
+The row id *is* the faiss id of the crop's vector, so a search result maps to its metadata with one
+primary-key lookup. Ids are allocated monotonically and never reused (``meta.next_id``), so an id
+removed in one generation can never alias a different crop in a later one.
+
+A published generation's database is immutable: readers open it with ``mode=ro&immutable=1`` (no
+journal, no lock files written into a published directory); only a writer's private copy inside an
+unpublished generation directory is ever opened read-write.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["CropRecord", "MetadataStore", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS crops (
+    id            INTEGER PRIMARY KEY,        -- = faiss id
+    path          TEXT    NOT NULL,
+    sha256        TEXT    NOT NULL UNIQUE,    -- content hash: the same crop bytes are stored once
+    camid         INTEGER,                    -- 0-based camera id (file name c1 -> 0), NULL if unknown
+    timestamp     REAL,                       -- seconds (epoch or frame clock) for time-window filters
+    timestamp_raw TEXT,                       -- the value as given (e.g. an ISO 8601 string)
+    identity      INTEGER,                    -- person id when known (pid), else NULL
+    track         TEXT,                       -- tracker id when known, else NULL
+    generation    INTEGER NOT NULL            -- generation that added the crop
+);
+CREATE INDEX IF NOT EXISTS crops_camid ON crops(camid);
+CREATE INDEX IF NOT EXISTS crops_timestamp ON crops(timestamp);
+CREATE INDEX IF NOT EXISTS crops_path ON crops(path);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class CropRecord:
+    """Metadata of one crop (``id`` is its faiss id; -1 before insertion)."""
+
+    path: str
+    sha256: str
+    camid: int | None = None
+    timestamp: float | None = None
+    timestamp_raw: str | None = None
+    identity: int | None = None
+    track: str | None = None
+    id: int = -1
+    generation: int = -1
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict of the fields."""
+        return {"id": self.id, "path": self.path, "sha256": self.sha256, "camid": self.camid,
+                "timestamp": self.timestamp, "timestamp_raw": self.timestamp_raw,
+                "identity": self.identity, "track": self.track, "generation": self.generation}
+
+
+_COLUMNS = "id, path, sha256, camid, timestamp, timestamp_raw, identity, track, generation"
+
+
+def _row_to_record(row: Sequence[Any]) -> CropRecord:
+    return CropRecord(id=row[0], path=row[1], sha256=row[2], camid=row[3], timestamp=row[4],
+                      timestamp_raw=row[5], identity=row[6], track=row[7], generation=row[8])
+
+
+class MetadataStore:
+    """Thin typed wrapper over one SQLite file (see the module docstring for the schema)."""
+
+    def __init__(self, path: str | Path, readonly: bool = True) -> None:
+        self.path = Path(path)
+        self.readonly = readonly
+        if readonly:
+            if not self.path.is_file():
+                raise FileNotFoundError(f"gallery metadata not found: {self.path}")
+            uri = f"file:{self.path.resolve()}?mode=ro&immutable=1"
+            self.conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        else:
+            self.conn = sqlite3.connect(str(self.path), check_same_thread=False)
+            # The file is private to one writer until it is published; a rollback journal that is
+            # deleted on commit leaves a single self-contained file to checksum and publish.
+            self.conn.execute("PRAGMA journal_mode=DELETE")
+            self.conn.execute("PRAGMA synchronous=FULL")
+            self.conn.executescript(_SCHEMA)
+            if self.get_meta("schema_version") is None:
+                self.set_meta("schema_version", SCHEMA_VERSION)
+                self.set_meta("next_id", 0)
+            self.conn.commit()
+
+    # -- key/value -------------------------------------------------------------------------------
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        """JSON-decoded value of ``key`` in the meta table, or ``default``."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def set_meta(self, key: str, value: Any) -> None:
+        """Store ``value`` (JSON-encodable) under ``key``."""
+        self.conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, json.dumps(value)))
+
+    # -- crops -----------------------------------------------------------------------------------
+    def count(self) -> int:
+        """Number of stored crops."""
+        return int(self.conn.execute("SELECT COUNT(*) FROM crops").fetchone()[0])
+
+    def known_hashes(self, hashes: Iterable[str]) -> set[str]:
+        """The subset of ``hashes`` already stored."""
+        hashes = list(hashes)
+        found: set[str] = set()
+        for s in range(0, len(hashes), 900):  # stay below SQLite's bound-parameter limit
+            chunk = hashes[s:s + 900]
+            q = f"SELECT sha256 FROM crops WHERE sha256 IN ({','.join('?' * len(chunk))})"
+            found.update(r[0] for r in self.conn.execute(q, chunk))
+        return found
+
+    def insert(self, records: Sequence[CropRecord], generation: int) -> np.ndarray:
+        """Insert ``records`` with fresh ids (returned, int64, contiguous and increasing)."""
+        start = int(self.get_meta("next_id", 0))
+        ids = np.arange(start, start + len(records), dtype=np.int64)
+        self.conn.executemany(
+            f"INSERT INTO crops({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(int(i), r.path, r.sha256, r.camid, r.timestamp, r.timestamp_raw, r.identity, r.track, generation)
+             for i, r in zip(ids, records)])
+        self.set_meta("next_id", start + len(records))
+        return ids
+
+    def delete(self, ids: Sequence[int]) -> None:
+        """Delete the rows of ``ids``."""
+        self.conn.executemany("DELETE FROM crops WHERE id = ?", [(int(i),) for i in ids])
+
+    def get(self, ids: Sequence[int]) -> dict[int, CropRecord]:
+        """Records by id (missing ids are absent from the result)."""
+        ids = [int(i) for i in ids]
+        out: dict[int, CropRecord] = {}
+        for s in range(0, len(ids), 900):
+            chunk = ids[s:s + 900]
+            q = f"SELECT {_COLUMNS} FROM crops WHERE id IN ({','.join('?' * len(chunk))})"
+            for row in self.conn.execute(q, chunk):
+                out[row[0]] = _row_to_record(row)
+        return out
+
+    def ids_where(self, cameras: Sequence[int] | None = None, exclude_cameras: Sequence[int] | None = None,
+                  time_from: float | None = None, time_to: float | None = None,
+                  paths: Sequence[str] | None = None) -> np.ndarray:
+        """Sorted int64 ids of the crops matching every given condition.
+
+        ``time_from``/``time_to`` are inclusive; crops without a timestamp never match a time window.
+        """
+        where: list[str] = []
+        args: list[Any] = []
+        if cameras is not None:
+            where.append(f"camid IN ({','.join('?' * len(cameras))})" if cameras else "0")
+            args += [int(c) for c in cameras]
+        if exclude_cameras:
+            # NULL cameras are kept: "not the query's camera" is true of an unknown camera.
+            where.append(f"(camid IS NULL OR camid NOT IN ({','.join('?' * len(exclude_cameras))}))")
+            args += [int(c) for c in exclude_cameras]
+        if time_from is not None:
+            where.append("timestamp >= ?")
+            args.append(float(time_from))
+        if time_to is not None:
+            where.append("timestamp <= ?")
+            args.append(float(time_to))
+        if paths is not None:
+            where.append(f"path IN ({','.join('?' * len(paths))})" if paths else "0")
+            args += list(paths)
+        sql = "SELECT id FROM crops" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id"
+        return np.fromiter((r[0] for r in self.conn.execute(sql, args)), dtype=np.int64)
+
+    def all_ids(self) -> np.ndarray:
+        """Every stored id, sorted."""
+        return self.ids_where()
+
+    def cameras(self) -> dict[int | None, int]:
+        """Crops per camera id."""
+        return {r[0]: r[1] for r in self.conn.execute("SELECT camid, COUNT(*) FROM crops GROUP BY camid ORDER BY camid")}
+
+    def commit(self) -> None:
+        """Commit pending writes."""
+        self.conn.commit()
+
+    def close(self) -> None:
+        """Close the connection (commits nothing)."""
+        self.conn.close()

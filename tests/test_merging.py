@@ -1,0 +1,237 @@
+"""Token reduction: STM-ReID against its specification, ToMe, EViT, schedules and FLOPs."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+from conftest import tiny_cfg, vit_base_cfg
+
+from reid_lite import build_model
+from reid_lite.merging import STM, EViT, TokenState, ToMe, apply_merging, merge_cfg
+from reid_lite.merging.base import BipartiteMerge, bipartite_match
+from reid_lite.merging.stm import (
+    gaussian_prior,
+    neighbourhood_entropy,
+    pr_degree,
+    pr_grouping,
+    prn_fuse,
+    virtual_coordinates,
+    virtual_knn,
+    virtual_neighbourhood,
+)
+from reid_lite.utils.flops import fvcore_gflops, transreid_gflops
+
+
+def _model(method="none", r=8, **merge):
+    torch.manual_seed(0)
+    return build_model(tiny_cfg(METHOD=method, R=r, **merge), 10, 3, 1).eval()
+
+
+def _features(model, images, cams):
+    with torch.no_grad():
+        return model(images, cam_label=cams)
+
+
+@pytest.mark.parametrize("method", ["tome", "stm"])
+def test_r0_is_bit_identical_to_the_unmerged_model(method, images, cams):
+    assert torch.equal(_features(_model(method, 0), images, cams), _features(_model(), images, cams))
+
+
+@pytest.mark.parametrize("method", ["tome", "stm", "evit"])
+def test_merging_changes_tokens_but_not_the_cls_and_is_batch_independent(method, images, cams):
+    model = _model(method, 8, EVIT__LAYERS=[1, 2])
+    batch = _features(model, images, cams)
+    alone = torch.cat([_features(model, images[i:i + 1], cams[i:i + 1]) for i in range(len(images))])
+    torch.testing.assert_close(alone, batch, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(batch, _features(_model(), images, cams))
+
+
+@pytest.mark.parametrize("reducer", [ToMe(8), STM(8), STM(8, coords="tracked", entropy="normalized"), EViT(0.7)])
+def test_sizes_sum_to_the_patch_count_and_cls_is_kept(reducer):
+    g = torch.Generator().manual_seed(3)
+    B, T, C, H = 3, 1 + 210, 32, 4
+    x = torch.randn(B, T, C, generator=g)
+    state = TokenState(grid=(21, 10), trace_source=True, track_pos=reducer.needs_pos)
+    for _ in range(4):  # several blocks in a row
+        T = x.shape[1]
+        keys = torch.randn(B, H, T, C // H, generator=g)
+        cls_attn = torch.randn(B, H, T, generator=g).softmax(-1)
+        out = reducer(x, keys, cls_attn, state)
+        assert out.shape[1] == reducer.num_out(T) < T
+        assert torch.equal(out[:, 0], x[:, 0])  # the class token is never merged and stays first
+        assert state.size[:, 0].eq(1).all() and state.source[:, 0].eq(0).all()
+        torch.testing.assert_close(state.size.sum(dim=(1, 2)), torch.full((B,), 211.0))
+        # every patch is held by exactly one token
+        assert torch.equal(state.source.sum(dim=1), torch.ones(B, 210))
+        torch.testing.assert_close(state.size[..., 0], state.source.sum(-1) + (torch.arange(out.shape[1]) == 0))
+        x = out
+
+
+def test_tracked_positions_are_size_weighted_centroids():
+    g = torch.Generator().manual_seed(4)
+    B, T, C, H = 2, 211, 16, 2
+    x = torch.randn(B, T, C, generator=g)
+    state = TokenState(grid=(21, 10), track_pos=True, trace_source=True)
+    reducer = STM(20, coords="tracked")
+    for _ in range(3):
+        T = x.shape[1]
+        x = reducer(x, torch.randn(B, H, T, C // H, generator=g), torch.rand(B, H, T, generator=g).softmax(-1), state)
+    from reid_lite.merging.base import grid_positions
+
+    cells = grid_positions((21, 10))[0, 1:]
+    expect = (state.source @ cells) / state.source.sum(-1, keepdim=True)
+    torch.testing.assert_close(state.pos[:, 1:], expect[:, 1:])
+
+
+def test_virtual_coordinates_and_neighbourhood():
+    c = virtual_coordinates(5)  # Hv = 3, Wv = 2
+    torch.testing.assert_close(c, torch.tensor([[1 / 6, .25], [1 / 6, .75], [.5, .25], [.5, .75], [5 / 6, .25]]))
+    _, nbr = virtual_neighbourhood(210, 9, torch.device("cpu"))
+    assert nbr.shape == (210, 9) and torch.equal(nbr[:, 0], torch.arange(210))  # itself first
+    # 210 tokens: Hv = 15, Wv = 14; an interior token's neighbours are its 3x3 block
+    i = 3 * 14 + 5
+    assert sorted(nbr[i].tolist()) == sorted(i + dr * 14 + dc for dr in (-1, 0, 1) for dc in (-1, 0, 1))
+    assert virtual_neighbourhood(210, 9, torch.device("cpu"))[1] is nbr  # cached
+
+
+def test_pr_degree_on_a_hand_worked_case():
+    # 5 patch tokens, 2 heads, neighbourhoods of k = 3 on the virtual 3x2 grid.
+    attn = torch.tensor([[[0.10, 0.30, 0.05, 0.15, 0.20], [0.25, 0.05, 0.20, 0.10, 0.15]]])
+    coords = virtual_coordinates(5)
+    pts = coords.tolist()
+    exact = [(Fraction(2 * (i // 2) + 1, 6), Fraction(2 * (i % 2) + 1, 4)) for i in range(5)]
+    nbrs = []
+    for i in range(5):  # k nearest by Euclidean distance, ties by index (exact arithmetic)
+        d = [(exact[i][0] - exact[j][0]) ** 2 + (exact[i][1] - exact[j][1]) ** 2 for j in range(5)]
+        nbrs.append(sorted(range(5), key=lambda j: (d[j], j))[:3])
+    sigma = 0.1 * math.sqrt(5)
+    expect = []
+    for i in range(5):
+        w = math.exp(-((pts[i][0] - .5) ** 2 + (pts[i][1] - .5) ** 2) / (2 * sigma ** 2))
+        ent = [-sum(attn[0, h, j].item() * math.log(attn[0, h, j].item()) for j in nbrs[i]) for h in range(2)]
+        rw = [math.exp(-e) / sum(math.exp(-f) for f in ent) for e in ent]
+        expect.append(w * sum(rw[h] * attn[0, h, i].item() for h in range(2)))
+    nbr = virtual_knn(5, 3)
+    assert nbr.tolist() == nbrs
+    got = pr_degree(attn, neighbourhood_entropy(attn, nbr), gaussian_prior(coords, 5, 0.1))
+    torch.testing.assert_close(got[0], torch.tensor(expect), rtol=1e-6, atol=1e-8)
+    # Grouping: patches by S descending; A = [cls, p1, p3, ...], B = [p2, p4, ...] (sequence positions).
+    order = sorted(range(5), key=lambda i: -expect[i])
+    a_idx, b_idx = pr_grouping(got)
+    assert a_idx[0].tolist() == [0] + [1 + order[0], 1 + order[2], 1 + order[4]]
+    assert b_idx[0].tolist() == [1 + order[1], 1 + order[3]]
+
+
+def test_normalised_entropy_is_the_entropy_of_the_renormalised_neighbourhood():
+    attn = torch.rand(2, 3, 12).softmax(-1)
+    _, nbr = virtual_neighbourhood(12, 4, torch.device("cpu"))
+    got = neighbourhood_entropy(attn, nbr, normalized=True)
+    p = attn[..., nbr]  # (2, 3, 12, 4)
+    p = p / p.sum(-1, keepdim=True)
+    torch.testing.assert_close(got, -(p * p.log()).sum(-1))
+
+
+def test_prn_fuse_keeps_the_largest_norm_and_leaves_the_others_alone():
+    g = torch.Generator().manual_seed(5)
+    B, T, C = 2, 11, 8
+    x = torch.randn(B, T, C, generator=g) * torch.rand(B, T, 1, generator=g) * 5
+    score = torch.rand(B, T, generator=g) + 0.1
+    scores = torch.randn(B, 6, 5, generator=g)
+    merge = BipartiteMerge(*bipartite_match(scores, 3))
+    state = TokenState(grid=(2, 5))
+    state.init(x)
+    out = prn_fuse(merge, x, score, state)
+    norms = x.norm(dim=-1)
+    a, b = x[:, ::2], x[:, 1::2]
+    for i in range(B):
+        for j in range(5):  # every B token: its group is itself plus the A tokens merged into it
+            srcs = merge.src_idx[i][merge.dst_idx[i] == j]
+            got = out[i, merge.unm_idx.shape[1] + j]
+            if len(srcs) == 0:
+                assert torch.equal(got, b[i, j])
+                continue
+            group_norms = torch.cat([norms[i, 1::2][j:j + 1], norms[i, ::2][srcs]])
+            torch.testing.assert_close(got.norm(), group_norms.max())
+            members = torch.cat([b[i, j:j + 1], a[i, srcs]])
+            w = torch.cat([score[i, 1::2][j:j + 1], score[i, ::2][srcs]])
+            mean = (members * w[:, None]).sum(0) / w.sum()
+            torch.testing.assert_close(got / got.norm(), mean / mean.norm())
+        assert torch.equal(out[i, :merge.unm_idx.shape[1]], a[i, merge.unm_idx[i]])
+
+
+def test_stm_with_every_component_off_is_exactly_tome(images, cams):
+    tome = _features(_model("tome", 8), images, cams)
+    stm = _features(_model("stm", 8, STM__DSE=False, STM__CCF=False, STM__PRN=False, STM__KEYS="mean"), images, cams)
+    assert torch.equal(tome, stm)
+
+
+def test_ablation_switches_each_change_the_result(images, cams):
+    feats = [
+        _features(_model("stm", 8, STM__DSE=dse, STM__CCF=ccf, STM__PRN=prn), images, cams)
+        for dse, ccf, prn in [(True, False, False), (True, True, False), (True, True, True)]
+    ]
+    assert not torch.equal(feats[0], feats[1]) and not torch.equal(feats[1], feats[2])
+    for variant in [{"STM__COORDS": "tracked"}, {"STM__ENTROPY": "normalized"}]:
+        assert not torch.equal(_features(_model("stm", 8, **variant), images, cams), feats[2])
+
+
+def test_bf16_autocast_runs(images, cams):
+    model = _model("stm", 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images, cam_label=cams)
+    assert torch.isfinite(out.float()).all()
+    torch.testing.assert_close(out.float(), _features(model, images, cams), rtol=0.1, atol=0.1)
+
+
+def test_bad_schedules_are_rejected():
+    with pytest.raises(ValueError, match="MERGE.LAYERS"):
+        build_model(tiny_cfg(METHOD="stm", LAYERS=[1, 4]), 10, 3, 1)  # block 4 belongs to the JPM branches
+    with pytest.raises(ValueError, match="R_LIST"):
+        build_model(tiny_cfg(METHOD="tome", LAYERS=[1, 2], R_LIST=[4]), 10, 3, 1)
+    with pytest.raises(ValueError, match="unknown MERGE.METHOD"):
+        build_model(tiny_cfg(METHOD="magic"), 10, 3, 1)
+    with pytest.raises(ValueError, match="COORDS"):
+        build_model(tiny_cfg(METHOD="stm", STM__COORDS="polar"), 10, 3, 1)
+
+
+def test_per_layer_schedule_and_gflops_solver():
+    model = _model("stm", 0, LAYERS=[1, 2, 3], R_LIST=[4, 8, 16])
+    assert {i: r.r for i, r in model.reducers.items()} == {0: 4, 1: 8, 2: 16}
+    base = transreid_gflops(_model())
+    target = 0.85 * base
+    solved = _model("stm", 0, TARGET_GFLOPS=target)
+    r = solved.merge_r
+    assert transreid_gflops(solved) <= target
+    assert transreid_gflops(build_model(tiny_cfg(METHOD="stm", R=r - 1), 10, 3, 1)) > target
+
+
+def test_timm_deit_with_merging():
+    import timm
+
+    torch.manual_seed(0)
+    deit = timm.models.vision_transformer.VisionTransformer(
+        img_size=64, patch_size=8, embed_dim=48, depth=4, num_heads=4, num_classes=7).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = deit(x)
+        apply_merging(deit, merge_cfg("tome", 0, layers=[1, 2, 3, 4]))
+        assert torch.equal(deit(x), ref) or torch.allclose(deit(x), ref, atol=1e-6)
+        for method in ("tome", "stm", "evit"):
+            apply_merging(deit, merge_cfg(method, 8, layers=[1, 2, 3], evit_layers=[2]))
+            out = deit(x)
+            assert out.shape == (2, 7) and torch.isfinite(out).all() and not torch.allclose(out, ref)
+        assert deit._merge_state is None  # nothing left over between calls
+
+
+def test_paper_gflops_for_the_vit_base_model():
+    """fvcore on our ViT-B TransReID against the paper's Tables 1-2; analytic within 0.5% of fvcore."""
+    expected = {("tome", 8): (15.53, 0.01), ("stm", 8): (15.53, 0.01), ("tome", 6): (16.69, 0.01),
+                ("stm", 17): (10.31, 0.03), ("evit", 0): (17.50, 0.01)}
+    for (method, r), (paper, tol) in expected.items():
+        model = build_model(vit_base_cfg(**{"MERGE.METHOD": method, "MERGE.R": r}), 1000, 15, 1).eval()
+        fv = fvcore_gflops(model)
+        assert fv == pytest.approx(paper, rel=tol), (method, r, fv)
+        assert transreid_gflops(model) == pytest.approx(fv, rel=0.005)

@@ -1,0 +1,189 @@
+"""Evaluate a TransReID checkpoint on a query/gallery split, optionally comparing merging methods.
+
+    python tools/test.py --config configs/msmt17_stm.yml TEST.WEIGHT path/to/transformer_120.pth
+    python tools/test.py --config market1501_stm.yml --compare none,tome,evit,stm DATASETS.ROOT_DIR data
+    python tools/test.py --config demo_synthetic.yml --vis-queries 0,5,9
+
+Prints method | GFLOPs | img/s | Rank-1/5/10 | mAP | mINP (plus device and skipped images) and writes
+`results.json` (with the config, device, torch version and timestamp) and, with --vis-queries,
+`ranked_results_<method>.png` to OUTPUT_DIR. Without TEST.WEIGHT the randomly initialised model is
+evaluated after a loud warning (useful for smoke tests and speed, meaningless for accuracy).
+Exit codes: 0 success, 2 bad arguments/config, missing dataset or unreadable checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import platform
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from reid_lite.config import load_cfg
+from reid_lite.data import DatasetLayoutError, build_dataset_from_cfg
+from reid_lite.engine.evaluator import evaluate, format_table
+from reid_lite.merging import parse_methods
+from reid_lite.models import CheckpointError, build_model, load_transreid_checkpoint
+from reid_lite.utils.device import resolve_device
+from reid_lite.utils.visualize import rank_gallery, visualize_ranked_results
+
+logger = logging.getLogger("reid_lite.test")
+
+RANDOM_WEIGHTS_WARNING = """
+################################################################################
+##  WARNING: TEST.WEIGHT is not set: evaluating a RANDOMLY INITIALISED model   ##
+##  (no trained ReID weights). Rank-1 / mAP below are MEANINGLESS (chance     ##
+##  level); GFLOPs and img/s are still valid. Pass TEST.WEIGHT <checkpoint>.  ##
+################################################################################
+"""
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments; trailing `KEY VALUE` pairs override the config."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", "--config_file", dest="config", default="",
+                   help="YAML config (a bare name is looked up in configs/)")
+    p.add_argument("--compare", default="",
+                   help="comma-separated merging methods evaluated with the same weights, e.g. none,tome,evit,stm")
+    p.add_argument("--vis-queries", default="",
+                   help="comma-separated query indices (positions in the query list) to draw with their top-10")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("opts", nargs="*", help="config overrides as KEY VALUE pairs (options may come before or after)")
+    # Intermixed: `--compare` may follow the KEY VALUE pairs, as users naturally append it.
+    return p.parse_intermixed_args(argv)
+
+
+def _error(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _parse_indices(spec: str) -> list[int]:
+    try:
+        return [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--vis-queries expects comma-separated integers, got {spec!r}") from None
+
+
+def _sie_counts(dataset: Any) -> tuple[int, int]:
+    """Cameras and views for SIE: the training counts, raised to cover every id seen in any split
+    (camera ids index the SIE table, so a test camera beyond the training ones would be out of range)."""
+    records = list(dataset.train) + list(dataset.query) + list(dataset.gallery)
+    max_cam = max((r[2] for r in records), default=-1) + 1
+    max_view = max((r[3] for r in records), default=-1) + 1
+    return max(dataset.num_train_cams, max_cam), max(dataset.num_train_vids, max_view)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return obj
+
+
+def _visualize(results: dict[str, Any], query_ids: list[int], out_dir: Path) -> list[str]:
+    written = []
+    for method, (query, gallery) in results["features"].items():
+        # Positions in the query list -> rows of the extracted features (unreadable queries are absent).
+        row_of = {int(idx): i for i, idx in enumerate(query.indices)}
+        rows = [row_of[q] for q in query_ids if q in row_of]
+        missing = [q for q in query_ids if q not in row_of]
+        if missing:
+            logger.warning("queries %s could not be read and are not drawn", missing)
+        ranked = [rank_gallery(query.feats[r], int(query.pids[r]), int(query.camids[r]), gallery.feats,
+                               gallery.pids, gallery.camids, topk=10) for r in rows]
+        path = visualize_ranked_results([query.paths[r] for r in rows], [int(query.pids[r]) for r in rows],
+                                        [int(query.camids[r]) for r in rows], ranked, gallery.paths,
+                                        gallery.pids, gallery.camids, out_dir / f"ranked_results_{method}.png")
+        written.append(str(path))
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the evaluation; returns the process exit code."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_cfg(args.config or None, args.opts)
+        methods = parse_methods(args.compare) if args.compare else None
+        vis_ids = _parse_indices(args.vis_queries)
+    except (FileNotFoundError, KeyError, ValueError, AssertionError) as err:
+        # yacs reports type mismatches with AssertionError; all are user input errors, not bugs.
+        return _error(str(err))
+
+    try:
+        dataset = build_dataset_from_cfg(cfg)
+    except (DatasetLayoutError, KeyError) as err:
+        return _error(str(err.args[0]) if isinstance(err, KeyError) else str(err))
+    print(dataset.statistics_table())
+    bad = [q for q in vis_ids if not 0 <= q < len(dataset.query)]
+    if bad:
+        return _error(f"--vis-queries {bad} out of range: the query list has {len(dataset.query)} images")
+
+    device = resolve_device(cfg.MODEL.DEVICE, cfg.MODEL.DEVICE_ID)
+    camera_num, view_num = _sie_counts(dataset)
+    try:
+        model = build_model(cfg, max(dataset.num_train_pids, 1), camera_num, view_num)
+        if cfg.TEST.WEIGHT:
+            load_transreid_checkpoint(model, cfg.TEST.WEIGHT, trust=cfg.MODEL.TRUST_CHECKPOINT,
+                                      ignore_classifier=True)
+            logger.info("loaded %s", cfg.TEST.WEIGHT)
+    except CheckpointError as err:
+        return _error(str(err))
+    random_weights = not cfg.TEST.WEIGHT
+    if random_weights:
+        print(RANDOM_WEIGHTS_WARNING, file=sys.stderr, flush=True)
+
+    results = evaluate(cfg, model, dataset, device=device, methods=methods, progress=not args.no_progress,
+                       keep_features=bool(vis_ids))
+    table = format_table(results)
+    if random_weights:
+        table += "\nWARNING: random weights (no TEST.WEIGHT) -- accuracy is chance level"
+    print(table)
+
+    out_dir = Path(cfg.OUTPUT_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures = _visualize(results, vis_ids, out_dir) if vis_ids else []
+    for f in figures:
+        print(f"ranked results: {f}")
+    record = {
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config_file": args.config,
+        "overrides": list(args.opts),
+        "weights": cfg.TEST.WEIGHT or None,
+        "random_weights": random_weights,
+        "dataset": dataset.name,
+        "device": results["device"],
+        "device_name": results["device_name"],
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "num_query": results["num_query"],
+        "num_gallery": results["num_gallery"],
+        "skipped": results["skipped"],
+        "skipped_paths": results["skipped_paths"],
+        "results": results["rows"],
+        "table": table,
+        "figures": figures,
+        "config": _jsonable(cfg),
+    }
+    path = out_dir / "results.json"
+    path.write_text(json.dumps(record, indent=2))
+    print(f"results written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
