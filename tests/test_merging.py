@@ -140,26 +140,25 @@ def test_prn_fuse_keeps_the_largest_norm_and_leaves_the_others_alone():
     x = torch.randn(B, T, C, generator=g) * torch.rand(B, T, 1, generator=g) * 5
     score = torch.rand(B, T, generator=g) + 0.1
     scores = torch.randn(B, 6, 5, generator=g)
-    merge = BipartiteMerge(*bipartite_match(scores, 3))
+    merge = BipartiteMerge.from_match(*bipartite_match(scores, 3))
     state = TokenState(grid=(2, 5))
     state.init(x)
     out = prn_fuse(merge, x, score, state)
     norms = x.norm(dim=-1)
-    a, b = x[:, ::2], x[:, 1::2]
+    n_unm = merge.unm_pos.shape[1]
     for i in range(B):
-        for j in range(5):  # every B token: its group is itself plus the A tokens merged into it
-            srcs = merge.src_idx[i][merge.dst_idx[i] == j]
-            got = out[i, merge.unm_idx.shape[1] + j]
+        assert torch.equal(out[i, :n_unm], x[i, merge.unm_pos[i]])
+        for j in range(5):  # B token j sits at sequence position 2j + 1; its group adds the sources merged into it
+            srcs = merge.src_pos[i][merge.dst_idx[i] == j]
+            got = out[i, n_unm + j]
             if len(srcs) == 0:
-                assert torch.equal(got, b[i, j])
+                assert torch.equal(got, x[i, 2 * j + 1])
                 continue
-            group_norms = torch.cat([norms[i, 1::2][j:j + 1], norms[i, ::2][srcs]])
-            torch.testing.assert_close(got.norm(), group_norms.max())
-            members = torch.cat([b[i, j:j + 1], a[i, srcs]])
-            w = torch.cat([score[i, 1::2][j:j + 1], score[i, ::2][srcs]])
-            mean = (members * w[:, None]).sum(0) / w.sum()
+            members = torch.cat([torch.tensor([2 * j + 1]), srcs])
+            torch.testing.assert_close(got.norm(), norms[i, members].max())
+            mean = (x[i, members] * score[i, members, None]).sum(0) / score[i, members].sum()
             torch.testing.assert_close(got / got.norm(), mean / mean.norm())
-        assert torch.equal(out[i, :merge.unm_idx.shape[1]], a[i, merge.unm_idx[i]])
+            assert state.size[i, n_unm + j, 0] == len(members)
 
 
 def test_stm_with_every_component_off_is_exactly_tome(images, cams):

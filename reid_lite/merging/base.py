@@ -95,54 +95,82 @@ def bipartite_r(num_tokens: int, r: int) -> int:
 
 @dataclass
 class BipartiteMerge:
-    """Which A tokens merge into which B tokens.
+    """Which A tokens merge into which B tokens, as positions in the token sequence.
 
-    a_idx / b_idx: positions of the A (sources, class token first) and B (destinations) tokens in the
-    sequence, (B, Na) / (B, Nb), or None for ToMe's alternating split (A = x[::2], B = x[1::2]).
-    unm_idx (B, Na - r): A tokens kept, in A's order; src_idx / dst_idx (B, r): merged A tokens and the
-    B token each merges into. Output order: kept A tokens, then all B tokens.
+    unm_pos (B, Na - r): A tokens kept, in A's order; src_pos (B, r): A tokens merged away;
+    dst_idx (B, r): the B token (index into B) each of them merges into; b_pos (B, Nb): the B tokens,
+    or None for ToMe's alternating split (B = x[:, 1::2]). Output order: kept A tokens, then all B tokens.
+    Working with sequence positions means each merge reads `x` with three row gathers, never a full
+    copy of the A part.
     """
 
-    unm_idx: Tensor
-    src_idx: Tensor
+    unm_pos: Tensor
+    src_pos: Tensor
     dst_idx: Tensor
-    a_idx: Tensor | None = None
-    b_idx: Tensor | None = None
+    b_pos: Tensor | None = None
+
+    @classmethod
+    def from_match(cls, unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor,
+                   a_idx: Tensor | None = None, b_idx: Tensor | None = None) -> BipartiteMerge:
+        """From `bipartite_match`'s indices into A and the A/B sequence positions (None: alternating)."""
+        if a_idx is None:
+            return cls(2 * unm_idx, 2 * src_idx, dst_idx, None)
+        return cls(a_idx.gather(1, unm_idx), a_idx.gather(1, src_idx), dst_idx, b_idx)
+
+    def parts(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(kept A tokens, merged-away A tokens, B tokens) of a per-token tensor (B, T, C)."""
+        b = t[:, 1::2] if self.b_pos is None else take_tokens(t, self.b_pos)
+        return take_tokens(t, self.unm_pos), take_tokens(t, self.src_pos), b
+
+    def _dst_index(self, channels: int) -> Tensor:
+        return self.dst_idx[..., None].expand(-1, -1, channels)
 
     def __call__(self, t: Tensor, mode: str = "sum") -> Tensor:
         """Merge a per-token tensor (B, T, C): sources are reduced into destinations with `mode`."""
-        a, b = bipartite_split(t, self.a_idx, self.b_idx)
-        unm = _take(a, self.unm_idx)
-        src = _take(a, self.src_idx)
-        dst = b.scatter_reduce(1, self.dst_idx[..., None].expand(-1, -1, t.shape[-1]), src, reduce=mode)
-        return torch.cat([unm, dst], dim=1)
+        unm, src, b = self.parts(t)
+        return torch.cat([unm, b.scatter_reduce(1, self._dst_index(t.shape[-1]), src, reduce=mode)], dim=1)
 
-    def received(self, t: Tensor) -> Tensor:
-        """(B, T', 1) bool: which output tokens are destinations that received at least one source."""
-        B = t.shape[0]
-        nb = t.shape[1] - (self.unm_idx.shape[1] + self.src_idx.shape[1])
-        got = t.new_zeros(B, nb).scatter(1, self.dst_idx, 1.0)
-        kept = t.new_zeros(B, self.unm_idx.shape[1])
-        return torch.cat([kept, got], dim=1)[..., None] > 0
+    def received(self, num_b: int, like: Tensor) -> Tensor:
+        """(B, num_b, 1) bool: which B tokens received at least one source."""
+        return like.new_zeros(like.shape[0], num_b).scatter(1, self.dst_idx, 1.0)[..., None] > 0
+
+    def weighted_mean(self, t: Tensor, w: Tensor, parts: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+        """The B tokens after fusion: w-weighted average of each group (B, Nb, C).
+
+        B tokens that receive no source come back unchanged (bit for bit). `parts` may pass in
+        `self.parts(t)` when the caller already has them.
+        """
+        _, src, b = parts or self.parts(t)
+        _, w_src, w_b = self.parts(w)
+        num = (b * w_b).scatter_add(1, self._dst_index(t.shape[-1]), src * w_src)
+        den = w_b.scatter_add(1, self.dst_idx[..., None], w_src)
+        return torch.where(self.received(b.shape[1], t), (num / den).to(t.dtype), b)
+
+
+def take_tokens(t: Tensor, idx: Tensor) -> Tensor:
+    """t[b, idx[b, j]] for every b, j: (B, T, C), (B, K) -> (B, K, C).
+
+    A row gather on the flattened batch: much faster on CPU than `gather` with an index expanded
+    over the channels.
+    """
+    B, T = t.shape[:2]
+    rows = (idx + torch.arange(B, device=idx.device)[:, None] * T).reshape(-1)
+    return t.reshape(B * T, *t.shape[2:]).index_select(0, rows).view(B, idx.shape[1], *t.shape[2:])
 
 
 def bipartite_split(t: Tensor, a_idx: Tensor | None = None, b_idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The A and B parts of a per-token tensor (B, T, C): alternating when no indices are given."""
     if a_idx is None:
         return t[:, ::2], t[:, 1::2]
-    return _take(t, a_idx), _take(t, b_idx)
-
-
-def _take(t: Tensor, idx: Tensor) -> Tensor:
-    return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
+    return take_tokens(t, a_idx), take_tokens(t, b_idx)
 
 
 def bipartite_match(scores: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
     """ToMe's bipartite soft matching on an (B, Na, Nb) score matrix whose row 0 is the class token.
 
     Each A token picks its best B partner; the r A tokens with the highest best score merge.
-    Returns (unm_idx, src_idx, dst_idx). Sorting is stable so that ties resolve by index, the same
-    for every batch composition.
+    Returns (unm_idx, src_idx, dst_idx) as indices into A (the first two) and B. Sorting is stable so
+    that ties resolve by index, the same for every batch composition.
     """
     scores = scores.clone()
     scores[:, 0, :] = -math.inf
@@ -154,19 +182,19 @@ def bipartite_match(scores: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
     return unm_idx, src_idx, dst_idx
 
 
-def merge_state(merge: BipartiteMerge, state: TokenState, new_size: Tensor | None = None) -> None:
+def merge_state(merge: BipartiteMerge, state: TokenState) -> None:
     """Carry sizes, sources and tracked positions through a merge (sizes add, positions average)."""
-    new_size = merge(state.size) if new_size is None else new_size
     if state.pos is not None:
-        state.pos = merge(state.pos * state.size) / new_size
+        parts = merge.parts(state.pos)
+        state.pos = torch.cat([parts[0], merge.weighted_mean(state.pos, state.size, parts)], dim=1)
     if state.source is not None:
         state.source = merge(state.source)
-    state.size = new_size
+    state.size = merge(state.size)
 
 
 def size_weighted_merge(merge: BipartiteMerge, x: Tensor, state: TokenState) -> Tensor:
     """ToMe's fusion: the size-weighted average of each group; updates the state."""
-    new_size = merge(state.size)
-    out = (merge(x * state.size) / new_size).to(x.dtype)
-    merge_state(merge, state, new_size)
-    return out
+    parts = merge.parts(x)
+    fused = merge.weighted_mean(x, state.size, parts)
+    merge_state(merge, state)
+    return torch.cat([parts[0], fused], dim=1)

@@ -7,7 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-from .base import TokenReducer, TokenState, _take
+from .base import TokenReducer, TokenState
+from .base import take_tokens as _take
 
 
 class EViT(TokenReducer):

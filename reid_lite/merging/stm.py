@@ -121,12 +121,14 @@ def prn_fuse(merge: BipartiteMerge, x: Tensor, score: Tensor, state: TokenState)
 
     Tokens that take part in no merge are returned unchanged (bit for bit).
     """
-    w = score[..., None]
-    fused = merge(x * w) / merge(w)
-    fused = fused / fused.norm(dim=-1, keepdim=True).clamp_min(_EPS) * merge(x.norm(dim=-1, keepdim=True), "amax")
-    out = torch.where(merge.received(x), fused.to(x.dtype), merge(x))
+    unm, src, b = parts = merge.parts(x)
+    fused = merge.weighted_mean(x, score[..., None], parts)
+    max_norm = b.norm(dim=-1, keepdim=True).scatter_reduce(
+        1, merge.dst_idx[..., None], src.norm(dim=-1, keepdim=True), reduce="amax")
+    rescaled = fused / fused.norm(dim=-1, keepdim=True).clamp_min(_EPS) * max_norm
+    fused = torch.where(merge.received(fused.shape[1], x), rescaled.to(x.dtype), fused)
     merge_state(merge, state)
-    return out
+    return torch.cat([unm, fused], dim=1)
 
 
 class STM(TokenReducer):
@@ -204,7 +206,7 @@ class STM(TokenReducer):
                 scores = cc_function(k_a, k_b, s_a[..., 0], s_b[..., 0], s_min, self.delta1, self.delta2)
             else:
                 scores = cosine_scores(k_a, k_b)
-            merge = BipartiteMerge(*bipartite_match(scores, r), a_idx, b_idx)
+            merge = BipartiteMerge.from_match(*bipartite_match(scores, r), a_idx, b_idx)
         if self.prn:
             return prn_fuse(merge, x, score, state)
         return size_weighted_merge(merge, x, state)

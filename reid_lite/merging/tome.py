@@ -24,7 +24,7 @@ def tome_match(metric: Tensor, r: int) -> BipartiteMerge:
     """ToMe's matching: alternating split of the sequence, cosine similarity of `metric` (B, T, C)."""
     with torch.no_grad():
         a, b = metric[:, ::2], metric[:, 1::2]
-        return BipartiteMerge(*bipartite_match(cosine_scores(a, b), r))
+        return BipartiteMerge.from_match(*bipartite_match(cosine_scores(a, b), r))
 
 
 class ToMe(TokenReducer):

@@ -19,6 +19,8 @@ from torch import nn
 
 from ..merging.base import TokenReducer, TokenState
 
+_LAYER_NORM = partial(nn.LayerNorm, eps=1e-6)  # ViT's LayerNorm
+
 
 def _pair(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
@@ -167,7 +169,7 @@ class TransReIDViT(nn.Module):
         view: int = 0,
         local_feature: bool = False,
         sie_xishu: float = 1.0,
-        norm_layer: Callable[..., nn.Module] = partial(nn.LayerNorm, eps=1e-6),
+        norm_layer: Callable[..., nn.Module] = _LAYER_NORM,
     ):
         super().__init__()
         self.embed_dim = self.in_planes = embed_dim
