@@ -234,3 +234,26 @@ def test_paper_gflops_for_the_vit_base_model():
         fv = fvcore_gflops(model)
         assert fv == pytest.approx(paper, rel=tol), (method, r, fv)
         assert transreid_gflops(model) == pytest.approx(fv, rel=0.005)
+
+
+@pytest.mark.parametrize("method", ["tome", "stm", "evit"])
+def test_forward_is_one_graph_for_torch_compile(method, images, cams):
+    """Static shapes and no data-dependent Python control flow: dynamo captures one graph, no breaks."""
+    model = _model(method, 8, EVIT__LAYERS=[1, 2])
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model)(images[:2], cam_label=cams[:2])
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_source_map_picture(images):
+    from reid_lite.merging.visualize import render_groups, token_groups
+
+    model = _model("stm", 8)
+    groups = token_groups(model, images[0], cam=1, block=2)  # reductions in blocks 1 and 2 only
+    assert groups.shape == (210,) and len(set(groups.tolist())) == 211 - 2 * 8 - 1
+    assert model.reducers.keys() == {0, 1, 2} and not model.trace_source  # the model is restored
+    img = (torch.rand(256, 128, 3) * 255).byte().numpy()
+    pic = render_groups(img, groups, (21, 10), 16, 12)
+    assert pic.shape == (256, 128, 3) and pic.dtype == img.dtype
+    # a token's pixels share one colour (its patches' mean) apart from the outlines
+    assert len({tuple(c) for c in pic.reshape(-1, 3)}) <= 211 - 16 + 1
