@@ -80,7 +80,10 @@ def test_checkpoint_roundtrip_strict_with_module_prefix(tmp_path, images, cams):
     torch.manual_seed(1)
     src = build_model(tiny_cfg(), 10, 3, 1).eval()
     path = tmp_path / "transreid.pth"
-    torch.save({f"module.{k}": v for k, v in src.state_dict().items()}, path)
+    official = {f"module.{k}": v for k, v in src.state_dict().items()}
+    # The official ViT carries an unused ImageNet head, `base.fc`: it must not stop a strict load.
+    official.update({"module.base.fc.weight": torch.zeros(1000, 48), "module.base.fc.bias": torch.zeros(1000)})
+    torch.save(official, path)
     torch.manual_seed(2)
     dst = build_model(tiny_cfg(), 10, 3, 1).eval()
     load_transreid_checkpoint(dst, path)

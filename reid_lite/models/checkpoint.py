@@ -27,7 +27,8 @@ def read_state_dict(path: str | Path, trust: bool = False) -> dict[str, torch.Te
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p} (set the path in the config, e.g. TEST.WEIGHT)")
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if not trust:
             raise CheckpointError(
@@ -43,6 +44,24 @@ def read_state_dict(path: str | Path, trust: bool = False) -> dict[str, torch.Te
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{p} does not hold a state dict of tensors")
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def _numpy_scalar_globals() -> list:
+    """What unpickling plain numpy scalars needs. Training loops (torchreid's among them) store metrics
+    such as `rank1` as numpy scalars beside the weights; rebuilding a numeric scalar from its dtype and
+    bytes runs no code, so allowing these keeps the load weights-only."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    kinds = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+             np.float16, np.float32, np.float64)
+    return [core.multiarray.scalar, np.dtype, *{type(np.dtype(k)) for k in kinds}]
+
+
+def transreid_filter(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Adapt an official TransReID state dict: the official ViT keeps an unused ImageNet head
+    (`base.fc`, never called in forward) that has no counterpart here; dropping it changes nothing."""
+    return {k: v for k, v in state.items() if not k.startswith("base.fc.")}
 
 
 def check_and_load(module: nn.Module, state: dict[str, torch.Tensor], source: str, strict: bool = True) -> None:
@@ -63,16 +82,21 @@ def check_and_load(module: nn.Module, state: dict[str, torch.Tensor], source: st
     module.load_state_dict(state, strict=strict)
 
 
+def load_transreid_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = "state dict",
+                         ignore_classifier: bool = False) -> None:
+    """Load an official-layout TransReID state dict strictly (see `load_transreid_checkpoint`)."""
+    state = transreid_filter(state)
+    if ignore_classifier:
+        state = {k: v for k, v in state.items() if not k.startswith("classifier")}
+        state.update({k: v for k, v in model.state_dict().items() if k.startswith("classifier")})
+    check_and_load(model, state, source)
+
+
 def load_transreid_checkpoint(model: nn.Module, path: str | Path, trust: bool = False,
                               ignore_classifier: bool = False) -> None:
     """Load an official TransReID checkpoint (keys `base.*`, `b1.*`, `b2.*`, `bottleneck*`, `classifier*`)
     strictly. `ignore_classifier` drops the identity classifiers, for evaluating on other identities."""
-    state = read_state_dict(path, trust)
-    if ignore_classifier:
-        state = {k: v for k, v in state.items() if not k.startswith("classifier")}
-        own = {k: v for k, v in model.state_dict().items() if k.startswith("classifier")}
-        state.update(own)
-    check_and_load(model, state, str(path))
+    load_transreid_state(model, read_state_dict(path, trust), str(path), ignore_classifier)
 
 
 def resize_pos_embed(posemb: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

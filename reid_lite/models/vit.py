@@ -178,6 +178,9 @@ class TransReIDViT(nn.Module):
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        # One camera (or view) carries no side information; the official code would then index a table it
+        # never created, so treat it as none.
+        camera, view = (camera if camera > 1 else 0), (view if view > 1 else 0)
         self.cam_num, self.view_num, self.sie_xishu = camera, view, sie_xishu
         # Same conditions as the official code: the table exists for > 1 entries, and is used for > 0.
         if camera > 1 and view > 1:
