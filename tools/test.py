@@ -28,7 +28,7 @@ import torch
 
 from reid_lite.config import load_cfg
 from reid_lite.data import DatasetLayoutError, build_dataset_from_cfg
-from reid_lite.engine.evaluator import evaluate, format_table
+from reid_lite.engine.evaluator import check_methods, evaluate, format_table
 from reid_lite.merging import parse_methods
 from reid_lite.models import CheckpointError, build_model, load_transreid_checkpoint
 from reid_lite.utils.device import resolve_device
@@ -141,7 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             load_transreid_checkpoint(model, cfg.TEST.WEIGHT, trust=cfg.MODEL.TRUST_CHECKPOINT,
                                       ignore_classifier=True)
             logger.info("loaded %s", cfg.TEST.WEIGHT)
-    except CheckpointError as err:
+        if methods:
+            check_methods(cfg, model, methods)
+    except (CheckpointError, ValueError) as err:  # checkpoint, model or merging settings: user errors
         return _error(str(err))
     random_weights = not cfg.TEST.WEIGHT
     if random_weights:

@@ -486,6 +486,18 @@ def build_dataset_from_cfg(cfg: Any, **kwargs: Any) -> ReIDDataset:
     return build_dataset(name, cfg.DATASETS.ROOT_DIR, **kwargs)
 
 
+def synthetic_dataset(root: str | os.PathLike = "datasets", dataset_dir: str = "synthetic", verbose: bool = False,
+                      **generator_kwargs: Any) -> ReIDDataset:
+    """reid_lite's procedurally generated pedestrians (Market-1501 layout under `<root>/<dataset_dir>`),
+    generated deterministically on first use; later calls reuse the finished folder."""
+    from .synthetic import generate_reid_dataset
+
+    generator_kwargs.setdefault("progress", False)
+    generate_reid_dataset(root, name=dataset_dir, **generator_kwargs)
+    return Market1501(root=root, dataset_dir=dataset_dir, verbose=verbose)
+
+
+register_dataset("synthetic", synthetic_dataset)
 for _name in ("market1501", "market", "market-1501"):
     register_dataset(_name, Market1501)
 for _name in ("dukemtmcreid", "dukemtmc-reid", "dukemtmc", "duke"):

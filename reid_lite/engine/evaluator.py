@@ -25,11 +25,11 @@ from ..index.search import evaluate_retrieval
 from ..metrics.rank import evaluate_rank
 from ..metrics.rerank import re_ranking
 from ..utils.device import autocast, resolve_device
-from .extractor import Features, extract_features
+from .extractor import Features, _prepare_model, extract_features
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["evaluate", "evaluate_features", "format_table", "model_gflops", "split_query_gallery"]
+__all__ = ["check_methods", "evaluate", "evaluate_features", "format_table", "model_gflops", "split_query_gallery"]
 
 #: Rows of `format_table`: (header, row key, format); percentages are printed x100 as in the paper.
 _COLUMNS = (
@@ -87,7 +87,7 @@ def evaluate_features(query: Features, gallery: Features, re_rank: bool = False,
 
 
 @torch.inference_mode()
-def _warmup(model: nn.Module, cfg: Any, device: torch.device, camera: bool) -> None:
+def _warmup(model: nn.Module, cfg: Any, device: torch.device) -> None:
     """One untimed forward at the test size so that the first method's timing excludes one-off costs
     (cuDNN/oneDNN kernel selection, allocator growth); per method because merging changes the shapes."""
     n = int(cfg.TEST.IMS_PER_BATCH) if device.type == "cuda" else 2
@@ -96,7 +96,7 @@ def _warmup(model: nn.Module, cfg: Any, device: torch.device, camera: bool) -> N
         x = x.to(memory_format=torch.channels_last)
     base = getattr(model, "base", None)
     kwargs = {}
-    if camera and getattr(base, "cam_num", 0):
+    if getattr(base, "cam_num", 0):
         kwargs["cam_label"] = torch.zeros(n, dtype=torch.long, device=device)
     if getattr(base, "view_num", 0):
         kwargs["view_label"] = torch.zeros(n, dtype=torch.long, device=device)
@@ -114,6 +114,18 @@ def _merge_section(cfg: Any, method: str) -> Any:
         node.TARGET_GFLOPS = 0.0  # a GFLOPs budget only applies to r-based methods
     node.TRACE_SOURCE = False
     return node
+
+
+def check_methods(cfg: Any, model: nn.Module, methods: Sequence[str]) -> list[str]:
+    """Validate merging methods against cfg.MERGE and the model's depth before any extraction starts
+    (a bad MERGE.LAYERS for the third method must not surface after minutes of work); returns the names."""
+    from ..merging import build_reducers, parse_methods
+
+    names = parse_methods(list(methods))
+    depth = len(model.reducible_blocks) if hasattr(model, "reducible_blocks") else len(model.blocks)
+    for name in names:
+        build_reducers(_merge_section(cfg, name), depth)
+    return names
 
 
 def evaluate(cfg: Any, model: nn.Module, dataset: ReIDDataset, device: torch.device | str | None = None,
@@ -136,23 +148,23 @@ def evaluate(cfg: Any, model: nn.Module, dataset: ReIDDataset, device: torch.dev
         feature_dim, num_query, num_gallery, skipped, re_ranking), 'device', 'skipped' (count),
         'skipped_paths', 'num_query', 'num_gallery', and 'features' ({method: (query, gallery)}) on request.
     """
-    from ..merging import apply_merging, parse_methods
+    from ..merging import apply_merging
 
     dev = resolve_device(device if device is not None else cfg.MODEL.DEVICE, cfg.MODEL.DEVICE_ID)
     loader, num_query = build_test_loader(cfg, dataset)
-    names: list[str | None] = list(parse_methods(list(methods))) if methods else [None]
+    names: list[str | None] = list(check_methods(cfg, model, methods)) if methods else [None]
     flip = bool(cfg.TEST.FLIP)
     feat_norm = str(cfg.TEST.FEAT_NORM).lower() == "yes"
     rows: list[dict[str, Any]] = []
     kept: dict[str, tuple[Features, Features]] = {}
     skipped_paths: list[str] = []
-    model.to(dev).eval()
+    _prepare_model(model, dev)  # device, eval mode and channels-last before the warm-up
     try:
         for name in names:
             if name is not None:
                 apply_merging(model, _merge_section(cfg, name))
             label = name or str(cfg.MERGE.METHOD).lower()
-            _warmup(model, cfg, dev, camera=True)
+            _warmup(model, cfg, dev)
             feats = extract_features(model, loader, device=dev, amp=cfg.TEST.AMP, flip=flip, feat_norm=feat_norm,
                                      progress=progress, desc=f"extract [{label}]")
             query, gallery = split_query_gallery(feats, num_query)

@@ -183,7 +183,6 @@ class _ModelTimer:
 # ----------------------------------------------------------------------------- loader pass
 
 
-@torch.inference_mode()
 def extract_features(model: nn.Module, loader: Iterable, device: torch.device | str | None = None,
                      amp: str = "auto", flip: bool = False, feat_norm: bool = True, use_camera: bool = True,
                      progress: bool = True, desc: str = "extract") -> Features:
@@ -191,7 +190,8 @@ def extract_features(model: nn.Module, loader: Iterable, device: torch.device | 
 
     Args:
         model: a TransReID (or any module called as `model(images[, cam_label=, view_label=])` that
-            returns (B, D) features in eval mode); moved to `device` and put in eval mode.
+            returns (B, D) features in eval mode); moved to `device` and left in eval mode (a training loop
+            calls `model.train()` again after evaluating).
         device: where to run; None keeps the model's current device. 'cuda' without CUDA falls back to
             the CPU with a logged message.
         amp: 'auto' (bf16 on CUDA, fp32 on CPU), 'fp32', 'fp16' or 'bf16'.
@@ -204,7 +204,15 @@ def extract_features(model: nn.Module, loader: Iterable, device: torch.device | 
     Unreadable images (`Batch.failed`) are skipped, listed in `Features.failed` and logged; they never
     stop the pass. Returns float32 CPU features in loader order.
     """
+    # Outside inference mode: parameters moved to the GPU inside it would become inference tensors,
+    # and a training loop that evaluates between epochs could no longer backpropagate through them.
     dev = _prepare_model(model, device)
+    with torch.inference_mode():
+        return _extract(model, loader, dev, amp, flip, feat_norm, use_camera, progress, desc)
+
+
+def _extract(model: nn.Module, loader: Iterable, dev: torch.device, amp: str, flip: bool, feat_norm: bool,
+             use_camera: bool, progress: bool, desc: str) -> Features:
     timer = _ModelTimer(dev)
     chunks: list[torch.Tensor] = []
     pids: list[torch.Tensor] = []

@@ -3,3 +3,19 @@
 from reid_lite.index.search import FeatureIndex, evaluate_retrieval, gpu_available
 
 __all__ = ["FeatureIndex", "evaluate_retrieval", "gpu_available"]
+
+# Persisted gallery (reid_lite/index/gallery.py, store.py; CLI `reid-gallery` in cli.py).
+from reid_lite.index.gallery import (  # noqa: E402
+    AddReport,
+    FingerprintMismatch,
+    Gallery,
+    GalleryCorrupt,
+    GalleryError,
+    GalleryLocked,
+    IndexParams,
+    SearchHit,
+)
+from reid_lite.index.store import CropRecord, MetadataStore  # noqa: E402
+
+__all__ += ["AddReport", "CropRecord", "FingerprintMismatch", "Gallery", "GalleryCorrupt", "GalleryError",
+            "GalleryLocked", "IndexParams", "MetadataStore", "SearchHit"]

@@ -180,7 +180,8 @@ class MetadataStore:
 
     def cameras(self) -> dict[int | None, int]:
         """Crops per camera id."""
-        return {r[0]: r[1] for r in self.conn.execute("SELECT camid, COUNT(*) FROM crops GROUP BY camid ORDER BY camid")}
+        rows = self.conn.execute("SELECT camid, COUNT(*) FROM crops GROUP BY camid ORDER BY camid")
+        return {r[0]: r[1] for r in rows}
 
     def commit(self) -> None:
         """Commit pending writes."""

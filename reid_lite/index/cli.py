@@ -1,0 +1,280 @@
+"""`reid-gallery`: build, extend, query and maintain a persisted gallery of person crops.
+
+    reid-gallery build  /tmp/gal crops/ --config configs/market1501_stm.yml [--weights W.pth] [--opts KEY VALUE ...]
+    reid-gallery add    /tmp/gal more_crops/ one.jpg
+    reid-gallery search /tmp/gal q1.jpg q2.jpg -k 10 --exclude-same-camera --json --sheet out.png
+    reid-gallery info   /tmp/gal
+    reid-gallery remove /tmp/gal --camera 3 --path crops/x.jpg
+
+Cameras are 0-based ids (a file name's `c1` is camera 0), as in the data package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .gallery import Gallery, GalleryError, IndexParams, SearchHit
+
+__all__ = ["build_parser", "main", "write_sheet"]
+
+
+def _read_list(path: str | None) -> list[str]:
+    if not path:
+        return []
+    base = Path(path).parent
+    out = []
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            p = Path(line)
+            out.append(str(p if p.is_absolute() else base / p))
+    return out
+
+
+def _cfg(args: argparse.Namespace) -> Any:
+    from ..config import load_cfg
+
+    opts = list(args.opts or [])
+    if getattr(args, "weights", None):
+        opts += ["TEST.WEIGHT", args.weights]
+    if getattr(args, "device", None):
+        opts += ["MODEL.DEVICE", args.device]
+    return load_cfg(args.config, opts)
+
+
+def _add_input_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="*", help="folders of crops and/or image files")
+    p.add_argument("--list", help="text file with one image path per line (relative to the file)")
+    p.add_argument("--pattern", help="file-name regex with groups camid, optional pid and timestamp "
+                                     "(default: DATASETS.FOLDER_PATTERN)")
+    p.add_argument("--sidecar", help="CSV/JSON with path,camid[,pid][,timestamp] for one folder")
+    p.add_argument("--no-recursive", action="store_true", help="do not descend into sub-folders")
+    p.add_argument("--batch-size", type=int, default=None, help="images per forward (default TEST.IMS_PER_BATCH)")
+    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    p.add_argument("--progress", action="store_true", help="show a progress bar")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `reid-gallery`."""
+    ap = argparse.ArgumentParser(prog="reid-gallery", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="embed crops into a new gallery")
+    b.add_argument("gallery")
+    _add_input_args(b)
+    b.add_argument("--config", help="YAML config (e.g. configs/market1501_stm.yml)")
+    b.add_argument("--weights", help="TransReID checkpoint (TEST.WEIGHT); without it the weights are random")
+    b.add_argument("--device", help="cpu | cuda (MODEL.DEVICE)")
+    b.add_argument("--feature", choices=("global", "full"), default="global",
+                   help="store the 768-d global feature (default) or the full JPM concatenation")
+    b.add_argument("--index", choices=("auto", "flat", "ivfpq"), default="auto",
+                   help="auto: exact flat up to --flat-max crops, then IVF-PQ")
+    b.add_argument("--flat-max", type=int, default=IndexParams.flat_max)
+    b.add_argument("--nlist", type=int, default=0)
+    b.add_argument("--m", type=int, default=0)
+    b.add_argument("--nprobe", type=int, default=0)
+    b.add_argument("--camera-num", type=int, default=0,
+                   help="cameras of the SIE embedding (default: max camera id of the crops + 1)")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing gallery at this path")
+    b.add_argument("--opts", nargs="*", default=[], metavar="KEY VALUE", help="config overrides")
+
+    a = sub.add_parser("add", help="append crops (already stored crops are skipped, none re-embedded)")
+    a.add_argument("gallery")
+    _add_input_args(a)
+    a.add_argument("--device", help="cpu | cuda")
+
+    s = sub.add_parser("search", help="rank gallery crops for query images")
+    s.add_argument("gallery")
+    s.add_argument("queries", nargs="+", help="query image files")
+    s.add_argument("-k", type=int, default=10)
+    s.add_argument("--query-camera", type=int, nargs="+", help="0-based camera of each query (or one for all)")
+    s.add_argument("--pattern", help="file-name pattern to read query cameras (default: the gallery's)")
+    s.add_argument("--exclude-same-camera", action="store_true", help="drop crops from the query's camera")
+    s.add_argument("--cameras", type=int, nargs="+", help="keep only these cameras")
+    s.add_argument("--time-from", help="keep crops with timestamp >= this (number or ISO 8601)")
+    s.add_argument("--time-to", help="keep crops with timestamp <= this")
+    s.add_argument("--nprobe", type=int, default=None, help="IVF lists to visit (IVF-PQ galleries)")
+    s.add_argument("--config", help="query model config: refused unless it is the gallery's model")
+    s.add_argument("--weights", help="query model checkpoint: refused unless it is the gallery's")
+    s.add_argument("--device", help="cpu | cuda")
+    s.add_argument("--no-verify", action="store_true", help="skip the checksum verification on open")
+    s.add_argument("--json", action="store_true", help="print results as JSON")
+    s.add_argument("--sheet", help="write a contact sheet (.png or .html)")
+    s.add_argument("--opts", nargs="*", default=[], metavar="KEY VALUE",
+                   help="query model overrides: refused unless they leave the gallery's model unchanged")
+
+    i = sub.add_parser("info", help="size, model and index of a gallery")
+    i.add_argument("gallery")
+    i.add_argument("--no-verify", action="store_true")
+    i.add_argument("--json", action="store_true")
+
+    r = sub.add_parser("remove", help="remove crops by path or camera")
+    r.add_argument("gallery")
+    r.add_argument("--path", nargs="+", default=[], help="crop paths to remove")
+    r.add_argument("--camera", type=int, nargs="+", default=[], help="0-based cameras to remove")
+    r.add_argument("--json", action="store_true")
+    return ap
+
+
+def _inputs(args: argparse.Namespace) -> list[str]:
+    inputs = list(args.inputs) + _read_list(args.list)
+    if not inputs:
+        raise SystemExit("reid-gallery: no crops given (folders, image files or --list)")
+    return inputs
+
+
+def _print_report(report: Any, as_json: bool, what: str) -> None:
+    d = report.to_dict()
+    if as_json:
+        d["duplicates"] = d["duplicates"][:100]
+        print(json.dumps(d, indent=1))
+    else:
+        print(f"{what}: added {d['added']} crops, skipped {d['num_duplicates']} duplicate(s), "
+              f"{d['num_failed']} unreadable; generation {d['generation']}; {d['seconds']:.1f}s "
+              f"({d['images_per_second']:.1f} img/s embedding)")
+
+
+def _cmd_build(args: argparse.Namespace) -> None:
+    from .gallery import collect_crops
+
+    cfg = _cfg(args)
+    inputs = _inputs(args)
+    records = collect_crops(inputs, pattern=args.pattern, sidecar=args.sidecar, recursive=not args.no_recursive)
+    camera_num = args.camera_num or 1 + max((r.camid for r in records if r.camid is not None), default=0)
+    params = IndexParams(kind=args.index, flat_max=args.flat_max, nlist=args.nlist, m=args.m, nprobe=args.nprobe)
+    g = Gallery.create(args.gallery, cfg, feature=args.feature, index=params, camera_num=camera_num,
+                       overwrite=args.overwrite, device=args.device, pattern=args.pattern)
+    report = g.add(records, batch_size=args.batch_size, workers=args.workers, progress=args.progress)
+    _print_report(report, args.json, "build")
+
+
+def _cmd_add(args: argparse.Namespace) -> None:
+    g = Gallery.open(args.gallery)
+    g.device = args.device
+    report = g.add(_inputs(args), pattern=args.pattern, sidecar=args.sidecar, recursive=not args.no_recursive,
+                   batch_size=args.batch_size, workers=args.workers, progress=args.progress)
+    _print_report(report, args.json, "add")
+
+
+def _cmd_search(args: argparse.Namespace) -> None:
+    g = Gallery.open(args.gallery, verify=not args.no_verify)
+    g.device = args.device
+    cfg = None
+    if args.config:
+        cfg = _cfg(args)
+    elif args.weights or args.opts:  # overrides apply to the gallery's own config
+        cfg = g.cfg.clone()
+        cfg.defrost()
+        cfg.merge_from_list(list(args.opts) + (["TEST.WEIGHT", args.weights] if args.weights else []))
+        cfg.freeze()
+    camids: Any = None
+    if args.query_camera:
+        camids = args.query_camera[0] if len(args.query_camera) == 1 else args.query_camera
+    results = g.search(args.queries, k=args.k, camids=camids, exclude_same_camera=args.exclude_same_camera,
+                       cameras=args.cameras, time_window=(args.time_from, args.time_to), cfg=cfg,
+                       nprobe=args.nprobe, pattern=args.pattern)
+    if args.json:
+        print(json.dumps([{"query": q, "results": [h.to_dict() for h in hits]}
+                          for q, hits in zip(args.queries, results)], indent=1))
+    else:
+        for q, hits in zip(args.queries, results):
+            print(f"query {q}")
+            for h in hits:
+                ts = h.timestamp_raw if h.timestamp_raw is not None else "-"
+                print(f"  {h.rank:3d}  {h.score:.4f}  cam {h.camid}  t {ts}  {h.path}")
+    if args.sheet:
+        write_sheet(args.sheet, args.queries, results)
+        print(f"contact sheet: {args.sheet}", file=sys.stderr)
+
+
+def _cmd_info(args: argparse.Namespace) -> None:
+    info = Gallery.open(args.gallery, verify=not args.no_verify).info()
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return
+    m = info["model"]
+    a = m["architecture"]
+    print(f"gallery   {info['path']} (generation {info['generation']})")
+    print(f"size      {info['size']} crops, {info['bytes'] / 1e6:.1f} MB ({info['bytes_per_crop']:.0f} B/crop)")
+    print(f"index     {info['index']['kind']} (policy {info['index']['params']['kind']}), "
+          f"{info['index']['ntotal']} vectors of {m['feature']['dim']}-d ({m['feature']['kind']} feature)")
+    print(f"model     {a['transformer_type']} dim {a['embed_dim']} depth {a['depth']} heads {a['num_heads']} "
+          f"stride {a['stride']} jpm {a['jpm']} sie_camera {a['sie_camera']}")
+    print(f"weights   {m['weights']}")
+    print(f"merging   {m['merging']}")
+    print(f"input     {m['input']['size']}  digest {info['model_digest'][:16]}")
+    print(f"cameras   {info['cameras']}")
+
+
+def _cmd_remove(args: argparse.Namespace) -> None:
+    if not args.path and not args.camera:
+        raise SystemExit("reid-gallery remove: give --path and/or --camera")
+    g = Gallery.open(args.gallery)
+    n = g.remove(paths=args.path, cameras=args.camera)
+    out = {"removed": n, "generation": g.generation, "size": g.store.count()}
+    print(json.dumps(out) if args.json else f"removed {n} crops; {out['size']} left (generation {out['generation']})")
+
+
+def write_sheet(path: str | Path, queries: Sequence[str], results: Sequence[Sequence[SearchHit]],
+                thumb: tuple[int, int] = (128, 64)) -> None:
+    """Contact sheet: one row per query (query first, then its ranked crops with score and camera).
+    `.html` writes a page of <img> links; anything else a PNG."""
+    path = Path(path)
+    if path.suffix.lower() in (".html", ".htm"):
+        rows = []
+        for q, hits in zip(queries, results):
+            cells = [f'<td><img src="{html.escape(Path(q).resolve().as_uri())}" height="{thumb[0]}"><br>query</td>']
+            cells += [f'<td><img src="{html.escape(Path(h.path).as_uri())}" height="{thumb[0]}"><br>'
+                      f"#{h.rank} {h.score:.3f}<br>cam {h.camid}</td>" for h in hits]
+            rows.append("<tr>" + "".join(cells) + "</tr>")
+        path.write_text("<!doctype html><meta charset=utf-8><title>reid-gallery</title>"
+                        "<table style='font:12px monospace;text-align:center'>" + "".join(rows) + "</table>")
+        return
+    from PIL import Image, ImageDraw
+
+    from ..data.loader import read_image
+
+    h, w = thumb
+    label = 24
+    cols = 1 + max((len(r) for r in results), default=0)
+    sheet = Image.new("RGB", (cols * (w + 4), len(queries) * (h + label + 4)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for row, (q, hits) in enumerate(zip(queries, results)):
+        y = row * (h + label + 4)
+        tiles = [(q, "query", (0, 0, 255))] + [(x.path, f"{x.score:.3f} c{x.camid}", (0, 0, 0)) for x in hits]
+        for col, (p, text, color) in enumerate(tiles):
+            x0 = col * (w + 4)
+            try:
+                sheet.paste(read_image(p).resize((w, h)), (x0, y))
+            except OSError:
+                draw.rectangle((x0, y, x0 + w, y + h), outline="red")
+            draw.text((x0 + 2, y + h + 2), text, fill=color)
+    sheet.save(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `reid-gallery`; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    handlers = {"build": _cmd_build, "add": _cmd_add, "search": _cmd_search, "info": _cmd_info,
+                "remove": _cmd_remove}
+    try:
+        handlers[args.command](args)
+    except (GalleryError, FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
+        print(f"reid-gallery {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
