@@ -455,7 +455,7 @@ def test_train_loader_pk_and_softmax_are_seeded(tmp_path):
                        "SOLVER.IMS_PER_BATCH": 4})
     first = [(b.paths, b.pids.tolist()) for b in build_train_loader(cfg, ds, seed=7)]
     assert len(first) == 4
-    for paths, pids in first:
+    for _paths, pids in first:
         assert pids[0] == pids[1] and pids[2] == pids[3] and pids[0] != pids[2]
     assert [(b.paths, b.pids.tolist()) for b in build_train_loader(cfg, ds, seed=7)] == first
     batch = next(iter(build_train_loader(cfg, ds)))

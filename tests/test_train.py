@@ -20,7 +20,6 @@ from reid_lite.engine.trainer import (
     prepare_dataset,
     save_state_dict,
     sie_counts,
-    synthetic_location,
     train,
 )
 from reid_lite.models import build_model, load_transreid_checkpoint
@@ -236,19 +235,17 @@ def test_train_writes_official_state_dict_that_loads_strictly(tiny_data, tmp_pat
     assert half.stat().st_size < 0.6 * result.final_checkpoint.stat().st_size
 
 
-def test_synthetic_dataset_location_and_clear_error_for_real_ones(tmp_path):
+def test_synthetic_dataset_generates_itself_and_real_ones_give_a_clear_error(tmp_path):
     cfg = get_cfg()
-    cfg.DATASETS.NAMES, cfg.DATASETS.ROOT_DIR = "synthetic", str(tmp_path)
-    assert synthetic_location(cfg) == (tmp_path, "synthetic")
-    cfg.DATASETS.NAMES, cfg.DATASETS.ROOT_DIR = "market1501", str(tmp_path / "synthetic")
-    assert synthetic_location(cfg) == (tmp_path, "synthetic")
-    cfg.DATASETS.ROOT_DIR = str(tmp_path)
-    assert synthetic_location(cfg) is None
+    cfg.DATASETS.NAMES, cfg.DATASETS.ROOT_DIR = "market1501", str(tmp_path)
     from reid_lite.data import DatasetLayoutError
 
     with pytest.raises(DatasetLayoutError, match="Market1501 not found"):
         prepare_dataset(cfg)
     assert not any(tmp_path.iterdir())  # nothing generated for a real dataset
+    cfg.DATASETS.NAMES = "synthetic"
+    dataset = prepare_dataset(cfg)
+    assert (tmp_path / "synthetic" / "_COMPLETE").is_file() and dataset.num_train_pids == 60
 
 
 def test_train_cli_missing_dataset_exits_2(tmp_path, capsys):

@@ -6,8 +6,8 @@
 
 Checkpoints (`<MODEL.NAME>_<epoch>.pth`, plain state dicts in the official key layout), the config used
 and `train_log.txt` go to OUTPUT_DIR. Token merging (MERGE.*) is applied at test time only; training
-always runs the unmerged model. The synthetic dataset (DATASETS.NAMES 'synthetic', or a Market-1501
-name with ROOT_DIR .../synthetic) is generated when missing; any other dataset must be in place.
+always runs the unmerged model. The synthetic dataset (DATASETS.NAMES 'synthetic')
+is generated when missing; any other dataset must be in place.
 Exit codes: 0 success, 2 bad arguments/config, missing dataset or unreadable checkpoint.
 """
 

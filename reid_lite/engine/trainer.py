@@ -29,7 +29,7 @@ import torch
 from timm.scheduler.cosine_lr import CosineLRScheduler
 from torch import nn
 
-from ..data import DatasetLayoutError, ReIDDataset, build_dataset, build_dataset_from_cfg, build_train_loader
+from ..data import ReIDDataset, build_dataset_from_cfg, build_train_loader
 from ..models import build_model
 from ..utils.device import resolve_device
 from .losses import LossFn, make_loss
@@ -37,8 +37,6 @@ from .losses import LossFn, make_loss
 logger = logging.getLogger("reid_lite.train")
 
 __all__ = [
-    "MARKET_NAMES",
-    "SYNTHETIC_NAME",
     "TrainResult",
     "create_scheduler",
     "do_train",
@@ -47,15 +45,10 @@ __all__ = [
     "save_state_dict",
     "set_seed",
     "sie_counts",
-    "synthetic_location",
     "train",
     "training_cfg",
 ]
 
-#: DATASETS.NAMES of the procedural dataset (reid_lite.data.synthetic), stored in Market-1501 layout.
-SYNTHETIC_NAME = "synthetic"
-#: Names under which reid_lite.data reads the Market-1501 layout.
-MARKET_NAMES = ("market1501", "market", "market-1501")
 
 
 @dataclass
@@ -147,52 +140,13 @@ def create_scheduler(cfg: Any, optimizer: torch.optim.Optimizer) -> CosineLRSche
     )
 
 
-def synthetic_location(cfg: Any) -> tuple[Path, str] | None:
-    """Where the config's dataset is, when it is reid_lite's synthetic one: `(parent, folder name)`.
+def prepare_dataset(cfg: Any) -> ReIDDataset:
+    """Build the training dataset the config names (`build_dataset_from_cfg`).
 
-    DATASETS.NAMES 'synthetic' means `<ROOT_DIR>/synthetic`; a Market-1501 name with a ROOT_DIR whose
-    last component is 'synthetic' (how configs/demo_synthetic.yml points every tool at it) means
-    ROOT_DIR itself. None for any other dataset.
+    The registered `synthetic` dataset generates itself, deterministically, when missing; any other
+    missing dataset raises the data package's `DatasetLayoutError` (nothing is downloaded).
     """
-    name = cfg.DATASETS.NAMES.strip().lower()
-    root = Path(os.path.expanduser(cfg.DATASETS.ROOT_DIR))
-    if name == SYNTHETIC_NAME:
-        return root, SYNTHETIC_NAME
-    if name in MARKET_NAMES and root.name == SYNTHETIC_NAME:
-        return root.parent, root.name
-    return None
-
-
-def _load_dataset(cfg: Any) -> ReIDDataset:
-    if cfg.DATASETS.NAMES.strip().lower() == SYNTHETIC_NAME:
-        # Not a registered name of reid_lite.data: it is the Market layout under <ROOT_DIR>/synthetic.
-        return build_dataset("market1501", cfg.DATASETS.ROOT_DIR, dataset_dir=SYNTHETIC_NAME)
     return build_dataset_from_cfg(cfg)
-
-
-def prepare_dataset(cfg: Any, generate_missing: bool = True) -> ReIDDataset:
-    """Build the training dataset the config names.
-
-    A missing synthetic dataset (see `synthetic_location`) is generated with the default, deterministic
-    parameters of `generate_reid_dataset` when `generate_missing`; any other missing dataset raises the
-    data package's `DatasetLayoutError` (nothing is downloaded).
-    """
-    try:
-        return _load_dataset(cfg)
-    except DatasetLayoutError:
-        where = synthetic_location(cfg)
-        if where is None or not generate_missing:
-            raise
-    from ..data.synthetic import generate_reid_dataset
-
-    parent, name = where
-    logger.warning("synthetic dataset not found at %s: generating it (deterministic, seed 0, ~1 minute)",
-                   parent / name)
-    try:
-        generate_reid_dataset(parent, name=name, progress=False)
-    except FileExistsError as err:  # an unfinished or differently parameterised folder is in the way
-        raise DatasetLayoutError(str(err)) from None
-    return _load_dataset(cfg)
 
 
 def sie_counts(dataset: ReIDDataset) -> tuple[int, int]:
