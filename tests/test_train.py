@@ -170,7 +170,7 @@ def _tiny_train_cfg(root: Path, out: Path, epochs: int = 2):
         "MODEL.EMBED_DIM", 32, "MODEL.DEPTH", 3, "MODEL.NUM_HEADS", 2, "MODEL.JPM", True, "MODEL.SIE_CAMERA", True,
         "MODEL.PRETRAIN_CHOICE", "none", "MODEL.DROP_PATH", 0.0, "MODEL.STRIDE_SIZE", [16, 16],
         "MODEL.DEVICE", "cpu", "INPUT.SIZE_TRAIN", [64, 32], "INPUT.SIZE_TEST", [64, 32], "INPUT.RE_PROB", 0.0,
-        "DATASETS.NAMES", "synthetic", "DATASETS.ROOT_DIR", str(root),
+        "DATASETS.NAMES", "market1501", "DATASETS.ROOT_DIR", str(root / "synthetic"),
         "DATALOADER.SAMPLER", "softmax_triplet", "DATALOADER.NUM_INSTANCE", 2, "DATALOADER.NUM_WORKERS", 0,
         "SOLVER.OPTIMIZER_NAME", "AdamW", "SOLVER.BASE_LR", 1e-3, "SOLVER.IMS_PER_BATCH", 8,
         "SOLVER.MAX_EPOCHS", epochs, "SOLVER.WARMUP_EPOCHS", 0, "SOLVER.CHECKPOINT_PERIOD", 1,
