@@ -130,21 +130,25 @@ class BipartiteMerge:
         unm, src, b = self.parts(t)
         return torch.cat([unm, b.scatter_reduce(1, self._dst_index(t.shape[-1]), src, reduce=mode)], dim=1)
 
-    def received(self, num_b: int, like: Tensor) -> Tensor:
-        """(B, num_b, 1) bool: which B tokens received at least one source."""
-        return like.new_zeros(like.shape[0], num_b).scatter(1, self.dst_idx, 1.0)[..., None] > 0
+    @property
+    def dst_pos(self) -> Tensor:
+        """(B, r) sequence position of the B token each merged-away token goes into."""
+        if self.b_pos is None:
+            return 2 * self.dst_idx + 1
+        return self.b_pos.gather(1, self.dst_idx)
 
     def weighted_mean(self, t: Tensor, w: Tensor, parts: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
         """The B tokens after fusion: w-weighted average of each group (B, Nb, C).
 
+        Computed as b + sum_src w_src (src - b) / sum_group w, which touches only the r merged rows, so
         B tokens that receive no source come back unchanged (bit for bit). `parts` may pass in
         `self.parts(t)` when the caller already has them.
         """
         _, src, b = parts or self.parts(t)
         _, w_src, w_b = self.parts(w)
-        num = (b * w_b).scatter_add(1, self._dst_index(t.shape[-1]), src * w_src)
         den = w_b.scatter_add(1, self.dst_idx[..., None], w_src)
-        return torch.where(self.received(b.shape[1], t), (num / den).to(t.dtype), b)
+        contrib = w_src * (src - take_tokens(t, self.dst_pos)) / take_tokens(den, self.dst_idx)
+        return b.scatter_add(1, self._dst_index(t.shape[-1]), contrib.to(t.dtype))
 
 
 def take_tokens(t: Tensor, idx: Tensor) -> Tensor:

@@ -25,6 +25,7 @@ from .base import (
     bipartite_split,
     merge_state,
     size_weighted_merge,
+    take_tokens,
 )
 from .tome import bipartite_flops, cosine_scores
 
@@ -123,10 +124,14 @@ def prn_fuse(merge: BipartiteMerge, x: Tensor, score: Tensor, state: TokenState)
     """
     unm, src, b = parts = merge.parts(x)
     fused = merge.weighted_mean(x, score[..., None], parts)
-    max_norm = b.norm(dim=-1, keepdim=True).scatter_reduce(
-        1, merge.dst_idx[..., None], src.norm(dim=-1, keepdim=True), reduce="amax")
-    rescaled = fused / fused.norm(dim=-1, keepdim=True).clamp_min(_EPS) * max_norm
-    fused = torch.where(merge.received(fused.shape[1], x), rescaled.to(x.dtype), fused)
+    # Rescale only the destinations that received sources: the others keep their own norm already.
+    src_max = src.new_zeros(b.shape[0], b.shape[1], 1).scatter_reduce(
+        1, merge.dst_idx[..., None], src.norm(dim=-1, keepdim=True), reduce="amax", include_self=False)
+    max_norm = torch.maximum(take_tokens(src_max, merge.dst_idx),
+                             take_tokens(x, merge.dst_pos).norm(dim=-1, keepdim=True))
+    fused_dst = take_tokens(fused, merge.dst_idx)
+    rescaled = fused_dst / fused_dst.norm(dim=-1, keepdim=True).clamp_min(_EPS) * max_norm
+    fused = fused.scatter(1, merge._dst_index(x.shape[-1]), rescaled.to(x.dtype))
     merge_state(merge, state)
     return torch.cat([unm, fused], dim=1)
 
