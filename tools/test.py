@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from reid_lite.config import load_cfg
-from reid_lite.data import DatasetLayoutError, build_dataset_from_cfg
+from reid_lite.data import DatasetLayoutError, build_dataset_from_cfg, sie_counts
 from reid_lite.engine.evaluator import check_methods, evaluate, format_table
 from reid_lite.merging import parse_methods
 from reid_lite.models import CheckpointError, build_model, load_transreid_checkpoint
@@ -71,15 +71,6 @@ def _parse_indices(spec: str) -> list[int]:
         return [int(s) for s in spec.split(",") if s.strip()]
     except ValueError:
         raise ValueError(f"--vis-queries expects comma-separated integers, got {spec!r}") from None
-
-
-def _sie_counts(dataset: Any) -> tuple[int, int]:
-    """Cameras and views for SIE: the training counts, raised to cover every id seen in any split
-    (camera ids index the SIE table, so a test camera beyond the training ones would be out of range)."""
-    records = list(dataset.train) + list(dataset.query) + list(dataset.gallery)
-    max_cam = max((r[2] for r in records), default=-1) + 1
-    max_view = max((r[3] for r in records), default=-1) + 1
-    return max(dataset.num_train_cams, max_cam), max(dataset.num_train_vids, max_view)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -134,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(f"--vis-queries {bad} out of range: the query list has {len(dataset.query)} images")
 
     device = resolve_device(cfg.MODEL.DEVICE, cfg.MODEL.DEVICE_ID)
-    camera_num, view_num = _sie_counts(dataset)
+    camera_num, view_num = sie_counts(dataset)
     try:
         model = build_model(cfg, max(dataset.num_train_pids, 1), camera_num, view_num)
         if cfg.TEST.WEIGHT:

@@ -21,6 +21,7 @@ from .datasets import (
     build_dataset,
     build_dataset_from_cfg,
     register_dataset,
+    sie_counts,
 )
 from .loader import (
     Batch,
@@ -58,4 +59,5 @@ __all__ = [
     "build_transforms",
     "read_image",
     "register_dataset",
+    "sie_counts",
 ]

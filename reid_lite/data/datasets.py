@@ -451,6 +451,20 @@ class FolderDataset(ReIDDataset):
 
 # ------------------------------------------------------------------------------ registry
 
+def sie_counts(dataset: ReIDDataset) -> tuple[int, int]:
+    """(camera_num, view_num) for SIE: the official training counts, raised to cover every id in any split.
+
+    Camera ids index the SIE table, so with cameras missing from the training split (e.g. only c1, c3)
+    the official `num_train_cams` would be too small; training and
+    evaluation both size the table this way, so a checkpoint trained here always loads there.
+    """
+    records = list(dataset.train) + list(dataset.query) + list(dataset.gallery)
+    max_cam = max((r[2] for r in records), default=-1) + 1
+    max_view = max((r[3] for r in records), default=-1) + 1
+    return max(dataset.num_train_cams, max_cam), max(dataset.num_train_vids, max_view)
+
+
+
 _REGISTRY: dict[str, Callable[..., ReIDDataset]] = {}
 
 

@@ -29,7 +29,7 @@ import torch
 from timm.scheduler.cosine_lr import CosineLRScheduler
 from torch import nn
 
-from ..data import ReIDDataset, build_dataset_from_cfg, build_train_loader
+from ..data import ReIDDataset, build_dataset_from_cfg, build_train_loader, sie_counts
 from ..models import build_model
 from ..utils.device import resolve_device
 from .losses import LossFn, make_loss
@@ -147,19 +147,6 @@ def prepare_dataset(cfg: Any) -> ReIDDataset:
     missing dataset raises the data package's `DatasetLayoutError` (nothing is downloaded).
     """
     return build_dataset_from_cfg(cfg)
-
-
-def sie_counts(dataset: ReIDDataset) -> tuple[int, int]:
-    """(camera_num, view_num) for SIE: the official training counts, raised to cover every id in any split.
-
-    Camera ids index the SIE table, so with cameras missing from the training split (e.g. only c1, c3)
-    the official `num_train_cams` would be too small; tools/test.py sizes the table the same way, so a
-    checkpoint trained here always loads there.
-    """
-    records = list(dataset.train) + list(dataset.query) + list(dataset.gallery)
-    max_cam = max((r[2] for r in records), default=-1) + 1
-    max_view = max((r[3] for r in records), default=-1) + 1
-    return max(dataset.num_train_cams, max_cam), max(dataset.num_train_vids, max_view)
 
 
 def save_state_dict(model: nn.Module | Mapping[str, torch.Tensor], path: str | Path, half: bool = False) -> Path:
