@@ -181,3 +181,11 @@ def test_paper_gflops_unmerged_vit_base():
     assert round(fvcore_gflops(model), 2) == 20.41
     assert transreid_gflops(model) == pytest.approx(fvcore_gflops(model), rel=1e-6)
     assert model.feature_dim == 3840
+
+
+def test_sie_table_cameras_reads_the_checkpoint_table():
+    from reid_lite.models import sie_table_cameras
+
+    assert sie_table_cameras({"base.sie_embed": torch.zeros(6, 1, 8)}) == 6
+    assert sie_table_cameras({"sie_embed": torch.zeros(12, 1, 8)}, view_num=2) == 6
+    assert sie_table_cameras({"base.cls_token": torch.zeros(1, 1, 8)}) == 0

@@ -6,7 +6,13 @@ import logging
 
 from torch import nn
 
-from .checkpoint import CheckpointError, load_imagenet_backbone, load_transreid_checkpoint, read_state_dict
+from .checkpoint import (
+    CheckpointError,
+    load_imagenet_backbone,
+    load_transreid_checkpoint,
+    read_state_dict,
+    sie_table_cameras,
+)
 from .transreid import TransReID, shuffle_unit
 from .vit import BACKBONES, Attention, Block, PatchEmbedOverlap, TransReIDViT
 
@@ -68,4 +74,5 @@ __all__ = [
     "load_transreid_checkpoint",
     "read_state_dict",
     "shuffle_unit",
+    "sie_table_cameras",
 ]

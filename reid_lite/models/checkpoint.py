@@ -58,6 +58,19 @@ def _numpy_scalar_globals() -> list:
     return [core.multiarray.scalar, np.dtype, *{type(np.dtype(k)) for k in kinds}]
 
 
+def sie_table_cameras(state: dict[str, torch.Tensor], view_num: int = 0) -> int:
+    """Cameras of the camera SIE table in a TransReID state dict (0 when it has none).
+
+    The table (`base.sie_embed`, or `sie_embed` in a bare backbone) has one row per camera, or
+    camera x view rows when both SIE kinds are on; `view_num` > 1 says the latter.
+    """
+    table = state.get("base.sie_embed", state.get("sie_embed"))
+    if table is None:
+        return 0
+    rows = int(table.shape[0])
+    return rows // view_num if view_num > 1 else rows
+
+
 def transreid_filter(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Adapt an official TransReID state dict: the official ViT keeps an unused ImageNet head
     (`base.fc`, never called in forward) that has no counterpart here; dropping it changes nothing."""
