@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import torchreid_evaluate_rank
+from extras import torchreid_evaluate_rank
 
 from reid_lite.metrics.rank import RankAccumulator, _numpy_sum_of_sparse_rows, evaluate_rank
 

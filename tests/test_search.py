@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import torchreid_evaluate_rank
+from extras import torchreid_evaluate_rank
 
 from reid_lite.index import FeatureIndex, evaluate_retrieval
 from reid_lite.metrics import re_ranking

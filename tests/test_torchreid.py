@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import import_extra
+from extras import import_extra
 from PIL import Image
 
 # Skips only when torchreid is absent; an install that cannot import (e.g. without scipy) fails.
