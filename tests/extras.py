@@ -40,8 +40,10 @@ def import_extra(module: str, extra: str) -> ModuleType:
             warnings.simplefilter("ignore")  # e.g. torchreid's "Cython evaluation ... unavailable"
             return importlib.import_module(module)
     except ImportError as err:
-        pytest.fail(f"{top} is installed but `import {module}` fails ({err}): the [{extra}] extra is installed "
-                    f"incompletely; run pip install -e '.[{extra}]'", pytrace=False)
+        reason = str(err)
+    # Outside the except block, so the report is this one line rather than a chained traceback.
+    pytest.fail(f"{top} is installed but `import {module}` fails ({reason}): the [{extra}] extra is installed "
+                f"incompletely; run pip install -e '.[{extra}]'", pytrace=False)
 
 
 def torchreid_evaluate_rank():
