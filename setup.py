@@ -6,6 +6,10 @@ from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
 
+# torchreid 0.2.5 (PyPI) declares no dependencies, yet `import torchreid` imports gdown, scipy (scipy.io for
+# its dataset readers) and torch.utils.tensorboard (tensorboard): without them the adapter cannot import.
+TORCHREID = ["torchreid==0.2.5", "gdown", "scipy>=1.7", "tensorboard"]
+
 setup(
     name="reid_lite",
     version="0.1.0",
@@ -29,8 +33,9 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7", "ruff>=0.5", "torchreid==0.2.5", "gdown", "tensorboard"],
-        "torchreid": ["torchreid==0.2.5", "gdown", "tensorboard"],
+        # The test suite covers the torchreid adapter, so it needs the torchreid extra in full.
+        "test": ["pytest>=7", "ruff>=0.5", *TORCHREID],
+        "torchreid": TORCHREID,
         "gpu": ["faiss-gpu>=1.8"],
     },
     entry_points={

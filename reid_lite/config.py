@@ -67,6 +67,9 @@ _C.INPUT.PADDING = 10
 _C.DATASETS = CN()
 _C.DATASETS.NAMES = "market1501"
 _C.DATASETS.ROOT_DIR = "datasets"
+# 'synthetic' is generated on first use under the default ROOT_DIR only; True generates it under any
+# ROOT_DIR (elsewhere a missing dataset is an error naming the folder, so a mistyped path creates nothing).
+_C.DATASETS.GENERATE = False
 # Generic crop folders: file-name pattern with named groups `pid` (optional) and `camid`.
 _C.DATASETS.FOLDER_PATTERN = r"(?P<pid>-?\d+)_c(?P<camid>\d+)"
 

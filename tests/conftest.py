@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from extras import pytest_sessionfinish, pytest_terminal_summary  # noqa: F401 (pytest hooks for CI)
 
 from reid_lite import get_cfg
 

@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from extras import import_extra
 from PIL import Image
 
-pytest.importorskip("torchreid", exc_type=ImportError)
+# Skips only when torchreid is absent; an install that cannot import (e.g. without scipy) fails.
+import_extra("torchreid", "torchreid")
 
 from reid_lite.data.synthetic import generate_reid_dataset  # noqa: E402
 from reid_lite.data.transforms import build_transforms  # noqa: E402

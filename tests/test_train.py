@@ -235,7 +235,7 @@ def test_train_writes_official_state_dict_that_loads_strictly(tiny_data, tmp_pat
     assert half.stat().st_size < 0.6 * result.final_checkpoint.stat().st_size
 
 
-def test_synthetic_dataset_generates_itself_and_real_ones_give_a_clear_error(tmp_path):
+def test_synthetic_dataset_generates_itself_and_real_ones_give_a_clear_error(tmp_path, capsys):
     cfg = get_cfg()
     cfg.DATASETS.NAMES, cfg.DATASETS.ROOT_DIR = "market1501", str(tmp_path)
     from reid_lite.data import DatasetLayoutError
@@ -243,9 +243,20 @@ def test_synthetic_dataset_generates_itself_and_real_ones_give_a_clear_error(tmp
     with pytest.raises(DatasetLayoutError, match="Market1501 not found"):
         prepare_dataset(cfg)
     assert not any(tmp_path.iterdir())  # nothing generated for a real dataset
+    # Outside the default location (a mistyped ROOT_DIR?) nothing is generated unless asked for.
     cfg.DATASETS.NAMES = "synthetic"
+    with pytest.raises(DatasetLayoutError) as exc:
+        prepare_dataset(cfg)
+    assert str(exc.value).startswith(f"no synthetic dataset at {tmp_path / 'synthetic'}")
+    assert "DATASETS.GENERATE True" in str(exc.value) and not any(tmp_path.iterdir())
+    cfg.DATASETS.GENERATE = True
     dataset = prepare_dataset(cfg)
     assert (tmp_path / "synthetic" / "_COMPLETE").is_file() and dataset.num_train_pids == 60
+    # ... and not silently: it says where and how much, with a progress bar.
+    err = capsys.readouterr().err
+    assert f"generating the synthetic dataset {tmp_path / 'synthetic'}" in err and "generating synthetic" in err
+    cfg.DATASETS.GENERATE = False  # a finished folder is read wherever it is
+    assert prepare_dataset(cfg).num_train_pids == 60
 
 
 def test_train_cli_missing_dataset_exits_2(tmp_path, capsys):

@@ -27,10 +27,11 @@ import numpy as np
 import torch
 
 from reid_lite.config import load_cfg
-from reid_lite.data import DatasetLayoutError, build_dataset_from_cfg, sie_counts
-from reid_lite.engine.evaluator import check_methods, evaluate, format_table
+from reid_lite.data import build_dataset_from_cfg, sie_counts
+from reid_lite.engine.evaluator import check_input_size, check_methods, evaluate, format_table
 from reid_lite.merging import parse_methods
-from reid_lite.models import CheckpointError, build_model, load_transreid_checkpoint
+from reid_lite.models import build_model, build_model_for_checkpoint, check_checkpoint_file
+from reid_lite.utils.cli import USER_ERRORS, cli_error
 from reid_lite.utils.device import resolve_device
 from reid_lite.utils.visualize import rank_gallery, visualize_ranked_results
 
@@ -59,11 +60,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("opts", nargs="*", help="config overrides as KEY VALUE pairs (options may come before or after)")
     # Intermixed: `--compare` may follow the KEY VALUE pairs, as users naturally append it.
     return p.parse_intermixed_args(argv)
-
-
-def _error(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
 
 
 def _parse_indices(spec: str) -> list[int]:
@@ -111,31 +107,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_cfg(args.config or None, args.opts)
         methods = parse_methods(args.compare) if args.compare else None
         vis_ids = _parse_indices(args.vis_queries)
-    except (FileNotFoundError, KeyError, ValueError, AssertionError) as err:
-        # yacs reports type mismatches with AssertionError; all are user input errors, not bugs.
-        return _error(str(err))
+        check_input_size(cfg)  # before any data is read or generated
+        if cfg.TEST.WEIGHT:
+            check_checkpoint_file(cfg.TEST.WEIGHT)  # a wrong path fails now, not after the dataset is indexed
+    except USER_ERRORS as err:
+        return cli_error(err)
 
     try:
         dataset = build_dataset_from_cfg(cfg)
-    except (DatasetLayoutError, KeyError) as err:
-        return _error(str(err.args[0]) if isinstance(err, KeyError) else str(err))
+    except USER_ERRORS as err:
+        return cli_error(err)
     print(dataset.statistics_table())
     bad = [q for q in vis_ids if not 0 <= q < len(dataset.query)]
     if bad:
-        return _error(f"--vis-queries {bad} out of range: the query list has {len(dataset.query)} images")
+        return cli_error(f"--vis-queries {bad} out of range: the query list has {len(dataset.query)} images")
 
     device = resolve_device(cfg.MODEL.DEVICE, cfg.MODEL.DEVICE_ID)
     camera_num, view_num = sie_counts(dataset)
     try:
-        model = build_model(cfg, max(dataset.num_train_pids, 1), camera_num, view_num)
         if cfg.TEST.WEIGHT:
-            load_transreid_checkpoint(model, cfg.TEST.WEIGHT, trust=cfg.MODEL.TRUST_CHECKPOINT,
-                                      ignore_classifier=True)
+            # SIE camera count from the checkpoint's table: a model trained on 6 cameras evaluates data of 2.
+            model = build_model_for_checkpoint(cfg, cfg.TEST.WEIGHT, max(dataset.num_train_pids, 1), camera_num,
+                                               view_num)
             logger.info("loaded %s", cfg.TEST.WEIGHT)
+        else:
+            model = build_model(cfg, max(dataset.num_train_pids, 1), camera_num, view_num)
+        check_input_size(cfg, model)
         if methods:
             check_methods(cfg, model, methods)
-    except (CheckpointError, ValueError) as err:  # checkpoint, model or merging settings: user errors
-        return _error(str(err))
+    except USER_ERRORS as err:  # checkpoint, model or merging settings: user errors
+        return cli_error(err)
     random_weights = not cfg.TEST.WEIGHT
     if random_weights:
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr, flush=True)

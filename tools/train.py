@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from reid_lite.config import load_cfg
-from reid_lite.data import DatasetLayoutError
 from reid_lite.engine.trainer import prepare_dataset, save_state_dict, train
 from reid_lite.models import CheckpointError
+from reid_lite.utils.cli import USER_ERRORS, cli_error
 
 logger = logging.getLogger("reid_lite.train")
 
@@ -54,11 +54,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
-def _error(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
-
-
 def _setup_logging(output_dir: str) -> None:
     """INFO to stdout and to OUTPUT_DIR/train_log.txt (the official log file name)."""
     Path(output_dir).mkdir(parents=True, exist_ok=True)
@@ -75,9 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_cfg(args.config or None, args.opts)
-    except (FileNotFoundError, KeyError, ValueError, AssertionError) as err:
-        # yacs reports type mismatches with AssertionError; all are user input errors, not bugs.
-        return _error(str(err.args[0]) if isinstance(err, KeyError) else str(err))
+    except USER_ERRORS as err:
+        return cli_error(err)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     _setup_logging(cfg.OUTPUT_DIR)
@@ -86,12 +80,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.warning("training from scratch: no ImageNet weights (MODEL.PRETRAIN_PATH is empty)")
     try:
         dataset = prepare_dataset(cfg)
-    except (DatasetLayoutError, KeyError) as err:
-        return _error(str(err.args[0]) if isinstance(err, KeyError) else str(err))
+    except USER_ERRORS as err:
+        return cli_error(err)
     try:
         result = train(cfg, dataset)
     except (CheckpointError, ValueError) as err:  # bad PRETRAIN_PATH, optimiser name, sampler, ...
-        return _error(str(err))
+        return cli_error(err)
     final = result.final_checkpoint
     print(f"final weights: {final}")
     if args.save:

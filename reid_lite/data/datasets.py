@@ -127,6 +127,14 @@ class _MarketLayout(ReIDDataset):
         candidates = [root / n for n in names] + [root]
         base = next((c for c in candidates if all((c / s).is_dir() for s in self.subdirs)), None)
         if base is None:
+            for c in candidates:  # a dataset folder that is there but incomplete: name what is missing
+                present = [s for s in self.subdirs if (c / s).is_dir()]
+                if present:
+                    missing = [s for s in self.subdirs if s not in present]
+                    raise DatasetLayoutError(
+                        f"{self.name} at {c} is incomplete: missing folder(s) {', '.join(missing)} "
+                        f"(found {', '.join(present)}; expected {', '.join(self.subdirs)}). "
+                        "See datasets/README.md.")
             layout = "{" + ",".join(self.subdirs) + "}"
             expected = " or ".join(f"{root / n}/{layout}" for n in names)
             looked = ", ".join(str(c) for c in candidates)
@@ -493,20 +501,38 @@ def build_dataset(name: str, root: str | os.PathLike = "datasets", **kwargs: Any
 
 
 def build_dataset_from_cfg(cfg: Any, **kwargs: Any) -> ReIDDataset:
-    """`build_dataset(cfg.DATASETS.NAMES, cfg.DATASETS.ROOT_DIR)`, passing FOLDER_PATTERN to `folder`."""
+    """`build_dataset(cfg.DATASETS.NAMES, cfg.DATASETS.ROOT_DIR)`, passing FOLDER_PATTERN to `folder` and
+    DATASETS.GENERATE to `synthetic`."""
     name = cfg.DATASETS.NAMES
     if name.strip().lower() == "folder":
         kwargs.setdefault("pattern", cfg.DATASETS.FOLDER_PATTERN)
+    if name.strip().lower() == "synthetic":
+        kwargs.setdefault("generate", bool(cfg.DATASETS.GENERATE))
     return build_dataset(name, cfg.DATASETS.ROOT_DIR, **kwargs)
 
 
-def synthetic_dataset(root: str | os.PathLike = "datasets", dataset_dir: str = "synthetic", verbose: bool = False,
-                      **generator_kwargs: Any) -> ReIDDataset:
-    """reid_lite's procedurally generated pedestrians (Market-1501 layout under `<root>/<dataset_dir>`),
-    generated deterministically on first use; later calls reuse the finished folder."""
-    from .synthetic import generate_reid_dataset
+#: Where the synthetic dataset generates itself unasked: the default DATASETS.ROOT_DIR.
+DEFAULT_ROOT = "datasets"
 
-    generator_kwargs.setdefault("progress", False)
+
+def synthetic_dataset(root: str | os.PathLike = DEFAULT_ROOT, dataset_dir: str = "synthetic", verbose: bool = False,
+                      generate: bool = False, **generator_kwargs: Any) -> ReIDDataset:
+    """reid_lite's procedurally generated pedestrians (Market-1501 layout under `<root>/<dataset_dir>`).
+
+    A finished folder is read as it is. A missing one is generated deterministically (with a progress
+    bar) when `root` is the default location (`datasets`, relative to the working directory) or when
+    `generate` is true (DATASETS.GENERATE); anywhere else it is a `DatasetLayoutError` naming the folder,
+    so a mistyped DATASETS.ROOT_DIR never fills a new folder with generated images.
+    """
+    from .synthetic import MARKER_NAME, generate_reid_dataset
+
+    target = Path(os.path.expanduser(os.fspath(root))).absolute() / dataset_dir
+    default = Path(DEFAULT_ROOT).absolute()
+    if not (target / MARKER_NAME).is_file() and not generate and target.parent != default:
+        raise DatasetLayoutError(
+            f"no synthetic dataset at {target}: it is generated unasked only under the default DATASETS.ROOT_DIR "
+            f"({default}); check DATASETS.ROOT_DIR, or set DATASETS.GENERATE True to generate it there")
+    generator_kwargs.setdefault("progress", True)
     generate_reid_dataset(root, name=dataset_dir, **generator_kwargs)
     return Market1501(root=root, dataset_dir=dataset_dir, verbose=verbose)
 

@@ -29,7 +29,8 @@ from .extractor import Features, _prepare_model, extract_features
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["check_methods", "evaluate", "evaluate_features", "format_table", "model_gflops", "split_query_gallery"]
+__all__ = ["check_input_size", "check_methods", "evaluate", "evaluate_features", "format_table", "model_gflops",
+           "model_schedule", "split_query_gallery"]
 
 #: Rows of `format_table`: (header, row key, format); percentages are printed x100 as in the paper.
 _COLUMNS = (
@@ -52,6 +53,16 @@ def model_gflops(model: nn.Module) -> float | None:
     from ..utils.flops import transreid_gflops
 
     return float(transreid_gflops(model))
+
+
+def model_schedule(model: nn.Module) -> list[dict[str, int]] | None:
+    """The token-reduction schedule a TransReID runs with its current reducers (None for other models):
+    what results record, so a record never shows a schedule other than the one evaluated."""
+    if not hasattr(model, "reducible_blocks"):
+        return None
+    from ..merging import input_tokens, reduction_schedule
+
+    return reduction_schedule(model.reducers, input_tokens(model), len(model.reducible_blocks))
 
 
 def split_query_gallery(features: Features, num_query: int) -> tuple[Features, Features]:
@@ -119,13 +130,32 @@ def _merge_section(cfg: Any, method: str) -> Any:
 def check_methods(cfg: Any, model: nn.Module, methods: Sequence[str]) -> list[str]:
     """Validate merging methods against cfg.MERGE and the model's depth before any extraction starts
     (a bad MERGE.LAYERS for the third method must not surface after minutes of work); returns the names."""
-    from ..merging import build_reducers, parse_methods
+    from ..merging import build_reducers, input_tokens, parse_methods
 
     names = parse_methods(list(methods))
     depth = len(model.reducible_blocks) if hasattr(model, "reducible_blocks") else len(model.blocks)
     for name in names:
-        build_reducers(_merge_section(cfg, name), depth)
+        build_reducers(_merge_section(cfg, name), depth, num_tokens=input_tokens(model))
     return names
+
+
+def check_input_size(cfg: Any, model: nn.Module | None = None) -> None:
+    """Raise ValueError when INPUT.SIZE_TEST differs from the image size the model is built for
+    (`model`'s patch embedding, or INPUT.SIZE_TRAIN, from which `build_model` sizes it).
+
+    TransReID's position embedding has one entry per patch of that size's grid, so test images of another
+    size cannot be embedded (the official code, too, uses one size for both); checked before any image is
+    read instead of failing in the first forward.
+    """
+    embed = getattr(getattr(model, "base", None), "patch_embed", None)
+    if model is not None and embed is None:
+        return  # not a TransReID: nothing known about its input size
+    built = tuple(embed.img_size) if embed is not None else tuple(int(v) for v in cfg.INPUT.SIZE_TRAIN)
+    test = tuple(int(v) for v in cfg.INPUT.SIZE_TEST)
+    if built != test:
+        raise ValueError(f"INPUT.SIZE_TEST {list(test)} differs from INPUT.SIZE_TRAIN {list(built)}, the size "
+                         f"the model (its position embedding) is built for: set both to the checkpoint's "
+                         f"training size, e.g. INPUT.SIZE_TEST '{list(built)}'")
 
 
 def evaluate(cfg: Any, model: nn.Module, dataset: ReIDDataset, device: torch.device | str | None = None,
@@ -145,11 +175,13 @@ def evaluate(cfg: Any, model: nn.Module, dataset: ReIDDataset, device: torch.dev
     Returns:
         dict with 'rows' (one dict per method: method, gflops, images_per_second (whole pass),
         model_images_per_second, seconds, model_seconds, rank1, rank5, rank10, mAP, mINP, cmc (list),
-        feature_dim, num_query, num_gallery, skipped, re_ranking), 'device', 'skipped' (count),
+        feature_dim, num_query, num_gallery, skipped, re_ranking, merge_r (the r a GFLOPs budget chose),
+        schedule: the reducing blocks with their token counts in and out, as run), 'device', 'skipped' (count),
         'skipped_paths', 'num_query', 'num_gallery', and 'features' ({method: (query, gallery)}) on request.
     """
     from ..merging import apply_merging
 
+    check_input_size(cfg, model)
     dev = resolve_device(device if device is not None else cfg.MODEL.DEVICE, cfg.MODEL.DEVICE_ID)
     loader, num_query = build_test_loader(cfg, dataset)
     names: list[str | None] = list(check_methods(cfg, model, methods)) if methods else [None]
@@ -186,6 +218,7 @@ def evaluate(cfg: Any, model: nn.Module, dataset: ReIDDataset, device: torch.dev
                 "skipped": len(feats.failed),
                 "re_ranking": bool(cfg.TEST.RE_RANKING),
                 "merge_r": getattr(model, "merge_r", None),
+                "schedule": model_schedule(model),
             })
             logger.info("%s: rank1 %.4f mAP %.4f (%.1f img/s)", label, metrics["rank1"], metrics["mAP"],
                         feats.images_per_second)

@@ -341,6 +341,8 @@ def build_transreid(
         num_classes = int(state["classifier.weight"].shape[0]) if state and "classifier.weight" in state else 1
     if default_camera is not None and cams and not 0 <= default_camera < cams:
         raise ValueError(f"default_camera {default_camera} is outside the SIE table (0..{cams - 1})")
+    if not cams:
+        cfg.MODEL.SIE_CAMERA = False  # as documented above: below 2 cameras this factory builds without SIE
     cfg.freeze()
     model = _build_reid_model(cfg, num_classes, cams, view_num)
     # Same parameters, new calling convention: switching the class keeps weights and merging in the one

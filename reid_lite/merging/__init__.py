@@ -11,7 +11,15 @@ from yacs.config import CfgNode
 
 from .base import BipartiteMerge, TokenReducer, TokenState, bipartite_match
 from .evit import EViT
-from .schedule import METHODS, build_reducers, parse_methods, solve_r, token_counts
+from .schedule import (
+    METHODS,
+    build_reducers,
+    largest_r,
+    parse_methods,
+    reduction_schedule,
+    solve_r,
+    token_counts,
+)
 from .stm import STM
 from .tome import ToMe
 
@@ -37,6 +45,12 @@ def merge_cfg(method: str = "stm", r: int = 8, **options) -> CfgNode:
     return cfg
 
 
+def input_tokens(model: nn.Module) -> int:
+    """Tokens entering the first block (class token included) of a TransReID or a timm ViT."""
+    embed = model.base.patch_embed if hasattr(model, "reducible_blocks") else model.patch_embed
+    return int(embed.num_patches) + int(getattr(model, "num_prefix_tokens", 1))
+
+
 def apply_merging(model: nn.Module, cfg: CfgNode) -> nn.Module:
     """Attach the token reduction that `cfg` (a MERGE section) describes; returns `model`.
 
@@ -47,15 +61,16 @@ def apply_merging(model: nn.Module, cfg: CfgNode) -> nn.Module:
 
     is_transreid = hasattr(model, "reducible_blocks")
     depth = len(model.reducible_blocks) if is_transreid else len(model.blocks)
+    num_tokens = input_tokens(model)
     r_override = None
     if cfg.TARGET_GFLOPS > 0:
         if not is_transreid:
             raise ValueError("MERGE.TARGET_GFLOPS is supported for TransReID models")
         if cfg.METHOD.lower() not in ("tome", "stm"):
             raise ValueError("MERGE.TARGET_GFLOPS needs an r-based method (tome or stm)")
-        r_max = model.base.patch_embed.num_patches // 2
+        r_max = largest_r([i - 1 for i in cfg.LAYERS], num_tokens)
         r_override = solve_r(lambda r: transreid_gflops(model, build_reducers(cfg, depth, r)), cfg.TARGET_GFLOPS, r_max)
-    reducers = build_reducers(cfg, depth, r_override)
+    reducers = build_reducers(cfg, depth, r_override, num_tokens)
     prop_attn = bool(cfg.PROP_ATTN) and cfg.METHOD.lower() != "evit"  # EViT's paper has no size bias
     if is_transreid:
         model.set_reducers(reducers, prop_attn)
@@ -78,8 +93,11 @@ __all__ = [
     "apply_merging",
     "bipartite_match",
     "build_reducers",
+    "input_tokens",
+    "largest_r",
     "merge_cfg",
     "parse_methods",
+    "reduction_schedule",
     "solve_r",
     "token_counts",
 ]

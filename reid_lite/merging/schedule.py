@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from .base import TokenReducer
+from .base import TokenReducer, bipartite_r
 from .evit import EViT
 from .stm import STM
 from .tome import ToMe
@@ -29,11 +29,49 @@ def per_layer_r(merge_cfg, depth: int) -> dict[int, int]:
     return {i - 1: r for i, r in zip(layers, rs)}
 
 
-def build_reducers(merge_cfg, depth: int, r_override: int | None = None) -> dict[int, TokenReducer]:
+def _overflow(rs: dict[int, int], num_tokens: int) -> tuple[int, int, int] | None:
+    """The first (0-based block, tokens it receives, largest r it allows) whose r bipartite matching
+    cannot merge (at most half of the non-class tokens), or None when every block can."""
+    n = num_tokens
+    for i in sorted(rs):
+        if bipartite_r(n, rs[i]) < rs[i]:
+            return i, n, bipartite_r(n, n)
+        n -= rs[i]
+    return None
+
+
+def largest_r(blocks: Sequence[int], num_tokens: int) -> int:
+    """The largest constant r that every one of `blocks` (0-based) can merge when `num_tokens` tokens
+    (class token included) enter the first block."""
+    r = bipartite_r(num_tokens, num_tokens)
+    while r > 0 and _overflow(dict.fromkeys(blocks, r), num_tokens) is not None:
+        r -= 1
+    return r
+
+
+def check_r(merge_cfg, rs: dict[int, int], num_tokens: int) -> None:
+    """Raise ValueError when a block is asked to merge more tokens than it can, naming the block and the
+    largest allowed r: silently merging fewer would run (and record) another schedule than configured."""
+    over = _overflow(rs, num_tokens)
+    if over is None:
+        return
+    block, n, cap = over
+    where = f"block {block + 1} receives {n} tokens (the class token and {n - 1} patches) and can merge at most {cap}"
+    if len(merge_cfg.R_LIST):
+        raise ValueError(f"MERGE.R_LIST asks block {block + 1} to merge {rs[block]} tokens, but {where}")
+    layers = [i + 1 for i in sorted(rs)]
+    raise ValueError(f"MERGE.R {rs[block]} is too large: {where}; the largest r for MERGE.LAYERS {layers} is "
+                     f"{largest_r(sorted(rs), num_tokens)}")
+
+
+def build_reducers(merge_cfg, depth: int, r_override: int | None = None,
+                   num_tokens: int | None = None) -> dict[int, TokenReducer]:
     """One reducer per reducing block, {0-based block index: reducer}, as MERGE configures them.
 
     `depth` is the number of blocks whose tokens may be reduced (the backbone's own blocks; with JPM
     the last block belongs to the branches and is excluded). `r_override` replaces every r (solver).
+    With `num_tokens` (tokens entering the first block, class token included) an r that a block cannot
+    merge is a ValueError naming the largest allowed r (`check_r`).
     """
     method = merge_cfg.METHOD.lower()
     if method not in METHODS:
@@ -49,6 +87,8 @@ def build_reducers(merge_cfg, depth: int, r_override: int | None = None) -> dict
     rs = per_layer_r(merge_cfg, depth)
     if r_override is not None:
         rs = {i: r_override for i in rs}
+    if num_tokens is not None:
+        check_r(merge_cfg, {i: r for i, r in rs.items() if r > 0}, num_tokens)
     if method == "tome":
         return {i: ToMe(r) for i, r in rs.items() if r > 0}
     s = merge_cfg.STM
@@ -67,6 +107,12 @@ def token_counts(num_tokens: int, depth: int, reducers: dict[int, TokenReducer])
         counts.append((num_tokens, out))
         num_tokens = out
     return counts
+
+
+def reduction_schedule(reducers: dict[int, TokenReducer], num_tokens: int, depth: int) -> list[dict[str, int]]:
+    """The schedule that runs, for records: one {block (1-based), tokens_in, tokens_out} per reducing block."""
+    counts = token_counts(num_tokens, depth, reducers)
+    return [{"block": i + 1, "tokens_in": counts[i][0], "tokens_out": counts[i][1]} for i in sorted(reducers)]
 
 
 def solve_r(gflops_of_r: Callable[[int], float], target: float, r_max: int) -> int:

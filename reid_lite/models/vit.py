@@ -203,16 +203,26 @@ class TransReIDViT(nn.Module):
         trunc_normal_(self.pos_embed, std=0.02)
         self.apply(_init_weights)
 
-    def side_information(self, cam_label: torch.Tensor | None, view_label: torch.Tensor | None):
-        """The SIE term added to every token, or None when SIE is off."""
-        if self.cam_num > 0 and self.view_num > 0:
-            idx = _require(cam_label, "cam_label") * self.view_num + _require(view_label, "view_label")
-        elif self.cam_num > 0:
-            idx = _require(cam_label, "cam_label")
-        elif self.view_num > 0:
-            idx = _require(view_label, "view_label")
-        else:
+    def side_information(self, cam_label: torch.Tensor | int | None, view_label: torch.Tensor | int | None,
+                         batch: int | None = None, device: torch.device | None = None) -> torch.Tensor | None:
+        """The SIE term added to every token, or None when SIE is off.
+
+        Labels are 0-based ids: an integer tensor of shape (batch,) or one int for the whole batch. Each is
+        validated before it indexes the table (see `check_sie_ids`), so a bad id is a ValueError that names
+        the valid range rather than an index error (or, on CUDA, a device-side assert).
+        """
+        if self.cam_num == 0 and self.view_num == 0:
             return None
+        device = device if device is not None else self.sie_embed.device
+        cams = views = None
+        if self.cam_num > 0:
+            cams = check_sie_ids(cam_label, self.cam_num, "cam_label", "camera", batch, device, self.training)
+        if self.view_num > 0:
+            views = check_sie_ids(view_label, self.view_num, "view_label", "view", batch, device, self.training)
+        if cams is not None and views is not None:
+            idx = cams * self.view_num + views
+        else:
+            idx = cams if cams is not None else views
         return self.sie_xishu * self.sie_embed[idx]
 
     def embed(self, x: torch.Tensor, cam_label=None, view_label=None) -> torch.Tensor:
@@ -220,7 +230,7 @@ class TransReIDViT(nn.Module):
         x = self.patch_embed(x)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
         x = x + self.pos_embed
-        sie = self.side_information(cam_label, view_label)
+        sie = self.side_information(cam_label, view_label, x.shape[0], x.device)
         if sie is not None:
             x = x + sie
         return self.pos_drop(x)
@@ -239,10 +249,37 @@ class TransReIDViT(nn.Module):
         return self.norm(x)[:, 0]
 
 
-def _require(label: torch.Tensor | None, name: str) -> torch.Tensor:
+def check_sie_ids(label: torch.Tensor | int | None, count: int, name: str, what: str, batch: int | None,
+                  device: torch.device, training: bool = False) -> torch.Tensor | int:
+    """Validate side-information ids before they index an SIE table of `count` rows; returns them on `device`.
+
+    `label` is an int or an integer tensor of shape (batch,). Dtype and length are metadata, checked for
+    free. The range is checked on CPU tensors before they are moved (no device sync), and on tensors
+    already on an accelerator in eval mode only (one sync of a `batch`-element tensor; training labels come
+    from the loader's own split, and a per-step sync would stall it). Under torch.compile the range check is
+    skipped: it is data-dependent control flow, which would split the graph.
+    """
     if label is None:
-        raise ValueError(f"this model uses side-information embedding: pass {name}= (0-based ids)")
-    return label
+        raise ValueError(f"this model uses a {what} side-information embedding: pass {name}= (0-based ids, "
+                         f"0..{count - 1})")
+    if isinstance(label, bool) or not isinstance(label, (int, torch.Tensor)):
+        raise ValueError(f"{name} must be an integer tensor of {what} ids (0..{count - 1}), got "
+                         f"{type(label).__name__}")
+    if isinstance(label, int):
+        if not 0 <= label < count:
+            raise ValueError(f"{what} ids must lie in [0, {count}) for this model's SIE table ({name}), got {label}")
+        return label
+    if label.dtype.is_floating_point or label.dtype.is_complex or label.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer {what} ids (0..{count - 1}), got dtype {label.dtype}")
+    if label.dim() > 1 or (label.dim() == 1 and batch is not None and label.shape[0] != batch):
+        raise ValueError(f"{name} must have one {what} id per image: shape ({batch},), got {tuple(label.shape)}")
+    compiling = torch.compiler.is_compiling()
+    if not compiling and label.numel() and (label.device.type == "cpu" or not training):
+        lo, hi = (int(v) for v in torch.aminmax(label))
+        if lo < 0 or hi >= count:
+            raise ValueError(f"{what} ids must lie in [0, {count}) for this model's SIE table ({name}), got "
+                             f"[{lo}, {hi}]; build the model with the checkpoint's camera/view count")
+    return label.to(device=device, dtype=torch.long, non_blocking=True)
 
 
 def _init_weights(m: nn.Module) -> None:
