@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,8 +22,9 @@ from reid_lite.config import load_cfg
 from reid_lite.data.synthetic import generate_reid_dataset
 from reid_lite.index import storage
 from reid_lite.index.cli import main
-from reid_lite.index.gallery import TEST_SLEEP_ENV, Gallery, GalleryLocked
+from reid_lite.index.gallery import TEST_SLEEP_ENV, Gallery, GalleryLocked, IndexParams
 from reid_lite.index.storage import WriteLock
+from reid_lite.index.store import CropRecord
 from reid_lite.models import build_model
 
 TINY = ["MODEL.EMBED_DIM", "32", "MODEL.DEPTH", "2", "MODEL.NUM_HEADS", "2", "INPUT.SIZE_TEST", "[64, 32]",
@@ -317,3 +319,21 @@ def test_parse_timestamp_is_public():
 
     assert parse_timestamp("12.5") == 12.5 and parse_timestamp("2024-05-01T08:00") == "2024-05-01T08:00"
 
+
+
+def test_purge_compacts_ivfpq_segments(tmp_path):
+    g = Gallery.create(tmp_path / "g", load_cfg(None, TINY), camera_num=3,
+                       index=IndexParams(kind="ivfpq", nlist=4, m=4, nbits=4, refine=4))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((120, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    recs = [CropRecord(path=f"/x/{i}.jpg", sha256=f"{i:064x}", camid=i % 3) for i in range(120)]
+    g.add_features(recs, x)
+    assert g.remove(cameras=[0], purge=True) == 40
+    seg_ids = np.concatenate([np.load(p) for p in sorted((tmp_path / "g" / "segments").glob("*.ids.npy"))])
+    assert sorted(seg_ids.tolist()) == [i for i in range(120) if i % 3]  # no float16 copy of a removed crop
+    assert sorted(p.name for p in (tmp_path / "g").iterdir() if p.name.startswith("gen-")) == [
+        f"gen-{g.generation:06d}"]
+    g = Gallery.open(tmp_path / "g")
+    hits = g.search(x[1:3], k=5, nprobe=4)
+    assert [h[0].id for h in hits] == [1, 2] and all(h.camid != 0 for r in hits for h in r)

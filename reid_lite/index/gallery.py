@@ -569,15 +569,29 @@ class Gallery(GallerySearch):
     def purge(self, lock_timeout: float | None = None) -> list[str]:
         """Delete every generation but the current one now (and segments only they use); returns the
         names deleted. After a removal, this is what takes the removed crops off the disk; a reader
-        that had an older generation open keeps its open files (POSIX) until it closes them."""
+        that had an older generation open keeps its open files (POSIX) until it closes them.
+
+        An IVF-PQ gallery whose float16 re-ranking segments still hold removed crops first publishes
+        a generation with one compacted segment of the live crops, so that those copies go too."""
         with self.writing(lock_timeout):
             if self._stage is not None:
                 return []
+            vectors = self._index.vectors
+            if vectors is not None and len(vectors.ids) != self._index.ntotal:
+                live = self.store.all_ids()
+                kept = vectors.get(live)  # float16 -> float32 -> float16 is exact
+
+                def compact(store: MetadataStore, idx: VectorIndex, gen: int) -> tuple[list[str], list[dict]]:
+                    name = f"seg-{gen:06d}-compact"
+                    return [name], write_segment(self.root / SEGMENTS, name, live, kept)
+
+                self._write(compact, replace_segments=True)
             return collect_garbage(self.root, {self.generation})
 
-    def _write(self, mutate: Mutation) -> int:
+    def _write(self, mutate: Mutation, replace_segments: bool = False) -> int:
         """Build the next generation from the current one with `mutate` and publish it (lock held).
-        A staged build applies `mutate` to its own unpublished generation instead."""
+        The segments `mutate` returns are added to the current ones, or replace them. A staged build
+        applies `mutate` to its own unpublished generation instead."""
         if self._stage is not None:
             if self._stage.tmp is None:
                 raise GalleryError("a detached gallery (directory None) embeds only; it cannot be written")
@@ -603,8 +617,9 @@ class Gallery(GallerySearch):
             names, entries = mutate(store, idx, gen)
             store.commit()
             store.close()
-            publish_generation(self.root, tmp, gen, idx, list(self.manifest["segments"]) + names,
-                               list(self.manifest["segment_files"]) + entries, previous=self.generation)
+            keep = not replace_segments
+            publish_generation(self.root, tmp, gen, idx, list(self.manifest["segments"]) * keep + names,
+                               list(self.manifest["segment_files"]) * keep + entries, previous=self.generation)
         except BaseException:
             if _current_generation(self.root) != gen:  # not published: leave no debris behind
                 if store is not None:

@@ -165,7 +165,8 @@ def read_current(root: Path) -> tuple[int, dict[str, Any]]:
     """(generation, manifest) that CURRENT names, after checking the manifest against its checksum."""
     cur = root / CURRENT
     if not root.is_dir():
-        raise GalleryError(f"no gallery at {root} (no such directory); create one with `reid-gallery build`")
+        what = "not a directory" if root.exists() else "no such directory"
+        raise GalleryError(f"no gallery at {root} ({what}); create one with `reid-gallery build`")
     if not cur.is_file():
         hint = _recover_hint(root)
         if hint:
