@@ -295,8 +295,12 @@ def _cmd_remove(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(out))
         return
+    purge_text = f"purged {', '.join(purged) or 'nothing (no older generation)'}"
+    if not args.path and not args.camera:
+        print(f"{purge_text}; generation {out['generation']} ({out['size']} crops) kept")
+        return
     print(f"removed {n} crops; {out['size']} left (generation {out['generation']})"
-          + (f"; purged {', '.join(purged) or 'nothing (no older generation)'}" if args.purge else
+          + (f"; {purge_text}" if args.purge else
              "; older generations keep them until the next write (--purge to delete now)" if n else ""))
 
 
