@@ -39,6 +39,7 @@ __all__ = [
     "available_datasets",
     "build_dataset",
     "build_dataset_from_cfg",
+    "parse_timestamp",
     "register_dataset",
 ]
 
@@ -296,7 +297,7 @@ def _parse_int(value: Any, field: str, required: bool) -> int | None:
         raise ValueError(f"'{field}' must be an integer, got {value!r}") from None
 
 
-def _parse_timestamp(value: Any) -> float | str | None:
+def parse_timestamp(value: Any) -> float | str | None:
     """Numbers become float (e.g. epoch seconds); other strings (ISO 8601) are kept as given."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
@@ -440,7 +441,7 @@ class FolderDataset(ReIDDataset):
                 if camid < 0:
                     raise ValueError(f"camid must be >= {cam_base}, got {row.get('camid')!r}")
                 pid = _parse_int(row.get("pid"), "pid", required=False)
-                timestamp = _parse_timestamp(row.get("timestamp"))
+                timestamp = parse_timestamp(row.get("timestamp"))
             except ValueError as err:
                 raise SidecarError(f"{sidecar}: {where}: {err}") from None
             path = os.path.normpath(folder / rel.strip())

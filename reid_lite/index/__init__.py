@@ -14,8 +14,10 @@ from reid_lite.index.gallery import (  # noqa: E402
     GalleryLocked,
     IndexParams,
     SearchHit,
+    SearchResults,
 )
 from reid_lite.index.store import CropRecord, MetadataStore  # noqa: E402
 
 __all__ += ["AddReport", "CropRecord", "FingerprintMismatch", "Gallery", "GalleryCorrupt", "GalleryError",
-            "GalleryLocked", "IndexParams", "MetadataStore", "SearchHit"]
+            "GalleryLocked", "IndexParams", "MetadataStore", "SearchHit",
+            "SearchResults"]
