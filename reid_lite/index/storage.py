@@ -35,8 +35,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CURRENT", "FORMAT", "KEEP_GENERATIONS", "LOCK", "SEGMENTS", "TEST_SLEEP_ENV",
     "FingerprintMismatch", "GalleryCorrupt", "GalleryError", "GalleryLocked", "WriteLock",
-    "LOCK_MESSAGE_SECONDS", "all_generations", "collect_garbage", "discard_unpublished", "generation_name",
-    "maybe_test_sleep", "publish_generation", "read_current", "recover_current", "sha256_file",
+    "LOCK_MESSAGE_SECONDS", "all_generations", "collect_garbage", "current_generation", "discard_unpublished",
+    "generation_name", "maybe_test_sleep", "publish_generation", "read_current", "recover_current", "sha256_file",
     "verify_generation", "write_segment",
 ]
 
@@ -147,6 +147,14 @@ def all_generations(root: Path) -> list[int]:
         if m:
             out.append(int(m.group(1)))
     return out
+
+
+def current_generation(root: Path) -> int | None:
+    """The generation CURRENT names (unverified), None without a readable CURRENT."""
+    try:
+        return int((root / CURRENT).read_text().split()[0].removeprefix("gen-"))
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _published_generations(root: Path) -> list[int]:
