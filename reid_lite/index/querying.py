@@ -98,7 +98,8 @@ class GallerySearch:
             check_fingerprint(self.fingerprint, fingerprint)
         t_from, t_to = (time_window or (None, None))
         t_from, t_to = to_seconds(t_from), to_seconds(t_to)
-        self._check_filters(cameras, t_from, t_to)
+        if cameras is not None or t_from is not None or t_to is not None:  # unfiltered: no column read
+            self._check_filters(cameras, t_from, t_to)
         q, qcams, rows, skipped = self._query_features(queries, camids, cfg, pattern or self.pattern)
         if exclude_same_camera and any(qcams[r] is None for r in rows):
             raise ValueError("exclude_same_camera needs every query's camera (camids=, or parsable file names)")
