@@ -111,13 +111,13 @@ def test_failed_build_leaves_nothing(capsys, tmp_path, data):
     root = tmp_path / "new" / "g"
     rc, _, err = cli(capsys, "build", str(root), str(data / "query"), "--weights", str(tmp_path / "x.pth"),
                      "--opts", *TINY)
-    assert rc == 2 and not root.exists()
+    assert rc == 2 and not root.parent.exists()  # nor the folder created for it
     junk = tmp_path / "junk"
     junk.mkdir()
     for p in gallery_crops(data)[:4]:
         (junk / p.name).write_bytes(p.read_bytes()[: p.stat().st_size // 2])  # truncated JPEGs
     rc, out, err = cli(capsys, "build", str(root), str(junk), "--opts", *TINY)
-    assert rc == 2 and not root.exists() and out == ""
+    assert rc == 2 and not root.parent.exists() and out == ""
     one_error_line(err, "none of the 4 new crop(s) could be read")
     empty = tmp_path / "empty"
     empty.mkdir()  # an existing empty directory stays empty

@@ -233,7 +233,7 @@ class Gallery(GallerySearch, GalleryWrites):
             finally:
                 g.store.close()
             return
-        created = not root.exists()
+        created = next((d for d in [root, *root.parents][::-1] if not d.exists()), None)  # topmost new folder
         root.mkdir(parents=True, exist_ok=True)
         lock_existed = (root / LOCK).exists()
         stage: _Stage | None = None
@@ -264,8 +264,8 @@ class Gallery(GallerySearch, GalleryWrites):
                         g.store.close()
                 if stage is not None:
                     discard_unpublished(root, stage.gen)
-                if created:
-                    shutil.rmtree(root, ignore_errors=True)
+                if created is not None:
+                    shutil.rmtree(created, ignore_errors=True)
                 elif not lock_existed and not _is_gallery(root):
                     (root / LOCK).unlink(missing_ok=True)
             raise
@@ -366,6 +366,21 @@ class Gallery(GallerySearch, GalleryWrites):
         norm = np.linalg.norm(x, axis=1, keepdims=True)
         return np.ascontiguousarray(x / np.maximum(norm, 1e-12), dtype=np.float32)
 
+    def check_cameras(self, records: Sequence[CropRecord], what: str = "crop") -> None:
+        """Raise ValueError (with the way out) when the model has a camera SIE and a record's camera is
+        missing or outside its table, which is fixed when the gallery is built."""
+        if not self.fingerprint["architecture"]["sie_camera"]:
+            return
+        bad = [r for r in records if r.camid is None or not 0 <= r.camid < self.camera_num]
+        if bad:
+            cams = sorted({r.camid for r in bad if r.camid is not None})
+            raise ValueError(
+                f"this gallery's model has a camera SIE over {self.camera_num} cameras (0-based ids 0.."
+                f"{self.camera_num - 1}), fixed when it was built; {len(bad)} {what}(s) have "
+                + (f"camera(s) {', '.join(map(str, cams[:5]))}" if cams else "no camera")
+                + f", e.g. {bad[0].path}. Map them onto its cameras (--sidecar / --query-camera) or build a new "
+                "gallery for more cameras (--camera-num N, or a checkpoint trained on them)")
+
     def embed_records(self, records: Sequence[CropRecord], batch_size: int | None = None, workers: int = 0,
                       progress: bool = False, *, extractor: Any | None = None, what: str = "crop"
                       ) -> tuple[np.ndarray, list[int], list[str], float]:
@@ -381,16 +396,7 @@ class Gallery(GallerySearch, GalleryWrites):
         ext = extractor or self.extractor()
         cfg = ext.cfg
         sie = bool(self.fingerprint["architecture"]["sie_camera"])
-        if sie:
-            bad = [r for r in records if r.camid is None or not 0 <= r.camid < self.camera_num]
-            if bad:
-                cams = sorted({r.camid for r in bad if r.camid is not None})
-                raise ValueError(
-                    f"this gallery's model has a camera SIE over {self.camera_num} cameras (0-based ids 0.."
-                    f"{self.camera_num - 1}), fixed when it was built; {len(bad)} {what}(s) have "
-                    + (f"camera(s) {', '.join(map(str, cams[:5]))}" if cams else "no camera")
-                    + f", e.g. {bad[0].path}. Map them onto its cameras (--sidecar / --query-camera) or build a new "
-                    "gallery for more cameras (--camera-num N, or a checkpoint trained on them)")
+        self.check_cameras(records, what)
         ds = ImageDataset([(r.path, r.identity if r.identity is not None else -1, r.camid or 0, 0) for r in records],
                           build_transforms(cfg, is_train=False))
         loader = DataLoader(ds, batch_size=int(batch_size or cfg.TEST.IMS_PER_BATCH), shuffle=False,

@@ -114,6 +114,7 @@ class GalleryWrites:
     def _add_records(self, records: Sequence[CropRecord], batch_size: int | None, workers: int,
                      progress: bool) -> AddReport:
         """Hash, dedupe, embed and publish `records` (lock held)."""
+        self.check_cameras(records)  # before hashing a large collection for nothing
         hashed, unreadable = hash_records(records, progress)
         new, dups = self.dedupe(hashed)
         report = AddReport(duplicates=dups, failed=unreadable)
