@@ -286,7 +286,9 @@ def collect_garbage(root: Path, keep: set[int]) -> list[str]:
     removed = []
     for p in root.iterdir():
         m = _GEN_RE.match(p.name)
-        if (m and int(m.group(1)) not in keep) or p.name.startswith(".tmp-gen-"):
+        # Unpublished debris of a killed writer (a generation, a distributed run's shards): writers
+        # hold the lock, so no live writer owns any of it while this runs.
+        if (m and int(m.group(1)) not in keep) or p.name.startswith((".tmp-gen-", ".tmp-shards-")):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p.name)
     seg_root = root / SEGMENTS
@@ -351,9 +353,10 @@ class WriteLock:
                 raise GalleryLocked(f"{self.path.parent} is locked by another writer (pid {holder}); gave up after "
                                     f"{self.timeout:g}s (lock timeout)")
             if now >= next_message:
-                limit = "forever" if self.timeout is None else f"up to {self.timeout:g}s"
-                logger.warning("%s is locked by another writer (pid %s); waited %.0fs, waiting %s "
-                               "(--lock-timeout SECONDS to give up)", self.path.parent, self._holder(), now - t0, limit)
+                limit = "until it finishes" if self.timeout is None else f"up to {self.timeout:g}s"
+                waited = f"still waiting after {now - t0:.0f}s" if now > t0 + 0.5 else f"waiting {limit}"
+                logger.warning("%s is locked by another writer (pid %s); %s (--lock-timeout SECONDS to give up)",
+                               self.path.parent, self._holder(), waited)
                 next_message = now + LOCK_MESSAGE_SECONDS
             time.sleep(0.05)
         os.ftruncate(self.fd, 0)
