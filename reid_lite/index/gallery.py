@@ -277,7 +277,13 @@ class Gallery(GallerySearch, GalleryWrites):
         root = Path(directory)
         gen, manifest = read_current(root)
         gen_dir = root / generation_name(gen)
-        verify_generation(root, gen, manifest, hashes=verify)
+        try:
+            verify_generation(root, gen, manifest, hashes=verify)
+        except GalleryCorrupt as exc:
+            if any(g != gen for g in all_generations(root)):
+                raise GalleryCorrupt(f"{exc}; `reid-gallery recover {root}` falls back to the newest complete "
+                                     "generation (the previous one is kept until the next write)") from None
+            raise
         try:
             faiss_index = faiss.read_index(str(gen_dir / "index.faiss"))
         except RuntimeError as exc:
