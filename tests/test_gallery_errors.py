@@ -111,13 +111,13 @@ def test_failed_build_leaves_nothing(capsys, tmp_path, data):
     root = tmp_path / "new" / "g"
     rc, _, err = cli(capsys, "build", str(root), str(data / "query"), "--weights", str(tmp_path / "x.pth"),
                      "--opts", *TINY)
-    assert rc == 2 and not root.exists()
+    assert rc == 2 and not root.parent.exists()  # nor the folder created for it
     junk = tmp_path / "junk"
     junk.mkdir()
     for p in gallery_crops(data)[:4]:
         (junk / p.name).write_bytes(p.read_bytes()[: p.stat().st_size // 2])  # truncated JPEGs
     rc, out, err = cli(capsys, "build", str(root), str(junk), "--opts", *TINY)
-    assert rc == 2 and not root.exists() and out == ""
+    assert rc == 2 and not root.parent.exists() and out == ""
     one_error_line(err, "none of the 4 new crop(s) could be read")
     empty = tmp_path / "empty"
     empty.mkdir()  # an existing empty directory stays empty
@@ -337,3 +337,15 @@ def test_purge_compacts_ivfpq_segments(tmp_path):
     g = Gallery.open(tmp_path / "g")
     hits = g.search(x[1:3], k=5, nprobe=4)
     assert [h[0].id for h in hits] == [1, 2] and all(h.camid != 0 for r in hits for h in r)
+
+
+def test_interrupted_build_leaves_old_gallery_or_nothing(tmp_path, data, gallery):
+    cfg = load_cfg(None, TINY)
+    before = sorted(p.name for p in gallery.iterdir())
+    for target, overwrite in ((gallery, True), (tmp_path / "fresh", False)):
+        with pytest.raises(KeyboardInterrupt), Gallery.staging(target, cfg, camera_num=3, overwrite=overwrite) as g:
+            g.add([data / "query"])  # embedded and written into the staged generation, not yet published
+            assert Gallery.open(gallery).store.count() == len(gallery_crops(data))  # readers see the old one
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in gallery.iterdir()) == before and not (tmp_path / "fresh").exists()
+    assert_intact(gallery, data)

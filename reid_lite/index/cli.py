@@ -19,15 +19,15 @@ import json
 import logging
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from .gallery import Gallery, GalleryError, IndexParams, SearchHit
 from .storage import read_current
 
-__all__ = ["build_parser", "config_from_args", "input_paths", "main", "print_report", "show_progress",
-           "write_sheet"]
+__all__ = ["build_parser", "config_from_args", "input_paths", "main", "print_report", "run_command",
+           "show_progress", "write_sheet"]
 
 
 def _positive_int(text: str) -> int:
@@ -361,29 +361,34 @@ def _interrupted(args: argparse.Namespace) -> str:
     return f"interrupted; {args.gallery} is intact at generation {gen} (no partial write is ever published)"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `reid-gallery`; returns the exit status (2: a mistake, explained in one line)."""
+def run_command(prefix: str, command: Callable[[], None], interrupted: Callable[[], str]) -> int:
+    """Run `command`: an ordinary mistake becomes one line on stderr and exit status 2, Ctrl-C the line
+    `interrupted()` and 130, a warning one line (not Python's file:line and source echo)."""
     from ..models.checkpoint import CheckpointError
 
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    handlers = {"build": _cmd_build, "add": _cmd_add, "search": _cmd_search, "info": _cmd_info,
-                "remove": _cmd_remove, "recover": _cmd_recover}
-    prefix = f"reid-gallery {args.command}"
     with warnings.catch_warnings():
-        # One line per warning (an unreadable crop, say), not Python's file:line and source echo.
         warnings.showwarning = lambda message, category, *a, **k: print(f"{prefix}: warning: {message}",
                                                                          file=sys.stderr)
         try:
-            handlers[args.command](args)
+            command()
         except KeyboardInterrupt:
-            print(f"{prefix}: {_interrupted(args)}", file=sys.stderr)
+            print(f"{prefix}: {interrupted()}", file=sys.stderr)
             return 130
         except (GalleryError, CheckpointError, OSError, ValueError, KeyError) as exc:
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
             print(f"{prefix}: error: {msg}".replace("\n", " "), file=sys.stderr)
             return 2
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `reid-gallery`; returns the exit status (2: a mistake, explained in one line)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    handlers = {"build": _cmd_build, "add": _cmd_add, "search": _cmd_search, "info": _cmd_info,
+                "remove": _cmd_remove, "recover": _cmd_recover}
+    return run_command(f"reid-gallery {args.command}", lambda: handlers[args.command](args),
+                       lambda: _interrupted(args))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .cli import build_parser, config_from_args, input_paths, print_report, show_progress
+from .cli import build_parser, config_from_args, input_paths, print_report, run_command, show_progress
 from .crops import collect_crops, hash_records
 from .gallery import AddReport, Gallery, GalleryError, IndexParams
 
@@ -144,9 +144,10 @@ def _embed_and_publish(args, g: Gallery, records, rank: int, world: int) -> None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point (run under torchrun); returns the exit status."""
-    _run(argv)
-    return 0
+    """Entry point (run under torchrun); returns the exit status (2: a mistake, in one line per rank)."""
+    rank = os.environ.get("RANK", "0")
+    return run_command(f"reid_lite.index.distributed (rank {rank})", lambda: _run(argv),
+                       lambda: "interrupted (a generation is only ever published whole)")
 
 
 if __name__ == "__main__":

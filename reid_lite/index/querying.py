@@ -6,6 +6,7 @@ gallery's store, index, fingerprint and embedding methods.
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Sequence
@@ -98,7 +99,8 @@ class GallerySearch:
             check_fingerprint(self.fingerprint, fingerprint)
         t_from, t_to = (time_window or (None, None))
         t_from, t_to = to_seconds(t_from), to_seconds(t_to)
-        self._check_filters(cameras, t_from, t_to)
+        if cameras is not None or t_from is not None or t_to is not None:  # unfiltered: no column read
+            self._check_filters(cameras, t_from, t_to)
         q, qcams, rows, skipped = self._query_features(queries, camids, cfg, pattern or self.pattern)
         if exclude_same_camera and any(qcams[r] is None for r in rows):
             raise ValueError("exclude_same_camera needs every query's camera (camids=, or parsable file names)")
@@ -234,9 +236,17 @@ class GallerySearch:
         # Paths go through the gallery's loader, which skips (and reports) an unreadable image
         # instead of failing the whole batch, so the other queries are still answered.
         records = [CropRecord(path=items[i], sha256="", camid=cams[i]) for i in keep]
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            feats, pos, failed, _ = self.embed_records(records, extractor=ext, what="query")
+        # The loader's per-image warnings are collected here and become `skipped` reasons (reported
+        # once per query by the caller), so the extractor's summary line would only repeat them.
+        quiet = logging.getLogger("reid_lite.engine.extractor")
+        only_errors = _DropUnreadableSummary()
+        quiet.addFilter(only_errors)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                feats, pos, failed, _ = self.embed_records(records, extractor=ext, what="query")
+        finally:
+            quiet.removeFilter(only_errors)
         messages = []
         for w in caught:  # the loader's ImageReadWarning carries the reason; other warnings pass through
             if str(w.message).startswith("cannot read image "):
@@ -254,6 +264,13 @@ class GallerySearch:
         if not rows:
             raise GalleryError(f"none of the {n} query image(s) could be read: " + _skip_summary(items, skipped))
         return feats, cams, rows, skipped
+
+
+class _DropUnreadableSummary(logging.Filter):
+    """Drops the extractor's "N unreadable image(s) skipped" line, keeps everything else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "unreadable image(s) skipped" not in str(record.msg)
 
 
 def _skip_summary(items: Sequence[Any], skipped: dict[int, str]) -> str:

@@ -35,8 +35,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CURRENT", "FORMAT", "KEEP_GENERATIONS", "LOCK", "SEGMENTS", "TEST_SLEEP_ENV",
     "FingerprintMismatch", "GalleryCorrupt", "GalleryError", "GalleryLocked", "WriteLock",
-    "LOCK_MESSAGE_SECONDS", "all_generations", "collect_garbage", "discard_unpublished", "generation_name",
-    "maybe_test_sleep", "publish_generation", "read_current", "recover_current", "sha256_file",
+    "LOCK_MESSAGE_SECONDS", "all_generations", "collect_garbage", "current_generation", "discard_unpublished",
+    "generation_name", "maybe_test_sleep", "publish_generation", "read_current", "recover_current", "sha256_file",
     "verify_generation", "write_segment",
 ]
 
@@ -147,6 +147,14 @@ def all_generations(root: Path) -> list[int]:
         if m:
             out.append(int(m.group(1)))
     return out
+
+
+def current_generation(root: Path) -> int | None:
+    """The generation CURRENT names (unverified), None without a readable CURRENT."""
+    try:
+        return int((root / CURRENT).read_text().split()[0].removeprefix("gen-"))
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _published_generations(root: Path) -> list[int]:
@@ -278,7 +286,9 @@ def collect_garbage(root: Path, keep: set[int]) -> list[str]:
     removed = []
     for p in root.iterdir():
         m = _GEN_RE.match(p.name)
-        if (m and int(m.group(1)) not in keep) or p.name.startswith(".tmp-gen-"):
+        # Unpublished debris of a killed writer (a generation, a distributed run's shards): writers
+        # hold the lock, so no live writer owns any of it while this runs.
+        if (m and int(m.group(1)) not in keep) or p.name.startswith((".tmp-gen-", ".tmp-shards-")):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p.name)
     seg_root = root / SEGMENTS
@@ -343,9 +353,10 @@ class WriteLock:
                 raise GalleryLocked(f"{self.path.parent} is locked by another writer (pid {holder}); gave up after "
                                     f"{self.timeout:g}s (lock timeout)")
             if now >= next_message:
-                limit = "forever" if self.timeout is None else f"up to {self.timeout:g}s"
-                logger.warning("%s is locked by another writer (pid %s); waited %.0fs, waiting %s "
-                               "(--lock-timeout SECONDS to give up)", self.path.parent, self._holder(), now - t0, limit)
+                limit = "until it finishes" if self.timeout is None else f"up to {self.timeout:g}s"
+                waited = f"still waiting after {now - t0:.0f}s" if now > t0 + 0.5 else f"waiting {limit}"
+                logger.warning("%s is locked by another writer (pid %s); %s (--lock-timeout SECONDS to give up)",
+                               self.path.parent, self._holder(), waited)
                 next_message = now + LOCK_MESSAGE_SECONDS
             time.sleep(0.05)
         os.ftruncate(self.fd, 0)
