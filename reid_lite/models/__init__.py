@@ -61,11 +61,11 @@ def check_sie_counts(cfg, camera_num: int, view_num: int) -> None:
     The official code would index a table it never created; silently building the model without SIE
     would give features that match no SIE-trained checkpoint.
     """
-    for key, count, what, arg in (("SIE_CAMERA", camera_num, "cameras", "camera_num"),
-                                  ("SIE_VIEW", view_num, "views", "view_num")):
+    for key, count, what, arg in (("SIE_CAMERA", camera_num, "camera", "camera_num"),
+                                  ("SIE_VIEW", view_num, "view", "view_num")):
         if cfg.MODEL[key] and count < 2:
             raise ValueError(
-                f"MODEL.{key} is on but {arg}={count}: the side-information embedding needs at least 2 {what}. "
+                f"MODEL.{key} is on but {arg}={count}: the side-information embedding needs at least 2 {what}s. "
                 f"Pass the {what} count the model was trained with (a checkpoint's SIE table has one row per "
                 f"camera: reid_lite.models.sie_table_cameras), or set MODEL.{key} False")
 
