@@ -5,10 +5,12 @@
     python tools/test.py --config demo_synthetic.yml --vis-queries 0,5,9
 
 Prints method | GFLOPs | img/s | Rank-1/5/10 | mAP | mINP (plus device and skipped images) and writes
-`results.json` (with the config, device, torch version and timestamp) and, with --vis-queries,
-`ranked_results_<method>.png` to OUTPUT_DIR. Without TEST.WEIGHT the randomly initialised model is
-evaluated after a loud warning (useful for smoke tests and speed, meaningless for accuracy).
-Exit codes: 0 success, 2 bad arguments/config, missing dataset or unreadable checkpoint.
+`results.json` (with the config, device, torch version, timestamp and, per method, the token schedule
+that ran) and, with --vis-queries, `ranked_results_<method>.png` to OUTPUT_DIR. With camera SIE the
+model's camera count is the checkpoint's (its SIE table). Without TEST.WEIGHT the randomly initialised
+model is evaluated after a loud warning (useful for smoke tests and speed, meaningless for accuracy).
+Exit codes: 0 success, 2 bad input (arguments, config, dataset, checkpoint, merging settings), with one
+`error:` line (reid_lite.utils.cli, shared with tools/train.py).
 """
 
 from __future__ import annotations
