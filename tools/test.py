@@ -30,9 +30,9 @@ import torch
 
 from reid_lite.config import load_cfg
 from reid_lite.data import build_dataset_from_cfg, sie_counts
-from reid_lite.engine.evaluator import check_input_size, check_methods, evaluate, format_table
+from reid_lite.engine.evaluator import check_methods, evaluate, format_table
 from reid_lite.merging import parse_methods
-from reid_lite.models import build_model, build_model_for_checkpoint, check_checkpoint_file
+from reid_lite.models import build_model, build_model_for_checkpoint, check_checkpoint_file, check_input_size
 from reid_lite.utils.cli import USER_ERRORS, cli_error
 from reid_lite.utils.device import resolve_device
 from reid_lite.utils.visualize import rank_gallery, visualize_ranked_results
