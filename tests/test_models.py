@@ -249,8 +249,9 @@ def test_bad_cam_label_is_a_value_error_naming_the_valid_range(images):
             (torch.tensor([0, -1, 2, 0, 1, 2]), r"camera ids must lie in \[0, 3\) .*got \[-1, 2\]"),
             (torch.tensor([0.0, 1, 2, 0, 1, 2]), r"cam_label must hold integer camera ids \(0..2\), got dtype "
                                                  r"torch.float32"),
-            (torch.tensor([0, 1, 2]), r"cam_label must have one camera id per image: shape \(6,\), got \(3,\)"),
-            (torch.zeros(6, 1, dtype=torch.long), r"one camera id per image"),
+            (torch.tensor([0, 1, 2]), r"cam_label must have one camera id \(0..2\) per image: shape \(6,\), got "
+                                      r"\(3,\)"),
+            (torch.zeros(6, 1, dtype=torch.long), r"one camera id \(0..2\) per image"),
             (5, r"camera ids must lie in \[0, 3\)"),
             ([0, 1, 2, 0, 1, 2], r"cam_label must be an integer tensor of camera ids \(0..2\), got list"),
         ):

@@ -53,7 +53,9 @@ def measure(args: argparse.Namespace, method: str) -> dict:
     gflops = transreid_gflops(model)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch_size, 3, *cfg.INPUT.SIZE_TEST, generator=g).to(device)
-    cams = torch.randint(0, 2, (args.batch_size,), generator=g).to(device)
+    # Camera ids stay on the CPU, as the extractor passes them: the model range-checks them there and copies
+    # them over without waiting on the device (ids already on a GPU would cost a sync for that check in eval).
+    cams = torch.randint(0, 2, (args.batch_size,), generator=g)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)

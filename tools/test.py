@@ -5,10 +5,12 @@
     python tools/test.py --config demo_synthetic.yml --vis-queries 0,5,9
 
 Prints method | GFLOPs | img/s | Rank-1/5/10 | mAP | mINP (plus device and skipped images) and writes
-`results.json` (with the config, device, torch version and timestamp) and, with --vis-queries,
-`ranked_results_<method>.png` to OUTPUT_DIR. Without TEST.WEIGHT the randomly initialised model is
-evaluated after a loud warning (useful for smoke tests and speed, meaningless for accuracy).
-Exit codes: 0 success, 2 bad arguments/config, missing dataset or unreadable checkpoint.
+`results.json` (with the config, device, torch version, timestamp and, per method, the token schedule
+that ran) and, with --vis-queries, `ranked_results_<method>.png` to OUTPUT_DIR. With camera SIE the
+model's camera count is the checkpoint's (its SIE table). Without TEST.WEIGHT the randomly initialised
+model is evaluated after a loud warning (useful for smoke tests and speed, meaningless for accuracy).
+Exit codes: 0 success, 2 bad input (arguments, config, dataset, checkpoint, merging settings), with one
+`error:` line (reid_lite.utils.cli, shared with tools/train.py).
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ import torch
 
 from reid_lite.config import load_cfg
 from reid_lite.data import build_dataset_from_cfg, sie_counts
-from reid_lite.engine.evaluator import check_input_size, check_methods, evaluate, format_table
+from reid_lite.engine.evaluator import check_methods, evaluate, format_table
 from reid_lite.merging import parse_methods
-from reid_lite.models import build_model, build_model_for_checkpoint, check_checkpoint_file
+from reid_lite.models import build_model, build_model_for_checkpoint, check_checkpoint_file, check_input_size
 from reid_lite.utils.cli import USER_ERRORS, cli_error
 from reid_lite.utils.device import resolve_device
 from reid_lite.utils.visualize import rank_gallery, visualize_ranked_results

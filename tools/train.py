@@ -7,7 +7,8 @@
 Checkpoints (`<MODEL.NAME>_<epoch>.pth`, plain state dicts in the official key layout), the config used
 and `train_log.txt` go to OUTPUT_DIR. Token merging (MERGE.*) is applied at test time only; training
 always runs the unmerged model. The synthetic dataset (DATASETS.NAMES 'synthetic')
-is generated when missing; any other dataset must be in place.
+is generated when missing under the default DATASETS.ROOT_DIR (elsewhere with DATASETS.GENERATE True);
+any other dataset must be in place.
 Exit codes: 0 success, 2 bad arguments/config, missing dataset or unreadable checkpoint.
 """
 

@@ -520,21 +520,25 @@ def synthetic_dataset(root: str | os.PathLike = DEFAULT_ROOT, dataset_dir: str =
                       generate: bool = False, **generator_kwargs: Any) -> ReIDDataset:
     """reid_lite's procedurally generated pedestrians (Market-1501 layout under `<root>/<dataset_dir>`).
 
-    A finished folder is read as it is. A missing one is generated deterministically (with a progress
-    bar) when `root` is the default location (`datasets`, relative to the working directory) or when
-    `generate` is true (DATASETS.GENERATE); anywhere else it is a `DatasetLayoutError` naming the folder,
-    so a mistyped DATASETS.ROOT_DIR never fills a new folder with generated images.
+    A finished folder is read as it is, unless generator arguments are given (then they must match it). A
+    missing one is generated deterministically (with a progress bar) when `root` is the default location
+    (`datasets`, relative to the working directory) or when `generate` is true (DATASETS.GENERATE);
+    anywhere else it is a `DatasetLayoutError` naming the folder, so a mistyped DATASETS.ROOT_DIR never
+    fills a new folder with generated images.
     """
     from .synthetic import MARKER_NAME, generate_reid_dataset
 
     target = Path(os.path.expanduser(os.fspath(root))).absolute() / dataset_dir
     default = Path(DEFAULT_ROOT).absolute()
-    if not (target / MARKER_NAME).is_file() and not generate and target.parent != default:
+    if not (target / MARKER_NAME).is_file() and not generate and target.parent.resolve() != default.resolve():
         raise DatasetLayoutError(
             f"no synthetic dataset at {target}: it is generated unasked only under the default DATASETS.ROOT_DIR "
             f"({default}); check DATASETS.ROOT_DIR, or set DATASETS.GENERATE True to generate it there")
-    generator_kwargs.setdefault("progress", True)
-    generate_reid_dataset(root, name=dataset_dir, **generator_kwargs)
+    progress = generator_kwargs.pop("progress", True)
+    # A finished folder is read as it is (e.g. a larger set from tools/make_synthetic.py); explicit generator
+    # arguments are checked against the one there.
+    if generator_kwargs or not (target / MARKER_NAME).is_file():
+        generate_reid_dataset(root, name=dataset_dir, progress=progress, **generator_kwargs)
     return Market1501(root=root, dataset_dir=dataset_dir, verbose=verbose)
 
 

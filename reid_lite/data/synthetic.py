@@ -760,7 +760,7 @@ def generate_reid_dataset(
         if not overwrite:
             why = "has no _COMPLETE marker (an interrupted or foreign generation)" if marker is None else (
                 "was generated with other parameters")
-            raise FileExistsError(f"{out} {why}; remove that folder or pass overwrite=True to regenerate it, "
+            raise FileExistsError(f"{out} {why}; remove that folder to regenerate it (in code: overwrite=True), "
                                   "or choose another root/name")
 
     root.mkdir(parents=True, exist_ok=True)

@@ -24,13 +24,14 @@ from ..data.datasets import ReIDDataset
 from ..index.search import evaluate_retrieval
 from ..metrics.rank import evaluate_rank
 from ..metrics.rerank import re_ranking
+from ..models import check_input_size
 from ..utils.device import autocast, resolve_device
 from .extractor import Features, _prepare_model, extract_features
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["check_input_size", "check_methods", "evaluate", "evaluate_features", "format_table", "model_gflops",
-           "model_schedule", "split_query_gallery"]
+__all__ = ["check_methods", "evaluate", "evaluate_features", "format_table", "model_gflops", "model_schedule",
+           "split_query_gallery"]
 
 #: Rows of `format_table`: (header, row key, format); percentages are printed x100 as in the paper.
 _COLUMNS = (
@@ -137,25 +138,6 @@ def check_methods(cfg: Any, model: nn.Module, methods: Sequence[str]) -> list[st
     for name in names:
         build_reducers(_merge_section(cfg, name), depth, num_tokens=input_tokens(model))
     return names
-
-
-def check_input_size(cfg: Any, model: nn.Module | None = None) -> None:
-    """Raise ValueError when INPUT.SIZE_TEST differs from the image size the model is built for
-    (`model`'s patch embedding, or INPUT.SIZE_TRAIN, from which `build_model` sizes it).
-
-    TransReID's position embedding has one entry per patch of that size's grid, so test images of another
-    size cannot be embedded (the official code, too, uses one size for both); checked before any image is
-    read instead of failing in the first forward.
-    """
-    embed = getattr(getattr(model, "base", None), "patch_embed", None)
-    if model is not None and embed is None:
-        return  # not a TransReID: nothing known about its input size
-    built = tuple(embed.img_size) if embed is not None else tuple(int(v) for v in cfg.INPUT.SIZE_TRAIN)
-    test = tuple(int(v) for v in cfg.INPUT.SIZE_TEST)
-    if built != test:
-        raise ValueError(f"INPUT.SIZE_TEST {list(test)} differs from INPUT.SIZE_TRAIN {list(built)}, the size "
-                         f"the model (its position embedding) is built for: set both to the checkpoint's "
-                         f"training size, e.g. INPUT.SIZE_TEST '{list(built)}'")
 
 
 def evaluate(cfg: Any, model: nn.Module, dataset: ReIDDataset, device: torch.device | str | None = None,

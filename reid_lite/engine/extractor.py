@@ -292,6 +292,9 @@ class FeatureExtractor:
             from ..models import load_transreid_checkpoint
 
             load_transreid_checkpoint(model, weights, trust=cfg.MODEL.TRUST_CHECKPOINT, ignore_classifier=True)
+        from ..models import check_input_size
+
+        check_input_size(cfg, model)  # images are resized to INPUT.SIZE_TEST below
         self.model = model
         self.device = _prepare_model(model, device if device is not None else cfg.MODEL.DEVICE)
         self.transform = build_transforms(cfg, is_train=False)

@@ -57,7 +57,13 @@ from yacs.config import CfgNode
 from ..config import load_cfg
 from ..models import TransReID
 from ..models import build_model as _build_reid_model
-from ..models.checkpoint import CheckpointError, load_transreid_state, read_state_dict, transreid_filter
+from ..models.checkpoint import (
+    CheckpointError,
+    load_transreid_state,
+    read_state_dict,
+    sie_table_cameras,
+    transreid_filter,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -244,8 +250,7 @@ def _camera_count(cfg: CfgNode, camera_num: int | None, state: Mapping[str, Tens
     if not cfg.MODEL.SIE_CAMERA:
         return 0
     if camera_num is None and state is not None and not cfg.MODEL.SIE_VIEW:
-        sie = state.get("base.sie_embed")
-        camera_num = int(sie.shape[0]) if sie is not None else 0  # no table: trained without camera SIE
+        camera_num = sie_table_cameras(state)  # 0 without a table: trained without camera SIE
     if camera_num is None:
         camera_num = _DATASET_CAMERAS.get(str(cfg.DATASETS.NAMES).lower(), 0)
     # One camera carries no side information, and TransReID creates no table for it (but would index one).

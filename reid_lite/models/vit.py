@@ -272,7 +272,8 @@ def check_sie_ids(label: torch.Tensor | int | None, count: int, name: str, what:
     if label.dtype.is_floating_point or label.dtype.is_complex or label.dtype == torch.bool:
         raise ValueError(f"{name} must hold integer {what} ids (0..{count - 1}), got dtype {label.dtype}")
     if label.dim() > 1 or (label.dim() == 1 and batch is not None and label.shape[0] != batch):
-        raise ValueError(f"{name} must have one {what} id per image: shape ({batch},), got {tuple(label.shape)}")
+        raise ValueError(f"{name} must have one {what} id (0..{count - 1}) per image: shape ({batch},), got "
+                         f"{tuple(label.shape)}")
     compiling = torch.compiler.is_compiling()
     if not compiling and label.numel() and (label.device.type == "cpu" or not training):
         lo, hi = (int(v) for v in torch.aminmax(label))
