@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .ops import grid_positions
+
 
 @dataclass
 class TokenState:
@@ -53,15 +55,6 @@ class TokenState:
         if self.trace_source and self.source is None:
             eye = torch.eye(T - 1, device=x.device, dtype=torch.float32)
             self.source = torch.cat([eye.new_zeros(1, T - 1), eye])[None].expand(B, -1, -1)
-
-
-def grid_positions(grid: tuple[int, int], device: torch.device | str = "cpu") -> Tensor:
-    """(1, 1+N, 2) centres of the patch grid's cells in [0, 1]^2 (row, column); the class token at 0.5."""
-    rows, cols = grid
-    r = (torch.arange(rows, device=device, dtype=torch.float32) + 0.5) / rows
-    c = (torch.arange(cols, device=device, dtype=torch.float32) + 0.5) / cols
-    pos = torch.stack(torch.meshgrid(r, c, indexing="ij"), dim=-1).reshape(-1, 2)
-    return torch.cat([pos.new_full((1, 2), 0.5), pos])[None]
 
 
 class TokenReducer:

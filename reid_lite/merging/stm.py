@@ -27,46 +27,9 @@ from .base import (
     size_weighted_merge,
     take_tokens,
 )
-from .tome import bipartite_flops, cosine_scores
+from .ops import bipartite_flops, cosine_scores, knn_indices, virtual_neighbourhood
 
 _EPS = 1e-12
-
-
-def virtual_coordinates(n: int, device: torch.device | str = "cpu") -> Tensor:
-    """Dynamic Virtual Coordinates: (n, 2) positions of n tokens laid row-major on a ceil(sqrt n) grid."""
-    hv = math.ceil(math.sqrt(n))
-    wv = math.ceil(n / hv)
-    i = torch.arange(n, device=device)
-    return torch.stack([(i // wv + 0.5) / hv, (i % wv + 0.5) / wv], dim=-1).float()
-
-
-def knn_indices(coords: Tensor, k: int) -> Tensor:
-    """(..., n, k) indices of each point's k nearest points (itself included; ties broken by index)."""
-    dist = (coords[..., :, None, :] - coords[..., None, :, :]).square().sum(-1)
-    return dist.argsort(dim=-1, stable=True)[..., : min(k, coords.shape[-2])]
-
-
-def virtual_knn(n: int, k: int, device: torch.device | str = "cpu") -> Tensor:
-    """k nearest neighbours on the virtual grid, from exact integer distances so that ties (which the
-    regular grid is full of) break by index rather than by floating-point noise."""
-    hv = math.ceil(math.sqrt(n))
-    wv = math.ceil(n / hv)
-    i = torch.arange(n, device=device)
-    row, col = i // wv, i % wv
-    # squared distance scaled by (hv * wv)^2: (d_row * wv)^2 + (d_col * hv)^2
-    dist = ((row[:, None] - row[None]) * wv).square() + ((col[:, None] - col[None]) * hv).square()
-    return dist.argsort(dim=-1, stable=True)[:, : min(k, n)]
-
-
-_NEIGHBOURS: dict[tuple[int, int, str], tuple[Tensor, Tensor]] = {}
-
-
-def virtual_neighbourhood(n: int, k: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Cached (coords (n, 2), neighbours (n, k)) of the virtual grid: they depend on n alone."""
-    key = (n, k, str(device))
-    if key not in _NEIGHBOURS:
-        _NEIGHBOURS[key] = virtual_coordinates(n, device), virtual_knn(n, k, device)
-    return _NEIGHBOURS[key]
 
 
 def gaussian_prior(coords: Tensor, n: int, alpha: float) -> Tensor:

@@ -6,18 +6,7 @@ import torch
 from torch import Tensor
 
 from .base import BipartiteMerge, TokenReducer, TokenState, bipartite_match, bipartite_r, size_weighted_merge
-
-
-def cosine_scores(a: Tensor, b: Tensor) -> Tensor:
-    """(B, Na, Nb) cosine similarity between the rows of a (B, Na, C) and b (B, Nb, C)."""
-    a = a / a.norm(dim=-1, keepdim=True)
-    b = b / b.norm(dim=-1, keepdim=True)
-    return a @ b.transpose(-1, -2)
-
-
-def bipartite_flops(num_tokens: int, channels: int) -> int:
-    """Multiply-adds of the (A x B) similarity matrix of an alternating split of `num_tokens`."""
-    return ((num_tokens + 1) // 2) * (num_tokens // 2) * channels
+from .ops import bipartite_flops, cosine_scores
 
 
 def tome_match(metric: Tensor, r: int) -> BipartiteMerge:
