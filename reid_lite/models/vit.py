@@ -195,7 +195,11 @@ class TransReIDViT(nn.Module):
     def forward(self, x: torch.Tensor, cam_label=None, view_label=None, state: TokenState | None = None):
         x = self.embed(x, cam_label, view_label)
         for blk in self.trunk:
+            if state is not None and state.count_tokens:
+                state.counts.append(state.valid_count(x))
             x = blk(x, state)
+        if state is not None and state.count_tokens:
+            state.counts.append(state.valid_count(x))
         if self.local_feature:
             return x
         return self.norm(x)[:, 0]
