@@ -155,6 +155,7 @@ def method_fingerprint(merge: CfgNode, r_solved: int | None = None) -> dict[str,
 
     Built-in methods keep the layout galleries already store (schedule keys for every method but 'none').
     """
+    load_plugins(list(merge.get("PLUGINS", [])))
     method = get_method(merge.METHOD)
     out: dict[str, Any] = {"method": method.name}
     if method.name == "none":
