@@ -47,7 +47,7 @@ def jpm_positions(num_valid: Tensor, length: int, shift: int, group: int, divide
     q = num_valid[:, None, None] // divide
     t = torch.arange(part, device=num_valid.device)
     idx = torch.arange(divide, device=num_valid.device)[:, None] * q + t  # (B, divide, P)
-    valid = t < q
+    valid = (t < q).expand_as(idx)
     if rearrange:
         rows = (n + (-n) % group) // group  # padded length / group
         xi = (idx % group) * rows + idx // group  # position in the rolled (and padded) sequence
