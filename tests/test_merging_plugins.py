@@ -193,11 +193,14 @@ def test_reducers_after_empty_slots_never_pick_them(reducer_cls, later):
     assert state.may_empty
     reducer = {"stm": STM(8), "tome": ToMe(8), "evit": EViT(0.3), "stm_tracked": STM(8, coords="tracked")}[later]
     before = state.valid().sum(1)
+    x = x + 5.0 * (~state.valid())[..., None]  # what a block's MLP leaves in empty slots: garbage, finite
     held = state.size.sum(dim=(1, 2))
     T = x.shape[1]
     keys = torch.randn(B, H, T, C // H, generator=g)
     bias = state.attn_bias()[:, 0]  # what the block's attention would add
     cls_attn = (torch.randn(B, H, T, generator=g) + bias).softmax(-1)
+    if later == "evit":  # attention that underflowed to 0 on valid tokens must still rank them over empty ones
+        cls_attn[:, :, 1:150] = 0.0
     out = reducer(x, keys, cls_attn, state)
     after = state.valid().sum(1)
     if later == "evit":  # the kept tokens are valid ones (enough of them), plus the fused token
