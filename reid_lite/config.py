@@ -218,7 +218,9 @@ def load_cfg(config_file: str | Path | None = None, opts: Sequence[str] = ()) ->
         if len(opts) % 2:
             raise ValueError(f"overrides must be KEY VALUE pairs, got an odd count: {list(opts)}")
         try:
-            cfg.merge_from_list(list(opts))
+            # MERGE.PLUGINS as read above: one bare path is accepted for a list of one.
+            opts = [v for k, val in zip(opts[::2], opts[1::2]) for v in (k, plugins if k == "MERGE.PLUGINS" else val)]
+            cfg.merge_from_list(opts)
         except AssertionError as e:  # yacs asserts on unknown keys from a list; make it a KeyError
             raise KeyError(str(e)) from None
     cfg.MERGE.PLUGINS = plugins  # resolved: absolute paths, so a stored config finds them from anywhere
