@@ -25,6 +25,7 @@ setup(
         "torchvision>=0.16",
         "timm>=1.0",
         "yacs>=0.1.8",
+        "pyyaml>=5.1",  # read before yacs: MERGE.PLUGINS of a config file
         "fvcore>=0.1.5.post20221221",
         "faiss-cpu>=1.8",
         "opencv-python-headless>=4.8",

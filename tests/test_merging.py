@@ -12,16 +12,8 @@ from conftest import tiny_cfg, vit_base_cfg
 from reid_lite import build_model
 from reid_lite.merging import STM, EViT, TokenState, ToMe, apply_merging, merge_cfg
 from reid_lite.merging.base import BipartiteMerge, bipartite_match
-from reid_lite.merging.stm import (
-    gaussian_prior,
-    neighbourhood_entropy,
-    pr_degree,
-    pr_grouping,
-    prn_fuse,
-    virtual_coordinates,
-    virtual_knn,
-    virtual_neighbourhood,
-)
+from reid_lite.merging.ops import grid_positions, virtual_coordinates, virtual_knn, virtual_neighbourhood
+from reid_lite.merging.stm import gaussian_prior, neighbourhood_entropy, pr_degree, pr_grouping, prn_fuse
 from reid_lite.utils.flops import fvcore_gflops, transreid_gflops
 
 
@@ -79,8 +71,6 @@ def test_tracked_positions_are_size_weighted_centroids():
     for _ in range(3):
         T = x.shape[1]
         x = reducer(x, torch.randn(B, H, T, C // H, generator=g), torch.rand(B, H, T, generator=g).softmax(-1), state)
-    from reid_lite.merging.base import grid_positions
-
     cells = grid_positions((21, 10))[0, 1:]
     expect = (state.source @ cells) / state.source.sum(-1, keepdim=True)
     torch.testing.assert_close(state.pos[:, 1:], expect[:, 1:])

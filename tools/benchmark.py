@@ -1,8 +1,13 @@
 #!/usr/bin/env python
-"""Throughput and peak memory of TransReID with no merging, ToMe, EViT and STM-ReID, same batch.
+"""Throughput and peak memory of TransReID with each registered merging method, same batch.
 
     python tools/benchmark.py --config configs/msmt17_base.yml --batch-size 32 --out output/bench.json
     python tools/benchmark.py --device cuda --dtype bf16 --batch-size 256 --compile
+    python tools/benchmark.py --methods none,stm,mine MERGE.PLUGINS "['my_method.py']"
+
+--methods takes any registered method (default: all of them, plugins included) and the named STM
+variants below. GFLOPs are the capacity count (what runs); methods that may leave slots empty also
+report the mean effective GFLOPs per image, from one extra (untimed) pass over the batch.
 
 Each method runs in its own child process (same weights seed, same batch): peak memory is then the
 method's own (CUDA: max_memory_allocated; CPU: growth of the process's peak RSS during the timed runs).
@@ -24,19 +29,21 @@ from pathlib import Path
 import torch
 
 from reid_lite import build_model, load_cfg
-from reid_lite.utils.flops import transreid_gflops
+from reid_lite.merging import method_names
+from reid_lite.utils.flops import effective_gflops, transreid_gflops
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# name -> MERGE overrides. Variants of STM are included on request (--methods).
-METHODS = {
-    "none": ["MERGE.METHOD", "none"],
-    "tome": ["MERGE.METHOD", "tome"],
-    "evit": ["MERGE.METHOD", "evit"],
-    "stm": ["MERGE.METHOD", "stm"],
+# Named option variants, run on request (--methods); every registered method runs under its own name.
+VARIANTS = {
     "stm_tracked": ["MERGE.METHOD", "stm", "MERGE.STM.COORDS", "tracked"],
     "stm_normalized": ["MERGE.METHOD", "stm", "MERGE.STM.ENTROPY", "normalized"],
 }
+
+
+def method_overrides(name: str) -> list[str]:
+    """MERGE overrides of a --methods entry: a registered method or a named variant."""
+    return VARIANTS.get(name, ["MERGE.METHOD", name])
 
 
 def _rss_mb() -> float:
@@ -46,7 +53,7 @@ def _rss_mb() -> float:
 def measure(args: argparse.Namespace, method: str) -> dict:
     """Time one method in this process: warm-up, then `iters` timed forward passes."""
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    cfg = load_cfg(args.config, [*METHODS[method], *args.opts])
+    cfg = load_cfg(args.config, [*args.opts, *method_overrides(method)])
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = build_model(cfg, num_classes=1, camera_num=2, view_num=0).eval().to(device)
@@ -56,6 +63,9 @@ def measure(args: argparse.Namespace, method: str) -> dict:
     # Camera ids stay on the CPU, as the extractor passes them: the model range-checks them there and copies
     # them over without waiting on the device (ids already on a GPU would cost a sync for that check in eval).
     cams = torch.randint(0, 2, (args.batch_size,), generator=g)
+    effective = gflops  # equal unless a reducer may leave slots empty
+    if any(r.may_empty for r in model.reducers.values()):
+        effective = effective_gflops(model, x, cam_label=cams)[0]
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -87,6 +97,7 @@ def measure(args: argparse.Namespace, method: str) -> dict:
     return {
         "method": method,
         "gflops": gflops,
+        "effective_gflops": effective,
         "images_per_s": args.batch_size / med,
         "ms_per_batch_median": 1e3 * med,
         "ms_per_batch_min": 1e3 * min(times),
@@ -106,7 +117,8 @@ def _child(args: argparse.Namespace, method: str, queue: mp.Queue) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/msmt17_base.yml")
-    p.add_argument("--methods", default="none,tome,evit,stm", help=f"comma separated, from {', '.join(METHODS)}")
+    p.add_argument("--methods", default="", help="comma separated registered methods or variants "
+                   f"({', '.join(VARIANTS)}); default: every registered method")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--batch-size", type=int, default=None, help="default: 256 on GPU, 32 on CPU")
@@ -118,10 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = p.parse_args(argv)
     args.batch_size = args.batch_size or (256 if args.device.startswith("cuda") else 32)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    try:
+        load_cfg(args.config, args.opts)  # a bad config fails here, once; loads MERGE.PLUGINS' methods
+    except (FileNotFoundError, KeyError, ValueError, AssertionError) as err:
+        p.error(str(err))
+    methods = [m.strip().lower() for m in args.methods.split(",") if m.strip()] or method_names()
+    unknown = [m for m in methods if m not in method_names() and m not in VARIANTS]
     if unknown:
-        p.error(f"unknown methods {unknown}")
+        p.error(f"unknown methods {unknown}; choose from {', '.join([*method_names(), *VARIANTS])}")
 
     ctx = mp.get_context("spawn")
     results = []
@@ -135,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         if "error" in res:
             print(f"{method}: {res['error']}", file=sys.stderr)
             continue
-        print(f"{method:15s} {res['gflops']:6.2f} GFLOPs  {res['images_per_s']:9.1f} img/s  "
+        eff = f" (effective {res['effective_gflops']:.2f})" if res["effective_gflops"] != res["gflops"] else ""
+        print(f"{method:15s} {res['gflops']:6.2f} GFLOPs{eff}  {res['images_per_s']:9.1f} img/s  "
               f"{res['ms_per_batch_median']:9.1f} ms/batch  peak {res['peak_memory_mb']:8.1f} MB", flush=True)
     base = next((r for r in results if r["method"] == "none" and "error" not in r), None)
     for r in results:

@@ -55,7 +55,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", "--config_file", dest="config", default="",
                    help="YAML config (a bare name is looked up in configs/)")
     p.add_argument("--compare", default="",
-                   help="comma-separated merging methods evaluated with the same weights, e.g. none,tome,evit,stm")
+                   help="comma-separated merging methods evaluated with the same weights, e.g. none,tome,evit,stm "
+                        "(any registered method; your own through MERGE.PLUGINS)")
     p.add_argument("--vis-queries", default="",
                    help="comma-separated query indices (positions in the query list) to draw with their top-10")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -119,11 +119,13 @@ def _warmup(model: nn.Module, cfg: Any, device: torch.device) -> None:
 
 
 def _merge_section(cfg: Any, method: str) -> Any:
+    from ..merging import get_method
+
     node = cfg.MERGE.clone()
     node.defrost()
     node.METHOD = method
-    if method not in ("tome", "stm"):
-        node.TARGET_GFLOPS = 0.0  # a GFLOPs budget only applies to r-based methods
+    if not get_method(method).gflops_knob:
+        node.TARGET_GFLOPS = 0.0  # a GFLOPs budget only applies to methods whose schedule can be solved
     node.TRACE_SOURCE = False
     return node
 
@@ -149,9 +151,9 @@ def evaluate(cfg: Any, model: nn.Module, dataset: ReIDDataset, device: torch.dev
         cfg: the full config (TEST.*, INPUT.SIZE_TEST, DATALOADER.*, MERGE.*).
         model: a TransReID (or any model called as `model(x, cam_label=)`); its weights are not changed.
         device: where to run; default MODEL.DEVICE (CUDA falls back to the CPU with a message).
-        methods: merging methods to compare ('none', 'tome', 'evit', 'stm'), each attached in turn with
-            cfg.MERGE's other settings; None evaluates the model with the merging it already has. After
-            a comparison the model gets cfg.MERGE's own method back.
+        methods: registered merging methods to compare ('none', 'tome', 'evit', 'stm', a plugin's own),
+            each attached in turn with cfg.MERGE's other settings; None evaluates the model with the
+            merging it already has. After a comparison the model gets cfg.MERGE's own method back.
         keep_features: also return the query/gallery `Features` of each method (under 'features').
 
     Returns:

@@ -36,17 +36,10 @@ def model_fingerprint(cfg: Any, model: torch.nn.Module, feature: str, camera_num
     """
     base = model.base
     blocks = list(base.blocks)
-    merge = cfg.MERGE
-    method = str(merge.METHOD).lower()
-    merging: dict[str, Any] = {"method": method}
-    if method != "none":
-        merging.update(r=int(merge.R), r_list=list(merge.R_LIST), layers=list(merge.LAYERS),
-                       target_gflops=float(merge.TARGET_GFLOPS), prop_attn=bool(merge.PROP_ATTN),
-                       r_solved=getattr(model, "merge_r", None))
-        if method == "stm":
-            merging["stm"] = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in merge.STM.items()}
-        if method == "evit":
-            merging["evit"] = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in merge.EVIT.items()}
+    from ..merging import method_fingerprint
+
+    # The registry knows every method's identifying options, plugins' included: any difference refuses.
+    merging = method_fingerprint(cfg.MERGE, getattr(model, "merge_r", None))
     in_dim = int(model.in_planes)
     return {
         "architecture": {

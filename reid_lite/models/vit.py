@@ -13,11 +13,11 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
 from ..merging.base import TokenReducer, TokenState
+from ..merging.ops import attend
 
 _LAYER_NORM = partial(nn.LayerNorm, eps=1e-6)  # ViT's LayerNorm
 
@@ -51,44 +51,6 @@ class PatchEmbedOverlap(nn.Module):
         if x.shape[-2:] != self.img_size:
             raise ValueError(f"input size {tuple(x.shape[-2:])} does not match the model's {self.img_size}")
         return self.proj(x).flatten(2).transpose(1, 2)
-
-
-def attend(
-    attn: nn.Module,
-    x: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    need_cls_attn: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Multi-head self-attention through the fused kernel, for our `Attention` and timm's alike.
-
-    Returns the projected output, the keys (B, H, T, d) and, when asked, the class token's attention
-    row (B, H, T) in fp32. That row is recomputed on its own (O(T D)) so that the full T x T attention
-    matrix is never materialised. `bias` (B, 1, 1, T) is added to every query's logits (proportional
-    attention: log token sizes).
-    """
-    B, T, C = x.shape
-    h = attn.num_heads
-    qkv = attn.qkv(x).reshape(B, T, 3, h, -1).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-    if q_norm is not None:
-        q, k = q_norm(q), k_norm(k)
-    if bias is not None:
-        bias = bias.to(q.dtype)
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0, scale=attn.scale
-    )
-    cls_attn = None
-    if need_cls_attn:
-        logits = (q[:, :, :1].float() * attn.scale) @ k.float().transpose(-2, -1)
-        if bias is not None:
-            logits = logits + bias.float()
-        cls_attn = logits.softmax(dim=-1)[:, :, 0]
-    out = out.transpose(1, 2).reshape(B, T, -1)
-    norm = getattr(attn, "norm", None)
-    if norm is not None:
-        out = norm(out)
-    return attn.proj_drop(attn.proj(out)), k, cls_attn
 
 
 class Attention(nn.Module):
@@ -243,7 +205,11 @@ class TransReIDViT(nn.Module):
     def forward(self, x: torch.Tensor, cam_label=None, view_label=None, state: TokenState | None = None):
         x = self.embed(x, cam_label, view_label)
         for blk in self.trunk:
+            if state is not None and state.count_tokens:
+                state.counts.append(state.valid_count(x))
             x = blk(x, state)
+        if state is not None and state.count_tokens:
+            state.counts.append(state.valid_count(x))
         if self.local_feature:
             return x
         return self.norm(x)[:, 0]
