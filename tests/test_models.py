@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -260,7 +261,7 @@ def test_bad_cam_label_is_a_value_error_naming_the_valid_range(images):
         # an int32 tensor and a single int for the whole batch are fine
         ref = model(images, cam_label=torch.full((6,), 2))
         assert torch.equal(model(images, cam_label=torch.full((6,), 2, dtype=torch.int32)), ref)
-        assert torch.equal(model(images, cam_label=2), ref)
+        assert torch.equal(model(images, cam_label=2), ref) and torch.equal(model(images, cam_label=np.int64(2)), ref)
 
 
 def test_model_for_a_checkpoint_takes_its_camera_count_from_the_sie_table(tmp_path, images):

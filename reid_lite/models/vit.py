@@ -9,6 +9,7 @@ the official ones do; attention runs through the fused `scaled_dot_product_atten
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from functools import partial
 
@@ -228,10 +229,11 @@ def check_sie_ids(label: torch.Tensor | int | None, count: int, name: str, what:
     if label is None:
         raise ValueError(f"this model uses a {what} side-information embedding: pass {name}= (0-based ids, "
                          f"0..{count - 1})")
-    if isinstance(label, bool) or not isinstance(label, (int, torch.Tensor)):
+    if isinstance(label, bool) or not isinstance(label, (numbers.Integral, torch.Tensor)):
         raise ValueError(f"{name} must be an integer tensor of {what} ids (0..{count - 1}), got "
                          f"{type(label).__name__}")
-    if isinstance(label, int):
+    if isinstance(label, numbers.Integral):  # int or numpy integer: one id for the whole batch
+        label = int(label)
         if not 0 <= label < count:
             raise ValueError(f"{what} ids must lie in [0, {count}) for this model's SIE table ({name}), got {label}")
         return label
