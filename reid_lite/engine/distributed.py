@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,11 @@ from .extractor import Features, extract_features
 
 logger = logging.getLogger(__name__)
 
+# The autograd collectives below are deprecated in favour of a private module (_functional_collectives);
+# they remain the public way to all-gather with a gradient, so the per-call notice is not shown.
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_\w+ is deprecated",
+                        category=FutureWarning)
+
 __all__ = [
     "DistContext",
     "GlobalBatchNorm1d",
@@ -46,6 +52,7 @@ __all__ = [
     "gather_labels",
     "init_distributed",
     "launched_by_torchrun",
+    "shutdown_distributed",
 ]
 
 
@@ -96,6 +103,12 @@ def init_distributed(device: torch.device) -> DistContext:
     ctx = DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device)
     logger.info("process %d of %d on %s (%s)", ctx.rank, ctx.world_size, device, dist.get_backend())
     return ctx
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group, if one was joined (call once at the end of a torchrun script)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def gather_cat(x: Tensor | Sequence[Tensor]) -> Tensor | list[Tensor]:

@@ -158,7 +158,10 @@ def do_train(
         model.to(memory_format=torch.channels_last)
     net: nn.Module = model
     if ctx.enabled:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        # static_graph: with JPM the backbone's own last block and norm are never used (b1/b2 are their
+        # copies); the used set is the same every step, so DDP can skip the per-step search for unused ones.
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                                  static_graph=True)
     batches = train_loader.batch_sampler  # type: ignore[attr-defined]
     name = cfg.MODEL.NAME
     result = TrainResult(final_checkpoint=out_dir / f"{name}_{epochs}.pth")
