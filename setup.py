@@ -27,6 +27,8 @@ setup(
         "pillow>=9.0",
         "numpy>=1.24",
         "tqdm>=4.60",
+        "tensorboard>=2.10",  # torch.utils.tensorboard: training logs
+        "matplotlib>=3.5",  # tools/reference_experiment.py's plot
     ],
     extras_require={
         "test": ["pytest>=7", "ruff>=0.5", "torchreid==0.2.5", "gdown", "tensorboard"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -201,3 +202,44 @@ def test_multistep_and_constant_warmup_schedules():
     assert sched.lr_at(5)[0] == pytest.approx(0.002 + 0.5 * 0.998 * (1 + math.cos(math.pi * 5 / 10)))
     sched.step(5)
     assert opt.param_groups[0]["lr"] == sched.lr_at(5)[0] and sched.state_dict() == {"last_epoch": 5}
+
+
+# ------------------------------------------------------------------------------ reference experiment
+
+
+def _tool(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_tools_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # tools/ is not a package
+    return module
+
+
+def test_reference_experiment_tiny_writes_json_and_png(tmp_path, one_thread):
+    from reid_lite.data.synthetic import generate_reid_dataset
+
+    # Generated crops in the Market-1501 layout stand in for CUHK03, so that this never skips.
+    root = generate_reid_dataset(tmp_path / "data", num_train_ids=12, num_test_ids=6, num_cameras=2,
+                                 images_per_id_per_camera=2, size=(128, 64), num_distractors=2, progress=False)
+    tool = _tool("reference_experiment")
+    out = tmp_path / "ref"
+    code = tool.main(["--tiny", "--data-root", str(root), "--output", str(out), "SOLVER.IMS_PER_BATCH", "8"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["seed"] == 1234 and results["commit"] and results["preset"] == "tiny"
+    rows = {r["method"]: r for r in results["rows"]}
+    assert set(rows) == set(tool.compared_methods())
+    base = results["unmerged_gflops"]
+    assert rows["none"]["gflops"] == pytest.approx(base)
+    for name, row in rows.items():
+        assert {"rank1", "mAP", "mINP", "gflops", "images_per_second"} <= set(row)
+        assert 0 <= row["rank1"] <= 1 and 0 < row["mAP"] <= 1 and row["images_per_second"] > 0
+        if name != "none":  # matched budgets: every method within 3% of 0.76 x the unmerged GFLOPs
+            assert row["matched"] and row["gflops"] == pytest.approx(0.76 * base, rel=0.03), name
+    png = (out / "accuracy_vs_gflops.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert (out / "train" / "transformer_1.pth").is_file()
+    # Without the dataset: a clear error, exit code 2, nothing trained.
+    assert tool.main(["--tiny", "--data-root", str(tmp_path / "absent"), "--output", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
