@@ -48,7 +48,9 @@ from reid_lite.merging import METHODS, build_reducers
 from reid_lite.utils.flops import transreid_gflops
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "cuhk03"
+# ../shared/data/cuhk03 beside the checkout (or beside the folder of worktrees that holds it).
+_CANDIDATES = [base / "shared" / "data" / "cuhk03" for base in (REPO.parent, REPO.parent.parent)]
+DEFAULT_DATA = next((c for c in _CANDIDATES if c.is_dir()), _CANDIDATES[0])
 logger = logging.getLogger("reid_lite.reference")
 
 #: Config overrides per preset (see the module docstring for the 'gpu' sizing).

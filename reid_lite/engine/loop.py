@@ -125,8 +125,9 @@ def do_train(
     """Run the epochs of SOLVER.MAX_EPOCHS not yet done and return what was saved.
 
     Each epoch first calls `scheduler.step(epoch)` (1-based, so epoch 1 already has a warm-up lr), then
-    trains on the loader's global batches (`reid_lite.data.Batch`es; `train_loader.batch_sampler` is a
-    `TrainBatchSampler`): forward with camera/view labels, `loss_fn(score, feat, pids)` on the batch
+    trains on the loader's global batches (`reid_lite.data.Batch`es from `build_train_loader`, whose
+    `TrainBatchSampler` is told the epoch; any other iterable of Batches is used as is, but cannot
+    resume inside an epoch): forward with camera/view labels, `loss_fn(score, feat, pids)` on the batch
     gathered from all processes, backward, step. Autocast per SOLVER.AMP ('auto': bf16 on CUDA, fp32 on
     the CPU; fp16 uses a GradScaler). Accuracy is the global classifier's top-1.
 
@@ -162,7 +163,9 @@ def do_train(
         # copies); the used set is the same every step, so DDP can skip the per-step search for unused ones.
         net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
                                                   static_graph=True)
-    batches = train_loader.batch_sampler  # type: ignore[attr-defined]
+    batches = getattr(train_loader, "batch_sampler", None)
+    if not hasattr(batches, "set_epoch"):
+        batches = None
     name = cfg.MODEL.NAME
     result = TrainResult(final_checkpoint=out_dir / f"{name}_{epochs}.pth")
     epoch, start_batch, meter_state = 1, 0, None
@@ -198,15 +201,20 @@ def do_train(
                 "checkpoints": [str(p) for p in result.checkpoints], "config": cfg.dump()})
         ctx.barrier()
 
-    logger.info("training epochs %d-%d on %d process(es), %d global batches per epoch, device %s, amp %s",
-                epoch, epochs, ctx.world_size, batches.batches_in_epoch(), dev, dtype or "fp32")
+    if batches is None and start_batch:
+        raise ValueError("resuming inside an epoch needs the loader of build_train_loader (a TrainBatchSampler)")
+    logger.info("training epochs %d-%d on %d process(es), device %s, amp %s", epoch, epochs, ctx.world_size, dev,
+                dtype or "fp32")
     while epoch <= epochs:
         t0 = time.perf_counter()
         meters = _Meters(dev, meter_state[:3], int(meter_state[3])) if meter_state else _Meters(dev)
         meter_state = None
         scheduler.step(epoch)
-        batches.set_epoch(epoch, start_batch)
-        n_iters = batches.batches_in_epoch()
+        if batches is not None:
+            batches.set_epoch(epoch, start_batch)
+            n_iters = batches.batches_in_epoch()
+        else:
+            n_iters = len(train_loader) if hasattr(train_loader, "__len__") else 0
         net.train()
         bar = tqdm(total=n_iters, initial=start_batch, desc=f"epoch {epoch}/{epochs}", unit="batch",
                    disable=not (progress and ctx.is_main), dynamic_ncols=True, leave=False)
