@@ -98,13 +98,16 @@ class ImageDataset(Dataset):
 def _seeded(transform: Callable[[Image.Image], Any], img: Image.Image, seed: int) -> Any:
     """`transform(img)` with torch's CPU generator and Python's `random` (timm's RandomErasing) seeded by
     `seed`, both restored afterwards so that the caller's random streams do not move."""
-    py_state = random.getstate()
+    # The CPU generator directly: torch.manual_seed / fork_rng also seed every accelerator and cost
+    # milliseconds per call, which per sample would rival the image decoding.
+    gen = torch.default_generator
+    torch_state, py_state = gen.get_state(), random.getstate()
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            random.seed(seed)
-            return transform(img)
+        gen.manual_seed(seed)
+        random.seed(seed)
+        return transform(img)
     finally:
+        gen.set_state(torch_state)
         random.setstate(py_state)
 
 
