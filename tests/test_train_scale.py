@@ -243,3 +243,16 @@ def test_reference_experiment_tiny_writes_json_and_png(tmp_path, one_thread):
     # Without the dataset: a clear error, exit code 2, nothing trained.
     assert tool.main(["--tiny", "--data-root", str(tmp_path / "absent"), "--output", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_shipped_configs_pass_the_key_policy_and_the_cli_refuses_by_name(tmp_path, capsys, monkeypatch):
+    from reid_lite.config import load_cfg
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for path in sorted((REPO / "configs").glob("*.yml")):
+        check_training_cfg(load_cfg(path))
+    cli = _tool("train")
+    code = cli.main(["--config", str(REPO / "configs" / "demo_synthetic.yml"), "MODEL.NECK", "no",
+                     "OUTPUT_DIR", str(tmp_path / "out")])
+    assert code == 2 and "MODEL.NECK" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything was prepared or written
