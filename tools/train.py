@@ -9,8 +9,9 @@ Written to OUTPUT_DIR: checkpoints (`<MODEL.NAME>_<epoch>.pth`, plain state dict
 layout), `<MODEL.NAME>_best.pth` (best mAP of the evaluations every SOLVER.EVAL_PERIOD epochs),
 `last_checkpoint.pth` (the resumable state), TensorBoard logs in `tensorboard/`, the config used and
 `train_log.txt`. Token merging (MERGE.*) is applied at test time only unless SOLVER.TRAIN_WITH_MERGING.
-The synthetic dataset (DATASETS.NAMES 'synthetic') is generated when missing; any other dataset must
-be in place. Exit codes: 0 success, 2 bad arguments/config, missing dataset or unreadable checkpoint.
+The synthetic dataset (DATASETS.NAMES 'synthetic') is generated when missing (by rank 0 under
+torchrun); any other dataset must be in place.
+Exit codes: 0 success, 2 bad arguments/config, missing dataset or unreadable checkpoint.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ import torch
 
 from reid_lite.config import load_cfg
 from reid_lite.data import DatasetLayoutError
-from reid_lite.engine.distributed import shutdown_distributed
+from reid_lite.engine.distributed import init_distributed, shutdown_distributed
 from reid_lite.engine.trainer import check_training_cfg, prepare_dataset, save_state_dict, train
 from reid_lite.models import CheckpointError
+from reid_lite.utils.device import resolve_device
 
 logger = logging.getLogger("reid_lite.train")
 
@@ -115,10 +117,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg.MODEL.PRETRAIN_CHOICE.lower() == "imagenet" and not cfg.MODEL.PRETRAIN_PATH:
         print(FROM_SCRATCH_WARNING, file=sys.stderr)
         logger.warning("training from scratch: no ImageNet weights (MODEL.PRETRAIN_PATH is empty)")
+    # Under torchrun, rank 0 prepares the dataset first (the synthetic one generates itself) and the others
+    # read it once it is complete.
+    try:
+        ctx = init_distributed(resolve_device(cfg.MODEL.DEVICE, cfg.MODEL.DEVICE_ID))
+    except ValueError as err:  # an unknown MODEL.DEVICE or a GPU index that is not there
+        return _error(str(err))
+    if not ctx.is_main:
+        ctx.barrier()
     try:
         dataset = prepare_dataset(cfg)
     except (DatasetLayoutError, KeyError) as err:
         return _error(str(err.args[0]) if isinstance(err, KeyError) else str(err))
+    if ctx.is_main:
+        ctx.barrier()
     try:
         result = train(cfg, dataset, resume=args.resume, stop_after_steps=args.stop_after_steps,
                        state_every_steps=args.state_every_steps, progress=not args.no_progress,
