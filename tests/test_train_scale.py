@@ -32,9 +32,11 @@ def _without(rows, *keys):
 # ------------------------------------------------------------------------------ resume
 
 
-def test_resume_continues_bit_identically(tiny_data, tmp_path, one_thread):
+@pytest.mark.parametrize("amp", ["fp32", "fp16"])  # fp16: the GradScaler's state must round-trip too
+def test_resume_continues_bit_identically(tiny_data, tmp_path, one_thread, amp):
     # Drop path and random erasing on: the model's and the augmentations' random streams both matter.
-    opts = ("MODEL.DROP_PATH", 0.1, "INPUT.RE_PROB", 0.5, "SOLVER.EVAL_PERIOD", 1, "SOLVER.WARMUP_EPOCHS", 1)
+    opts = ("MODEL.DROP_PATH", 0.1, "INPUT.RE_PROB", 0.5, "SOLVER.EVAL_PERIOD", 1, "SOLVER.WARMUP_EPOCHS", 1,
+            "SOLVER.AMP", amp)
     whole = train(tiny_train_cfg(tiny_data, tmp_path / "whole", 2, *opts))
     cfg = tiny_train_cfg(tiny_data, tmp_path / "parts", 2, *opts)
     first = train(cfg, stop_after_steps=3)  # stops inside epoch 1
@@ -51,7 +53,8 @@ def test_resume_continues_bit_identically(tiny_data, tmp_path, one_thread):
     b = load_train_state(tmp_path / "parts" / STATE_FILE)
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
+    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"]) and a["scaler"] == b["scaler"]
+    assert (a["scaler"] != {}) == (amp == "fp16")
     # A different seed really changes the run (so the equality above is not vacuous).
     other = train(tiny_train_cfg(tiny_data, tmp_path / "other", 1, *opts, "SOLVER.SEED", 7), evaluate=False)
     assert not torch.equal(other.model.classifier.weight, whole.model.classifier.weight)
