@@ -41,10 +41,11 @@ from typing import Any
 import torch
 
 from reid_lite.config import get_cfg
-from reid_lite.data import DatasetLayoutError, ReIDDataset, build_dataset_from_cfg
+from reid_lite.data import ReIDDataset, build_dataset_from_cfg
 from reid_lite.engine.evaluator import evaluate, format_table, model_gflops
 from reid_lite.engine.trainer import check_training_cfg, train
 from reid_lite.merging import METHODS, build_reducers
+from reid_lite.utils.cli import USER_ERRORS, cli_error
 from reid_lite.utils.flops import transreid_gflops
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,11 +106,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("opts", nargs="*", help="config overrides as KEY VALUE pairs")
     return p.parse_intermixed_args(argv)
-
-
-def _error(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
 
 
 def git_commit() -> str:
@@ -210,20 +206,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = Path(args.data_root)
     missing = [d for d in ("bounding_box_train", "query", "bounding_box_test") if not (data / d).is_dir()]
     if missing:
-        return _error(f"no Market-1501-layout dataset at {data} (missing {', '.join(missing)}); pass --data-root")
+        return cli_error(f"no Market-1501-layout dataset at {data} (missing {', '.join(missing)}); pass --data-root")
     try:
         ratios = [float(x) for x in (args.ratios or ("0.76" if args.tiny else "0.9,0.76,0.6")).split(",")]
     except ValueError:
-        return _error(f"--ratios must be comma-separated numbers, got {args.ratios!r}")
+        return cli_error(f"--ratios must be comma-separated numbers, got {args.ratios!r}")
     if not all(0 < r <= 1 for r in ratios):
-        return _error(f"--ratios must lie in (0, 1], got {ratios}")
+        return cli_error(f"--ratios must lie in (0, 1], got {ratios}")
     try:
         cfg = build_cfg(args)
         check_training_cfg(cfg)
         dataset = limit_identities(build_dataset_from_cfg(cfg), args.max_train_ids if args.max_train_ids >= 0
                                    else (150 if args.tiny else 0))
-    except (ValueError, KeyError, DatasetLayoutError) as err:
-        return _error(str(err.args[0]) if isinstance(err, KeyError) else str(err))
+    except USER_ERRORS as err:
+        return cli_error(err)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     out = Path(cfg.OUTPUT_DIR).parent
@@ -273,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {out / 'results.json'} and {out / 'accuracy_vs_gflops.png'} "
           f"(training {train_seconds / 60:.1f} min on {device})")
     if not all(math.isfinite(r["mAP"]) for r in rows):
-        return _error("a method produced a non-finite mAP")
+        return cli_error("a method produced a non-finite mAP")
     return 0
 
 

@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 
 from reid_lite.config import load_cfg
-from reid_lite.data import DatasetLayoutError
 from reid_lite.engine.distributed import init_distributed, shutdown_distributed
 from reid_lite.engine.trainer import check_training_cfg, prepare_dataset, save_state_dict, train
 from reid_lite.models import CheckpointError
+from reid_lite.utils.cli import USER_ERRORS, cli_error
 from reid_lite.utils.device import resolve_device
 
 logger = logging.getLogger("reid_lite.train")
@@ -71,11 +71,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
-def _error(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
-
-
 def _setup_logging(output_dir: str) -> None:
     """INFO to stdout and to OUTPUT_DIR/train_log.txt (the official log file name); under torchrun only
     rank 0 logs INFO (the others log warnings to stderr)."""
@@ -99,18 +94,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_cfg(args.config or None, args.opts)
-    except (FileNotFoundError, KeyError, ValueError, AssertionError) as err:
-        # yacs reports type mismatches with AssertionError; all are user input errors, not bugs.
-        return _error(str(err.args[0]) if isinstance(err, KeyError) else str(err))
+    except USER_ERRORS as err:
+        return cli_error(err)
     try:
         check_training_cfg(cfg)  # before the dataset is prepared: a refused key must not wait for that
     except ValueError as err:
-        return _error(str(err))
+        return cli_error(err)
     for flag in ("stop_after_steps", "state_every_steps"):
         if getattr(args, flag) < 0:
-            return _error(f"--{flag.replace('_', '-')} must be >= 0")
+            return cli_error(f"--{flag.replace('_', '-')} must be >= 0")
     if args.half and not args.save:
-        return _error("--half applies to the --save copy; give --save PATH")
+        return cli_error("--half applies to the --save copy; give --save PATH")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     _setup_logging(cfg.OUTPUT_DIR)
@@ -122,13 +116,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         ctx = init_distributed(resolve_device(cfg.MODEL.DEVICE, cfg.MODEL.DEVICE_ID))
     except ValueError as err:  # an unknown MODEL.DEVICE or a GPU index that is not there
-        return _error(str(err))
+        return cli_error(err)
     if not ctx.is_main:
         ctx.barrier()
     try:
         dataset = prepare_dataset(cfg)
-    except (DatasetLayoutError, KeyError) as err:
-        return _error(str(err.args[0]) if isinstance(err, KeyError) else str(err))
+    except USER_ERRORS as err:
+        return cli_error(err)
     if ctx.is_main:
         ctx.barrier()
     try:
@@ -136,8 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        state_every_steps=args.state_every_steps, progress=not args.no_progress,
                        evaluate=not args.no_eval, save_features=args.save_features,
                        tensorboard=not args.no_tensorboard)
-    except (CheckpointError, ValueError) as err:  # bad PRETRAIN_PATH, optimiser name, sampler, key, ...
-        return _error(str(err))
+    except (CheckpointError, ValueError) as err:  # bad PRETRAIN_PATH, optimiser name, sampler, ...
+        return cli_error(err)
     finally:
         shutdown_distributed()
     if int(os.environ.get("RANK", 0)) != 0:
