@@ -32,7 +32,6 @@ import logging
 import math
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
