@@ -17,9 +17,10 @@ Exit codes: 0 success, 2 bad arguments or missing dataset.
 Why the 'gpu' preset is 8 blocks of width 384 (6 heads) at 256x128, stride 12: from scratch, on ~7k
 crops, in ~7 minutes of training. ViT-B (86 M parameters, 12 x 768) costs about 6x more per image than
 this model and would see only a handful of epochs, far too few for a transformer without pre-training;
-a ViT-Ti width (192) trains fast but saturates lower on re-identification. 8 x 384 (about 15 M
-parameters) is about 3.4 GFLOPs per image for inference, so that one GPU with bf16 and a 12-worker
-loader passes the 60 epochs of 7.2k images (~430k images) in the time, with the paper's geometry (21 x 10
+a ViT-Ti width (192) trains fast but saturates lower on re-identification. 8 x 384 (about 20 M
+parameters with JPM's branch copies and the five classifiers for CUHK03's 743 identities) costs 3.71
+GFLOPs per image at inference (the analytic counter), so that one GPU with bf16 and a 12-worker loader
+should pass the 60 epochs of 7.2k images (~430k images) in the time, with the paper's geometry (21 x 10
 patches, SIE, JPM) kept so that the merging schedules and GFLOPs ratios mean the same as in the paper.
 This sizing is reasoned, not yet measured on a GPU: check `train_seconds` in results.json.
 """
