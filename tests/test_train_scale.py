@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -132,9 +133,17 @@ def test_torchrun_two_gloo_processes_match_one_process(tiny_data, tmp_path, one_
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "tools" / "train.py"), "--threads", "1", "--no-progress", "--no-tensorboard", "--save-features",
            *overrides]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "process 0 of 2" in proc.stdout or "process 0 of 2" in (tmp_path / "two" / "train_log.txt").read_text()
+    # Own session: on a timeout the whole group (torchrun and its workers) is killed, not only torchrun.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun timed out: {err[-3000:]}")
+    assert proc.returncode == 0, out[-2000:] + err[-4000:]
+    assert "process 0 of 2" in out
     two = torch.load(tmp_path / "two" / "transformer_1.pth", map_location="cpu", weights_only=True)
     for key, value in single.model.state_dict().items():
         assert torch.allclose(value.float(), two[key].float(), atol=1e-4, rtol=1e-4), key
