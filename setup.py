@@ -32,6 +32,8 @@ setup(
         "pillow>=9.0",
         "numpy>=1.24",
         "tqdm>=4.60",
+        "tensorboard>=2.10",  # torch.utils.tensorboard: training logs
+        "matplotlib>=3.5",  # tools/reference_experiment.py's plot
     ],
     extras_require={
         # The test suite covers the torchreid adapter, so it needs the torchreid extra in full.

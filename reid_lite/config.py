@@ -106,7 +106,11 @@ _C.SOLVER.COSINE_SCALE = 30
 _C.SOLVER.CHECKPOINT_PERIOD = 10
 _C.SOLVER.LOG_PERIOD = 100
 _C.SOLVER.EVAL_PERIOD = 10
-_C.SOLVER.IMS_PER_BATCH = 64
+_C.SOLVER.IMS_PER_BATCH = 64  # the global batch: split evenly over torchrun's processes
+# reid_lite additions
+_C.SOLVER.SCHEDULER = "cosine"  # cosine (the official schedule) | multistep (STEPS, GAMMA)
+_C.SOLVER.AMP = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | fp16 (with a GradScaler) | bf16
+_C.SOLVER.TRAIN_WITH_MERGING = False  # keep MERGE.METHOD on while training (default: merge at test time only)
 
 # ----------------------------------------------------------------------------- TEST
 _C.TEST = CN()

@@ -31,16 +31,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..engine.distributed import shard_bounds
 from .cli import build_parser, config_from_args, input_paths, print_report, run_command, show_progress
 from .crops import collect_crops, hash_records
 from .gallery import AddReport, Gallery, GalleryError, IndexParams
 
 __all__ = ["main", "shard_bounds"]
-
-
-def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
-    """The contiguous block of a sorted list of `n` items that `rank` of `world` processes handles."""
-    return rank * n // world, (rank + 1) * n // world
 
 
 def _run(argv: Sequence[str] | None) -> None:
