@@ -44,7 +44,7 @@ from reid_lite.config import get_cfg
 from reid_lite.data import ReIDDataset, build_dataset_from_cfg
 from reid_lite.engine.evaluator import evaluate, format_table, model_gflops
 from reid_lite.engine.trainer import check_training_cfg, train
-from reid_lite.merging import METHODS, build_reducers
+from reid_lite.merging import build_reducers, method_names
 from reid_lite.utils.cli import USER_ERRORS, cli_error
 from reid_lite.utils.flops import transreid_gflops
 
@@ -85,8 +85,8 @@ COMMON: list[Any] = [
 
 
 def compared_methods() -> list[str]:
-    """The methods the experiment compares: every registered one (the single place to switch to a registry)."""
-    return list(METHODS)
+    """The methods the experiment compares: every registered one (built-ins and MERGE.PLUGINS)."""
+    return method_names()
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
