@@ -67,7 +67,7 @@ def check_r(merge_cfg, rs: dict[int, int], num_tokens: int) -> None:
 
 
 def build_reducers(merge_cfg, depth: int, r_override: int | None = None,
-                   num_tokens: int | None = None) -> dict[int, TokenReducer]:
+                   num_tokens: int | None = None, cls_head: bool = False) -> dict[int, TokenReducer]:
     """One reducer per reducing block, {0-based block index: reducer}, as MERGE configures them.
 
     `depth` is the number of blocks whose tokens may be reduced (the backbone's own blocks; with JPM
@@ -75,7 +75,9 @@ def build_reducers(merge_cfg, depth: int, r_override: int | None = None,
     With `num_tokens` (tokens entering the first block, class token included) an r that a block cannot
     merge is a ValueError naming the largest allowed r (`check_r`), for methods that merge by bipartite
     matching (those whose GFLOPs target is met through r). The plugins of MERGE.PLUGINS are imported first
-    (a config read from a stored gallery names them).
+    (a config read from a stored gallery names them). `cls_head`: the last reducible block feeds a head
+    that reads the class token alone (no JPM); otherwise a reducer declaring `cls_head_only` is replaced by
+    its `fallback`.
     """
     load_plugins(list(merge_cfg.get("PLUGINS", [])))
     method = get_method(merge_cfg.METHOD)
@@ -87,6 +89,12 @@ def build_reducers(merge_cfg, depth: int, r_override: int | None = None,
         if num_tokens is not None and method.gflops_knob == "r":
             check_r(merge_cfg, {i: r for i, r in rs.items() if r > 0}, num_tokens)
     reducers = method.build(merge_cfg, depth, rs)
+    for i, reducer in list(reducers.items()):
+        if reducer.cls_head_only and not (cls_head and i == depth - 1):
+            if reducer.fallback is None:
+                del reducers[i]
+            else:
+                reducers[i] = reducer.fallback
     bad = [i + 1 for i in reducers if not 0 <= i < depth]
     if bad:
         raise ValueError(f"MERGE.METHOD {method.name!r} put reducers in blocks {bad}, outside 1..{depth}")
