@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .base import TokenReducer, TokenState, bipartite_split, mask_invalid, take_tokens
-from .ops import bipartite_flops, cosine_scores
+from .ops import bipartite_flops, cosine_scores, ranks
 from .registry import MergeMethod, register_method
 from .schedule import check_layers
 
@@ -62,7 +62,7 @@ def size_distinctive_split(size: Tensor, valid: Tensor | None = None) -> tuple[T
     P = T - 1
     s = size[:, 1:].float()
     ok = torch.ones_like(s, dtype=torch.bool) if valid is None else valid[:, 1:]
-    rank = _ranks(s.masked_fill(~ok, math.inf).argsort(dim=1, stable=True))  # each patch's rank by size
+    rank = ranks(s.masked_fill(~ok, math.inf).argsort(dim=1, stable=True))  # each patch's rank by size
     half = (ok.sum(dim=1, keepdim=True) // 2)
     # Group keys: sources first (by rank), then empty slots, then destinations: one sort places them all.
     key = torch.where(rank < half, rank, torch.where(ok, 2 * P + rank, P + rank))
@@ -70,12 +70,6 @@ def size_distinctive_split(size: Tensor, valid: Tensor | None = None) -> tuple[T
     na = P // 2
     cls = grouped.new_zeros(B, 1)
     return torch.cat([cls, grouped[:, :na]], dim=1), grouped[:, na:]
-
-
-def _ranks(order: Tensor) -> Tensor:
-    """The inverse permutation of each row of `order` (B, n): the rank of every element."""
-    ar = torch.arange(order.shape[1], device=order.device).expand_as(order)
-    return torch.empty_like(order).scatter_(1, order, ar)
 
 
 class ATM(TokenReducer):
@@ -135,7 +129,7 @@ class ATM(TokenReducer):
             node_max, node_idx = scores[:, 1:].max(dim=-1)  # sources: the A patch tokens (class token aside)
             count = self.merge_counts(node_max)
             edge = node_max.argsort(dim=1, descending=True, stable=True)
-            rank = _ranks(edge)
+            rank = ranks(edge)
             merging = (rank < count[:, None]) & torch.isfinite(node_max)
             merging = torch.cat([merging.new_zeros(merging.shape[0], 1), merging], dim=1)  # (B, Na)
             dst = torch.cat([node_idx.new_zeros(node_idx.shape[0], 1), node_idx], dim=1)
