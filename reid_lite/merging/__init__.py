@@ -12,7 +12,7 @@ from yacs.config import CfgNode
 
 # Importing the method modules registers them, in this order: none (registry), tome, evit, stm, atm, ...
 # isort: off
-from . import registry, tome, evit, stm, atm, lotm  # noqa: F401
+from . import registry, tome, evit, stm, atm, lotm, dhtm  # noqa: F401
 # isort: on
 from .base import BipartiteMerge, TokenReducer, TokenState, bipartite_match, mask_invalid
 from .evit import EViT
