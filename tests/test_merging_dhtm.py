@@ -111,3 +111,10 @@ def test_defaults_model_batch_invariance_and_one_graph():
         torch.testing.assert_close(alone, batch, rtol=1e-5, atol=1e-5)
         explained = torch._dynamo.explain(model)(images[:2], cam_label=cams[:2])
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_k_beyond_what_a_block_can_merge_is_an_error():
+    from reid_lite.merging import build_reducers
+
+    with pytest.raises(ValueError, match="MERGE.DHTM.K 106 is too large: block 4 receives 211 tokens.*at most 105"):
+        build_reducers(merge_cfg("dhtm", dhtm_k=106), 11, num_tokens=211)

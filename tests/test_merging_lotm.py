@@ -76,3 +76,12 @@ def test_defaults_and_model():
         batch = model(images, cam_label=cams)
         alone = torch.cat([model(images[i:i + 1], cam_label=cams[i:i + 1]) for i in range(3)])
     torch.testing.assert_close(alone, batch, rtol=1e-5, atol=1e-5)
+
+
+def test_k_beyond_what_a_block_can_merge_is_an_error():
+    from reid_lite.merging import build_reducers
+
+    # 211 tokens: block 4 merges 80 of 105 pairs, block 7 receives 131 and can merge at most 65
+    with pytest.raises(ValueError, match="MERGE.LOTM.K 80 is too large: block 7 receives 131 tokens.*at most 65"):
+        build_reducers(merge_cfg("lotm", lotm_k=80), 11, num_tokens=211)
+    assert sorted(build_reducers(merge_cfg("lotm", lotm_k=48), 11, num_tokens=211)) == [3, 6, 10]

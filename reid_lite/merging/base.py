@@ -127,6 +127,10 @@ class TokenReducer:
         """Multiply-adds of the method's own matrix products (e.g. the similarity matrix), as fvcore counts."""
         return 0
 
+    def check_tokens(self, num_tokens: int, block: int) -> None:
+        """Raise ValueError (naming the option and the 1-based `block`) when this reducer would silently do
+        less than configured on `num_tokens` incoming tokens; called by `build_reducers`. Default: no check."""
+
 
 def bipartite_r(num_tokens: int, r: int) -> int:
     """How many tokens bipartite matching can merge: at most half of the non-class tokens (ToMe)."""

@@ -100,6 +100,12 @@ class DHTM(TokenReducer):
     def num_out(self, num_tokens: int) -> int:
         return num_tokens - min(self.k, (num_tokens - 1) // 2)
 
+    def check_tokens(self, num_tokens: int, block: int) -> None:
+        most = (num_tokens - 1) // 2
+        if self.k > most:
+            raise ValueError(f"MERGE.DHTM.K {self.k} is too large: block {block} receives {num_tokens} tokens "
+                             f"(the class token and {num_tokens - 1} patches) and can merge at most {most} merges")
+
     def matching_flops(self, num_tokens: int, dim: int, heads: int) -> int:
         k = num_tokens - self.num_out(num_tokens)
         return min(self.rounds, k) * (num_tokens - 1) ** 2 * dim if k else 0

@@ -53,6 +53,12 @@ class LoTM(TokenReducer):
     def num_out(self, num_tokens: int) -> int:
         return num_tokens - min(self.k, (num_tokens - 1) // 2)
 
+    def check_tokens(self, num_tokens: int, block: int) -> None:
+        most = (num_tokens - 1) // 2
+        if self.k > most:
+            raise ValueError(f"MERGE.LOTM.K {self.k} is too large: block {block} receives {num_tokens} tokens "
+                             f"(the class token and {num_tokens - 1} patches) and can merge at most {most} pairs")
+
     def reduce(self, x: Tensor, keys: Tensor, cls_attn: Tensor | None, state: TokenState) -> Tensor:
         T = x.shape[1]
         root = lotm_pairs(x, T - self.num_out(T))

@@ -74,7 +74,8 @@ def build_reducers(merge_cfg, depth: int, r_override: int | None = None,
     the last block belongs to the branches and is excluded). `r_override` replaces every r (solver).
     With `num_tokens` (tokens entering the first block, class token included) an r that a block cannot
     merge is a ValueError naming the largest allowed r (`check_r`), for methods that merge by bipartite
-    matching (those whose GFLOPs target is met through r). The plugins of MERGE.PLUGINS are imported first
+    matching (those whose GFLOPs target is met through r), and each reducer's own `check_tokens` runs
+    (LoTM's and DHTM's K). The plugins of MERGE.PLUGINS are imported first
     (a config read from a stored gallery names them). `cls_head`: the last reducible block feeds a head
     that reads the class token alone (no JPM); otherwise a reducer declaring `cls_head_only` is replaced by
     its `fallback`.
@@ -98,6 +99,10 @@ def build_reducers(merge_cfg, depth: int, r_override: int | None = None,
     bad = [i + 1 for i in reducers if not 0 <= i < depth]
     if bad:
         raise ValueError(f"MERGE.METHOD {method.name!r} put reducers in blocks {bad}, outside 1..{depth}")
+    if num_tokens is not None:
+        for i, (t_in, _) in enumerate(token_counts(num_tokens, depth, reducers)):
+            if i in reducers:
+                reducers[i].check_tokens(t_in, i + 1)
     return reducers
 
 
