@@ -10,9 +10,9 @@ from __future__ import annotations
 from torch import nn
 from yacs.config import CfgNode
 
-# Importing the method modules registers them, in this order: none (registry), tome, evit, stm.
+# Importing the method modules registers them, in this order: none (registry), tome, evit, stm, atm, ...
 # isort: off
-from . import registry, tome, evit, stm  # noqa: F401
+from . import registry, tome, evit, stm, atm, lotm, dhtm  # noqa: F401
 # isort: on
 from .base import BipartiteMerge, TokenReducer, TokenState, bipartite_match, mask_invalid
 from .evit import EViT
@@ -89,7 +89,9 @@ def apply_merging(model: nn.Module, cfg: CfgNode) -> nn.Module:
                              f"({', '.join(solvable)}); {method.name!r} is not")
         r_max = largest_r([i - 1 for i in cfg.LAYERS], num_tokens)
         r_override = solve_r(lambda r: transreid_gflops(model, build_reducers(cfg, depth, r)), cfg.TARGET_GFLOPS, r_max)
-    reducers = build_reducers(cfg, depth, r_override, num_tokens)
+    # Only a head that reads the class token alone allows a class-token-only last block (never JPM).
+    cls_head = not is_transreid or not model.jpm
+    reducers = build_reducers(cfg, depth, r_override, num_tokens, cls_head=cls_head)
     prop_attn = bool(cfg.PROP_ATTN) and method.prop_attn
     if is_transreid:
         model.set_reducers(reducers, prop_attn)

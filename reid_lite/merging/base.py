@@ -93,11 +93,15 @@ class TokenReducer:
 
     `may_empty`: this reducer may return empty slots (size 0), a different number per image; static per
     reducer, so fixed-r methods pay nothing for the masking that empty slots need.
+    `cls_head_only`: valid only in the last block in front of a head that reads the class token alone
+    (ATM's last layer); `build_reducers` puts its `fallback` there instead for any other model (JPM).
     """
 
     needs_cls_attn: bool = False
     needs_pos: bool = False
     may_empty: bool = False
+    cls_head_only: bool = False
+    fallback: TokenReducer | None = None
 
     def __call__(self, x: Tensor, keys: Tensor, cls_attn: Tensor | None, state: TokenState) -> Tensor:
         if self.num_out(x.shape[1]) == x.shape[1]:
@@ -122,6 +126,10 @@ class TokenReducer:
     def matching_flops(self, num_tokens: int, dim: int, heads: int) -> int:
         """Multiply-adds of the method's own matrix products (e.g. the similarity matrix), as fvcore counts."""
         return 0
+
+    def check_tokens(self, num_tokens: int, block: int) -> None:
+        """Raise ValueError (naming the option and the 1-based `block`) when this reducer would silently do
+        less than configured on `num_tokens` incoming tokens; called by `build_reducers`. Default: no check."""
 
 
 def bipartite_r(num_tokens: int, r: int) -> int:

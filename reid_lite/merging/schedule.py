@@ -67,15 +67,18 @@ def check_r(merge_cfg, rs: dict[int, int], num_tokens: int) -> None:
 
 
 def build_reducers(merge_cfg, depth: int, r_override: int | None = None,
-                   num_tokens: int | None = None) -> dict[int, TokenReducer]:
+                   num_tokens: int | None = None, cls_head: bool = False) -> dict[int, TokenReducer]:
     """One reducer per reducing block, {0-based block index: reducer}, as MERGE configures them.
 
     `depth` is the number of blocks whose tokens may be reduced (the backbone's own blocks; with JPM
     the last block belongs to the branches and is excluded). `r_override` replaces every r (solver).
     With `num_tokens` (tokens entering the first block, class token included) an r that a block cannot
     merge is a ValueError naming the largest allowed r (`check_r`), for methods that merge by bipartite
-    matching (those whose GFLOPs target is met through r). The plugins of MERGE.PLUGINS are imported first
-    (a config read from a stored gallery names them).
+    matching (those whose GFLOPs target is met through r), and each reducer's own `check_tokens` runs
+    (LoTM's and DHTM's K). The plugins of MERGE.PLUGINS are imported first
+    (a config read from a stored gallery names them). `cls_head`: the last reducible block feeds a head
+    that reads the class token alone (no JPM); otherwise a reducer declaring `cls_head_only` is replaced by
+    its `fallback`.
     """
     load_plugins(list(merge_cfg.get("PLUGINS", [])))
     method = get_method(merge_cfg.METHOD)
@@ -87,9 +90,19 @@ def build_reducers(merge_cfg, depth: int, r_override: int | None = None,
         if num_tokens is not None and method.gflops_knob == "r":
             check_r(merge_cfg, {i: r for i, r in rs.items() if r > 0}, num_tokens)
     reducers = method.build(merge_cfg, depth, rs)
+    for i, reducer in list(reducers.items()):
+        if reducer.cls_head_only and not (cls_head and i == depth - 1):
+            if reducer.fallback is None:
+                del reducers[i]
+            else:
+                reducers[i] = reducer.fallback
     bad = [i + 1 for i in reducers if not 0 <= i < depth]
     if bad:
         raise ValueError(f"MERGE.METHOD {method.name!r} put reducers in blocks {bad}, outside 1..{depth}")
+    if num_tokens is not None:
+        for i, (t_in, _) in enumerate(token_counts(num_tokens, depth, reducers)):
+            if i in reducers:
+                reducers[i].check_tokens(t_in, i + 1)
     return reducers
 
 

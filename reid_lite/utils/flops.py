@@ -62,7 +62,8 @@ def _block_flops(t_in: int, t_out: int, dim: int, hidden: int, heads: int, reduc
     norms = 5 * (t_in + t_out) * dim  # two affine LayerNorms
     mlp = 2 * t_out * dim * hidden
     extra = 0
-    if reducer is not None and t_out < t_in:
+    # A reducer that may empty slots runs its matching even when the block keeps its capacity.
+    if reducer is not None and (t_out < t_in or reducer.may_empty):
         extra = reducer.matching_flops(t_in, dim, heads)
         if reducer.needs_cls_attn:
             extra += t_in * dim  # the class token's attention row, computed on its own
