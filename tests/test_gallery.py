@@ -256,7 +256,7 @@ def test_torchrun_two_processes_equals_one(tmp_path, data):
     one, two = tmp_path / "one", tmp_path / "two"
     res = run_cli("build", str(one), str(data / "bounding_box_test"), str(data / "query"), "--opts", *TINY)
     assert res.returncode == 0, res.stderr
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "reid_lite.index.distributed", "build", str(two), str(data / "bounding_box_test"),
            str(data / "query"), "--opts", *TINY]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=180)
