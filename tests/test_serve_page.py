@@ -15,7 +15,8 @@ from serve_util import build_gallery, make_crops
 
 from reid_lite.index.server import BackgroundServer, create_app
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+#: REID_LITE_CHROMIUM: another browser binary (tests/test_ci.py points it at a missing file).
+CHROMIUM = os.environ.get("REID_LITE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -23,7 +24,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
 @pytest.fixture(scope="module")
 def browser():
     sync_api = import_extra("playwright.sync_api", "test")
-    if CHROMIUM is None:
+    if CHROMIUM is None or not os.path.isfile(CHROMIUM):
         if os.environ.get("REID_LITE_NO_MISSING_MODULE_SKIPS") == "1" or os.environ.get("CI"):
             pytest.fail("chromium is not installed, so the web page is untested: .ci/run installs it "
                         "(apt-get install -y chromium chromium-driver)", pytrace=False)
