@@ -230,3 +230,33 @@ def test_search_goes_on_while_an_upload_is_published(tmp_path, crops, monkeypatc
         info = requests.get(f"{s.url}/api/info", timeout=T).json()
         assert info["generation"] == int(out.stdout.split()[-1]) == again["generation"] + 1
         assert info["size"] == len(gallery_files(crops)) + 2
+
+
+def test_cli_serve_prints_its_address_and_refuses_a_busy_port(live):
+    """`reid-gallery serve` end to end: it says where it listens and answers there; mistakes get one line, exit 2."""
+    from reid_lite.index.server import bind
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "reid_lite.index.cli", "serve", str(live.root), "--no-verify"]
+    proc = subprocess.Popen([*cmd, "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=env, cwd=REPO)
+    try:
+        line = proc.stdout.readline()  # printed once the socket is bound and the model built
+        assert "read-only" in line and "http://127.0.0.1:" in line, line
+        url = line.split(" on ")[-1].strip().rstrip("/")
+        info = requests.get(url + "/api/info", timeout=T).json()
+        assert info["size"] == live.current().store.count()
+        assert "<title>reid-gallery</title>" in requests.get(url + "/", timeout=T).text
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    busy = bind("127.0.0.1", 0)
+    try:
+        out = subprocess.run([*cmd, "--port", str(busy.getsockname()[1])], capture_output=True, text=True, env=env,
+                             cwd=REPO, timeout=120)
+    finally:
+        busy.close()
+    assert out.returncode == 2 and out.stderr.startswith("reid-gallery serve: error: ") and "in use" in out.stderr
+    out = subprocess.run([*cmd[:-2], str(REPO / "no-such-gallery")], capture_output=True, text=True, env=env,
+                         cwd=REPO, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "no gallery at" in out.stderr

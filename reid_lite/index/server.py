@@ -234,10 +234,6 @@ def create_app(gallery: str | os.PathLike | LiveGallery, *, allow_add: bool = Fa
     async def corrupt(request: Request, exc: GalleryCorrupt) -> JSONResponse:
         return _error(500, str(exc))
 
-    @app.exception_handler(KeyError)
-    async def unknown(request: Request, exc: KeyError) -> JSONResponse:
-        return _error(404, exc.args[0] if exc.args else "not found")
-
     @app.exception_handler(ValueError)
     @app.exception_handler(GalleryError)
     async def bad_request(request: Request, exc: Exception) -> JSONResponse:  # FingerprintMismatch included
