@@ -260,3 +260,18 @@ def test_cli_serve_prints_its_address_and_refuses_a_busy_port(live):
     out = subprocess.run([*cmd[:-2], str(REPO / "no-such-gallery")], capture_output=True, text=True, env=env,
                          cwd=REPO, timeout=120)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "no gallery at" in out.stderr
+
+
+def test_a_damaged_new_generation_is_not_served(live):
+    """CURRENT replaced by garbage (a writer gone wrong): the server goes on with the generation it has."""
+    current = live.root / "CURRENT"
+    good = current.read_text()
+    before = live.current()
+    try:
+        current.write_text("gen-999999 0000\n")
+        assert live.current() is before and "still serving generation" in live.reopen_errors[-1]
+        assert live.current() is before  # not retried on every request
+    finally:
+        current.write_text(good)
+    after = live.current()  # CURRENT changed again: reopened, same generation
+    assert after.generation == before.generation and after.search(after.crop_features([0]), k=1)[0][0].id == 0
