@@ -154,11 +154,12 @@ def _crop(g: Gallery, crop_id: int) -> CropRecord:
     return rec
 
 
-def search_filters(k: Annotated[int, Query(ge=1, le=1000, description="hits to return")] = 10,
-            cameras: Annotated[list[int] | None, Query(description="keep only these cameras (0-based)")] = None,
-            time_from: Annotated[str | None, Query(description="timestamp >= this (number or ISO 8601)")] = None,
-            time_to: Annotated[str | None, Query(description="timestamp <= this")] = None,
-            exclude_same_camera: bool = False, nprobe: Annotated[int | None, Query(ge=1)] = None) -> Filters:
+def search_filters(
+        k: Annotated[int, Query(ge=1, le=1000, description="hits to return")] = 10,
+        cameras: Annotated[list[int] | None, Query(description="keep only these cameras (0-based)")] = None,
+        time_from: Annotated[str | None, Query(description="timestamp >= this (number or ISO 8601)")] = None,
+        time_to: Annotated[str | None, Query(description="timestamp <= this")] = None,
+        exclude_same_camera: bool = False, nprobe: Annotated[int | None, Query(ge=1)] = None) -> Filters:
     """The search filters of the query string (a FastAPI dependency)."""
     return {"k": k, "cameras": cameras, "time_window": (time_from, time_to),
             "exclude_same_camera": exclude_same_camera, "nprobe": nprobe}
@@ -176,9 +177,10 @@ def _add_upload(live: LiveGallery, data: bytes, fmt: str, camera: int | None, ti
     folder.mkdir(exist_ok=True)
     path = folder / f"{sha}{_FORMATS[fmt]}"
     existed = path.exists()
-    if not existed:
-        tmp = folder / f".{sha}.part"
-        tmp.write_bytes(data)
+    if not existed:  # written whole, then renamed: an interrupted upload never leaves a partial crop
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{sha}.", suffix=".part")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
         os.replace(tmp, path)
     record = CropRecord(path=str(path), sha256="", camid=camera, timestamp=to_seconds(timestamp),
                         timestamp_raw=timestamp, identity=identity)
