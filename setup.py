@@ -29,13 +29,13 @@ setup(
         "pyyaml>=5.1",  # read before yacs: MERGE.PLUGINS of a config file
         "fvcore>=0.1.5.post20221221",
         "faiss-cpu>=1.8",
+        # `reid-gallery serve`: the HTTP API (OpenAPI from FastAPI) and its server.
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
         "opencv-python-headless>=4.8",
         "pillow>=9.0",
         "numpy>=1.24",
         "tqdm>=4.60",
-        # `reid-gallery serve`: the HTTP API (OpenAPI from FastAPI) and its server.
-        "fastapi>=0.110",
-        "uvicorn>=0.29",
     ],
     extras_require={
         # The test suite covers the torchreid adapter, so it needs the torchreid extra in full.
