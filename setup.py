@@ -17,6 +17,7 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["reid_lite", "reid_lite.*"]),
+    package_data={"reid_lite.index": ["web/*"]},  # the `reid-gallery serve` page
     python_requires=">=3.10",
     install_requires=[
         # torch/torchvision are pinned by the README's first install command (they come from the
@@ -28,6 +29,9 @@ setup(
         "pyyaml>=5.1",  # read before yacs: MERGE.PLUGINS of a config file
         "fvcore>=0.1.5.post20221221",
         "faiss-cpu>=1.8",
+        # `reid-gallery serve`: the HTTP API (OpenAPI from FastAPI) and its server.
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
         "opencv-python-headless>=4.8",
         "pillow>=9.0",
         "numpy>=1.24",
@@ -37,7 +41,9 @@ setup(
     ],
     extras_require={
         # The test suite covers the torchreid adapter, so it needs the torchreid extra in full.
-        "test": ["pytest>=7", "ruff>=0.5", *TORCHREID],
+        # requests: the server tests' client; playwright: drives the system's Chromium (.ci/run installs it)
+        # for the web page's test, through executable_path (no browser download).
+        "test": ["pytest>=7", "ruff>=0.5", "requests>=2.28", "playwright>=1.40", *TORCHREID],
         "torchreid": TORCHREID,
         "gpu": ["faiss-gpu>=1.8"],
     },

@@ -82,3 +82,13 @@ def test_ci_script_handles_no_tests_and_prints_the_skip_summary():
     readme = (REPO / "README.md").read_text()
     for line in ("pip install torch==2.14.1 torchvision==0.29.1", "pip install -e '.[test]'"):
         assert line in readme and f"python -m {line}" in script
+
+
+def test_page_test_fails_without_chromium_under_ci():
+    """The web page's browser test must fail, not skip, in CI when Chromium is missing."""
+    env = {**os.environ, "REID_LITE_CHROMIUM": "/nonexistent/chromium", "REID_LITE_NO_MISSING_MODULE_SKIPS": "1"}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          str(TESTS / "test_serve_page.py")], capture_output=True, text=True, env=env, cwd=REPO,
+                         timeout=300)
+    assert out.returncode not in (0, 5), out.stdout[-2000:]
+    assert "chromium is not installed" in out.stdout and "skipped" not in out.stdout.splitlines()[-1]

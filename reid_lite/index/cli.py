@@ -6,6 +6,7 @@
     reid-gallery info   /tmp/gal
     reid-gallery remove /tmp/gal --camera 3 --path crops/x.jpg [--purge]
     reid-gallery recover /tmp/gal
+    reid-gallery serve  /tmp/gal [--host 127.0.0.1] [--port 8000] [--allow-add]   # HTTP API + web page
 
 Cameras are 0-based ids (a file name's `c1` is camera 0), as in the data package. Mistakes end in
 one line on stderr and exit status 2; Ctrl-C in 130; the gallery is never left half-written.
@@ -168,6 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("recover", help="republish the newest complete generation (CURRENT missing or damaged)")
     c.add_argument("gallery")
     _add_lock_arg(c)
+
+    v = sub.add_parser("serve", help="HTTP API and web page for searching the gallery (docs/gallery.md)")
+    v.add_argument("gallery")
+    v.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: loopback only; anything else exposes the gallery's crops)")
+    v.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: any free port)")
+    v.add_argument("--allow-add", action="store_true", help="accept uploads that add crops (default: read-only)")
+    v.add_argument("--max-upload-mb", type=float, default=10.0, help="larger uploads get 413 (default 10)")
+    v.add_argument("--device", help="cpu | cuda (the model that embeds uploaded queries)")
+    v.add_argument("--no-verify", action="store_true", help="skip the checksum verification on (re)open")
     return ap
 
 
@@ -313,6 +324,16 @@ def _cmd_recover(args: argparse.Namespace) -> None:
     g.close()
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from .server import serve
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        warnings.warn(f"listening on {args.host}: anyone who can reach it can search the gallery and see its crops "
+                      "(there is no authentication)", stacklevel=1)
+    serve(args.gallery, args.host, args.port, allow_add=args.allow_add, max_upload_mb=args.max_upload_mb,
+          verify=not args.no_verify, device=args.device)
+
+
 def write_sheet(path: str | Path, queries: Sequence[str], results: Sequence[Sequence[SearchHit]],
                 thumb: tuple[int, int] = (128, 64)) -> None:
     """Contact sheet: one row per query (query first, then its ranked crops with score and camera).
@@ -352,7 +373,7 @@ def write_sheet(path: str | Path, queries: Sequence[str], results: Sequence[Sequ
 
 def _interrupted(args: argparse.Namespace) -> str:
     """What an interrupted command left behind, read from the disk (not assumed)."""
-    if args.command in ("search", "info"):
+    if args.command in ("search", "info", "serve"):
         return "interrupted"
     try:
         gen, _ = read_current(Path(args.gallery))
@@ -386,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     handlers = {"build": _cmd_build, "add": _cmd_add, "search": _cmd_search, "info": _cmd_info,
-                "remove": _cmd_remove, "recover": _cmd_recover}
+                "remove": _cmd_remove, "recover": _cmd_recover, "serve": _cmd_serve}
     return run_command(f"reid-gallery {args.command}", lambda: handlers[args.command](args),
                        lambda: _interrupted(args))
 

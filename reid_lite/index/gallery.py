@@ -364,6 +364,15 @@ class Gallery(GallerySearch, GalleryWrites):
                                                               self.camera_num))
         return ext
 
+    def share_model(self, other: Gallery) -> None:
+        """Use `other`'s already built extractor (another generation of the same gallery, or one with
+        the same fingerprint), so that reopening a gallery does not build its model again."""
+        if other.fingerprint != self.fingerprint:
+            raise FingerprintMismatch("share_model: the two galleries were built with different models")
+        if other._extractor is not None:
+            self._extractor = other._extractor
+        self.device = other.device
+
     def _post(self, feats: torch.Tensor | np.ndarray) -> np.ndarray:
         x = feats.numpy() if isinstance(feats, torch.Tensor) else np.asarray(feats)
         x = x.astype(np.float32, copy=False)

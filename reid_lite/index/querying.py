@@ -130,6 +130,15 @@ class GallerySearch:
                                             m.timestamp_raw, m.identity, m.track))
         return SearchResults(out, skipped, notes)
 
+    def crop_features(self, ids: Sequence[int]) -> np.ndarray:
+        """Stored (len(ids), D) features of gallery crops, e.g. to search from a crop already in the
+        gallery without embedding it again. Unknown ids raise KeyError naming them."""
+        ids = [int(i) for i in ids]
+        missing = sorted(set(ids) - set(self.store.get(ids)))
+        if missing:
+            raise KeyError(f"no crop with id {', '.join(map(str, missing[:5]))} in this gallery")
+        return self._index.stored_vectors(np.asarray(ids, np.int64))
+
     # ------------------------------------------------------------------ filters
     def _metadata_columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids, cameras with -1 for unknown, timestamps with NaN for none), read once per generation:

@@ -14,7 +14,7 @@ import faiss
 import numpy as np
 
 from .search import gpu_available
-from .storage import GalleryCorrupt, write_segment
+from .storage import GalleryCorrupt, GalleryError, write_segment
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +166,16 @@ class VectorIndex:
         if not len(ids):
             return 0
         return int(self.index.remove_ids(faiss.IDSelectorBatch(ids.astype(np.int64))))
+
+    def stored_vectors(self, ids: np.ndarray) -> np.ndarray:
+        """float32 (len(ids), D) vectors of stored `ids`: exact for a flat index, the float16 re-ranking
+        copies for IVF-PQ (its codes are lossy). Every id must be stored (check with the metadata first)."""
+        ids = np.asarray(ids, np.int64)
+        if self.kind == "flat":
+            return self.index.reconstruct_batch(ids).astype(np.float32, copy=False)
+        if self.vectors is None:
+            raise GalleryError("this IVF-PQ gallery keeps no float16 copies of its vectors to search from")
+        return self.vectors.get(ids)
 
     def _maybe_gpu(self) -> faiss.Index | None:
         if self.params.use_gpu is False or not gpu_available():

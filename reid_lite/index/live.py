@@ -1,0 +1,77 @@
+"""A gallery that follows its published generation: what a long-running reader (the HTTP server) holds.
+
+`LiveGallery.current()` reads CURRENT (a few bytes) on every call; when a writer has published a new
+generation it opens that one (checksums verified) and swaps it in with a single reference assignment,
+so a request sees either the old generation or the new one whole, never a mix. A request that
+started on the old one keeps it: its faiss index is in memory and its SQLite file stays readable
+(POSIX) even after the writer's garbage collection deletes the directory. While the new generation is
+being opened, other requests go on with the old one instead of waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+from .gallery import Gallery
+from .storage import CURRENT, GalleryError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LiveGallery"]
+
+
+class LiveGallery:
+    """The published generation of the gallery at `root`, reopened when a writer publishes another.
+
+    verify: check every file's sha256 on each open (the first and every reopen). device: where the
+    gallery's model runs. The model is built once, here, and shared by every later generation.
+    """
+
+    def __init__(self, root: str | os.PathLike, verify: bool = True, device: str | None = None) -> None:
+        self.root = Path(root)
+        self.verify = verify
+        self._current_text = self._read_current()
+        gallery = Gallery.open(self.root, verify=verify)
+        gallery.device = device
+        gallery.extractor()  # build the model now: the first request should not pay for it
+        self._gallery = gallery
+        self._reopen_lock = threading.Lock()
+        self.reopen_errors: list[str] = []
+
+    def _read_current(self) -> str:
+        try:
+            return (self.root / CURRENT).read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def current(self) -> Gallery:
+        """The newest published generation (reopened here when CURRENT changed since the last call).
+
+        A generation that cannot be opened (damaged, or CURRENT removed) is logged and skipped: the
+        previous one goes on serving until CURRENT changes again."""
+        text = self._read_current()
+        if text != self._current_text and text and self._reopen_lock.acquire(blocking=False):
+            try:
+                if text != self._current_text:
+                    self._reopen(text)
+            finally:
+                self._reopen_lock.release()
+        return self._gallery
+
+    def _reopen(self, text: str) -> None:
+        old = self._gallery
+        try:
+            fresh = Gallery.open(self.root, verify=self.verify)
+            fresh.share_model(old)
+        except (GalleryError, OSError, ValueError) as exc:
+            message = f"cannot open the newly published generation ({exc}); still serving generation {old.generation}"
+            logger.warning(message)
+            self.reopen_errors.append(message)
+            self._current_text = text  # do not retry on every request; a later publish is tried again
+            return
+        self._current_text = text
+        self._gallery = fresh  # one assignment: the atomic switch (old stays valid for running requests)
+        logger.info("now serving generation %d (%d crops)", fresh.generation, fresh.store.count())

@@ -1,0 +1,399 @@
+"""`reid-gallery serve`: a gallery as an HTTP API (FastAPI) with a single web page on top.
+
+    GET  /                              the web page (reid_lite/index/web/, no build step, no network)
+    GET  /api/info                      size, generation, cameras, time span, model, limits
+    POST /api/search                    body: an image; ?k&camera&cameras&time_from&time_to&exclude_same_camera
+    GET  /api/crops/{id}/search         the same filters, searching from a stored crop (its stored feature)
+    GET  /api/crops/{id}                a crop's metadata
+    GET  /api/crops/{id}/thumbnail      a JPEG thumbnail of a stored crop
+    POST /api/crops                     add an uploaded crop (only with --allow-add)
+    GET  /openapi.json                  the OpenAPI description
+
+Files are addressed by gallery id only, never by a path from the request, and a thumbnail is served
+only when the file still has the content hash the gallery stored. Every error is one JSON object
+{"error": "..."} with a 4xx status (5xx only for a fault of the server). Searches run on the
+published generation; when a writer publishes a new one, it is opened and swapped in atomically
+(`LiveGallery`), and requests in flight finish on the old one.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from .crops import cameras_from_names, to_seconds
+from .gallery import Gallery
+from .live import LiveGallery
+from .querying import SearchHit, SearchResults
+from .storage import GalleryCorrupt, GalleryError, GalleryLocked
+from .store import CropRecord
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["UPLOADS", "BackgroundServer", "bind", "create_app", "serve"]
+
+#: Folder of the gallery where crops added through the API are kept (named by their sha256).
+UPLOADS = "uploads"
+_WEB_FILES = {"app.js": "text/javascript", "style.css": "text/css"}  # the page's files: a fixed list
+_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "BMP": ".bmp"}  # uploads the gallery's crop reader accepts
+Filters = dict[str, Any]  # keyword arguments of Gallery.search from the query string
+_MAX_PIXELS = 40_000_000  # a person crop is far smaller; refuses decompression bombs before decoding
+
+
+def _web_file(name: str) -> bytes:
+    return (resources.files("reid_lite.index") / "web" / name).read_bytes()
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past `limit` bytes (declared or streamed)."""
+    too_big = f"upload larger than the server's limit of {limit / 2**20:g} MB (--max-upload-mb)"
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, too_big)
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > limit:
+            raise HTTPException(413, too_big)
+    if not data:
+        raise HTTPException(400, "empty request body: send the image file's bytes as the body")
+    return bytes(data)
+
+
+def _decode(data: bytes) -> tuple[Any, str]:
+    """(RGB PIL image, format) of uploaded bytes; 400/415 for what is not a readable crop."""
+    from PIL import Image
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.width * img.height > _MAX_PIXELS:
+            raise HTTPException(400, f"image of {img.width}x{img.height} pixels is too large for a person crop")
+        img.load()
+    except HTTPException:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
+        raise HTTPException(400, f"the upload is not a readable image ({exc})") from None
+    if img.format not in _FORMATS:
+        raise HTTPException(415, f"unsupported image format {img.format}: send JPEG, PNG or BMP")
+    return img.convert("RGB"), img.format
+
+
+def _camera_from_name(g: Gallery, data: bytes, filename: str | None, fmt: str) -> int | None:
+    """The camera the gallery's file-name pattern reads from `filename` (only its base name is used)."""
+    name = Path(filename or "").name
+    if not name or name in (".", ".."):
+        return None
+    with tempfile.TemporaryDirectory(prefix="reid-serve-") as tmp:
+        path = Path(tmp) / (name if Path(name).suffix.lower() in _FORMATS.values() else name + _FORMATS[fmt])
+        path.write_bytes(data)
+        return cameras_from_names([str(path)], g.pattern)[0]
+
+
+def _query_camera(g: Gallery, camera: int | None) -> int | None:
+    if g.fingerprint["architecture"]["sie_camera"]:
+        if camera is None:
+            raise HTTPException(400, "this gallery's model has a camera SIE: give the query's camera (camera=N, "
+                                     "0-based) or a filename= that the gallery's file-name pattern parses")
+        if not 0 <= camera < g.camera_num:
+            raise HTTPException(400, f"camera {camera} is outside the model's SIE table (0..{g.camera_num - 1})")
+    return camera
+
+
+def _hit(h: SearchHit) -> dict[str, Any]:
+    # The file's location on the server is not part of the answer: a crop is its id (and its base name).
+    return {"rank": h.rank, "id": h.id, "score": h.score, "camid": h.camid, "timestamp": h.timestamp,
+            "timestamp_raw": h.timestamp_raw, "identity": h.identity, "track": h.track, "name": Path(h.path).name,
+            "thumbnail": f"/api/crops/{h.id}/thumbnail"}
+
+
+def _results(g: Gallery, results: SearchResults, query: dict[str, Any], seconds: float) -> dict[str, Any]:
+    return {"query": query, "generation": g.generation, "hits": [_hit(h) for h in results[0]],
+            "notes": results.notes, "seconds": seconds}
+
+
+@functools.lru_cache(maxsize=4096)
+def _thumbnail(path: str, sha256: str, height: int, mtime_ns: int, size: int) -> bytes:
+    """JPEG thumbnail of a stored crop, only if the file still has the bytes the gallery stored (cached
+    per file version: the key holds its mtime and size)."""
+    from PIL import Image
+
+    data = Path(path).read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise HTTPException(410, "the crop's file changed on disk since it was added; it is not served")
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    img.thumbnail((height, height), Image.Resampling.BILINEAR)  # person crops are tall: height binds
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=85)
+    return out.getvalue()
+
+
+def _crop(g: Gallery, crop_id: int) -> CropRecord:
+    rec = g.store.get([crop_id]).get(crop_id)
+    if rec is None:
+        raise HTTPException(404, f"no crop with id {crop_id} in generation {g.generation} of this gallery")
+    return rec
+
+
+def search_filters(
+        k: Annotated[int, Query(ge=1, le=1000, description="hits to return")] = 10,
+        cameras: Annotated[list[int] | None, Query(description="keep only these cameras (0-based)")] = None,
+        time_from: Annotated[str | None, Query(description="timestamp >= this (number or ISO 8601)")] = None,
+        time_to: Annotated[str | None, Query(description="timestamp <= this")] = None,
+        exclude_same_camera: bool = False, nprobe: Annotated[int | None, Query(ge=1)] = None) -> Filters:
+    """The search filters of the query string (a FastAPI dependency)."""
+    return {"k": k, "cameras": cameras, "time_window": (time_from, time_to),
+            "exclude_same_camera": exclude_same_camera, "nprobe": nprobe}
+
+
+def _add_upload(live: LiveGallery, data: bytes, fmt: str, camera: int | None, timestamp: str | None,
+                identity: int | None, filename: str | None) -> dict[str, Any]:
+    """Store an uploaded crop under <gallery>/uploads/<sha256>.<ext> and add it (a new generation)."""
+    g = live.current()
+    if camera is None:
+        camera = _camera_from_name(g, data, filename, fmt)
+    _query_camera(g, camera)
+    sha = hashlib.sha256(data).hexdigest()
+    folder = live.root / UPLOADS
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{sha}{_FORMATS[fmt]}"
+    existed = path.exists()
+    if not existed:  # written whole, then renamed: an interrupted upload never leaves a partial crop
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{sha}.", suffix=".part")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    record = CropRecord(path=str(path), sha256="", camid=camera, timestamp=to_seconds(timestamp),
+                        timestamp_raw=timestamp, identity=identity)
+    writer = Gallery.open(live.root, verify=False)
+    try:
+        writer.share_model(g)
+        report = writer.add([record], lock_timeout=60.0)
+        row = writer.store.conn.execute("SELECT id FROM crops WHERE sha256 = ?", (sha,)).fetchone()
+    except BaseException:
+        if not existed:
+            path.unlink(missing_ok=True)
+        raise
+    finally:
+        writer.close()
+    if not report.added and not existed:
+        path.unlink(missing_ok=True)  # the same bytes were already stored under another file
+    live.current()  # serve the new generation from now on
+    return {"added": report.added, "duplicate": bool(report.duplicates), "id": None if row is None else row[0],
+            "generation": report.generation}
+
+
+def create_app(gallery: str | os.PathLike | LiveGallery, *, allow_add: bool = False, max_upload_mb: float = 10.0,
+               verify: bool = True, device: str | None = None) -> FastAPI:
+    """The FastAPI application serving `gallery` (a directory, opened and verified here, or a LiveGallery).
+
+    allow_add: accept POST /api/crops (read-only otherwise: 403). max_upload_mb: larger request bodies
+    get 413."""
+    if max_upload_mb <= 0:
+        raise ValueError(f"--max-upload-mb must be positive, got {max_upload_mb}")
+    live = gallery if isinstance(gallery, LiveGallery) else LiveGallery(gallery, verify=verify, device=device)
+    limit = int(max_upload_mb * 2**20)
+    app = FastAPI(title="reid-gallery", version="1", docs_url=None, redoc_url=None,  # those load a CDN
+                  description="Search a gallery of person crops by image or by crop id. Errors are "
+                              '{"error": "one line"} with a 4xx status.')
+    app.state.live = live
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        e = exc.errors()[0]
+        where = ".".join(str(p) for p in e.get("loc", ())[1:]) or "request"
+        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], (dict, bytes)) else ""
+        return _error(422, f"{where}: {e.get('msg', 'invalid')}{got}")
+
+    @app.exception_handler(GalleryLocked)
+    async def locked(request: Request, exc: GalleryLocked) -> JSONResponse:
+        return _error(503, str(exc))
+
+    @app.exception_handler(GalleryCorrupt)
+    async def corrupt(request: Request, exc: GalleryCorrupt) -> JSONResponse:
+        return _error(500, str(exc))
+
+    @app.exception_handler(ValueError)
+    @app.exception_handler(GalleryError)
+    async def bad_request(request: Request, exc: Exception) -> JSONResponse:  # FingerprintMismatch included
+        return _error(400, str(exc).replace("\n", " "))
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        logger.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _error(500, f"internal error ({type(exc).__name__}); see the server's log")
+
+    def run_search(g: Gallery, queries: Any, camera: int | None, f: Filters, query: dict[str, Any]) -> dict:
+        t0 = time.perf_counter()
+        res = g.search(queries, camids=[camera], **f)
+        return _results(g, res, query, time.perf_counter() - t0)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> HTMLResponse:
+        return HTMLResponse(_web_file("index.html"))
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static(name: str) -> Response:
+        if name not in _WEB_FILES:
+            raise HTTPException(404, f"no such file: {name}")
+        return Response(_web_file(name), media_type=_WEB_FILES[name])
+
+    @app.get("/api/info", summary="The gallery: size, generation, cameras, time span, model, limits")
+    def info() -> dict[str, Any]:
+        g = live.current()
+        out = {k: v for k, v in g.info().items() if k not in ("path", "manifest")}  # no server paths
+        lo, hi, ids = g.store.conn.execute(
+            "SELECT MIN(timestamp), MAX(timestamp), COUNT(identity) FROM crops").fetchone()
+        out.update(time_span=None if lo is None else [lo, hi], has_identity=bool(ids), camera_num=g.camera_num,
+                   sie_camera=bool(g.fingerprint["architecture"]["sie_camera"]), allow_add=allow_add,
+                   max_upload_bytes=limit, reopen_errors=live.reopen_errors[-5:])
+        return out
+
+    @app.post("/api/search", summary="Search with an uploaded image (the request body: JPEG, PNG or BMP bytes)",
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "image/*": {"schema": {"type": "string", "format": "binary"}}}}})
+    async def search_upload(request: Request, f: Annotated[Filters, Depends(search_filters)],
+                            camera: Annotated[int | None, Query(ge=0, description="the query's camera")] = None,
+                            filename: Annotated[str | None, Query(description="file name to read the camera from")]
+                            = None) -> dict[str, Any]:
+        data = await _read_body(request, limit)
+
+        def work() -> dict[str, Any]:
+            img, fmt = _decode(data)
+            g = live.current()
+            cam = camera if camera is not None else _camera_from_name(g, data, filename, fmt)
+            query = {"camera": cam, "filename": Path(filename).name if filename else None}
+            return run_search(g, [img], _query_camera(g, cam), f, query)
+        return await run_in_threadpool(work)
+
+    @app.get("/api/crops/{crop_id}/search", summary="Search from a stored crop (its stored feature and camera)")
+    def search_crop(crop_id: int, f: Annotated[Filters, Depends(search_filters)]) -> dict[str, Any]:
+        g = live.current()
+        rec = _crop(g, crop_id)
+        return run_search(g, g.crop_features([crop_id]), rec.camid, f, {"id": crop_id, **_hit_meta(rec)})
+
+    @app.get("/api/crops/{crop_id}", summary="A stored crop's metadata")
+    def crop(crop_id: int) -> dict[str, Any]:
+        g = live.current()
+        return {"id": crop_id, **_hit_meta(_crop(g, crop_id)), "generation": g.generation}
+
+    @app.get("/api/crops/{crop_id}/thumbnail", summary="JPEG thumbnail of a stored crop",
+             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
+    def thumbnail(crop_id: int, height: Annotated[int, Query(ge=16, le=512)] = 128) -> Response:
+        rec = _crop(live.current(), crop_id)
+        try:
+            st = os.stat(rec.path)
+            jpeg = _thumbnail(rec.path, rec.sha256, height, st.st_mtime_ns, st.st_size)
+        except OSError:
+            raise HTTPException(404, f"crop {crop_id}'s image file is no longer on disk") from None
+        return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.post("/api/crops", summary="Add an uploaded crop to the gallery (server started with --allow-add)",
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "image/*": {"schema": {"type": "string", "format": "binary"}}}}})
+    async def add_crop(request: Request, camera: Annotated[int | None, Query(ge=0)] = None,
+                       timestamp: Annotated[str | None, Query(description="number or ISO 8601")] = None,
+                       identity: int | None = None, filename: str | None = None) -> dict[str, Any]:
+        if not allow_add:
+            raise HTTPException(403, "this server is read-only; start it with --allow-add to accept new crops")
+        data = await _read_body(request, limit)
+
+        def work() -> dict[str, Any]:
+            _, fmt = _decode(data)
+            to_seconds(timestamp)  # a bad timestamp is refused before anything is written
+            return _add_upload(live, data, fmt, camera, timestamp, identity, filename)
+        return await run_in_threadpool(work)
+
+    return app
+
+
+def _hit_meta(rec: CropRecord) -> dict[str, Any]:
+    return {"camid": rec.camid, "timestamp": rec.timestamp, "timestamp_raw": rec.timestamp_raw,
+            "identity": rec.identity, "track": rec.track, "name": Path(rec.path).name,
+            "thumbnail": f"/api/crops/{rec.id}/thumbnail"}
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (port 0: any free port); OSError (e.g. in use) is the caller's."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                      proto=socket.IPPROTO_TCP)[0]
+    # proto must say TCP: asyncio sets TCP_NODELAY only on such sockets' connections, and without it
+    # every answer waits ~40 ms for the client's delayed ACK (measured: 46 ms vs 2 ms per request).
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class BackgroundServer:
+    """Serve an app with uvicorn in a daemon thread (tests, benchmarks): `with BackgroundServer(app) as s:
+    requests.get(s.url + "/api/info")`. Port 0 picks a free port."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
+        import uvicorn
+
+        self.sock = bind(host, port)
+        self.url = f"http://{host}:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+def serve(gallery: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, *, allow_add: bool = False,
+          max_upload_mb: float = 10.0, verify: bool = True, device: str | None = None) -> None:
+    """Serve `gallery` until Ctrl-C (blocking). The socket is bound before the model is built, so a port in
+    use fails at once."""
+    import uvicorn
+
+    sock = bind(host, port)
+    try:
+        app = create_app(gallery, allow_add=allow_add, max_upload_mb=max_upload_mb, verify=verify, device=device)
+        g = app.state.live.current()
+        print(f"reid-gallery serve: {gallery} (generation {g.generation}, {g.store.count()} crops, "
+              f"{'uploads add crops' if allow_add else 'read-only'}) on http://{host}:{sock.getsockname()[1]}/",
+              flush=True)
+        uvicorn.Server(uvicorn.Config(app, log_level="info", lifespan="off")).run(sockets=[sock])
+    finally:
+        sock.close()
+
