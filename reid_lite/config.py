@@ -52,6 +52,10 @@ _C.MODEL.DEPTH = 0
 _C.MODEL.NUM_HEADS = 0
 # Allow full unpickling of a checkpoint that weights_only loading refuses. Only for files you trust.
 _C.MODEL.TRUST_CHECKPOINT = False
+# Inference backend: torch (the PyTorch model) | onnxruntime | openvino (the exported file at ONNX_PATH,
+# made by tools/export.py; it carries its weights and merging schedule).
+_C.MODEL.BACKEND = "torch"
+_C.MODEL.ONNX_PATH = ""
 
 # ----------------------------------------------------------------------------- INPUT
 _C.INPUT = CN()

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .ops import split_ranked, stable_rank
+
 
 @dataclass
 class TokenState:
@@ -179,9 +181,8 @@ def bipartite_match(scores: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
     scores = scores.clone()
     scores[:, 0, :] = -math.inf
     node_max, node_idx = scores.max(dim=-1)
-    edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
-    src_idx = edge_idx[:, :r]
-    unm_idx = edge_idx[:, r:].sort(dim=-1).values
+    # = argsort(descending, stable)[:, :r] and the rest sorted, without the sorts ONNX cannot export
+    src_idx, unm_idx = split_ranked(stable_rank(node_max, descending=True), r)
     dst_idx = node_idx.gather(1, src_idx)
     return unm_idx, src_idx, dst_idx
 

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .base import TokenReducer, TokenState
 from .base import take_tokens as _take
+from .ops import stable_argsort
 
 
 class EViT(TokenReducer):
@@ -37,7 +38,7 @@ class EViT(TokenReducer):
     def reduce(self, x: Tensor, keys: Tensor, cls_attn: Tensor | None, state: TokenState) -> Tensor:
         keep = self.num_kept(x.shape[1])
         attn = cls_attn[:, :, 1:].mean(dim=1)  # (B, T-1)
-        order = attn.argsort(dim=-1, descending=True, stable=True)
+        order = stable_argsort(attn, descending=True)  # argsort(stable=True), exportable
         kept, dropped = order[:, :keep] + 1, order[:, keep:] + 1
         parts = [x[:, :1], _take(x, kept)]
         size_parts = [state.size[:, :1], _take(state.size, kept)]
