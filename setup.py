@@ -5,6 +5,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
+EXPORT = ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18", "openvino>=2024.4"]
 
 setup(
     name="reid_lite",
@@ -29,7 +30,9 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7", "ruff>=0.5", "torchreid==0.2.5", "gdown", "tensorboard"],
+        # ONNX export (torch's dynamo exporter needs onnxscript) and the CPU runtimes of MODEL.BACKEND.
+        "export": EXPORT,
+        "test": ["pytest>=7", "ruff>=0.5", "torchreid==0.2.5", "gdown", "tensorboard", *EXPORT],
         "torchreid": ["torchreid==0.2.5", "gdown", "tensorboard"],
         "gpu": ["faiss-gpu>=1.8"],
     },

@@ -28,6 +28,7 @@ import torch
 
 from reid_lite.config import load_cfg
 from reid_lite.data import DatasetLayoutError, build_dataset_from_cfg, sie_counts
+from reid_lite.deploy import DeployError, load_runtime_model
 from reid_lite.engine.evaluator import check_methods, evaluate, format_table
 from reid_lite.merging import parse_methods
 from reid_lite.models import CheckpointError, build_model, load_transreid_checkpoint
@@ -126,17 +127,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     device = resolve_device(cfg.MODEL.DEVICE, cfg.MODEL.DEVICE_ID)
     camera_num, view_num = sie_counts(dataset)
+    backend = str(cfg.MODEL.BACKEND).lower()
     try:
-        model = build_model(cfg, max(dataset.num_train_pids, 1), camera_num, view_num)
-        if cfg.TEST.WEIGHT:
+        if backend != "torch":  # an exported file (MODEL.ONNX_PATH) with its own weights and merging
+            if methods:
+                return _error("--compare re-attaches merging to a PyTorch model; with MODEL.BACKEND "
+                              f"{backend} export one file per method and evaluate each")
+            model = load_runtime_model(cfg)
+        else:
+            model = build_model(cfg, max(dataset.num_train_pids, 1), camera_num, view_num)
+        if cfg.TEST.WEIGHT and backend == "torch":
             load_transreid_checkpoint(model, cfg.TEST.WEIGHT, trust=cfg.MODEL.TRUST_CHECKPOINT,
                                       ignore_classifier=True)
             logger.info("loaded %s", cfg.TEST.WEIGHT)
         if methods:
             check_methods(cfg, model, methods)
-    except (CheckpointError, ValueError) as err:  # checkpoint, model or merging settings: user errors
+    except (CheckpointError, DeployError, ValueError) as err:  # checkpoint, model, merging, backend: user errors
         return _error(str(err))
-    random_weights = not cfg.TEST.WEIGHT
+    if backend == "torch":
+        random_weights = not cfg.TEST.WEIGHT
+    else:
+        random_weights = str(model.meta["fingerprint"]["weights"]).startswith("random-init")
     if random_weights:
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr, flush=True)
 
@@ -157,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "config_file": args.config,
         "overrides": list(args.opts),
         "weights": cfg.TEST.WEIGHT or None,
+        "backend": backend,
+        "onnx_path": cfg.MODEL.ONNX_PATH or None,
         "random_weights": random_weights,
         "dataset": dataset.name,
         "device": results["device"],

@@ -9,9 +9,9 @@ The graph takes `images` (B, 3, H, W) float32, preprocessed as the file's metada
 shape inside depends on B alone. Merge steps use exportable ops only (reid_lite.merging.ops).
 
 Parity: the same synthetic pedestrians (several cameras in one batch) go through PyTorch and through
-each runtime, at the whole batch and at batch 1 (the dynamic batch); cosine, max relative difference
-and top-10 rankings must meet the thresholds of reid_lite.deploy.parity, else the file is moved aside
-and ExportError is raised.
+each runtime, at the whole batch and at batch 1 (the dynamic batch); cosine, max relative difference,
+merging-decision flips and top-10 rankings must meet the criteria of reid_lite.deploy.parity, else
+the file is moved aside and ExportError is raised.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .parity import MIN_COSINE, ParityReport, compare_features, parity_images
+from .parity import MIN_COSINE, ParityReport, compare_features, parity_images, self_flips
 from .runtime import METADATA_KEY, open_runtime
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,8 @@ def export_refusal(model: nn.Module) -> str | None:
     reasons = []
     for i, reducer in sorted(getattr(model, "reducers", {}).items()):
         if not getattr(reducer, "exportable", True):
-            reasons.append(f"block {i + 1}: {getattr(reducer, 'export_refusal', type(reducer).__name__ + ' is not exportable')}")
+            why = getattr(reducer, "export_refusal", f"{type(reducer).__name__} is not exportable")
+            reasons.append(f"block {i + 1}: {why}")
         elif getattr(reducer, "needs_pos", False):
             reasons.append(f"block {i + 1}: {type(reducer).__name__} with tracked coordinates (MERGE.STM.COORDS "
                            "tracked) sorts data-dependent token distances per image, which has no exportable "
@@ -234,6 +235,9 @@ def export_onnx(model: nn.Module, cfg: Any, path: str | Path, camera_num: int = 
     metadata = build_metadata(model, cfg, camera_num or int(model.base.cam_num))
     _write_metadata(path, metadata)
     reports = check_parity(path, reference, images, labels, backends, min_cosine)
+    flips = self_flips(lambda x: graph(x, *ids), images, reference)
+    for r in reports:
+        r.torch_self_flips = flips
     metadata["parity"] = [r.to_dict() for r in reports]
     failed = [r for r in reports if not r.passed]
     if failed:
@@ -250,11 +254,12 @@ def export_onnx(model: nn.Module, cfg: Any, path: str | Path, camera_num: int = 
 
 def parity_table(reports: list[ParityReport]) -> str:
     """Markdown table of parity reports."""
-    rows = ["| backend | images | cosine min | cosine mean | max rel diff | equal up to rounding | same top-10 |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| backend | images | cosine min | cosine mean | max rel diff | max rel diff w/o flips | decision flips "
+            "(PyTorch itself) | same top-10 |", "|---|---|---|---|---|---|---|---|"]
     for r in reports:
         rows.append(f"| {r.backend} | {r.images} | {r.min_cosine:.6f} | {r.mean_cosine:.6f} | {r.max_rel_diff:.2e} | "
-                    f"{r.rounding_only}/{r.images} | {r.ranking_same}/{r.images} |")
+                    f"{r.max_rel_diff_rounding:.2e} | {len(r.flipped)} ({r.torch_self_flips}) | "
+                    f"{r.ranking_same}/{r.ranked} |")
     return "\n".join(rows)
 
 

@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""Export the eval model with its token merging to ONNX, verified against PyTorch.
+
+    python tools/export.py --config configs/demo_synthetic.yml --out output/demo_stm.onnx
+    python tools/export.py --config configs/msmt17_stm.yml TEST.WEIGHT transreid_msmt17.pth --out stm.onnx
+    python tools/export.py --config demo_synthetic.yml MERGE.METHOD tome --out tome.onnx --backends onnxruntime
+
+The graph takes `images` (B, 3, H, W) float32 preprocessed as the file's metadata says, and `camera`
+(B,) int64 with a camera SIE; the batch is dynamic. After export, the same synthetic pedestrians
+(several cameras in one batch) run through PyTorch and each runtime in --backends, at the whole
+batch and at batch 1: the per-image cosine, max relative difference and top-10 agreement are printed,
+and the export fails (exit 1, file moved to <out>.failed.onnx) when parity is not met. A configuration
+that cannot be exported is refused with the reason (exit 2). Use the file with
+`MODEL.BACKEND onnxruntime MODEL.ONNX_PATH <out>` in tools/test.py, reid-gallery or FeatureExtractor.
+Exit codes: 0 exported and verified, 1 export or parity failed, 2 bad arguments/config or refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from reid_lite.config import load_cfg
+from reid_lite.deploy import ExportError, ExportRefused, export_onnx, parity_table
+from reid_lite.deploy.parity import MIN_COSINE
+from reid_lite.deploy.runtime import RUNTIMES
+from reid_lite.models import CheckpointError, build_model, load_transreid_checkpoint, read_state_dict, sie_table_cameras
+
+logger = logging.getLogger("reid_lite.export")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments; trailing `KEY VALUE` pairs override the config."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--config", default="", help="YAML config (a bare name is looked up in configs/)")
+    p.add_argument("--out", required=True, help="ONNX file to write")
+    p.add_argument("--backends", default="onnxruntime,openvino",
+                   help=f"runtimes whose parity with PyTorch is verified, comma-separated from {', '.join(RUNTIMES)}")
+    p.add_argument("--cameras", type=int, default=0,
+                   help="cameras of the SIE table (default: the checkpoint's table; needed without TEST.WEIGHT)")
+    p.add_argument("--parity-images", type=int, default=12, help="synthetic pedestrians used for the parity check")
+    p.add_argument("--min-cosine", type=float, default=MIN_COSINE,
+                   help="per-image cosine with PyTorch required, merging-decision flips included")
+    p.add_argument("opts", nargs="*", help="config overrides as KEY VALUE pairs")
+    return p.parse_intermixed_args(argv)
+
+
+def _error(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Export, verify and report; returns the exit code."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "faiss.loader"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        cfg = load_cfg(args.config or None, args.opts)
+    except (FileNotFoundError, KeyError, ValueError, AssertionError) as err:
+        return _error(str(err))
+    backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
+    unknown = [b for b in backends if b not in RUNTIMES]
+    if unknown or not backends:
+        return _error(f"--backends {unknown or args.backends!r}: choose from {', '.join(RUNTIMES)}")
+    if args.parity_images < 2:
+        return _error("--parity-images must be at least 2 (rankings need a gallery)")
+    try:
+        camera_num = args.cameras
+        if cfg.MODEL.SIE_CAMERA and not camera_num:
+            if not cfg.TEST.WEIGHT:
+                return _error("MODEL.SIE_CAMERA needs the camera count: pass --cameras N or TEST.WEIGHT "
+                              "(its SIE table)")
+            camera_num = sie_table_cameras(read_state_dict(cfg.TEST.WEIGHT, trust=cfg.MODEL.TRUST_CHECKPOINT))
+        model = build_model(cfg, 1, camera_num, 0)
+        if cfg.TEST.WEIGHT:
+            load_transreid_checkpoint(model, cfg.TEST.WEIGHT, trust=cfg.MODEL.TRUST_CHECKPOINT, ignore_classifier=True)
+        else:
+            logger.warning("TEST.WEIGHT is not set: exporting a RANDOMLY INITIALISED model")
+    except (CheckpointError, ValueError) as err:
+        return _error(str(err))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            report = export_onnx(model.eval(), cfg, args.out, camera_num, backends=backends,
+                                 parity_count=args.parity_images, min_cosine=args.min_cosine)
+    except ExportRefused as err:
+        return _error(str(err))
+    except ExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    print(parity_table(report.parity))
+    meta_path = Path(args.out).with_suffix(".json")
+    meta_path.write_text(json.dumps(report.metadata, indent=2))
+    print(f"metadata (also inside the ONNX file): {meta_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
