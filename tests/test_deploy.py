@@ -158,7 +158,7 @@ def test_failed_parity_fails_the_export_and_moves_the_file_aside(exports, tmp_pa
     def fake_export(graph, example, path):
         shutil.copy(tome.path, path)
 
-    monkeypatch.setattr("reid_lite.deploy.export._torch_export", fake_export)
+    monkeypatch.setattr("reid_lite.deploy.export.trace_to_onnx", fake_export)
     with pytest.raises(ExportError, match="parity with PyTorch not met"):
         export_onnx(model, cfg, tmp_path / "stm.onnx", 3, backends=("onnxruntime",))
     assert not (tmp_path / "stm.onnx").exists() and (tmp_path / "stm.failed.onnx").exists()
@@ -218,3 +218,35 @@ def test_parity_report_flags_a_moved_feature():
     rep = compare_features("x", ref, moved, [8])
     assert not rep.passed and "image 3" in rep.failures[0]
     assert np.isclose(rep.max_rel_diff, (moved - ref).abs().max(1).values.div(ref.abs().max(1).values).max().item())
+
+
+# ----------------------------------------------------------------------------- latency budget
+
+
+def test_choose_r_takes_the_mildest_setting_that_fits_and_none_when_it_fits():
+    from reid_lite.deploy.latency import choose_r
+
+    def falling(r):  # batch-32-like: every merged token saves time
+        return 100.0 - 2 * r
+
+    assert choose_r(falling, 120.0, 40).r == 0  # the unmerged model fits: merging off
+    choice = choose_r(falling, 80.0, 40)
+    assert choice.r == 10 and falling(choice.r) <= 80.0 < falling(choice.r - 1)
+    assert 0 in choice.measured and len(choice.measured) <= 8  # binary search, not a sweep
+
+    def batch_one(r):  # merging costs more than it saves: it never pays
+        return 10.0 + (0.5 if r else 0.0) - 0.001 * r
+
+    assert choose_r(batch_one, 10.0, 40).r == 0
+    with pytest.raises(ValueError, match="fastest measured is r=0"):
+        choose_r(batch_one, 9.0, 40)
+
+
+def test_target_latency_is_measured_when_the_model_is_built():
+    cfg = tiny_cfg(depth=3, METHOD="stm", R=8)
+    cfg.merge_from_list(["MERGE.TARGET_LATENCY_MS", 1e9, "TEST.IMS_PER_BATCH", 2, "MODEL.DEVICE", "cpu"])
+    model = build_model(cfg, 10, 3, 0)
+    assert model.merge_r == 0 and model.reducers == {} and model.latency_choice.measured[0] > 0
+    cfg.MERGE.TARGET_LATENCY_MS = 1e-6
+    with pytest.raises(ValueError, match="no merging setting meets MERGE.TARGET_LATENCY_MS"):
+        build_model(cfg, 10, 3, 0)

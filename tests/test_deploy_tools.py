@@ -56,8 +56,8 @@ def setup(tmp_path_factory):
     root = generate_reid_dataset(tmp / "data", num_train_ids=4, num_test_ids=4, num_cameras=2,
                                  images_per_id_per_camera=2, size=(64, 32), num_distractors=0, progress=False)
     config = tmp / "small.yml"
-    config.write_text(SMALL_YAML.format(root=root.parent))
-    cfg = load_cfg(str(config), ["DATASETS.ROOT_DIR", str(root.parent)])
+    config.write_text(SMALL_YAML.format(root=root))
+    cfg = load_cfg(str(config), ["DATASETS.ROOT_DIR", str(root)])
     torch.manual_seed(0)
     weights = tmp / "small.pth"
     torch.save(build_model(cfg, 4, 2, 0).state_dict(), weights)
@@ -68,7 +68,7 @@ def test_export_then_evaluate_with_onnxruntime(setup, capsys):
     tmp, config, root, weights = setup
     onnx_path = tmp / "small_stm.onnx"
     export, test = _tool("export"), _tool("test")
-    common = ["--config", str(config), "TEST.WEIGHT", str(weights), "DATASETS.ROOT_DIR", str(root.parent)]
+    common = ["--config", str(config), "TEST.WEIGHT", str(weights), "DATASETS.ROOT_DIR", str(root)]
     assert export.main([*common, "--out", str(onnx_path), "--backends", "onnxruntime"]) == 0
     out = capsys.readouterr().out
     assert "parity onnxruntime" in out and "cosine min" in out and "decision flips" in out

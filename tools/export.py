@@ -9,7 +9,9 @@ The graph takes `images` (B, 3, H, W) float32 preprocessed as the file's metadat
 (B,) int64 with a camera SIE; the batch is dynamic. After export, the same synthetic pedestrians
 (several cameras in one batch) run through PyTorch and each runtime in --backends, at the whole
 batch and at batch 1: the per-image cosine, max relative difference and top-10 agreement are printed,
-and the export fails (exit 1, file moved to <out>.failed.onnx) when parity is not met. A configuration
+and the export fails (exit 1, file moved to <out>.failed.onnx) when parity is not met. With
+MERGE.TARGET_LATENCY_MS the schedule is chosen first by timing exported candidates on the first of
+--backends at batch TEST.IMS_PER_BATCH (a handful of exports: minutes for ViT-B). A configuration
 that cannot be exported is refused with the reason (exit 2). Use the file with
 `MODEL.BACKEND onnxruntime MODEL.ONNX_PATH <out>` in tools/test.py, reid-gallery or FeatureExtractor.
 Exit codes: 0 exported and verified, 1 export or parity failed, 2 bad arguments/config or refused.
@@ -21,6 +23,7 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +31,7 @@ import torch
 
 from reid_lite.config import load_cfg
 from reid_lite.deploy import ExportError, ExportRefused, export_onnx, parity_table
+from reid_lite.deploy.latency import choose_r_on_runtime
 from reid_lite.deploy.parity import MIN_COSINE
 from reid_lite.deploy.runtime import RUNTIMES
 from reid_lite.models import CheckpointError, build_model, load_transreid_checkpoint, read_state_dict, sie_table_cameras
@@ -80,11 +84,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _error("MODEL.SIE_CAMERA needs the camera count: pass --cameras N or TEST.WEIGHT "
                               "(its SIE table)")
             camera_num = sie_table_cameras(read_state_dict(cfg.TEST.WEIGHT, trust=cfg.MODEL.TRUST_CHECKPOINT))
-        model = build_model(cfg, 1, camera_num, 0)
+        # A latency budget is measured on the runtime below, not on PyTorch as build_model would.
+        build_cfg = cfg.clone()
+        build_cfg.merge_from_list(["MERGE.TARGET_LATENCY_MS", 0.0])
+        model = build_model(build_cfg, 1, camera_num, 0)
         if cfg.TEST.WEIGHT:
             load_transreid_checkpoint(model, cfg.TEST.WEIGHT, trust=cfg.MODEL.TRUST_CHECKPOINT, ignore_classifier=True)
         else:
             logger.warning("TEST.WEIGHT is not set: exporting a RANDOMLY INITIALISED model")
+        if cfg.MERGE.TARGET_LATENCY_MS > 0:
+            with tempfile.TemporaryDirectory() as work:
+                choice = choose_r_on_runtime(model, cfg, backends[0], work)
+            print(f"{choice.describe()} on {backends[0]} at batch {cfg.TEST.IMS_PER_BATCH}")
     except (CheckpointError, ValueError) as err:
         return _error(str(err))
     try:

@@ -154,7 +154,8 @@ def build_metadata(model: nn.Module, cfg: Any, camera_num: int) -> dict[str, Any
     }
 
 
-def _write_metadata(path: Path, metadata: dict[str, Any]) -> None:
+def write_metadata(path: Path, metadata: dict[str, Any]) -> None:
+    """Store `metadata` as JSON in the ONNX file's metadata_props (key 'reid_lite'), replacing any."""
     import onnx
 
     proto = onnx.load(str(path))
@@ -166,7 +167,8 @@ def _write_metadata(path: Path, metadata: dict[str, Any]) -> None:
     onnx.save(proto, str(path))
 
 
-def _torch_export(graph: FeatureGraph, example: tuple[torch.Tensor, ...], path: Path) -> None:
+def trace_to_onnx(graph: FeatureGraph, example: tuple[torch.Tensor, ...], path: Path) -> None:
+    """torch.onnx.export (dynamo) of `graph` with a dynamic batch; ExportError naming the failing op."""
     batch = torch.export.Dim("batch", min=1, max=65536)
     dynamic = ({0: batch},) + tuple({0: batch} for _ in example[1:])
     with warnings.catch_warnings():
@@ -203,6 +205,13 @@ def check_parity(path: str | Path, reference: torch.Tensor, images: torch.Tensor
     return reports
 
 
+def example_inputs(graph: FeatureGraph, cfg: Any, batch: int = 2) -> tuple[torch.Tensor, ...]:
+    """Random inputs of `batch` images (and camera/view ids) for tracing or timing `graph`."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, *map(int, cfg.INPUT.SIZE_TEST), generator=g)
+    return (images, *(torch.zeros(batch, dtype=torch.long) for _ in graph.inputs[1:]))
+
+
 def export_onnx(model: nn.Module, cfg: Any, path: str | Path, camera_num: int = 0, *,
                 backends: tuple[str, ...] = ("onnxruntime", "openvino"), parity_count: int = 12,
                 min_cosine: float = MIN_COSINE) -> ExportReport:
@@ -230,10 +239,10 @@ def export_onnx(model: nn.Module, cfg: Any, path: str | Path, camera_num: int = 
     t0 = time.perf_counter()
     logger.info("exporting %s to %s", _merging_description(model)["description"], path)
     with torch.no_grad():
-        _torch_export(graph, (images[:2], *(i[:2] for i in ids)), path)
+        trace_to_onnx(graph, (images[:2], *(i[:2] for i in ids)), path)
     seconds = time.perf_counter() - t0
     metadata = build_metadata(model, cfg, camera_num or int(model.base.cam_num))
-    _write_metadata(path, metadata)
+    write_metadata(path, metadata)
     reports = check_parity(path, reference, images, labels, backends, min_cosine)
     flips = self_flips(lambda x: graph(x, *ids), images, reference)
     for r in reports:
@@ -245,7 +254,7 @@ def export_onnx(model: nn.Module, cfg: Any, path: str | Path, camera_num: int = 
         path.replace(bad)
         raise ExportError("parity with PyTorch not met, file moved to " + str(bad) + ": "
                           + " | ".join(r.line() for r in failed))
-    _write_metadata(path, metadata)
+    write_metadata(path, metadata)
     report = ExportReport(path, metadata, reports, seconds)
     for r in reports:
         logger.info("parity %s", r.line())

@@ -14,6 +14,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -133,4 +134,50 @@ def apply_latency_budget(model: nn.Module, cfg: Any, batch_size: int | None = No
     model.latency_choice = choice
     model.train(was_training)
     logger.info("%s at batch %d on %s", choice.describe(), bs, dev)
+    return choice
+
+
+def choose_r_on_runtime(model: nn.Module, cfg: Any, backend: str, workdir: str | Path,
+                        batch_size: int | None = None, threads: int = 0) -> LatencyChoice:
+    """MERGE.TARGET_LATENCY_MS for an ONNX runtime: each candidate r is exported to `workdir` and timed
+    on `backend` ('onnxruntime' or 'openvino') at `batch_size` (default TEST.IMS_PER_BATCH).
+
+    An export takes a while (about a minute for ViT-B on two cores) and the search needs a handful;
+    the chosen schedule is attached to `model` (`merge_r`), ready for `export_onnx`.
+    """
+    from ..merging import build_reducers
+    from .export import FeatureGraph, build_metadata, example_inputs, trace_to_onnx, write_metadata
+    from .runtime import open_runtime
+
+    if str(cfg.MERGE.METHOD).lower() not in ("tome", "stm"):
+        raise ValueError("MERGE.TARGET_LATENCY_MS needs an r-based method (tome or stm)")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    depth = len(model.reducible_blocks)
+    prop_attn = bool(cfg.MERGE.PROP_ATTN)
+    bs = int(batch_size or cfg.TEST.IMS_PER_BATCH)
+    model = model.cpu().eval()
+
+    def latency_of(r: int) -> float:
+        model.set_reducers(build_reducers(cfg.MERGE, depth, r), prop_attn)
+        graph = FeatureGraph(model)
+        example = example_inputs(graph, cfg)
+        with torch.inference_mode():
+            graph(*example)  # eager first: fills the merging caches with real tensors
+        path = workdir / f"latency_r{r}.onnx"
+        with torch.no_grad():
+            trace_to_onnx(graph, example, path)
+        write_metadata(path, build_metadata(model, cfg, int(model.base.cam_num)))
+        runtime = open_runtime(backend, path, threads)
+        images, *ids = example_inputs(graph, cfg, bs)
+        labels = dict(zip([{"camera": "cam_label", "view": "view_label"}[n] for n in graph.inputs[1:]], ids))
+        ms = measure_latency(lambda: runtime(images, **labels), iters=5, warmup=1)["p50_ms"]
+        logger.info("r=%d on %s at batch %d: %.1f ms", r, backend, bs, ms)
+        return ms
+
+    choice = choose_r(latency_of, float(cfg.MERGE.TARGET_LATENCY_MS), model.base.patch_embed.num_patches // 2)
+    model.set_reducers(build_reducers(cfg.MERGE, depth, choice.r), prop_attn)
+    model.merge_r = choice.r
+    model.latency_choice = choice
+    logger.info("%s at batch %d on %s", choice.describe(), bs, backend)
     return choice
