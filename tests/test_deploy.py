@@ -28,7 +28,7 @@ from reid_lite.deploy import (
     parity_images,
     read_metadata,
 )
-from reid_lite.merging.ops import grouped_max, split_ranked, stable_argsort, stable_rank
+from reid_lite.merging.ops import grouped_max, inverse_permutation, split_ranked, stable_argsort, stable_rank
 from reid_lite.models import load_transreid_checkpoint
 
 METHODS = ["none", "tome", "stm", "evit"]
@@ -38,13 +38,25 @@ DEMO = "configs/demo_synthetic.yml"
 # ----------------------------------------------------------------------------- exportable ops
 
 
-def test_stable_argsort_is_argsort_stable_including_ties():
+def test_the_exported_rank_sort_is_argsort_stable_including_ties():
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 5, (6, 40), generator=g).float()  # many exact ties
     x[0] = torch.randn(40, generator=g)
     for descending in (False, True):
         want = torch.argsort(x, dim=-1, descending=descending, stable=True)
+        assert torch.equal(inverse_permutation(stable_rank(x, descending)), want)
         assert torch.equal(stable_argsort(x, descending), want)
+
+
+@pytest.mark.parametrize("method", ["tome", "stm", "evit"])
+def test_the_exported_formulation_gives_the_eager_features_bit_for_bit(method, images, cams, monkeypatch):
+    """What the exporter traces (rank-count sorts) computes exactly what eager PyTorch does."""
+    _, model = _tiny(method)
+    with torch.no_grad():
+        eager = model(images, cam_label=cams)
+        monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+        traced_way = model(images, cam_label=cams)
+    assert torch.equal(eager, traced_way)
 
 
 def test_split_ranked_is_topk_then_the_rest_in_index_order():

@@ -134,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _error("--compare re-attaches merging to a PyTorch model; with MODEL.BACKEND "
                               f"{backend} export one file per method and evaluate each")
             model = load_runtime_model(cfg)
+            device = torch.device("cpu")  # the runtimes run on the CPU: the images stay there
         else:
             model = build_model(cfg, max(dataset.num_train_pids, 1), camera_num, view_num)
         if cfg.TEST.WEIGHT and backend == "torch":

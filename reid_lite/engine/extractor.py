@@ -291,8 +291,9 @@ class FeatureExtractor:
         if model is None and str(cfg.MODEL.BACKEND).lower() != "torch":
             from ..deploy import load_runtime_model
 
-            # The exported file carries its weights (load_runtime_model checks them against TEST.WEIGHT).
-            model, weights = load_runtime_model(cfg), None
+            # The exported file carries its weights (load_runtime_model checks them against TEST.WEIGHT);
+            # the runtimes run on the CPU, so the images stay there.
+            model, weights, device = load_runtime_model(cfg), None, "cpu"
         if model is None:
             from ..models import build_model
 

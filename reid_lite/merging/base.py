@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .ops import split_ranked, stable_rank
+from .ops import top_and_rest
 
 
 @dataclass
@@ -181,8 +181,7 @@ def bipartite_match(scores: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
     scores = scores.clone()
     scores[:, 0, :] = -math.inf
     node_max, node_idx = scores.max(dim=-1)
-    # = argsort(descending, stable)[:, :r] and the rest sorted, without the sorts ONNX cannot export
-    src_idx, unm_idx = split_ranked(stable_rank(node_max, descending=True), r)
+    src_idx, unm_idx = top_and_rest(node_max, r)  # stable: ties resolve by index; exportable
     dst_idx = node_idx.gather(1, src_idx)
     return unm_idx, src_idx, dst_idx
 

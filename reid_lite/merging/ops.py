@@ -1,9 +1,11 @@
 """Exportable tensor primitives for the merge steps: a stable sort without a sort op, a grouped max.
 
 ONNX exporters have no stable sort (`argsort(stable=True)` fails to export) and ONNX's ScatterElements
-has no 'mean' reduction and needs opset 18 for 'max'. These replacements use only comparisons, sums,
+has no 'mean' reduction and needs opset 18 for 'max'. The replacements use only comparisons, sums,
 cumulative sums, plain scatters and reductions, and give exactly the results of the ops they replace
-(the permutations are the same integers, the maxima the same floats), so eager PyTorch is unchanged.
+(the permutations are the same integers, the maxima the same floats). The sorts keep PyTorch's own
+kernel in eager mode and under torch.compile (it is faster there: the rank count is O(n^2)); only
+while a graph is being exported (`torch.compiler.is_exporting()`) is the rank count traced instead.
 """
 
 from __future__ import annotations
@@ -34,8 +36,22 @@ def inverse_permutation(perm: Tensor) -> Tensor:
 
 
 def stable_argsort(x: Tensor, descending: bool = False) -> Tensor:
-    """Equal to `torch.argsort(x, dim=-1, descending=descending, stable=True)`, exportable to ONNX."""
-    return inverse_permutation(stable_rank(x, descending))
+    """`torch.argsort(x, dim=-1, descending=descending, stable=True)`, traced as a rank count for export."""
+    if torch.compiler.is_exporting():
+        return inverse_permutation(stable_rank(x, descending))
+    return torch.argsort(x, dim=-1, descending=descending, stable=True)
+
+
+def top_and_rest(x: Tensor, k: int, descending: bool = True) -> tuple[Tensor, Tensor]:
+    """(indices of the k first elements of x (B, n) in stable sort order, the others in index order).
+
+    `order[:, :k]` and `order[:, k:].sort().values` for order = stable argsort; traced for export
+    without sorting (`split_ranked`).
+    """
+    if torch.compiler.is_exporting():
+        return split_ranked(stable_rank(x, descending), k)
+    order = torch.argsort(x, dim=-1, descending=descending, stable=True)
+    return order[:, :k], order[:, k:].sort(dim=-1).values
 
 
 def split_ranked(rank: Tensor, k: int) -> tuple[Tensor, Tensor]:
