@@ -154,11 +154,14 @@ def test_one_merged_file_runs_at_batch_1_and_7_with_several_cameras(exports, bac
     assert seven.shape == ones.shape == (7, model.feature_dim)
 
 
-def test_tracked_coordinates_are_refused_with_the_reason(tmp_path):
+def test_tracked_coordinates_and_source_tracing_are_refused_with_the_reason(tmp_path):
     cfg = tiny_cfg(depth=3, METHOD="stm", R=8, STM__COORDS="tracked")
     model = build_model(cfg, 10, 3, 0).eval()
     with pytest.raises(ExportRefused, match="tracked coordinates"):
         export_onnx(model, cfg, tmp_path / "x.onnx", 3)
+    cfg = tiny_cfg(depth=3, METHOD="tome", R=8, TRACE_SOURCE=True)
+    with pytest.raises(ExportRefused, match="MERGE.TRACE_SOURCE"):
+        export_onnx(build_model(cfg, 10, 3, 0).eval(), cfg, tmp_path / "x.onnx", 3)
     assert not (tmp_path / "x.onnx").exists()
 
 
