@@ -170,12 +170,12 @@ def write_metadata(path: Path, metadata: dict[str, Any]) -> None:
 def trace_to_onnx(graph: FeatureGraph, example: tuple[torch.Tensor, ...], path: Path) -> None:
     """torch.onnx.export (dynamo) of `graph` with a dynamic batch; ExportError naming the failing op."""
     batch = torch.export.Dim("batch", min=1, max=65536)
-    dynamic = ({0: batch},) + tuple({0: batch} for _ in example[1:])
+    dynamic = tuple({0: batch} for _ in example)  # positional: images, then the ids the model takes
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation chatter, not about this model
         try:
             torch.onnx.export(graph, example, str(path), dynamo=True, input_names=graph.inputs,
-                              output_names=["features"], dynamic_shapes={"images": dynamic[0], "ids": dynamic[1:]},
+                              output_names=["features"], dynamic_shapes=dynamic,
                               opset_version=OPSET, optimize=True, verbose=False, external_data=False)
         except Exception as exc:  # the exporter raises many types; one clear error names the op
             first = str(exc).strip().splitlines()
