@@ -51,7 +51,9 @@ def _rss_mb() -> float:
 
 
 def _model(args: argparse.Namespace, method: str):
-    cfg = load_cfg(args.config, [*METHODS[method], *args.opts])
+    # Timing needs no trained weights: every method gets the same seeded random ones (and the
+    # exported file's fingerprint says so, rather than naming a checkpoint that was not loaded).
+    cfg = load_cfg(args.config, [*METHODS[method], *args.opts, "TEST.WEIGHT", ""])
     torch.manual_seed(0)
     return cfg, build_model(cfg, num_classes=1, camera_num=CAMERAS, view_num=0).eval()
 

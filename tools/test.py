@@ -3,6 +3,7 @@
     python tools/test.py --config configs/msmt17_stm.yml TEST.WEIGHT path/to/transformer_120.pth
     python tools/test.py --config market1501_stm.yml --compare none,tome,evit,stm DATASETS.ROOT_DIR data
     python tools/test.py --config demo_synthetic.yml --vis-queries 0,5,9
+    python tools/test.py --config demo_synthetic.yml MODEL.BACKEND onnxruntime MODEL.ONNX_PATH stm.onnx  # exported
 
 Prints method | GFLOPs | img/s | Rank-1/5/10 | mAP | mINP (plus device and skipped images) and writes
 `results.json` (with the config, device, torch version and timestamp) and, with --vis-queries,

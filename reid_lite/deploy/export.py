@@ -170,7 +170,8 @@ def write_metadata(path: Path, metadata: dict[str, Any]) -> None:
 def trace_to_onnx(graph: FeatureGraph, example: tuple[torch.Tensor, ...], path: Path) -> None:
     """torch.onnx.export (dynamo) of `graph` with a dynamic batch; ExportError naming the failing op."""
     batch = torch.export.Dim("batch", min=1, max=65536)
-    dynamic = tuple({0: batch} for _ in example)  # positional: images, then the ids the model takes
+    # Positional, as forward(images, *ids) takes them: the ids (if any) form one tuple argument.
+    dynamic = ({0: batch},) + ((tuple({0: batch} for _ in example[1:]),) if len(example) > 1 else ())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation chatter, not about this model
         try:
