@@ -146,6 +146,7 @@ def table(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Export (ONNX backends), time every (method, backend, batch) and write the JSON; the exit code."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/msmt17_base.yml")
     p.add_argument("--methods", default="none,tome,evit,stm", help=f"comma separated, from {', '.join(METHODS)}")

@@ -81,6 +81,7 @@ class FeatureGraph(nn.Module):
         self.inputs = ["images"] + (["camera"] if base.cam_num else []) + (["view"] if base.view_num else [])
 
     def forward(self, images: torch.Tensor, *ids: torch.Tensor) -> torch.Tensor:
+        """Features (B, D) of preprocessed images and their ids, in the order of `self.inputs`."""
         labels = dict(zip(self.inputs[1:], ids))
         return self.model(images, cam_label=labels.get("camera"), view_label=labels.get("view"))
 

@@ -67,6 +67,7 @@ class ParityReport:
                 f"{self.ranking_same}/{self.ranked}: {status}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as a JSON-ready dict (stored in the exported file's metadata)."""
         return asdict(self)
 
 
