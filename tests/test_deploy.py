@@ -48,10 +48,10 @@ def test_the_exported_rank_sort_is_argsort_stable_including_ties():
         assert torch.equal(stable_argsort(x, descending), want)
 
 
-@pytest.mark.parametrize("method", ["tome", "stm", "evit"])
-def test_the_exported_formulation_gives_the_eager_features_bit_for_bit(method, images, cams, monkeypatch):
-    """What the exporter traces (rank-count sorts) computes exactly what eager PyTorch does."""
-    _, model = _tiny(method)
+def test_the_exported_formulation_gives_the_eager_features_bit_for_bit(images, cams, monkeypatch):
+    """What the exporter traces (rank-count sorts, as in STM's grouping and every bipartite match)
+    computes exactly what eager PyTorch does."""
+    _, model = _tiny("stm")
     with torch.no_grad():
         eager = model(images, cam_label=cams)
         monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
@@ -79,7 +79,10 @@ def test_grouped_max_equals_scatter_amax_then_gather():
 # ----------------------------------------------------------------------------- exports
 
 def _tiny(method: str):
-    cfg = tiny_cfg(depth=3, METHOD=method, R=8, EVIT__LAYERS=[1, 2])
+    # STM merges in two blocks (sizes from the first feed the second); the others in one, to keep
+    # the exports (the slow part) short.
+    depth = 3 if method == "stm" else 2
+    cfg = tiny_cfg(depth=depth, METHOD=method, R=8, EVIT__LAYERS=list(range(1, depth)))
     torch.manual_seed(0)
     return cfg, build_model(cfg, 10, 3, 0).eval()
 
@@ -166,7 +169,7 @@ def test_tracked_coordinates_and_source_tracing_are_refused_with_the_reason(tmp_
 
 
 def test_failed_parity_fails_the_export_and_moves_the_file_aside(exports, tmp_path, monkeypatch):
-    """A file whose features are not the model's (here: the ToMe file for the STM model) is caught."""
+    """A file whose features are not the model's (here: the tiny ToMe file for the STM model) is caught."""
     _, _, tome = exports("tiny", "tome")
     cfg, model = _tiny("stm")
 

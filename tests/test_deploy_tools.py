@@ -18,7 +18,7 @@ SMALL_YAML = """
 MODEL:
   PRETRAIN_CHOICE: 'none'
   EMBED_DIM: 64
-  DEPTH: 3
+  DEPTH: 2
   NUM_HEADS: 4
   STRIDE_SIZE: [16, 16]
   SIE_CAMERA: True
@@ -37,7 +37,7 @@ TEST:
 MERGE:
   METHOD: 'stm'
   R: 2
-  LAYERS: [1, 2]
+  LAYERS: [1]
 """
 
 
@@ -73,7 +73,7 @@ def test_export_then_evaluate_with_onnxruntime(setup, capsys):
     out = capsys.readouterr().out
     assert "parity onnxruntime" in out and "cosine min" in out and "decision flips" in out
     meta = json.loads(onnx_path.with_suffix(".json").read_text())
-    assert meta["inputs"]["camera"]["num"] == 2 and meta["merging"]["blocks"] == [1, 2]
+    assert meta["inputs"]["camera"]["num"] == 2 and meta["merging"]["blocks"] == [1]
 
     results = {}
     for backend in ("torch", "onnxruntime"):
@@ -95,6 +95,20 @@ def test_export_then_evaluate_with_onnxruntime(setup, capsys):
     assert test.main([*common, "MODEL.BACKEND", "onnxruntime", "MODEL.ONNX_PATH", str(onnx_path),
                       "MERGE.R", "3"]) == 2
     assert "MERGE.R 3 != the file's 2" in capsys.readouterr().err
+
+    # A gallery built on the exported file: its crops find themselves, and a PyTorch query is refused.
+    from reid_lite.index.gallery import FingerprintMismatch, Gallery
+
+    ort_cfg = load_cfg(str(config), [*common[2:], "MODEL.BACKEND", "onnxruntime", "MODEL.ONNX_PATH", str(onnx_path)])
+    gallery = Gallery.create(tmp / "gallery", ort_cfg, camera_num=2)
+    assert gallery.fingerprint["backend"]["name"] == "onnxruntime"
+    gallery.add([root / "bounding_box_test"])
+    crop = str(sorted((root / "bounding_box_test").glob("*.jpg"))[0])
+    hit = gallery.search([crop], k=1)[0][0]
+    assert hit.path == str(Path(crop).resolve()) and hit.score == pytest.approx(1.0, abs=1e-4)
+    torch_cfg = load_cfg(str(config), common[2:])
+    with pytest.raises(FingerprintMismatch, match="backend"):
+        gallery.search([crop], k=1, cfg=torch_cfg)
 
 
 def test_export_refuses_tracked_coordinates_and_bad_arguments(setup, capsys):
