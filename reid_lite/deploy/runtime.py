@@ -179,12 +179,12 @@ def config_mismatches(meta: dict[str, Any], cfg: Any) -> list[str]:
         out.append(f"MERGE.METHOD {str(cfg.MERGE.METHOD).lower()!r} != the file's {merging['method']!r}")
         return out
     for key, value in merging.items():
-        if key in ("method", "r_solved"):
-            continue
+        if key in ("method", "r_solved") or key.upper() not in cfg.MERGE:
+            continue  # solved values and fields a config cannot set are the file's to decide
         node = cfg.MERGE[key.upper()]
         if isinstance(value, dict):
             for sub, sub_value in value.items():
-                if _cfg_value(node[sub]) != sub_value:
+                if sub in node and _cfg_value(node[sub]) != sub_value:
                     out.append(f"MERGE.{key.upper()}.{sub} {_cfg_value(node[sub])!r} != the file's {sub_value!r}")
         elif _cfg_value(node) != value:
             out.append(f"MERGE.{key.upper()} {_cfg_value(node)!r} != the file's {value!r}")
