@@ -28,7 +28,7 @@ from reid_lite.deploy import (
     parity_images,
     read_metadata,
 )
-from reid_lite.merging.ops import grouped_max, inverse_permutation, split_ranked, stable_argsort, stable_rank
+from reid_lite.merging.exportable import grouped_max, inverse_permutation, split_ranked, stable_argsort, stable_rank
 from reid_lite.models import load_transreid_checkpoint
 
 METHODS = ["none", "tome", "stm", "evit"]

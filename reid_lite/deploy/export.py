@@ -6,7 +6,7 @@
 The graph takes `images` (B, 3, H, W) float32, preprocessed as the file's metadata says, and `camera`
 (B,) int64 when the model has a camera SIE (`view` likewise), with a dynamic batch B; it returns
 `features` (B, D), the model's eval feature before L2 normalisation. The schedule is fixed, so every
-shape inside depends on B alone. Merge steps use exportable ops only (reid_lite.merging.ops).
+shape inside depends on B alone. Merge steps use exportable ops only (reid_lite.merging.exportable).
 
 Parity: the same synthetic pedestrians (several cameras in one batch) go through PyTorch and through
 each runtime, at the whole batch and at batch 1 (the dynamic batch); cosine, max relative difference,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .ops import top_and_rest
+from .exportable import top_and_rest
 
 
 @dataclass

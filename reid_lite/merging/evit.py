@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .base import TokenReducer, TokenState
 from .base import take_tokens as _take
-from .ops import stable_argsort
+from .exportable import stable_argsort
 
 
 class EViT(TokenReducer):

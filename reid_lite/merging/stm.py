@@ -27,7 +27,7 @@ from .base import (
     size_weighted_merge,
     take_tokens,
 )
-from .ops import grouped_max, stable_argsort
+from .exportable import grouped_max, stable_argsort
 from .tome import bipartite_flops, cosine_scores
 
 _EPS = 1e-12
