@@ -7,6 +7,10 @@ from setuptools import find_packages, setup
 HERE = Path(__file__).parent
 EXPORT = ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18", "openvino>=2024.4"]
 
+# torchreid 0.2.5 (PyPI) declares no dependencies, yet `import torchreid` imports gdown, scipy (scipy.io for
+# its dataset readers) and torch.utils.tensorboard (tensorboard): without them the adapter cannot import.
+TORCHREID = ["torchreid==0.2.5", "gdown", "scipy>=1.7", "tensorboard"]
+
 setup(
     name="reid_lite",
     version="0.1.0",
@@ -22,18 +26,22 @@ setup(
         "torchvision>=0.16",
         "timm>=1.0",
         "yacs>=0.1.8",
+        "pyyaml>=5.1",  # read before yacs: MERGE.PLUGINS of a config file
         "fvcore>=0.1.5.post20221221",
         "faiss-cpu>=1.8",
         "opencv-python-headless>=4.8",
         "pillow>=9.0",
         "numpy>=1.24",
         "tqdm>=4.60",
+        "tensorboard>=2.10",  # torch.utils.tensorboard: training logs
+        "matplotlib>=3.5",  # tools/reference_experiment.py's plot
     ],
     extras_require={
         # ONNX export (torch's dynamo exporter needs onnxscript) and the CPU runtimes of MODEL.BACKEND.
         "export": EXPORT,
-        "test": ["pytest>=7", "ruff>=0.5", "torchreid==0.2.5", "gdown", "tensorboard", *EXPORT],
-        "torchreid": ["torchreid==0.2.5", "gdown", "tensorboard"],
+        # The test suite covers the torchreid adapter (the torchreid extra in full) and ONNX export.
+        "test": ["pytest>=7", "ruff>=0.5", *TORCHREID, *EXPORT],
+        "torchreid": TORCHREID,
         "gpu": ["faiss-gpu>=1.8"],
     },
     entry_points={

@@ -6,9 +6,12 @@ overrides are merged with `load_cfg`; an unknown key is an error that names it (
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import yaml
 from yacs.config import CfgNode as CN
 
 _C = CN()
@@ -71,6 +74,9 @@ _C.INPUT.PADDING = 10
 _C.DATASETS = CN()
 _C.DATASETS.NAMES = "market1501"
 _C.DATASETS.ROOT_DIR = "datasets"
+# 'synthetic' is generated on first use under the default ROOT_DIR only; True generates it under any
+# ROOT_DIR (elsewhere a missing dataset is an error naming the folder, so a mistyped path creates nothing).
+_C.DATASETS.GENERATE = False
 # Generic crop folders: file-name pattern with named groups `pid` (optional) and `camid`.
 _C.DATASETS.FOLDER_PATTERN = r"(?P<pid>-?\d+)_c(?P<camid>\d+)"
 
@@ -104,7 +110,11 @@ _C.SOLVER.COSINE_SCALE = 30
 _C.SOLVER.CHECKPOINT_PERIOD = 10
 _C.SOLVER.LOG_PERIOD = 100
 _C.SOLVER.EVAL_PERIOD = 10
-_C.SOLVER.IMS_PER_BATCH = 64
+_C.SOLVER.IMS_PER_BATCH = 64  # the global batch: split evenly over torchrun's processes
+# reid_lite additions
+_C.SOLVER.SCHEDULER = "cosine"  # cosine (the official schedule) | multistep (STEPS, GAMMA)
+_C.SOLVER.AMP = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | fp16 (with a GradScaler) | bf16
+_C.SOLVER.TRAIN_WITH_MERGING = False  # keep MERGE.METHOD on while training (default: merge at test time only)
 
 # ----------------------------------------------------------------------------- TEST
 _C.TEST = CN()
@@ -123,7 +133,7 @@ _C.TEST.QUERY_CHUNK = 1024  # queries searched at once, bounds memory for large 
 # ----------------------------------------------------------------------------- MERGE
 # Token reduction inside the backbone's blocks (after attention, before the MLP).
 _C.MERGE = CN()
-_C.MERGE.METHOD = "none"  # none | tome | evit | stm
+_C.MERGE.METHOD = "none"  # a registered method: reid_lite.merging.method_names() (none, tome, evit, stm, ...)
 _C.MERGE.R = 8  # tokens removed per merging block
 _C.MERGE.R_LIST = []  # per-layer r (same length as LAYERS); overrides R when set
 _C.MERGE.LAYERS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]  # 1-based block indices
@@ -133,23 +143,10 @@ _C.MERGE.TARGET_GFLOPS = 0.0  # > 0: choose a constant r over LAYERS that meets 
 _C.MERGE.TARGET_LATENCY_MS = 0.0
 _C.MERGE.PROP_ATTN = True  # proportional attention (+log size on the keys) after a merge
 _C.MERGE.TRACE_SOURCE = False  # keep the patch -> token source map (visualisation)
-
-_C.MERGE.STM = CN()
-_C.MERGE.STM.ALPHA = 0.1  # AdaptGST: sigma = ALPHA * sqrt(N)
-_C.MERGE.STM.K = 9  # neighbourhood size for the local entropy
-_C.MERGE.STM.DELTA1 = 1.0  # exponent of the similarity term of the CC-Function
-_C.MERGE.STM.DELTA2 = 0.05  # exponent of the response term of the CC-Function
-_C.MERGE.STM.DSE = True  # DSE-Assess: PR-Degree ordered grouping (else ToMe's alternating split)
-_C.MERGE.STM.CCF = True  # CCF-Match: CC-Function (else plain cosine similarity)
-_C.MERGE.STM.PRN = True  # PRN-Fuse: PR-weighted, max-norm fusion (else size-weighted mean)
-_C.MERGE.STM.ENTROPY = "literal"  # literal (Eq. 5) | normalized (A / sum over the neighbourhood)
-_C.MERGE.STM.COORDS = "virtual"  # virtual (Dynamic Virtual Coordinates) | tracked (true centroids)
-_C.MERGE.STM.KEYS = "concat"  # concat (full D-dim keys) | mean (averaged over heads, as ToMe)
-
-_C.MERGE.EVIT = CN()
-_C.MERGE.EVIT.KEEP_RATE = 0.9
-_C.MERGE.EVIT.LAYERS = [4, 7, 10]
-_C.MERGE.EVIT.FUSE_TOKEN = True
+# Methods from your own files: .py paths or module names, imported before the rest of the config is read.
+_C.MERGE.PLUGINS = []
+# Each method's options live in its own node MERGE.<NAME>, declared with the method (reid_lite.merging:
+# MERGE.STM in stm.py, MERGE.EVIT in evit.py) and added to these defaults when it is registered.
 
 _C.OUTPUT_DIR = "output"
 
@@ -157,8 +154,55 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 def get_cfg() -> CN:
-    """Return a fresh, mutable copy of the default configuration."""
+    """Return a fresh, mutable copy of the default configuration (with every registered method's node)."""
+    from . import merging  # noqa: F401  (registers the built-in methods and their MERGE.<NAME> nodes)
+
     return _C.clone()
+
+
+def register_merge_node(name: str, options: dict[str, Any] | None, replace: bool = False) -> None:
+    """Add (or with `options` None, remove) the default node MERGE.<name> of a merging method.
+
+    Called by `reid_lite.merging.register_method`; configs created afterwards have the node.
+    """
+    current = _C.MERGE.get(name)
+    if current is not None and not isinstance(current, CN):
+        raise ValueError(f"MERGE.{name} is one of MERGE's own keys; a method cannot use that name")
+    if options is None:
+        _C.MERGE.pop(name, None)
+        return
+    if current is not None and not replace:
+        raise ValueError(f"MERGE.{name} already exists")
+    _C.MERGE[name] = CN(options)
+
+
+def config_plugins(config_file: str | Path | None = None, opts: Sequence[str] = ()) -> list[str]:
+    """MERGE.PLUGINS as a YAML file and `KEY VALUE` overrides set it (the last setting wins), unvalidated.
+
+    Read before the config itself, so that the plugins can register their nodes first.
+    """
+    plugins: Any = []
+    if config_file:
+        with open(resolve_config_path(config_file)) as f:
+            data = yaml.safe_load(f) or {}
+        plugins = (data.get("MERGE") or {}).get("PLUGINS", []) if isinstance(data, dict) else []
+    for key, value in zip(list(opts)[::2], list(opts)[1::2]):
+        if key == "MERGE.PLUGINS":
+            plugins = _decode_list(value)
+    if isinstance(plugins, str):
+        plugins = [plugins]
+    if not isinstance(plugins, (list, tuple)):
+        raise ValueError(f"MERGE.PLUGINS must be a list of .py files or module names, got {plugins!r}")
+    return [str(p) for p in plugins]
+
+
+def _decode_list(value: Any) -> Any:
+    if isinstance(value, str) and value.strip().startswith(("[", "(")):
+        try:
+            return ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"MERGE.PLUGINS: cannot read {value!r} as a list") from None
+    return value
 
 
 def resolve_config_path(path: str | Path) -> Path:
@@ -175,8 +219,12 @@ def resolve_config_path(path: str | Path) -> Path:
 def load_cfg(config_file: str | Path | None = None, opts: Sequence[str] = ()) -> CN:
     """Defaults, then `config_file`, then `KEY VALUE` pairs from `opts`; returns a frozen config.
 
-    Raises KeyError naming the key when the file or `opts` contains a key the defaults lack.
+    The plugins of MERGE.PLUGINS are imported first, so their methods' nodes are known. Raises KeyError
+    naming the key when the file or `opts` contains a key the defaults lack.
     """
+    from .merging.registry import load_plugins
+
+    plugins = load_plugins(config_plugins(config_file, opts))  # before the keys their nodes define
     cfg = get_cfg()
     if config_file:
         cfg.merge_from_file(str(resolve_config_path(config_file)))
@@ -184,8 +232,11 @@ def load_cfg(config_file: str | Path | None = None, opts: Sequence[str] = ()) ->
         if len(opts) % 2:
             raise ValueError(f"overrides must be KEY VALUE pairs, got an odd count: {list(opts)}")
         try:
-            cfg.merge_from_list(list(opts))
+            # MERGE.PLUGINS as read above: one bare path is accepted for a list of one.
+            opts = [v for k, val in zip(opts[::2], opts[1::2]) for v in (k, plugins if k == "MERGE.PLUGINS" else val)]
+            cfg.merge_from_list(opts)
         except AssertionError as e:  # yacs asserts on unknown keys from a list; make it a KeyError
             raise KeyError(str(e)) from None
+    cfg.MERGE.PLUGINS = plugins  # resolved: absolute paths, so a stored config finds them from anywhere
     cfg.freeze()
     return cfg

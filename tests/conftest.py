@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+from extras import pytest_sessionfinish, pytest_terminal_summary  # noqa: F401 (pytest hooks for CI)
 
 from reid_lite import get_cfg
 
@@ -52,3 +54,43 @@ def images() -> torch.Tensor:
 @pytest.fixture
 def cams() -> torch.Tensor:
     return torch.tensor([0, 1, 2, 0, 1, 2])
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A tiny synthetic dataset at low resolution (fast to render and to train on): 8 training identities
+    over 3 cameras, 2 images per identity and camera, 4 test identities."""
+    from reid_lite.data.synthetic import generate_reid_dataset
+
+    root = tmp_path_factory.mktemp("data")
+    generate_reid_dataset(root, num_train_ids=8, num_test_ids=4, num_cameras=3, images_per_id_per_camera=2,
+                          size=(64, 32), num_distractors=2, progress=False)
+    return root
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine they spin-wait."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_train_cfg(root: Path, out: Path, epochs: int = 2, *opts):
+    """A frozen training config: 3 blocks of width 32 at 64x32 (stride 16: 4x2 patches), JPM, SIE, P x K
+    batches of 4 identities x 2 images on `tiny_data`, CPU; `opts` are extra KEY VALUE overrides."""
+    cfg = get_cfg()
+    cfg.merge_from_list([
+        "MODEL.EMBED_DIM", 32, "MODEL.DEPTH", 3, "MODEL.NUM_HEADS", 2, "MODEL.JPM", True, "MODEL.SIE_CAMERA", True,
+        "MODEL.PRETRAIN_CHOICE", "none", "MODEL.DROP_PATH", 0.0, "MODEL.STRIDE_SIZE", [16, 16],
+        "MODEL.DEVICE", "cpu", "INPUT.SIZE_TRAIN", [64, 32], "INPUT.SIZE_TEST", [64, 32], "INPUT.RE_PROB", 0.0,
+        "DATASETS.NAMES", "market1501", "DATASETS.ROOT_DIR", str(root / "synthetic"),
+        "DATALOADER.SAMPLER", "softmax_triplet", "DATALOADER.NUM_INSTANCE", 2, "DATALOADER.NUM_WORKERS", 0,
+        "SOLVER.OPTIMIZER_NAME", "AdamW", "SOLVER.BASE_LR", 1e-3, "SOLVER.IMS_PER_BATCH", 8,
+        "SOLVER.MAX_EPOCHS", epochs, "SOLVER.WARMUP_EPOCHS", 0, "SOLVER.CHECKPOINT_PERIOD", 1,
+        "SOLVER.LOG_PERIOD", 2, "MERGE.METHOD", "stm", "MERGE.LAYERS", [1], "MERGE.R", 2, "OUTPUT_DIR", str(out),
+        *opts,
+    ])
+    cfg.freeze()
+    return cfg

@@ -141,11 +141,13 @@ def test_missing_layout_is_one_clear_error(tmp_path):
     msg = str(exc.value)
     assert f"{tmp_path}/market1501/{{bounding_box_train,query,bounding_box_test}}" in msg
     assert "datasets/README.md" in msg
-    # a partial layout (no query folder) is rejected the same way
+    # a partial layout (no query folder) names the dataset folder and the folder that is missing
     (tmp_path / "market1501" / "bounding_box_train").mkdir(parents=True)
     (tmp_path / "market1501" / "bounding_box_test").mkdir()
-    with pytest.raises(DatasetLayoutError, match="looked at"):
+    with pytest.raises(DatasetLayoutError) as exc:
         build_dataset("market1501", root=tmp_path)
+    assert str(exc.value).startswith(f"Market1501 at {tmp_path / 'market1501'} is incomplete: missing folder(s) "
+                                     "query (found bounding_box_train, bounding_box_test")
     with pytest.raises(DatasetLayoutError, match=r"MSMT17_V1"):
         build_dataset("msmt17", root=tmp_path)
     with pytest.raises(DatasetLayoutError, match=r"DukeMTMC-reID/\{bounding_box_train"):

@@ -187,7 +187,7 @@ def test_failed_parity_fails_the_export_and_moves_the_file_aside(exports, tmp_pa
 
 def test_feature_extractor_and_gallery_fingerprint_use_the_backend(exports, tmp_path):
     from reid_lite.engine.extractor import FeatureExtractor
-    from reid_lite.index.gallery import check_fingerprint, model_fingerprint
+    from reid_lite.index.fingerprint import check_fingerprint, model_fingerprint
 
     cfg, model, report = exports("tiny", "stm", ("onnxruntime", "openvino"))
     images, cams = parity_images(cfg, 6, num_cameras=3, seed=9)

@@ -196,3 +196,12 @@ def test_visualisation_png_size(model, dataset, tmp_path):
                                    gallery.pids, gallery.camids, tmp_path / "vis" / "ranked.png", topk=10)
     img = cv2.imread(str(out))
     assert img.shape[:2] == canvas_size(2, 10) == (8 + (256 + 22 + 8) * 2, 8 + (128 + 8) * 11 + 24)
+
+
+def test_test_size_other_than_the_model_size_is_refused_before_any_image_is_read(model, dataset, monkeypatch):
+    import reid_lite.engine.evaluator as ev
+
+    monkeypatch.setattr(ev, "build_test_loader", lambda *a, **k: pytest.fail("read images first"))
+    with pytest.raises(ValueError, match=r"^INPUT.SIZE_TEST \[128, 64\] differs from INPUT.SIZE_TRAIN \[64, 32\], "
+                                         r"the size the model .* is built for"):
+        evaluate(tiny_cfg("INPUT.SIZE_TEST", [128, 64]), model, dataset, device="cpu", progress=False)

@@ -269,3 +269,16 @@ def test_torchrun_two_processes_equals_one(tmp_path, data):
     m1, m2 = g1.store.get(i1.tolist()), g2.store.get(i2.tolist())
     assert [m1[i].to_dict() for i in i1] == [m2[i].to_dict() for i in i2]
     np.testing.assert_allclose(x1, x2, atol=1e-6)
+    # a distributed overwrite that fails (every crop unreadable) says so on every rank, hangs no rank,
+    # and leaves the gallery as it was
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    for i, src in enumerate(sorted((data / "query").glob("*.jpg"))[:4]):
+        (junk / src.name).write_bytes(b"not an image %d" % i)
+    cmd[cmd.index(str(two)) + 1:cmd.index("--opts")] = [str(junk), "--overwrite"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=180)
+    assert res.returncode != 0 and "(rank 0): error: none of the 4 new crop(s) could be read" in res.stderr
+    assert "(rank 1): error: rank 0 failed to publish" in res.stderr
+    g2 = Gallery.open(two)
+    assert vectors(g2)[0].tolist() == i2.tolist() and g2.generation == 0  # a build publishes once
+    assert sorted(p.name for p in two.iterdir()) == ["CURRENT", "LOCK", "gen-000000"]

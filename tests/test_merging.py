@@ -12,16 +12,8 @@ from conftest import tiny_cfg, vit_base_cfg
 from reid_lite import build_model
 from reid_lite.merging import STM, EViT, TokenState, ToMe, apply_merging, merge_cfg
 from reid_lite.merging.base import BipartiteMerge, bipartite_match
-from reid_lite.merging.stm import (
-    gaussian_prior,
-    neighbourhood_entropy,
-    pr_degree,
-    pr_grouping,
-    prn_fuse,
-    virtual_coordinates,
-    virtual_knn,
-    virtual_neighbourhood,
-)
+from reid_lite.merging.ops import grid_positions, virtual_coordinates, virtual_knn, virtual_neighbourhood
+from reid_lite.merging.stm import gaussian_prior, neighbourhood_entropy, pr_degree, pr_grouping, prn_fuse
 from reid_lite.utils.flops import fvcore_gflops, transreid_gflops
 
 
@@ -79,8 +71,6 @@ def test_tracked_positions_are_size_weighted_centroids():
     for _ in range(3):
         T = x.shape[1]
         x = reducer(x, torch.randn(B, H, T, C // H, generator=g), torch.rand(B, H, T, generator=g).softmax(-1), state)
-    from reid_lite.merging.base import grid_positions
-
     cells = grid_positions((21, 10))[0, 1:]
     expect = (state.source @ cells) / state.source.sum(-1, keepdim=True)
     torch.testing.assert_close(state.pos[:, 1:], expect[:, 1:])
@@ -194,6 +184,28 @@ def test_bad_schedules_are_rejected():
         build_model(tiny_cfg(METHOD="magic"), 10, 3, 1)
     with pytest.raises(ValueError, match="COORDS"):
         build_model(tiny_cfg(METHOD="stm", STM__COORDS="polar"), 10, 3, 1)
+
+
+def test_r_larger_than_a_block_allows_names_the_largest_allowed_r():
+    # 211 tokens into blocks 1-3: with r = 60, block 3 receives 211 - 120 = 91 and can merge at most 45.
+    for method in ("tome", "stm"):
+        with pytest.raises(ValueError, match=r"^MERGE.R 60 is too large: block 3 receives 91 tokens \(the class "
+                                             r"token and 90 patches\) and can merge at most 45; the largest r for "
+                                             r"MERGE.LAYERS \[1, 2, 3\] is 52$"):
+            _model(method, 60)
+    # 52 is the largest that runs as configured: every block merges exactly 52 (nothing silently clamped).
+    from reid_lite.merging import reduction_schedule
+
+    model = _model("tome", 52)
+    assert reduction_schedule(model.reducers, 211, 3) == [
+        {"block": 1, "tokens_in": 211, "tokens_out": 159}, {"block": 2, "tokens_in": 159, "tokens_out": 107},
+        {"block": 3, "tokens_in": 107, "tokens_out": 55}]
+    with pytest.raises(ValueError, match=r"^MERGE.R_LIST asks block 2 to merge 90 tokens, but block 2 receives "
+                                         r"111 tokens .* at most 55$"):
+        _model("stm", 0, LAYERS=[1, 2], R_LIST=[100, 90])
+    # the GFLOPs solver searches only schedules that run as stated
+    solved = _model("tome", 0, TARGET_GFLOPS=1e-6 + transreid_gflops(_model("tome", 52)))
+    assert solved.merge_r == 52
 
 
 def test_per_layer_schedule_and_gflops_solver():

@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
-import warnings
-from collections.abc import Callable
-
 import numpy as np
 import pytest
+from extras import torchreid_evaluate_rank
 
 from reid_lite.metrics.rank import RankAccumulator, _numpy_sum_of_sparse_rows, evaluate_rank
-
-
-def _torchreid_evaluate_rank() -> Callable:
-    """torchreid's evaluate_rank: PyPI layout first, then a source install."""
-    for name in ("torchreid.reid.metrics.rank", "torchreid.metrics.rank"):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "Cython evaluation ... unavailable"
-                return importlib.import_module(name).evaluate_rank
-        except ImportError:
-            continue
-    pytest.skip("torchreid is not installed")
 
 
 def _reference_minp(distmat, q_pids, g_pids, q_camids, g_camids) -> float:
@@ -71,7 +56,7 @@ CASES = [
 @pytest.mark.parametrize("num_q,num_g,integer,dtype", CASES)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_equals_torchreid(num_q: int, num_g: int, integer: bool, dtype, seed: int) -> None:
-    tr_eval = _torchreid_evaluate_rank()
+    tr_eval = torchreid_evaluate_rank()
     rng = np.random.default_rng(seed * 1000 + num_q)
     problem = _random_problem(rng, num_q, num_g, integer, dtype)
     max_rank = min(50, num_g // 3)
@@ -92,7 +77,7 @@ def test_some_queries_invalid_are_skipped() -> None:
     acc.update(distmat, q_pids, q_camids)
     res = acc.result()
     assert res.num_queries == 20 and res.num_valid <= 15
-    _, map_ref = _torchreid_evaluate_rank()(distmat, q_pids, g_pids, q_camids, g_camids, 50, False, False)
+    _, map_ref = torchreid_evaluate_rank()(distmat, q_pids, g_pids, q_camids, g_camids, 50, False, False)
     assert res.mAP == map_ref
 
 
@@ -126,7 +111,7 @@ def test_internal_row_blocks_and_threads(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_max_rank_clamped_to_gallery_size() -> None:
-    tr_eval = _torchreid_evaluate_rank()
+    tr_eval = torchreid_evaluate_rank()
     rng = np.random.default_rng(4)
     problem = list(_random_problem(rng, 10, 30, True))
     problem[3][:], problem[4][:] = 0, 1  # no junk: every query keeps all 30 gallery samples
@@ -136,7 +121,7 @@ def test_max_rank_clamped_to_gallery_size() -> None:
 
 
 def test_cmc_truncated_to_junk_removed_length_like_torchreid() -> None:
-    tr_eval = _torchreid_evaluate_rank()
+    tr_eval = torchreid_evaluate_rank()
     rng = np.random.default_rng(8)
     distmat = rng.random((1, 20))
     g_pids, g_camids = np.repeat([0, 1], 10), np.tile([0, 1], 10)  # query pid 0 / cam 0: 5 junk

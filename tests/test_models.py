@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -189,3 +190,99 @@ def test_sie_table_cameras_reads_the_checkpoint_table():
     assert sie_table_cameras({"base.sie_embed": torch.zeros(6, 1, 8)}) == 6
     assert sie_table_cameras({"sie_embed": torch.zeros(12, 1, 8)}, view_num=2) == 6
     assert sie_table_cameras({"base.cls_token": torch.zeros(1, 1, 8)}) == 0
+
+
+# ------------------------------------------------------------------------------ ordinary mistakes, clear errors
+
+
+@pytest.mark.parametrize("kind", ["yaml", "empty", "directory", "binary"])
+def test_a_file_that_is_no_checkpoint_says_what_it_is_and_never_suggests_trusting_it(tmp_path, kind):
+    from reid_lite.models import read_state_dict
+
+    path = {"yaml": tmp_path / "market1501_stm.yml", "empty": tmp_path / "empty.pth",
+            "directory": tmp_path / "run", "binary": tmp_path / "photo.jpg"}[kind]
+    if kind == "yaml":
+        path.write_text("MODEL:\n  NAME: 'transformer'\n")
+        expect = f"{path} is not a PyTorch checkpoint (a text file, "
+    elif kind == "empty":
+        path.touch()
+        expect = f"{path} is empty (0 bytes): not a checkpoint"
+    elif kind == "directory":
+        path.mkdir()
+        torch.save({}, path / "transformer_120.pth")
+        expect = f"{path} is a directory, not a checkpoint file: give the path of a .pth file, e.g. " \
+                 f"{path / 'transformer_120.pth'}"
+    else:
+        path.write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(range(256)))
+        expect = f"{path} is not a PyTorch checkpoint (not in torch.save's format, "
+    with pytest.raises(CheckpointError) as exc:
+        read_state_dict(path)
+    msg = str(exc.value)
+    assert msg.startswith(expect) and "\n" not in msg
+    assert "TRUST_CHECKPOINT" not in msg  # unpickling it would not help, and would be unsafe
+
+
+def test_truncated_checkpoint_is_named_damaged(tmp_path):
+    from reid_lite.models import read_state_dict
+
+    path = tmp_path / "cut.pth"
+    torch.save({"w": torch.zeros(1000)}, path)
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(CheckpointError, match=r"cut.pth is not a readable PyTorch checkpoint \(truncated or damaged"):
+        read_state_dict(path)
+
+
+def test_sie_on_with_fewer_than_two_cameras_is_an_error_that_says_what_to_do():
+    cfg = tiny_cfg()  # MODEL.SIE_CAMERA True
+    for cams in (0, 1):
+        with pytest.raises(ValueError, match=f"MODEL.SIE_CAMERA is on but camera_num={cams}: .* at least 2 cameras"
+                                             ".*sie_table_cameras.*or set MODEL.SIE_CAMERA False"):
+            build_model(cfg, 10, cams, 0)
+    cfg.MODEL.SIE_CAMERA = False
+    assert not hasattr(build_model(cfg, 10, 1, 0).base, "sie_embed")  # asked for explicitly: fine
+
+
+def test_bad_cam_label_is_a_value_error_naming_the_valid_range(images):
+    model = build_model(tiny_cfg(), 10, 3, 1).eval()
+    with torch.no_grad():
+        for bad, match in (
+            (torch.tensor([0, 1, 2, 3, 0, 1]), r"camera ids must lie in \[0, 3\) .*cam_label.*got \[0, 3\]"),
+            (torch.tensor([0, -1, 2, 0, 1, 2]), r"camera ids must lie in \[0, 3\) .*got \[-1, 2\]"),
+            (torch.tensor([0.0, 1, 2, 0, 1, 2]), r"cam_label must hold integer camera ids \(0..2\), got dtype "
+                                                 r"torch.float32"),
+            (torch.tensor([0, 1, 2]), r"cam_label must have one camera id \(0..2\) per image: shape \(6,\), got "
+                                      r"\(3,\)"),
+            (torch.zeros(6, 1, dtype=torch.long), r"one camera id \(0..2\) per image"),
+            (5, r"camera ids must lie in \[0, 3\)"),
+            ([0, 1, 2, 0, 1, 2], r"cam_label must be an integer tensor of camera ids \(0..2\), got list"),
+        ):
+            with pytest.raises(ValueError, match=match):
+                model(images, cam_label=bad)
+        # an int32 tensor and a single int for the whole batch are fine
+        ref = model(images, cam_label=torch.full((6,), 2))
+        assert torch.equal(model(images, cam_label=torch.full((6,), 2, dtype=torch.int32)), ref)
+        assert torch.equal(model(images, cam_label=2), ref) and torch.equal(model(images, cam_label=np.int64(2)), ref)
+
+
+def test_model_for_a_checkpoint_takes_its_camera_count_from_the_sie_table(tmp_path, images):
+    from reid_lite.engine.extractor import FeatureExtractor
+    from reid_lite.models import build_model_for_checkpoint
+
+    cfg = tiny_cfg()
+    trained = build_model(cfg, 10, 6, 0).eval()  # trained on 6 cameras
+    path = tmp_path / "six.pth"
+    torch.save(trained.state_dict(), path)
+    model = build_model_for_checkpoint(cfg, path, 1, camera_num=2).eval()  # data with 2 cameras
+    assert model.base.cam_num == 6
+    with torch.no_grad():
+        assert torch.equal(model(images, cam_label=torch.tensor([0, 1, 5, 0, 1, 5])),
+                           trained(images, cam_label=torch.tensor([0, 1, 5, 0, 1, 5])))
+    # the library's FeatureExtractor builds the same way
+    assert FeatureExtractor(cfg, weights=str(path), device="cpu", camera_num=2).model.base.cam_num == 6
+    with pytest.raises(CheckpointError, match=r"the data has 8 cameras .* trained with 6 \(its SIE table\)"):
+        build_model_for_checkpoint(cfg, path, camera_num=8)
+    cfg.MODEL.SIE_CAMERA = False
+    torch.save(build_model(cfg, 10).state_dict(), path)
+    cfg.MODEL.SIE_CAMERA = True
+    with pytest.raises(CheckpointError, match="has no camera SIE table .* set MODEL.SIE_CAMERA False"):
+        build_model_for_checkpoint(cfg, path, camera_num=2)

@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
 import warnings
-from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
+from extras import torchreid_evaluate_rank
 
 from reid_lite.index import FeatureIndex, evaluate_retrieval
 from reid_lite.metrics import re_ranking
-
-
-def _torchreid_evaluate_rank() -> Callable:
-    for name in ("torchreid.reid.metrics.rank", "torchreid.metrics.rank"):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return importlib.import_module(name).evaluate_rank
-        except ImportError:
-            continue
-    pytest.skip("torchreid is not installed")
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -123,7 +111,7 @@ def _retrieval_problem(seed: int, integer: bool):
 
 @pytest.mark.parametrize("metric,integer", [("cosine", False), ("euclidean", False), ("euclidean", True)])
 def test_evaluate_retrieval_chunked_equals_dense(metric: str, integer: bool) -> None:
-    tr_eval = _torchreid_evaluate_rank()
+    tr_eval = torchreid_evaluate_rank()
     qf, gf, qp, gp, qc, gc = _retrieval_problem(7, integer)
     dense = _dense_distmat(qf, gf, metric)
     cmc_ref, map_ref = tr_eval(dense, qp, gp, qc, gc, max_rank=50, use_metric_cuhk03=False, use_cython=False)

@@ -143,6 +143,16 @@ def test_complete_marker_reuse_and_errors(tmp_path: Path) -> None:
     assert marker.is_file() and '"seed": 1' in marker.read_text()
 
 
+def test_registered_dataset_reads_a_finished_folder_of_any_parameters(small_dataset: Path) -> None:
+    from reid_lite.data import build_dataset
+
+    # e.g. a set made with tools/make_synthetic.py: read as it is, not refused for other parameters
+    ds = build_dataset("synthetic", root=small_dataset.parent)
+    assert ds.num_train_pids == SMALL["num_train_ids"] and ds.num_query_cams <= SMALL["num_cameras"]
+    with pytest.raises(FileExistsError, match="other parameters"):  # explicit arguments must match it
+        build_dataset("synthetic", root=small_dataset.parent, num_train_ids=5)
+
+
 def test_interrupted_generation_leaves_nothing_that_looks_complete(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -93,6 +93,10 @@ def test_compare_writes_results_and_warns_about_random_weights(tool, data_root, 
     rows = record["results"]
     assert [r["method"] for r in rows] == ["none", "tome"]
     assert rows[1]["gflops"] < rows[0]["gflops"]
+    # the schedule each method ran: 4x2 patches + cls = 9 tokens, r = 2 in blocks 1 and 2
+    assert rows[0]["schedule"] == []
+    assert rows[1]["schedule"] == [{"block": 1, "tokens_in": 9, "tokens_out": 7},
+                                   {"block": 2, "tokens_in": 7, "tokens_out": 5}]
     for r in rows:
         for key in ("gflops", "images_per_second", "rank1", "rank5", "rank10", "mAP", "mINP", "feature_dim"):
             assert key in r
@@ -126,3 +130,111 @@ def test_missing_dataset_exits_2_without_traceback(tool, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert err.startswith("error: Market1501 not found") and "bounding_box_train" in err
+
+
+# ------------------------------------------------------------------------------ ordinary mistakes: one line, exit 2
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("kind", ["yaml", "empty", "directory", "forbidden object"])
+def test_weights_that_are_no_checkpoint_exit_2_with_one_line(tool, data_root, tmp_path, capsys, kind):
+    import torch
+
+    cfg, out = write_config(tmp_path, data_root)
+    weights = {"yaml": cfg, "empty": tmp_path / "empty.pth", "directory": tmp_path,
+               "forbidden object": tmp_path / "pickled.pth"}[kind]
+    if kind == "empty":
+        weights.touch()
+    if kind == "forbidden object":
+        torch.save({"model": {}, "args": argparse_namespace()}, weights)
+    assert run_tool(tool, ["--config", cfg, "TEST.WEIGHT", weights]) == 2
+    line = one_error_line(capsys)
+    expect = {"yaml": f"error: {cfg} is not a PyTorch checkpoint (a text file, ",
+              "empty": f"error: {weights} is empty (0 bytes): not a checkpoint",
+              "directory": f"error: {weights} is a directory, not a checkpoint file",
+              "forbidden object": f"error: {weights} contains objects that weights-only loading refuses "
+                                  "(Unsupported global: GLOBAL argparse.Namespace"}[kind]
+    assert line.startswith(expect), line
+    # trusting the file is suggested only where unpickling is what stands in the way
+    assert ("MODEL.TRUST_CHECKPOINT True" in line) == (kind == "forbidden object")
+    assert not out.exists()  # refused before anything ran
+
+
+def argparse_namespace():
+    import argparse
+
+    return argparse.Namespace(lr=0.1)  # what training scripts often save beside the weights
+
+
+def test_checkpoint_trained_on_more_cameras_evaluates_data_of_two(tool, data_root, tmp_path, capsys):
+    import torch
+
+    from reid_lite.config import load_cfg
+    from reid_lite.models import build_model
+
+    cfg, out = write_config(tmp_path, data_root)
+    weights = tmp_path / "six_cameras.pth"
+    torch.save(build_model(load_cfg(cfg), 5, camera_num=6).state_dict(), weights)
+    assert run_tool(tool, ["--config", cfg, "--no-progress", "TEST.WEIGHT", weights]) == 0, capsys.readouterr().err
+    record = json.loads((out / "results.json").read_text())
+    assert record["weights"] == str(weights) and record["random_weights"] is False
+
+
+def test_test_size_other_than_the_train_size_exits_2_before_reading_data(tool, tmp_path, capsys):
+    cfg, _ = write_config(tmp_path, tmp_path / "nowhere")  # no dataset: the size is checked first
+    assert run_tool(tool, ["--config", cfg, "INPUT.SIZE_TEST", "[128, 64]"]) == 2
+    assert one_error_line(capsys).startswith("error: INPUT.SIZE_TEST [128, 64] differs from INPUT.SIZE_TRAIN "
+                                             "[64, 32], the size the model (its position embedding) is built for")
+
+
+def test_merge_r_too_large_exits_2_naming_the_largest_r(tool, data_root, tmp_path, capsys):
+    cfg, out = write_config(tmp_path, data_root)
+    assert run_tool(tool, ["--config", cfg, "MERGE.R", 3]) == 2
+    assert one_error_line(capsys) == ("error: MERGE.R 3 is too large: block 2 receives 6 tokens (the class token and "
+                                      "5 patches) and can merge at most 2; the largest r for MERGE.LAYERS [1, 2] is 2")
+    assert run_tool(tool, ["--config", cfg, "--compare", "none,tome", "MERGE.METHOD", "none", "MERGE.R", 3]) == 2
+    assert "the largest r for MERGE.LAYERS [1, 2] is 2" in one_error_line(capsys)  # each compared method too
+    assert not (out / "results.json").exists()
+
+
+def test_missing_query_folder_is_named(tool, tmp_path, capsys):
+    root = tmp_path / "data"
+    for sub in ("bounding_box_train", "bounding_box_test"):
+        (root / "market1501" / sub).mkdir(parents=True)
+    cfg, _ = write_config(tmp_path, root)
+    assert run_tool(tool, ["--config", cfg]) == 2
+    assert one_error_line(capsys).startswith(f"error: Market1501 at {root / 'market1501'} is incomplete: "
+                                             "missing folder(s) query")
+
+
+def test_mistyped_root_dir_with_the_demo_config_generates_nothing(tool, tmp_path, capsys):
+    typo = tmp_path / "datsets"
+    assert run_tool(tool, ["--config", REPO / "configs" / "demo_synthetic.yml", "DATASETS.ROOT_DIR", typo]) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"error: no synthetic dataset at {typo / 'synthetic'}") and "DATASETS.GENERATE True" in line
+    assert not typo.exists()
+
+
+def test_an_unfinished_synthetic_folder_is_explained_without_options_test_py_lacks(tool, tmp_path, capsys):
+    (tmp_path / "synthetic" / "query").mkdir(parents=True)  # an interrupted generation: no _COMPLETE marker
+    assert run_tool(tool, ["--config", REPO / "configs" / "demo_synthetic.yml", "DATASETS.ROOT_DIR", tmp_path,
+                           "DATASETS.GENERATE", True]) == 2
+    line = one_error_line(capsys)
+    assert "--overwrite" not in line and "has no _COMPLETE marker" in line and "remove that folder" in line
+
+
+def test_cli_errors_are_one_shared_helper(capsys):
+    from reid_lite.utils.cli import EXIT_USAGE, cli_error, error_text
+
+    assert error_text(KeyError("unknown dataset 'x'")) == "unknown dataset 'x'"  # no repr quotes
+    assert error_text(EOFError()) == "EOFError"  # never an empty reason
+    assert cli_error(ValueError("bad")) == EXIT_USAGE == 2 and capsys.readouterr().err == "error: bad\n"
+    train = (REPO / "tools" / "train.py").read_text()
+    for source in (TOOL.read_text(), train):
+        assert "from reid_lite.utils.cli import USER_ERRORS, cli_error" in source and "def _error" not in source

@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from extras import import_extra
 from PIL import Image
 
-pytest.importorskip("torchreid", exc_type=ImportError)
+# Skips only when torchreid is absent; an install that cannot import (e.g. without scipy) fails.
+import_extra("torchreid", "torchreid")
 
 from reid_lite.data.synthetic import generate_reid_dataset  # noqa: E402
 from reid_lite.data.transforms import build_transforms  # noqa: E402
@@ -92,8 +94,8 @@ def test_source_layout_is_resolved(tr, monkeypatch):
 # ------------------------------------------------------------------------------------------ factory
 def test_registered_names_use_the_paper_setting(tr):
     factory = rt._model_factory(tr)
-    assert set(rt.MODEL_NAMES) <= set(factory)
-    assert rt.register_models() == list(rt.MODEL_NAMES)  # idempotent
+    assert set(rt.model_names()) <= set(factory)
+    assert rt.register_models() == list(rt.model_names())  # idempotent
     model = tr.models.build_model("transreid_stm", num_classes=751, loss="softmax", pretrained=False, use_gpu=False)
     cfg = model.cfg
     assert cfg.MODEL.TRANSFORMER_TYPE == "vit_base_patch16_224_TransReID" and model.in_planes == 768

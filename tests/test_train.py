@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_train_cfg
 
 from reid_lite.config import get_cfg, load_cfg
 from reid_lite.data import build_train_loader
-from reid_lite.data.synthetic import generate_reid_dataset
 from reid_lite.engine.losses import TripletLoss, hard_example_mining, jpm_weighted, make_loss
 from reid_lite.engine.trainer import (
     create_scheduler,
@@ -146,40 +146,6 @@ def test_optimizer_groups_and_cosine_warmup_schedule():
 # ------------------------------------------------------------------------------ real training steps
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    """A tiny synthetic dataset at low resolution (fast to render and to train on)."""
-    root = tmp_path_factory.mktemp("data")
-    generate_reid_dataset(root, num_train_ids=8, num_test_ids=4, num_cameras=3, images_per_id_per_camera=2,
-                          size=(64, 32), num_distractors=2, progress=False)
-    return root
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine they spin-wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _tiny_train_cfg(root: Path, out: Path, epochs: int = 2):
-    cfg = get_cfg()
-    cfg.merge_from_list([
-        "MODEL.EMBED_DIM", 32, "MODEL.DEPTH", 3, "MODEL.NUM_HEADS", 2, "MODEL.JPM", True, "MODEL.SIE_CAMERA", True,
-        "MODEL.PRETRAIN_CHOICE", "none", "MODEL.DROP_PATH", 0.0, "MODEL.STRIDE_SIZE", [16, 16],
-        "MODEL.DEVICE", "cpu", "INPUT.SIZE_TRAIN", [64, 32], "INPUT.SIZE_TEST", [64, 32], "INPUT.RE_PROB", 0.0,
-        "DATASETS.NAMES", "market1501", "DATASETS.ROOT_DIR", str(root / "synthetic"),
-        "DATALOADER.SAMPLER", "softmax_triplet", "DATALOADER.NUM_INSTANCE", 2, "DATALOADER.NUM_WORKERS", 0,
-        "SOLVER.OPTIMIZER_NAME", "AdamW", "SOLVER.BASE_LR", 1e-3, "SOLVER.IMS_PER_BATCH", 8,
-        "SOLVER.MAX_EPOCHS", epochs, "SOLVER.WARMUP_EPOCHS", 0, "SOLVER.CHECKPOINT_PERIOD", 1,
-        "SOLVER.LOG_PERIOD", 2, "MERGE.METHOD", "stm", "MERGE.LAYERS", [1], "MERGE.R", 2, "OUTPUT_DIR", str(out),
-    ])
-    cfg.freeze()
-    return cfg
-
-
 def _frozen_loss(model, batch, loss_fn) -> float:
     """Loss on `batch` in train-mode outputs but deterministic: no dropout/drop path, BN on running stats."""
     model.train()
@@ -192,7 +158,7 @@ def _frozen_loss(model, batch, loss_fn) -> float:
 
 
 def test_training_steps_change_weights_and_reduce_loss(tiny_data, tmp_path, one_thread):
-    cfg = _tiny_train_cfg(tiny_data, tmp_path / "out", epochs=2)
+    cfg = tiny_train_cfg(tiny_data, tmp_path / "out", epochs=2)
     dataset = prepare_dataset(cfg)
     cams, views = sie_counts(dataset)
     torch.manual_seed(0)
@@ -214,7 +180,7 @@ def test_training_steps_change_weights_and_reduce_loss(tiny_data, tmp_path, one_
 
 
 def test_train_writes_official_state_dict_that_loads_strictly(tiny_data, tmp_path, one_thread):
-    cfg = _tiny_train_cfg(tiny_data, tmp_path / "out", epochs=1)
+    cfg = tiny_train_cfg(tiny_data, tmp_path / "out", epochs=1)
     result = train(cfg)
     trained = result.model
     assert trained is not None and not trained.reducers  # trained unmerged although MERGE.METHOD is stm
@@ -235,7 +201,7 @@ def test_train_writes_official_state_dict_that_loads_strictly(tiny_data, tmp_pat
     assert half.stat().st_size < 0.6 * result.final_checkpoint.stat().st_size
 
 
-def test_synthetic_dataset_generates_itself_and_real_ones_give_a_clear_error(tmp_path):
+def test_synthetic_dataset_generates_itself_and_real_ones_give_a_clear_error(tmp_path, capsys):
     cfg = get_cfg()
     cfg.DATASETS.NAMES, cfg.DATASETS.ROOT_DIR = "market1501", str(tmp_path)
     from reid_lite.data import DatasetLayoutError
@@ -243,9 +209,20 @@ def test_synthetic_dataset_generates_itself_and_real_ones_give_a_clear_error(tmp
     with pytest.raises(DatasetLayoutError, match="Market1501 not found"):
         prepare_dataset(cfg)
     assert not any(tmp_path.iterdir())  # nothing generated for a real dataset
+    # Outside the default location (a mistyped ROOT_DIR?) nothing is generated unless asked for.
     cfg.DATASETS.NAMES = "synthetic"
+    with pytest.raises(DatasetLayoutError) as exc:
+        prepare_dataset(cfg)
+    assert str(exc.value).startswith(f"no synthetic dataset at {tmp_path / 'synthetic'}")
+    assert "DATASETS.GENERATE True" in str(exc.value) and not any(tmp_path.iterdir())
+    cfg.DATASETS.GENERATE = True
     dataset = prepare_dataset(cfg)
     assert (tmp_path / "synthetic" / "_COMPLETE").is_file() and dataset.num_train_pids == 60
+    # ... and not silently: it says where and how much, with a progress bar.
+    err = capsys.readouterr().err
+    assert f"generating the synthetic dataset {tmp_path / 'synthetic'}" in err and "generating synthetic" in err
+    cfg.DATASETS.GENERATE = False  # a finished folder is read wherever it is
+    assert prepare_dataset(cfg).num_train_pids == 60
 
 
 def test_train_cli_missing_dataset_exits_2(tmp_path, capsys):

@@ -1,16 +1,23 @@
 #!/usr/bin/env python
-"""Latency and throughput of TransReID with no merging, ToMe, EViT and STM-ReID, per backend and batch.
+"""Latency and throughput of TransReID with each registered merging method, per backend and batch.
 
     python tools/benchmark.py --config configs/msmt17_base.yml --backend torch onnxruntime openvino \
         --batch-size 1 8 32 --out output/bench.json
     python tools/benchmark.py --device cuda --dtype bf16 --backend torch compile --batch-size 256
+    python tools/benchmark.py --methods none,stm,mine MERGE.PLUGINS "['my_method.py']"
+
+--methods takes any registered method (default: all of them, plugins included) and the named STM
+variants below. GFLOPs are the capacity count (what runs); methods that may leave slots empty also
+report the mean effective GFLOPs per image, from one extra (untimed) pass over the batch.
 
 Backends: torch (eager), compile (torch.compile), onnxruntime and openvino (CPU; each method is
 exported once to --onnx-dir with tools/export.py's verified export, and the same file serves every
 batch size). Each (method, backend, batch) runs in its own child process with the same weights and
 inputs: per-batch latency p50/p90 over --iters timed passes after --warmup, images/s = batch / p50,
 and peak memory (CUDA: max_memory_allocated; CPU: growth of the process's peak RSS). Writes JSON and
-prints a table; `speedup_vs_none` compares with no merging on the same backend and batch size.
+prints a table; `speedup_vs_none` compares with no merging on the same backend and batch size. A method
+whose export is refused (it names the reason, e.g. STM with tracked coordinates) is reported as refused
+on the ONNX backends and still timed on the PyTorch ones.
 """
 
 from __future__ import annotations
@@ -28,22 +35,25 @@ import torch
 
 from reid_lite import build_model, load_cfg
 from reid_lite.deploy.latency import measure_latency
-from reid_lite.utils.flops import transreid_gflops
+from reid_lite.merging import method_names
+from reid_lite.utils.cli import USER_ERRORS, error_text
+from reid_lite.utils.flops import effective_gflops, transreid_gflops
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 BACKENDS = ("torch", "compile", "onnxruntime", "openvino")
 ONNX_BACKENDS = ("onnxruntime", "openvino")
 
-# name -> MERGE overrides. Variants of STM are included on request (--methods).
-METHODS = {
-    "none": ["MERGE.METHOD", "none"],
-    "tome": ["MERGE.METHOD", "tome"],
-    "evit": ["MERGE.METHOD", "evit"],
-    "stm": ["MERGE.METHOD", "stm"],
+# Named option variants, run on request (--methods); every registered method runs under its own name.
+VARIANTS = {
     "stm_tracked": ["MERGE.METHOD", "stm", "MERGE.STM.COORDS", "tracked"],
     "stm_normalized": ["MERGE.METHOD", "stm", "MERGE.STM.ENTROPY", "normalized"],
 }
 CAMERAS = 2
+
+
+def method_overrides(name: str) -> list[str]:
+    """MERGE overrides of a --methods entry: a registered method or a named variant."""
+    return VARIANTS.get(name, ["MERGE.METHOD", name])
 
 
 def _rss_mb() -> float:
@@ -53,21 +63,25 @@ def _rss_mb() -> float:
 def _model(args: argparse.Namespace, method: str):
     # Timing needs no trained weights: every method gets the same seeded random ones (and the
     # exported file's fingerprint says so, rather than naming a checkpoint that was not loaded).
-    cfg = load_cfg(args.config, [*METHODS[method], *args.opts, "TEST.WEIGHT", ""])
+    cfg = load_cfg(args.config, [*args.opts, *method_overrides(method), "TEST.WEIGHT", ""])
     torch.manual_seed(0)
     return cfg, build_model(cfg, num_classes=1, camera_num=CAMERAS, view_num=0).eval()
 
 
 def _onnx_path(args: argparse.Namespace, method: str) -> Path:
-    return Path(args.onnx_dir) / f"{Path(args.config).stem}_{method}.onnx"
+    return Path(args.onnx_dir) / f"{Path(args.config).stem or 'default'}_{method}.onnx"
 
 
 def export_method(args: argparse.Namespace, method: str) -> dict:
-    """Export one method's model (parity verified on the ONNX backends benchmarked)."""
-    from reid_lite.deploy import export_onnx
+    """Export one method's model (parity verified on the ONNX backends benchmarked); a refusal is returned
+    as {"refused": reason}."""
+    from reid_lite.deploy import export_onnx, export_refusal
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     cfg, model = _model(args, method)
+    refusal = export_refusal(model)
+    if refusal:
+        return {"method": method, "refused": refusal}
     backends = tuple(b for b in args.backend if b in ONNX_BACKENDS)
     report = export_onnx(model, cfg, _onnx_path(args, method), CAMERAS, backends=backends)
     return {"method": method, "path": str(report.path), "export_seconds": report.export_seconds,
@@ -83,6 +97,9 @@ def measure(args: argparse.Namespace, method: str, backend: str, batch: int) -> 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, *cfg.INPUT.SIZE_TEST, generator=g)
     cams = torch.randint(0, CAMERAS, (batch,), generator=g)
+    effective = gflops  # equal unless a reducer may leave slots empty
+    if any(r.may_empty for r in model.reducers.values()):
+        effective = effective_gflops(model, x, cam_label=cams)[0]
     dtype = DTYPES[args.dtype] if backend in ("torch", "compile") else None
     if backend in ONNX_BACKENDS:
         from reid_lite.deploy import open_runtime
@@ -91,7 +108,9 @@ def measure(args: argparse.Namespace, method: str, backend: str, batch: int) -> 
         run = open_runtime(backend, _onnx_path(args, method), threads=args.threads)
     else:
         model = model.to(device)
-        x, cams = x.to(device), cams.to(device)
+        # Camera ids stay on the CPU, as the extractor passes them: the model range-checks them there and copies
+        # them over without waiting on the device (ids already on a GPU would cost a sync for that check).
+        x = x.to(device)
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
@@ -109,7 +128,7 @@ def measure(args: argparse.Namespace, method: str, backend: str, batch: int) -> 
     lat = measure_latency(forward, iters=args.iters, warmup=args.warmup, sync=sync)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _rss_mb() - rss_before
     return {
-        "method": method, "backend": backend, "batch_size": batch, "gflops": gflops,
+        "method": method, "backend": backend, "batch_size": batch, "gflops": gflops, "effective_gflops": effective,
         "images_per_s": 1e3 * batch / lat["p50_ms"], **lat, "peak_memory_mb": peak,
         "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "CPU peak RSS growth",
         "device": str(device), "dtype": args.dtype if dtype is not None else "fp32",
@@ -137,10 +156,14 @@ def table(results: list[dict]) -> str:
     lines = ["| method | backend | batch | GFLOPs | p50 ms | p90 ms | img/s | vs none |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        if "error" in r:
-            lines.append(f"| {r['method']} | {r['backend']} | {r['batch_size']} | error: {r['error'][:60]} | | | | |")
+        if "error" in r or "refused" in r:
+            why = f"error: {r['error'][:60]}" if "error" in r else "export refused"
+            lines.append(f"| {r['method']} | {r['backend']} | {r['batch_size']} | {why} | | | | |")
             continue
-        lines.append(f"| {r['method']} | {r['backend']} | {r['batch_size']} | {r['gflops']:.2f} | {r['p50_ms']:.1f} | "
+        gflops = f"{r['gflops']:.2f}"
+        if r["effective_gflops"] != r["gflops"]:
+            gflops += f" (eff. {r['effective_gflops']:.2f})"
+        lines.append(f"| {r['method']} | {r['backend']} | {r['batch_size']} | {gflops} | {r['p50_ms']:.1f} | "
                      f"{r['p90_ms']:.1f} | {r['images_per_s']:.1f} | {r.get('speedup_vs_none', float('nan')):.2f}x |")
     return "\n".join(lines)
 
@@ -149,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     """Export (ONNX backends), time every (method, backend, batch) and write the JSON; the exit code."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/msmt17_base.yml")
-    p.add_argument("--methods", default="none,tome,evit,stm", help=f"comma separated, from {', '.join(METHODS)}")
+    p.add_argument("--methods", default="", help="comma separated registered methods or variants "
+                   f"({', '.join(VARIANTS)}); default: every registered method")
     p.add_argument("--backend", nargs="+", default=["torch"], choices=BACKENDS,
                    help="torch (eager), compile (torch.compile), onnxruntime / openvino (CPU, exported file)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -166,10 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     batches = args.batch_size or [256 if args.device.startswith("cuda") else 32]
     if any(b < 1 for b in batches):
         p.error("--batch-size values must be >= 1")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    try:
+        load_cfg(args.config, args.opts)  # a bad config fails here, once; loads MERGE.PLUGINS' methods
+    except USER_ERRORS as err:
+        p.error(error_text(err))
+    methods = [m.strip().lower() for m in args.methods.split(",") if m.strip()] or method_names()
+    unknown = [m for m in methods if m not in method_names() and m not in VARIANTS]
     if unknown:
-        p.error(f"unknown methods {unknown}")
+        p.error(f"unknown methods {unknown}; choose from {', '.join([*method_names(), *VARIANTS])}")
 
     ctx = mp.get_context("spawn")
     exports, results = {}, []
@@ -179,24 +207,30 @@ def main(argv: list[str] | None = None) -> int:
             exports[method] = _in_child(ctx, export_method, args, method)
             if "error" in exports[method]:
                 print(f"{method}: export failed: {exports[method]['error']}", file=sys.stderr)
+            elif "refused" in exports[method]:
+                print(f"{method}: export refused: {exports[method]['refused']}", file=sys.stderr)
         for backend in args.backend:
             for batch in batches:
                 if backend in ONNX_BACKENDS and "error" in exports[method]:
                     res = {"error": "export failed"}
+                elif backend in ONNX_BACKENDS and "refused" in exports[method]:
+                    res = {"refused": exports[method]["refused"]}
                 else:
                     res = _in_child(ctx, measure, args, method, backend, batch)
                 res = {"method": method, "backend": backend, "batch_size": batch, **res}
                 results.append(res)
-                if "error" in res:
-                    print(f"{method} {backend} b{batch}: {res['error']}", file=sys.stderr)
+                if "error" in res or "refused" in res:
+                    if "error" in res:
+                        print(f"{method} {backend} b{batch}: {res['error']}", file=sys.stderr)
                     continue
-                print(f"{method:14s} {backend:11s} b{batch:<4d} {res['gflops']:6.2f} GFLOPs  "
+                eff = f" (effective {res['effective_gflops']:.2f})" if res["effective_gflops"] != res["gflops"] else ""
+                print(f"{method:14s} {backend:11s} b{batch:<4d} {res['gflops']:6.2f} GFLOPs{eff}  "
                       f"p50 {res['p50_ms']:9.1f} ms  p90 {res['p90_ms']:9.1f} ms  {res['images_per_s']:9.1f} img/s",
                       flush=True)
     for r in results:
         base = next((b for b in results if b["method"] == "none" and b["backend"] == r["backend"]
-                     and b["batch_size"] == r["batch_size"] and "error" not in b), None)
-        if base and "error" not in r:
+                     and b["batch_size"] == r["batch_size"] and "p50_ms" in b), None)
+        if base and "p50_ms" in r:
             r["speedup_vs_none"] = r["images_per_s"] / base["images_per_s"]
     device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu"
     report = {

@@ -2,7 +2,12 @@
 """Print the GFLOPs of a configured TransReID (fvcore's count, and the analytic count beside it).
 
     python tools/flops.py --config configs/msmt17_stm.yml [KEY VALUE ...]
+    python tools/flops.py --config configs/msmt17_base.yml --methods none,tome,stm   # any registered methods
     python tools/flops.py --table            # the paper's GFLOPs table for our model, fvcore vs analytic
+
+The counts are capacity-based (every slot a block keeps, what the hardware runs). For a method that may
+leave slots empty, the mean effective GFLOPs per image (valid tokens only) come from one forward pass
+over a seeded random batch (--images) and are printed beside them.
 """
 
 from __future__ import annotations
@@ -12,8 +17,11 @@ import json
 import sys
 import warnings
 
+import torch
+
 from reid_lite import build_model, load_cfg
-from reid_lite.utils.flops import fvcore_gflops, transreid_gflops
+from reid_lite.merging import parse_methods
+from reid_lite.utils.flops import effective_gflops, fvcore_gflops, transreid_gflops
 
 # (label, MERGE overrides, the paper's GFLOPs: STM-ReID Tables 1-2)
 PAPER_TABLE = [
@@ -26,34 +34,58 @@ PAPER_TABLE = [
 ]
 
 
-def gflops_of(config: str | None, opts: list[str]) -> tuple[float, float]:
-    """(fvcore, analytic) GFLOPs of the model that `config` + `opts` describe."""
+def gflops_of(config: str | None, opts: list[str], images: int = 0) -> tuple[float, float, float]:
+    """(fvcore, analytic, effective) GFLOPs of the model that `config` + `opts` describe.
+
+    effective: mean per image over `images` seeded random inputs when a reducer may leave slots empty,
+    else the analytic count.
+    """
     cfg = load_cfg(config, opts)
     # Camera/class counts do not change the eval-mode FLOPs; any SIE table size will do.
+    torch.manual_seed(0)
     model = build_model(cfg, num_classes=1, camera_num=2, view_num=2).eval()
-    return fvcore_gflops(model), transreid_gflops(model)
+    analytic = transreid_gflops(model)
+    effective = analytic
+    if images and any(r.may_empty for r in model.reducers.values()):
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(images, 3, *cfg.INPUT.SIZE_TEST, generator=g)
+        ids = torch.zeros(images, dtype=torch.long)
+        effective = effective_gflops(model, x, cam_label=ids, view_label=ids)[0]
+    return fvcore_gflops(model), analytic, effective
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/msmt17_base.yml", help="config file (looked up in configs/)")
     parser.add_argument("--table", action="store_true", help="print the paper's GFLOPs table for our model")
+    parser.add_argument("--methods", default="", help="comma-separated registered methods (default: the config's)")
+    parser.add_argument("--images", type=int, default=8, help="random images for the effective count")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", module="torch.jit")  # fvcore traces with the deprecated jit
     if not args.table:
-        fv, an = gflops_of(args.config, args.opts)
-        print(f"GFLOPs: {fv:.2f}")
-        print(f"analytic GFLOPs: {an:.4f} (fvcore {fv:.4f})")
+        try:
+            load_cfg(args.config, args.opts)  # loads MERGE.PLUGINS' methods before the names are checked
+            methods = parse_methods(args.methods) if args.methods else [None]
+        except (FileNotFoundError, KeyError, ValueError, AssertionError) as err:
+            parser.error(str(err))
+        rows = []
+        for method in methods:
+            opts = [*args.opts, "MERGE.METHOD", method] if method else args.opts
+            fv, an, eff = gflops_of(args.config, opts, args.images)
+            label = f"{method}: " if method else ""
+            print(f"{label}GFLOPs: {fv:.2f}")
+            print(f"{label}analytic GFLOPs: {an:.4f} (fvcore {fv:.4f}); effective {eff:.4f} per image")
+            rows.append({"method": method, "fvcore": fv, "analytic": an, "effective": eff})
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"config": args.config, "opts": args.opts, "fvcore": fv, "analytic": an}, f, indent=2)
+                json.dump({"config": args.config, "opts": args.opts, "rows": rows}, f, indent=2)
         return 0
     rows = []
     print(f"{'method':34s} {'fvcore':>8s} {'analytic':>9s} {'paper':>6s} {'vs paper':>9s}")
     for label, merge_opts, paper in PAPER_TABLE:
-        fv, an = gflops_of(args.config, ["MERGE.LAYERS", "[1,2,3,4,5,6,7,8,9,10]", *merge_opts, *args.opts])
+        fv, an, _ = gflops_of(args.config, ["MERGE.LAYERS", "[1,2,3,4,5,6,7,8,9,10]", *merge_opts, *args.opts])
         rows.append({"method": label, "fvcore": fv, "analytic": an, "paper": paper})
         print(f"{label:34s} {fv:8.2f} {an:9.4f} {paper:6.2f} {100 * (fv - paper) / paper:+8.2f}%")
     if args.json:

@@ -58,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite, name=args.name, num_distractors=args.distractors,
             progress=not args.no_progress, workers=args.workers,
         )
-    except (FileExistsError, ValueError) as exc:
+    except FileExistsError as exc:
+        print(f"error: {exc} (here: --overwrite)", file=sys.stderr)
+        return 2
+    except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     elapsed = time.perf_counter() - start

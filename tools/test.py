@@ -6,10 +6,12 @@
     python tools/test.py --config demo_synthetic.yml MODEL.BACKEND onnxruntime MODEL.ONNX_PATH stm.onnx  # exported
 
 Prints method | GFLOPs | img/s | Rank-1/5/10 | mAP | mINP (plus device and skipped images) and writes
-`results.json` (with the config, device, torch version and timestamp) and, with --vis-queries,
-`ranked_results_<method>.png` to OUTPUT_DIR. Without TEST.WEIGHT the randomly initialised model is
-evaluated after a loud warning (useful for smoke tests and speed, meaningless for accuracy).
-Exit codes: 0 success, 2 bad arguments/config, missing dataset or unreadable checkpoint.
+`results.json` (with the config, device, torch version, timestamp and, per method, the token schedule
+that ran) and, with --vis-queries, `ranked_results_<method>.png` to OUTPUT_DIR. With camera SIE the
+model's camera count is the checkpoint's (its SIE table). Without TEST.WEIGHT the randomly initialised
+model is evaluated after a loud warning (useful for smoke tests and speed, meaningless for accuracy).
+Exit codes: 0 success, 2 bad input (arguments, config, dataset, checkpoint, merging settings), with one
+`error:` line (reid_lite.utils.cli, shared with tools/train.py).
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ import numpy as np
 import torch
 
 from reid_lite.config import load_cfg
-from reid_lite.data import DatasetLayoutError, build_dataset_from_cfg, sie_counts
-from reid_lite.deploy import DeployError, load_runtime_model
+from reid_lite.data import build_dataset_from_cfg, sie_counts
+from reid_lite.deploy import load_runtime_model
 from reid_lite.engine.evaluator import check_methods, evaluate, format_table
 from reid_lite.merging import parse_methods
-from reid_lite.models import CheckpointError, build_model, load_transreid_checkpoint
+from reid_lite.models import build_model, build_model_for_checkpoint, check_checkpoint_file, check_input_size
+from reid_lite.utils.cli import USER_ERRORS, cli_error
 from reid_lite.utils.device import resolve_device
 from reid_lite.utils.visualize import rank_gallery, visualize_ranked_results
 
@@ -54,18 +57,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", "--config_file", dest="config", default="",
                    help="YAML config (a bare name is looked up in configs/)")
     p.add_argument("--compare", default="",
-                   help="comma-separated merging methods evaluated with the same weights, e.g. none,tome,evit,stm")
+                   help="comma-separated merging methods evaluated with the same weights, e.g. none,tome,evit,stm "
+                        "(any registered method; your own through MERGE.PLUGINS)")
     p.add_argument("--vis-queries", default="",
                    help="comma-separated query indices (positions in the query list) to draw with their top-10")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("opts", nargs="*", help="config overrides as KEY VALUE pairs (options may come before or after)")
     # Intermixed: `--compare` may follow the KEY VALUE pairs, as users naturally append it.
     return p.parse_intermixed_args(argv)
-
-
-def _error(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
 
 
 def _parse_indices(spec: str) -> list[int]:
@@ -113,18 +112,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_cfg(args.config or None, args.opts)
         methods = parse_methods(args.compare) if args.compare else None
         vis_ids = _parse_indices(args.vis_queries)
-    except (FileNotFoundError, KeyError, ValueError, AssertionError) as err:
-        # yacs reports type mismatches with AssertionError; all are user input errors, not bugs.
-        return _error(str(err))
+        check_input_size(cfg)  # before any data is read or generated
+        if cfg.TEST.WEIGHT:
+            check_checkpoint_file(cfg.TEST.WEIGHT)  # a wrong path fails now, not after the dataset is indexed
+    except USER_ERRORS as err:
+        return cli_error(err)
 
     try:
         dataset = build_dataset_from_cfg(cfg)
-    except (DatasetLayoutError, KeyError) as err:
-        return _error(str(err.args[0]) if isinstance(err, KeyError) else str(err))
+    except USER_ERRORS as err:
+        return cli_error(err)
     print(dataset.statistics_table())
     bad = [q for q in vis_ids if not 0 <= q < len(dataset.query)]
     if bad:
-        return _error(f"--vis-queries {bad} out of range: the query list has {len(dataset.query)} images")
+        return cli_error(f"--vis-queries {bad} out of range: the query list has {len(dataset.query)} images")
 
     device = resolve_device(cfg.MODEL.DEVICE, cfg.MODEL.DEVICE_ID)
     camera_num, view_num = sie_counts(dataset)
@@ -132,20 +133,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if backend != "torch":  # an exported file (MODEL.ONNX_PATH) with its own weights and merging
             if methods:
-                return _error("--compare re-attaches merging to a PyTorch model; with MODEL.BACKEND "
-                              f"{backend} export one file per method and evaluate each")
+                return cli_error("--compare re-attaches merging to a PyTorch model; with MODEL.BACKEND "
+                                 f"{backend} export one file per method and evaluate each")
             model = load_runtime_model(cfg)
             device = torch.device("cpu")  # the runtimes run on the CPU: the images stay there
+        elif cfg.TEST.WEIGHT:
+            # SIE camera count from the checkpoint's table: a model trained on 6 cameras evaluates data of 2.
+            model = build_model_for_checkpoint(cfg, cfg.TEST.WEIGHT, max(dataset.num_train_pids, 1), camera_num,
+                                               view_num)
+            logger.info("loaded %s", cfg.TEST.WEIGHT)
         else:
             model = build_model(cfg, max(dataset.num_train_pids, 1), camera_num, view_num)
-        if cfg.TEST.WEIGHT and backend == "torch":
-            load_transreid_checkpoint(model, cfg.TEST.WEIGHT, trust=cfg.MODEL.TRUST_CHECKPOINT,
-                                      ignore_classifier=True)
-            logger.info("loaded %s", cfg.TEST.WEIGHT)
+        check_input_size(cfg, model)
         if methods:
             check_methods(cfg, model, methods)
-    except (CheckpointError, DeployError, ValueError) as err:  # checkpoint, model, merging, backend: user errors
-        return _error(str(err))
+    except USER_ERRORS as err:  # checkpoint, model, merging settings or backend: user errors
+        return cli_error(err)
     if backend == "torch":
         random_weights = not cfg.TEST.WEIGHT
     else:

@@ -2,12 +2,16 @@
 
     python tools/train.py --config configs/demo_synthetic.yml
     python tools/train.py --config market1501_base.yml MODEL.PRETRAIN_PATH jx_vit_base_p16_224-80ecf9dd.pth
-    python tools/train.py --config demo_synthetic.yml --save weights/demo_synthetic.pth --half SOLVER.MAX_EPOCHS 40
+    python tools/train.py --config demo_synthetic.yml --resume             # continue an interrupted run
+    torchrun --nproc_per_node 4 tools/train.py --config msmt17_base.yml   # DDP: nccl on GPUs, gloo on CPUs
 
-Checkpoints (`<MODEL.NAME>_<epoch>.pth`, plain state dicts in the official key layout), the config used
-and `train_log.txt` go to OUTPUT_DIR. Token merging (MERGE.*) is applied at test time only; training
-always runs the unmerged model. The synthetic dataset (DATASETS.NAMES 'synthetic')
-is generated when missing; any other dataset must be in place.
+Written to OUTPUT_DIR: checkpoints (`<MODEL.NAME>_<epoch>.pth`, plain state dicts in the official key
+layout), `<MODEL.NAME>_best.pth` (best mAP of the evaluations every SOLVER.EVAL_PERIOD epochs),
+`last_checkpoint.pth` (the resumable state), TensorBoard logs in `tensorboard/`, the config used and
+`train_log.txt`. Token merging (MERGE.*) is applied at test time only unless SOLVER.TRAIN_WITH_MERGING.
+The synthetic dataset (DATASETS.NAMES 'synthetic') is generated when missing (by rank 0 under
+torchrun) under the default DATASETS.ROOT_DIR (elsewhere with DATASETS.GENERATE True); any other
+dataset must be in place.
 Exit codes: 0 success, 2 bad arguments/config, missing dataset or unreadable checkpoint.
 """
 
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import sys
 from collections.abc import Sequence
@@ -23,9 +28,11 @@ from pathlib import Path
 import torch
 
 from reid_lite.config import load_cfg
-from reid_lite.data import DatasetLayoutError
-from reid_lite.engine.trainer import prepare_dataset, save_state_dict, train
+from reid_lite.engine.distributed import init_distributed, shutdown_distributed
+from reid_lite.engine.trainer import check_training_cfg, prepare_dataset, save_state_dict, train
 from reid_lite.models import CheckpointError
+from reid_lite.utils.cli import USER_ERRORS, cli_error
+from reid_lite.utils.device import resolve_device
 
 logger = logging.getLogger("reid_lite.train")
 
@@ -49,21 +56,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--half", action="store_true", help="store the --save copy in fp16 (half the size)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (default: torch's choice); 1 is much faster on a busy shared CPU")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUTPUT_DIR/last_checkpoint.pth (same step, sampler position and RNG state)")
+    p.add_argument("--stop-after-steps", type=int, default=0, metavar="N",
+                   help="stop after N optimiser steps of this run, leaving a resumable state (preemptible jobs)")
+    p.add_argument("--state-every-steps", type=int, default=0, metavar="N",
+                   help="also write the resumable state every N steps (it is always written after each epoch)")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluations of SOLVER.EVAL_PERIOD")
+    p.add_argument("--save-features", action="store_true",
+                   help="write each evaluation's query/gallery features to OUTPUT_DIR/features_<epoch>.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard logs")
     p.add_argument("opts", nargs="*", help="config overrides as KEY VALUE pairs")
     # Intermixed: options may follow the KEY VALUE pairs, as users naturally append them.
     return p.parse_intermixed_args(argv)
 
 
-def _error(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
-
-
 def _setup_logging(output_dir: str) -> None:
-    """INFO to stdout and to OUTPUT_DIR/train_log.txt (the official log file name)."""
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    """INFO to stdout and to OUTPUT_DIR/train_log.txt (the official log file name); under torchrun only
+    rank 0 logs INFO (the others log warnings to stderr)."""
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = logging.getLogger()
+    if int(os.environ.get("RANK", 0)) != 0:
+        root.setLevel(logging.WARNING)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+        return
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
     root.setLevel(logging.INFO)
     for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(Path(output_dir) / "train_log.txt")):
         handler.setFormatter(fmt)
@@ -75,23 +95,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_cfg(args.config or None, args.opts)
-    except (FileNotFoundError, KeyError, ValueError, AssertionError) as err:
-        # yacs reports type mismatches with AssertionError; all are user input errors, not bugs.
-        return _error(str(err.args[0]) if isinstance(err, KeyError) else str(err))
+    except USER_ERRORS as err:
+        return cli_error(err)
+    try:
+        check_training_cfg(cfg)  # before the dataset is prepared: a refused key must not wait for that
+    except ValueError as err:
+        return cli_error(err)
+    for flag in ("stop_after_steps", "state_every_steps"):
+        if getattr(args, flag) < 0:
+            return cli_error(f"--{flag.replace('_', '-')} must be >= 0")
+    if args.half and not args.save:
+        return cli_error("--half applies to the --save copy; give --save PATH")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     _setup_logging(cfg.OUTPUT_DIR)
     if cfg.MODEL.PRETRAIN_CHOICE.lower() == "imagenet" and not cfg.MODEL.PRETRAIN_PATH:
         print(FROM_SCRATCH_WARNING, file=sys.stderr)
         logger.warning("training from scratch: no ImageNet weights (MODEL.PRETRAIN_PATH is empty)")
+    # Under torchrun, rank 0 prepares the dataset first (the synthetic one generates itself) and the others
+    # read it once it is complete.
+    try:
+        ctx = init_distributed(resolve_device(cfg.MODEL.DEVICE, cfg.MODEL.DEVICE_ID))
+    except ValueError as err:  # an unknown MODEL.DEVICE or a GPU index that is not there
+        return cli_error(err)
+    if not ctx.is_main:
+        ctx.barrier()
     try:
         dataset = prepare_dataset(cfg)
-    except (DatasetLayoutError, KeyError) as err:
-        return _error(str(err.args[0]) if isinstance(err, KeyError) else str(err))
+    except USER_ERRORS as err:
+        return cli_error(err)
+    if ctx.is_main:
+        ctx.barrier()
     try:
-        result = train(cfg, dataset)
+        result = train(cfg, dataset, resume=args.resume, stop_after_steps=args.stop_after_steps,
+                       state_every_steps=args.state_every_steps, progress=not args.no_progress,
+                       evaluate=not args.no_eval, save_features=args.save_features,
+                       tensorboard=not args.no_tensorboard)
     except (CheckpointError, ValueError) as err:  # bad PRETRAIN_PATH, optimiser name, sampler, ...
-        return _error(str(err))
+        return cli_error(err)
+    finally:
+        shutdown_distributed()
+    if int(os.environ.get("RANK", 0)) != 0:
+        return 0
+    if result.best is not None:
+        print(f"best: epoch {int(result.best['epoch'])}, mAP {result.best['mAP']:.1%}, "
+              f"Rank-1 {result.best['rank1']:.1%}")
+    if result.stopped:
+        print(f"stopped after step {result.global_step}; continue with --resume")
+        return 0
     final = result.final_checkpoint
     print(f"final weights: {final}")
     if args.save:

@@ -33,7 +33,7 @@ from .loader import (
     build_train_loader,
     read_image,
 )
-from .sampler import RandomIdentitySampler
+from .sampler import RandomIdentitySampler, TrainBatchSampler
 from .transforms import build_transforms
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "Record",
     "Sample",
     "SidecarError",
+    "TrainBatchSampler",
     "available_datasets",
     "build_dataset",
     "build_dataset_from_cfg",

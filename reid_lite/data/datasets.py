@@ -39,6 +39,7 @@ __all__ = [
     "available_datasets",
     "build_dataset",
     "build_dataset_from_cfg",
+    "parse_timestamp",
     "register_dataset",
 ]
 
@@ -127,6 +128,14 @@ class _MarketLayout(ReIDDataset):
         candidates = [root / n for n in names] + [root]
         base = next((c for c in candidates if all((c / s).is_dir() for s in self.subdirs)), None)
         if base is None:
+            for c in candidates:  # a dataset folder that is there but incomplete: name what is missing
+                present = [s for s in self.subdirs if (c / s).is_dir()]
+                if present:
+                    missing = [s for s in self.subdirs if s not in present]
+                    raise DatasetLayoutError(
+                        f"{self.name} at {c} is incomplete: missing folder(s) {', '.join(missing)} "
+                        f"(found {', '.join(present)}; expected {', '.join(self.subdirs)}). "
+                        "See datasets/README.md.")
             layout = "{" + ",".join(self.subdirs) + "}"
             expected = " or ".join(f"{root / n}/{layout}" for n in names)
             looked = ", ".join(str(c) for c in candidates)
@@ -288,7 +297,7 @@ def _parse_int(value: Any, field: str, required: bool) -> int | None:
         raise ValueError(f"'{field}' must be an integer, got {value!r}") from None
 
 
-def _parse_timestamp(value: Any) -> float | str | None:
+def parse_timestamp(value: Any) -> float | str | None:
     """Numbers become float (e.g. epoch seconds); other strings (ISO 8601) are kept as given."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
@@ -432,7 +441,7 @@ class FolderDataset(ReIDDataset):
                 if camid < 0:
                     raise ValueError(f"camid must be >= {cam_base}, got {row.get('camid')!r}")
                 pid = _parse_int(row.get("pid"), "pid", required=False)
-                timestamp = _parse_timestamp(row.get("timestamp"))
+                timestamp = parse_timestamp(row.get("timestamp"))
             except ValueError as err:
                 raise SidecarError(f"{sidecar}: {where}: {err}") from None
             path = os.path.normpath(folder / rel.strip())
@@ -493,21 +502,43 @@ def build_dataset(name: str, root: str | os.PathLike = "datasets", **kwargs: Any
 
 
 def build_dataset_from_cfg(cfg: Any, **kwargs: Any) -> ReIDDataset:
-    """`build_dataset(cfg.DATASETS.NAMES, cfg.DATASETS.ROOT_DIR)`, passing FOLDER_PATTERN to `folder`."""
+    """`build_dataset(cfg.DATASETS.NAMES, cfg.DATASETS.ROOT_DIR)`, passing FOLDER_PATTERN to `folder` and
+    DATASETS.GENERATE to `synthetic`."""
     name = cfg.DATASETS.NAMES
     if name.strip().lower() == "folder":
         kwargs.setdefault("pattern", cfg.DATASETS.FOLDER_PATTERN)
+    if name.strip().lower() == "synthetic":
+        kwargs.setdefault("generate", bool(cfg.DATASETS.GENERATE))
     return build_dataset(name, cfg.DATASETS.ROOT_DIR, **kwargs)
 
 
-def synthetic_dataset(root: str | os.PathLike = "datasets", dataset_dir: str = "synthetic", verbose: bool = False,
-                      **generator_kwargs: Any) -> ReIDDataset:
-    """reid_lite's procedurally generated pedestrians (Market-1501 layout under `<root>/<dataset_dir>`),
-    generated deterministically on first use; later calls reuse the finished folder."""
-    from .synthetic import generate_reid_dataset
+#: Where the synthetic dataset generates itself unasked: the default DATASETS.ROOT_DIR.
+DEFAULT_ROOT = "datasets"
 
-    generator_kwargs.setdefault("progress", False)
-    generate_reid_dataset(root, name=dataset_dir, **generator_kwargs)
+
+def synthetic_dataset(root: str | os.PathLike = DEFAULT_ROOT, dataset_dir: str = "synthetic", verbose: bool = False,
+                      generate: bool = False, **generator_kwargs: Any) -> ReIDDataset:
+    """reid_lite's procedurally generated pedestrians (Market-1501 layout under `<root>/<dataset_dir>`).
+
+    A finished folder is read as it is, unless generator arguments are given (then they must match it). A
+    missing one is generated deterministically (with a progress bar) when `root` is the default location
+    (`datasets`, relative to the working directory) or when `generate` is true (DATASETS.GENERATE);
+    anywhere else it is a `DatasetLayoutError` naming the folder, so a mistyped DATASETS.ROOT_DIR never
+    fills a new folder with generated images.
+    """
+    from .synthetic import MARKER_NAME, generate_reid_dataset
+
+    target = Path(os.path.expanduser(os.fspath(root))).absolute() / dataset_dir
+    default = Path(DEFAULT_ROOT).absolute()
+    if not (target / MARKER_NAME).is_file() and not generate and target.parent.resolve() != default.resolve():
+        raise DatasetLayoutError(
+            f"no synthetic dataset at {target}: it is generated unasked only under the default DATASETS.ROOT_DIR "
+            f"({default}); check DATASETS.ROOT_DIR, or set DATASETS.GENERATE True to generate it there")
+    progress = generator_kwargs.pop("progress", True)
+    # A finished folder is read as it is (e.g. a larger set from tools/make_synthetic.py); explicit generator
+    # arguments are checked against the one there.
+    if generator_kwargs or not (target / MARKER_NAME).is_file():
+        generate_reid_dataset(root, name=dataset_dir, progress=progress, **generator_kwargs)
     return Market1501(root=root, dataset_dir=dataset_dir, verbose=verbose)
 
 

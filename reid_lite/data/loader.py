@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .datasets import Record, ReIDDataset
-from .sampler import RandomIdentitySampler
+from .sampler import TrainBatchSampler
 from .transforms import build_transforms
 
 __all__ = [
@@ -76,7 +77,10 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> Sample:
+    def __getitem__(self, item: int | tuple[int, int]) -> Sample:
+        """`item` is a record index, or `(index, seed)`: the transform's random draws then come from `seed`
+        (torch and Python generators seeded for this call and restored after), as `TrainBatchSampler` yields."""
+        index, seed = item if isinstance(item, tuple) else (item, None)
         path, pid, camid, viewid = self.records[index]
         try:
             img = read_image(path)
@@ -87,8 +91,24 @@ class ImageDataset(Dataset):
                               ImageReadWarning, stacklevel=2)
             return Sample(None, pid, camid, viewid, path, index)
         if self.transform is not None:
-            img = self.transform(img)
+            img = self.transform(img) if seed is None else _seeded(self.transform, img, seed)
         return Sample(img, pid, camid, viewid, path, index)
+
+
+def _seeded(transform: Callable[[Image.Image], Any], img: Image.Image, seed: int) -> Any:
+    """`transform(img)` with torch's CPU generator and Python's `random` (timm's RandomErasing) seeded by
+    `seed`, both restored afterwards so that the caller's random streams do not move."""
+    # The CPU generator directly: torch.manual_seed / fork_rng also seed every accelerator and cost
+    # milliseconds per call, which per sample would rival the image decoding.
+    gen = torch.default_generator
+    torch_state, py_state = gen.get_state(), random.getstate()
+    try:
+        gen.manual_seed(seed)
+        random.seed(seed)
+        return transform(img)
+    finally:
+        gen.set_state(torch_state)
+        random.setstate(py_state)
 
 
 @dataclass
@@ -152,16 +172,19 @@ class ReIDCollate:
                      failed)
 
 
-def build_test_loader(cfg: Any, dataset: ReIDDataset,
-                      transform: Callable[[Image.Image], Any] | None = None) -> tuple[DataLoader, int]:
+def build_test_loader(cfg: Any, dataset: ReIDDataset, transform: Callable[[Image.Image], Any] | None = None,
+                      span: tuple[int, int] | None = None) -> tuple[DataLoader, int]:
     """Loader over `dataset.query + dataset.gallery` (in that order) and the number of queries.
 
     Uses TEST.IMS_PER_BATCH, DATALOADER.NUM_WORKERS, no shuffling, pinned memory when CUDA is
     available, and `build_transforms(cfg, is_train=False)` unless `transform` is given. Items
     are `Batch`es; samples with `Batch.indices < num_query` are queries (robust to dropped,
-    unreadable images, which are listed in `Batch.failed`).
+    unreadable images, which are listed in `Batch.failed`). `span=(lo, hi)` loads only
+    `records[lo:hi]` (one process's share; `Batch.indices` are then relative to `lo`).
     """
     records = list(dataset.query) + list(dataset.gallery)
+    if span is not None:
+        records = records[span[0]:span[1]]
     loader = DataLoader(
         ImageDataset(records, transform or build_transforms(cfg, is_train=False)),
         batch_size=cfg.TEST.IMS_PER_BATCH,
@@ -174,38 +197,45 @@ def build_test_loader(cfg: Any, dataset: ReIDDataset,
 
 
 def build_train_loader(cfg: Any, dataset: ReIDDataset, transform: Callable[[Image.Image], Any] | None = None,
-                       seed: int | None = None) -> DataLoader:
-    """Training loader over `dataset.train`, as TransReID builds it.
+                       seed: int | None = None, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """Training loader over `dataset.train`, as TransReID builds it, for one of `world_size` processes.
 
-    DATALOADER.SAMPLER containing 'triplet' (e.g. 'softmax_triplet') -> `RandomIdentitySampler`
-    with SOLVER.IMS_PER_BATCH images of DATALOADER.NUM_INSTANCE per identity; 'softmax' ->
-    plain shuffling. The order, and the workers' random augmentations, are seeded from `seed`
-    (default SOLVER.SEED); with NUM_WORKERS = 0 the augmentations use the main process' RNGs.
+    DATALOADER.SAMPLER containing 'triplet' (e.g. 'softmax_triplet') -> P x K identity batches of
+    SOLVER.IMS_PER_BATCH images, DATALOADER.NUM_INSTANCE per identity; 'softmax' -> plain shuffling.
+    SOLVER.IMS_PER_BATCH is the global batch: each process loads its `1 / world_size` share
+    (`TrainBatchSampler`). The order and every sample's augmentations are seeded from `seed` (default
+    SOLVER.SEED) and the epoch (`loader.batch_sampler.set_epoch(epoch)`; the first pass is epoch 1), so
+    they do not depend on the number of processes or workers. Incomplete last batches are dropped.
     """
     if not dataset.train:
         raise ValueError(f"{dataset.name} has no training images")
     seed = cfg.SOLVER.SEED if seed is None else seed
-    generator = torch.Generator().manual_seed(seed)
     batch_size = cfg.SOLVER.IMS_PER_BATCH
     sampler_name = cfg.DATALOADER.SAMPLER
     if "triplet" in sampler_name:
-        sampler = RandomIdentitySampler(dataset.train, batch_size, cfg.DATALOADER.NUM_INSTANCE, seed=seed)
-        if len(sampler.pids) < sampler.num_pids_per_batch:
-            raise ValueError(
-                f"P x K sampling needs at least {sampler.num_pids_per_batch} training identities "
-                f"(SOLVER.IMS_PER_BATCH / DATALOADER.NUM_INSTANCE), the dataset has {len(sampler.pids)}")
-        shuffle = None
+        num_instances = int(cfg.DATALOADER.NUM_INSTANCE)
     elif sampler_name == "softmax":
-        sampler, shuffle = None, True
+        num_instances = None
     else:
         raise ValueError(f"unsupported DATALOADER.SAMPLER {sampler_name!r}: use 'softmax' or 'softmax_triplet'")
+    batch_sampler = TrainBatchSampler(dataset.train, batch_size, num_instances, seed, rank, world_size)
+    identity = batch_sampler.identity
+    if identity is not None and len(identity.pids) < identity.num_pids_per_batch:
+        raise ValueError(
+            f"P x K sampling needs at least {identity.num_pids_per_batch} training identities "
+            f"(SOLVER.IMS_PER_BATCH / DATALOADER.NUM_INSTANCE), the dataset has {len(identity.pids)}")
+    if batch_sampler.batches_in_epoch() == 0:
+        raise ValueError(f"{dataset.name}: {len(dataset.train)} training images make no complete batch of "
+                         f"SOLVER.IMS_PER_BATCH {batch_size}")
+    workers = int(cfg.DATALOADER.NUM_WORKERS)
     return DataLoader(
         ImageDataset(dataset.train, transform or build_transforms(cfg, is_train=True)),
-        batch_size=batch_size,
-        sampler=sampler,
-        shuffle=shuffle,
-        num_workers=cfg.DATALOADER.NUM_WORKERS,
+        batch_sampler=batch_sampler,
+        num_workers=workers,
         pin_memory=torch.cuda.is_available(),
         collate_fn=ReIDCollate(cfg.INPUT.SIZE_TRAIN),
-        generator=generator,
+        persistent_workers=workers > 0,
+        # Its own generator: creating an iterator then never draws from torch's global RNG (a resumed run
+        # creates one more iterator than an uninterrupted run, and must not shift the model's random stream).
+        generator=torch.Generator().manual_seed(int(seed)),
     )

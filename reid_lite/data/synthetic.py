@@ -33,6 +33,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -759,7 +760,7 @@ def generate_reid_dataset(
         if not overwrite:
             why = "has no _COMPLETE marker (an interrupted or foreign generation)" if marker is None else (
                 "was generated with other parameters")
-            raise FileExistsError(f"{out} {why}; pass overwrite=True (--overwrite) to regenerate it, "
+            raise FileExistsError(f"{out} {why}; remove that folder to regenerate it (in code: overwrite=True), "
                                   "or choose another root/name")
 
     root.mkdir(parents=True, exist_ok=True)
@@ -774,6 +775,9 @@ def generate_reid_dataset(
         # Chunks of consecutive jobs: few enough round trips for a process pool, small enough
         # for a live progress bar. Every image has its own seed, so chunking changes no byte.
         chunks = [jobs[i:i + 64] for i in range(0, len(jobs), 64)]
+        if progress:
+            print(f"generating the synthetic dataset {out} ({len(jobs)} images, once; reused afterwards)",
+                  file=sys.stderr, flush=True)
         bar = _progress(len(jobs), progress, f"generating {name}")
         if workers > 1 and len(chunks) > 1:
             # 'spawn': the caller may be a training script with torch threads, unsafe to fork.

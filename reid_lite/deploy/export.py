@@ -47,28 +47,22 @@ class ExportRefused(ExportError):
 def export_refusal(model: nn.Module) -> str | None:
     """Why `model` (a TransReID with its reducers) cannot be exported, or None when it can.
 
-    A reducer may declare itself with `exportable = False` and an `export_refusal` text. Built in:
-    tracked coordinates (STM's MERGE.STM.COORDS tracked) need each image's k nearest tokens by a
-    stable sort of data-dependent distances full of exact ties (the patch grid); the only exportable
-    stable sort here is O(n^2) per row, O(n^3) per image for that search. The source map
-    (MERGE.TRACE_SOURCE) is a visualisation side output that a feature graph does not return.
+    Each method decides on its reducers (`TokenReducer.export_refusal`, None when exportable), so a
+    plugin declares it the same way as the built-in ones (STM refuses tracked coordinates). The source
+    map (MERGE.TRACE_SOURCE) is a visualisation side output that a feature graph does not return.
     """
-    reasons = []
+    reasons: dict[str, list[int]] = {}  # the same reason for many blocks is named once, with its blocks
     for i, reducer in sorted(getattr(model, "reducers", {}).items()):
-        if not getattr(reducer, "exportable", True):
-            why = getattr(reducer, "export_refusal", f"{type(reducer).__name__} is not exportable")
-            reasons.append(f"block {i + 1}: {why}")
-        elif getattr(reducer, "needs_pos", False):
-            reasons.append(f"block {i + 1}: {type(reducer).__name__} with tracked coordinates (MERGE.STM.COORDS "
-                           "tracked) sorts data-dependent token distances per image, which has no exportable "
-                           "stable equivalent at an acceptable cost; use MERGE.STM.COORDS virtual")
-            break  # the same reason for every block
+        why = getattr(reducer, "export_refusal", None)
+        if why:
+            reasons.setdefault(str(why), []).append(i + 1)
+    out = [f"blocks {blocks}: {why}" for why, blocks in reasons.items()]
     if getattr(model, "trace_source", False):
-        reasons.append("MERGE.TRACE_SOURCE keeps a visualisation-only source map that the exported graph cannot "
+        out.append("MERGE.TRACE_SOURCE keeps a visualisation-only source map that the exported graph cannot "
                        "return; export with MERGE.TRACE_SOURCE False")
     if not hasattr(model, "reducible_blocks"):
-        reasons.append(f"{type(model).__name__} is not a reid_lite TransReID")
-    return "; ".join(reasons) or None
+        out.append(f"{type(model).__name__} is not a reid_lite TransReID")
+    return "; ".join(out) or None
 
 
 class FeatureGraph(nn.Module):
@@ -121,7 +115,7 @@ def _merging_description(model: nn.Module) -> dict[str, Any]:
 def build_metadata(model: nn.Module, cfg: Any, camera_num: int) -> dict[str, Any]:
     """The metadata stored in the ONNX file: inputs and their preprocessing, feature layout, merging
     schedule, GFLOPs and the model fingerprint (the gallery's, for the full feature)."""
-    from ..index.gallery import model_fingerprint
+    from ..index.fingerprint import model_fingerprint
     from ..utils.flops import transreid_gflops
 
     base = model.base

@@ -93,6 +93,19 @@ def choose_r(latency_of: Callable[[int], float], budget_ms: float, r_max: int) -
     return LatencyChoice(lo, budget_ms, measured)
 
 
+def latency_r_max(model: nn.Module, cfg: Any) -> int:
+    """The largest constant r over MERGE.LAYERS that every block can merge; ValueError when MERGE.METHOD is
+    not a registered method whose schedule is solved through r (its declaration's `gflops_knob`)."""
+    from ..merging import get_method, input_tokens, largest_r, method_names
+
+    method = get_method(cfg.MERGE.METHOD)
+    if method.gflops_knob != "r":
+        solvable = [m for m in method_names() if get_method(m).gflops_knob == "r"]
+        raise ValueError(f"MERGE.TARGET_LATENCY_MS needs a method whose schedule is solved through r "
+                         f"({', '.join(solvable)}); {method.name!r} is not")
+    return largest_r([i - 1 for i in cfg.MERGE.LAYERS], input_tokens(model))
+
+
 def apply_latency_budget(model: nn.Module, cfg: Any, batch_size: int | None = None,
                          device: torch.device | str | None = None) -> LatencyChoice:
     """Choose MERGE's r for MERGE.TARGET_LATENCY_MS on this machine and attach it to `model` (PyTorch).
@@ -104,9 +117,7 @@ def apply_latency_budget(model: nn.Module, cfg: Any, batch_size: int | None = No
     from ..merging import build_reducers
     from ..utils.device import resolve_device
 
-    method = str(cfg.MERGE.METHOD).lower()
-    if method not in ("tome", "stm"):
-        raise ValueError("MERGE.TARGET_LATENCY_MS needs an r-based method (tome or stm)")
+    r_max = latency_r_max(model, cfg)
     if cfg.MERGE.TARGET_GFLOPS > 0:
         raise ValueError("set MERGE.TARGET_LATENCY_MS or MERGE.TARGET_GFLOPS, not both")
     dev = resolve_device(device if device is not None else cfg.MODEL.DEVICE)
@@ -128,7 +139,7 @@ def apply_latency_budget(model: nn.Module, cfg: Any, batch_size: int | None = No
         with torch.inference_mode():
             return measure_latency(lambda: model(x, **kwargs), iters=5, warmup=1, sync=sync)["p50_ms"]
 
-    choice = choose_r(latency_of, float(cfg.MERGE.TARGET_LATENCY_MS), model.base.patch_embed.num_patches // 2)
+    choice = choose_r(latency_of, float(cfg.MERGE.TARGET_LATENCY_MS), r_max)
     model.set_reducers(build_reducers(cfg.MERGE, depth, choice.r), prop_attn)
     model.merge_r = choice.r
     model.latency_choice = choice
@@ -149,8 +160,7 @@ def choose_r_on_runtime(model: nn.Module, cfg: Any, backend: str, workdir: str |
     from .export import FeatureGraph, build_metadata, example_inputs, trace_to_onnx, write_metadata
     from .runtime import open_runtime
 
-    if str(cfg.MERGE.METHOD).lower() not in ("tome", "stm"):
-        raise ValueError("MERGE.TARGET_LATENCY_MS needs an r-based method (tome or stm)")
+    r_max = latency_r_max(model, cfg)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     depth = len(model.reducible_blocks)
@@ -175,7 +185,7 @@ def choose_r_on_runtime(model: nn.Module, cfg: Any, backend: str, workdir: str |
         logger.info("r=%d on %s at batch %d: %.1f ms", r, backend, bs, ms)
         return ms
 
-    choice = choose_r(latency_of, float(cfg.MERGE.TARGET_LATENCY_MS), model.base.patch_embed.num_patches // 2)
+    choice = choose_r(latency_of, float(cfg.MERGE.TARGET_LATENCY_MS), r_max)
     model.set_reducers(build_reducers(cfg.MERGE, depth, choice.r), prop_attn)
     model.merge_r = choice.r
     model.latency_choice = choice

@@ -24,12 +24,14 @@ from ..data.datasets import ReIDDataset
 from ..index.search import evaluate_retrieval
 from ..metrics.rank import evaluate_rank
 from ..metrics.rerank import re_ranking
+from ..models import check_input_size
 from ..utils.device import autocast, resolve_device
 from .extractor import Features, _prepare_model, extract_features
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["check_methods", "evaluate", "evaluate_features", "format_table", "model_gflops", "split_query_gallery"]
+__all__ = ["check_methods", "evaluate", "evaluate_features", "format_table", "model_gflops", "model_schedule",
+           "split_query_gallery"]
 
 #: Rows of `format_table`: (header, row key, format); percentages are printed x100 as in the paper.
 _COLUMNS = (
@@ -52,6 +54,16 @@ def model_gflops(model: nn.Module) -> float | None:
     from ..utils.flops import transreid_gflops
 
     return float(transreid_gflops(model))
+
+
+def model_schedule(model: nn.Module) -> list[dict[str, int]] | None:
+    """The token-reduction schedule a TransReID runs with its current reducers (None for other models):
+    what results record, so a record never shows a schedule other than the one evaluated."""
+    if not hasattr(model, "reducible_blocks"):
+        return None
+    from ..merging import input_tokens, reduction_schedule
+
+    return reduction_schedule(model.reducers, input_tokens(model), len(model.reducible_blocks))
 
 
 def split_query_gallery(features: Features, num_query: int) -> tuple[Features, Features]:
@@ -107,11 +119,13 @@ def _warmup(model: nn.Module, cfg: Any, device: torch.device) -> None:
 
 
 def _merge_section(cfg: Any, method: str) -> Any:
+    from ..merging import get_method
+
     node = cfg.MERGE.clone()
     node.defrost()
     node.METHOD = method
-    if method not in ("tome", "stm"):
-        node.TARGET_GFLOPS = 0.0  # a GFLOPs budget only applies to r-based methods
+    if not get_method(method).gflops_knob:
+        node.TARGET_GFLOPS = 0.0  # a GFLOPs budget only applies to methods whose schedule can be solved
     node.TRACE_SOURCE = False
     return node
 
@@ -119,12 +133,12 @@ def _merge_section(cfg: Any, method: str) -> Any:
 def check_methods(cfg: Any, model: nn.Module, methods: Sequence[str]) -> list[str]:
     """Validate merging methods against cfg.MERGE and the model's depth before any extraction starts
     (a bad MERGE.LAYERS for the third method must not surface after minutes of work); returns the names."""
-    from ..merging import build_reducers, parse_methods
+    from ..merging import build_reducers, input_tokens, parse_methods
 
     names = parse_methods(list(methods))
     depth = len(model.reducible_blocks) if hasattr(model, "reducible_blocks") else len(model.blocks)
     for name in names:
-        build_reducers(_merge_section(cfg, name), depth)
+        build_reducers(_merge_section(cfg, name), depth, num_tokens=input_tokens(model))
     return names
 
 
@@ -137,19 +151,21 @@ def evaluate(cfg: Any, model: nn.Module, dataset: ReIDDataset, device: torch.dev
         cfg: the full config (TEST.*, INPUT.SIZE_TEST, DATALOADER.*, MERGE.*).
         model: a TransReID (or any model called as `model(x, cam_label=)`); its weights are not changed.
         device: where to run; default MODEL.DEVICE (CUDA falls back to the CPU with a message).
-        methods: merging methods to compare ('none', 'tome', 'evit', 'stm'), each attached in turn with
-            cfg.MERGE's other settings; None evaluates the model with the merging it already has. After
-            a comparison the model gets cfg.MERGE's own method back.
+        methods: registered merging methods to compare ('none', 'tome', 'evit', 'stm', a plugin's own),
+            each attached in turn with cfg.MERGE's other settings; None evaluates the model with the
+            merging it already has. After a comparison the model gets cfg.MERGE's own method back.
         keep_features: also return the query/gallery `Features` of each method (under 'features').
 
     Returns:
         dict with 'rows' (one dict per method: method, gflops, images_per_second (whole pass),
         model_images_per_second, seconds, model_seconds, rank1, rank5, rank10, mAP, mINP, cmc (list),
-        feature_dim, num_query, num_gallery, skipped, re_ranking), 'device', 'skipped' (count),
+        feature_dim, num_query, num_gallery, skipped, re_ranking, merge_r (the r a GFLOPs budget chose),
+        schedule: the reducing blocks with their token counts in and out, as run), 'device', 'skipped' (count),
         'skipped_paths', 'num_query', 'num_gallery', and 'features' ({method: (query, gallery)}) on request.
     """
     from ..merging import apply_merging
 
+    check_input_size(cfg, model)
     dev = resolve_device(device if device is not None else cfg.MODEL.DEVICE, cfg.MODEL.DEVICE_ID)
     loader, num_query = build_test_loader(cfg, dataset)
     names: list[str | None] = list(check_methods(cfg, model, methods)) if methods else [None]
@@ -186,6 +202,7 @@ def evaluate(cfg: Any, model: nn.Module, dataset: ReIDDataset, device: torch.dev
                 "skipped": len(feats.failed),
                 "re_ranking": bool(cfg.TEST.RE_RANKING),
                 "merge_r": getattr(model, "merge_r", None),
+                "schedule": model_schedule(model),
             })
             logger.info("%s: rank1 %.4f mAP %.4f (%.1f img/s)", label, metrics["rank1"], metrics["mAP"],
                         feats.images_per_second)

@@ -87,14 +87,6 @@ def _sie_needs(model: nn.Module) -> tuple[int, int]:
     return int(getattr(base, "cam_num", 0) or 0), int(getattr(base, "view_num", 0) or 0)
 
 
-def _check_ids(ids: torch.Tensor, count: int, what: str) -> None:
-    # Checked on the CPU ids before the copy: an out-of-range index into sie_embed is an opaque
-    # device-side assert on CUDA, and camera ids of a test split can exceed the training cameras.
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= count):
-        raise ValueError(f"{what} ids must lie in [0, {count}) for this model's SIE, got "
-                         f"[{int(ids.min())}, {int(ids.max())}]; build the model with enough cameras/views")
-
-
 def _prepare_model(model: nn.Module, device: torch.device | str | None) -> torch.device:
     dev = _model_device(model) if device is None else resolve_device(device)
     model.to(dev)
@@ -112,10 +104,11 @@ def _embed_batch(model: nn.Module, images: torch.Tensor, cams: torch.Tensor | No
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     x = images.to(device, non_blocking=non_blocking, memory_format=fmt)
     kwargs: dict[str, Any] = {}
+    # Ids stay on the CPU: the model range-checks them there (no device sync) before moving them.
     if cams is not None:
-        kwargs["cam_label"] = cams.to(device, non_blocking=non_blocking)
+        kwargs["cam_label"] = cams
     if views is not None:
-        kwargs["view_label"] = views.to(device, non_blocking=non_blocking)
+        kwargs["view_label"] = views
     with autocast(device, amp):
         feat = model(x, **kwargs).float()
         if flip:
@@ -133,10 +126,8 @@ def _ids_for_model(model: nn.Module, camids: torch.Tensor, viewids: torch.Tensor
     if cam_num > 0:
         if not use_camera:
             raise ValueError("this model has a camera SIE, which needs camera ids (use_camera=True)")
-        _check_ids(camids, cam_num, "camera")
         cams = camids
     if view_num > 0:
-        _check_ids(viewids, view_num, "view")
         views = viewids
     return cams, views
 
@@ -278,7 +269,8 @@ class FeatureExtractor:
     taken as already preprocessed (resized and normalised), CHW or BCHW, as torchreid does. The model
     is built from `cfg` (with the merging method cfg.MERGE describes) unless `model` is given, or read
     from MODEL.ONNX_PATH with MODEL.BACKEND onnxruntime|openvino (reid_lite.deploy); `weights`
-    is a TransReID checkpoint loaded strictly, classifier excluded. TEST.AMP, TEST.FLIP and
+    is a TransReID checkpoint loaded strictly, classifier excluded; a model built for it takes its SIE camera
+    count from the checkpoint's table (`build_model_for_checkpoint`). TEST.AMP, TEST.FLIP and
     TEST.FEAT_NORM apply. A model with a camera SIE needs `camids` (0-based, one per image).
     """
 
@@ -294,14 +286,22 @@ class FeatureExtractor:
             # The exported file carries its weights (load_runtime_model checks them against TEST.WEIGHT);
             # the runtimes run on the CPU, so the images stay there.
             model, weights, device = load_runtime_model(cfg), None, "cpu"
-        if model is None:
+        if model is None and weights:
+            from ..models import build_model_for_checkpoint
+
+            # The SIE camera count comes from the checkpoint's table; camera_num only has to fit in it.
+            model = build_model_for_checkpoint(cfg, weights, num_classes, camera_num, view_num)
+        elif model is None:
             from ..models import build_model
 
             model = build_model(cfg, num_classes, camera_num, view_num)
-        if weights:
+        elif weights:
             from ..models import load_transreid_checkpoint
 
             load_transreid_checkpoint(model, weights, trust=cfg.MODEL.TRUST_CHECKPOINT, ignore_classifier=True)
+        from ..models import check_input_size
+
+        check_input_size(cfg, model)  # images are resized to INPUT.SIZE_TEST below
         self.model = model
         self.device = _prepare_model(model, device if device is not None else cfg.MODEL.DEVICE)
         self.transform = build_transforms(cfg, is_train=False)

@@ -1,45 +1,58 @@
-"""One-process TransReID training, following the official recipe (`processor/processor.py:do_train`).
+"""TransReID training, following the official recipe (`processor/processor.py:do_train`), at scale.
 
     cfg = load_cfg("configs/demo_synthetic.yml")
     result = train(cfg)                      # dataset, model, loss, optimiser, schedule, loop
     result.final_checkpoint                  # OUTPUT_DIR/<MODEL.NAME>_<last epoch>.pth
+    result = train(cfg, resume=True)         # continue from OUTPUT_DIR/last_checkpoint.pth
 
-Pieces, usable on their own: `make_optimizer` (per-parameter lr / weight decay as the official
-`make_optimizer`), `create_scheduler` (timm's CosineLRScheduler exactly as the official
-`create_scheduler`), `make_loss` (in `losses.py`), `do_train` (the epoch loop: the scheduler steps at
-the start of each epoch, logs every SOLVER.LOG_PERIOD iterations, checkpoints every
-SOLVER.CHECKPOINT_PERIOD epochs as a plain `model.state_dict()` in the official key layout).
+Pieces, usable on their own: `check_training_cfg` (every official key honoured or refused),
+`make_optimizer` (per-parameter lr / weight decay as the official `make_optimizer`), `create_scheduler`
+(`lr_scheduler.py`: the official cosine or a multi-step schedule), `make_loss` (`losses.py`), `do_train`
+(`loop.py`: the epoch loop with resume, evaluation, AMP, DDP, TensorBoard). Under torchrun, `train`
+joins the process group and trains with DistributedDataParallel (`distributed.py`).
 
-Token merging is a test-time method: the model is always trained with MERGE.METHOD 'none'.
+Token merging is a test-time method: the model is trained with MERGE.METHOD 'none' unless
+SOLVER.TRAIN_WITH_MERGING is set.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import random
-import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from timm.scheduler.cosine_lr import CosineLRScheduler
 from torch import nn
 
+from ..config import get_cfg
 from ..data import ReIDDataset, build_dataset_from_cfg, build_train_loader, sie_counts
 from ..models import build_model
-from ..utils.device import resolve_device
-from .losses import LossFn, make_loss
+from ..utils.device import AMP_CHOICES, resolve_device
+from .distributed import (
+    DistContext,
+    broadcast_object,
+    convert_batchnorm,
+    extract_test_features,
+    init_distributed,
+    launched_by_torchrun,
+)
+from .evaluator import evaluate_features, split_query_gallery
+from .loop import EvaluateFn, TrainResult, do_train, save_state_dict
+from .losses import make_loss
+from .lr_scheduler import SCHEDULERS, WARMUP_METHODS, create_scheduler
+from .train_state import find_resume_state, load_train_state
 
 logger = logging.getLogger("reid_lite.train")
 
 __all__ = [
     "TrainResult",
+    "check_training_cfg",
     "create_scheduler",
     "do_train",
+    "make_evaluator",
     "make_optimizer",
     "prepare_dataset",
     "save_state_dict",
@@ -48,20 +61,6 @@ __all__ = [
     "train",
     "training_cfg",
 ]
-
-
-
-@dataclass
-class TrainResult:
-    """What `do_train` / `train` produced."""
-
-    final_checkpoint: Path
-    checkpoints: list[Path] = field(default_factory=list)
-    #: One dict per epoch: epoch, loss, acc, lr, seconds, images.
-    history: list[dict[str, float]] = field(default_factory=list)
-    seconds: float = 0.0
-    #: The trained model (on the training device, in train mode).
-    model: nn.Module | None = None
 
 
 # ------------------------------------------------------------------------------ setup
@@ -76,15 +75,81 @@ def set_seed(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+def _as_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def check_training_cfg(cfg: Any) -> None:
+    """Refuse, with a ValueError that names the key, every official key whose setting training would not honour.
+
+    Honoured elsewhere: SOLVER.* schedule, optimiser, batch, periods and seed keys, MODEL.* model and loss
+    keys. Refused here: center loss (MODEL.IF_WITH_CENTER, and SOLVER.CENTER_LR / CENTER_LOSS_WEIGHT
+    changed from their defaults), arcface/cosface heads (MODEL.ID_LOSS_TYPE, MODEL.COS_LAYER,
+    SOLVER.COSINE_MARGIN / COSINE_SCALE changed), MODEL.NECK other than 'bnneck', MODEL.LAST_STRIDE other
+    than 1 (a ResNet key with no meaning for a ViT), SOLVER.STEPS / GAMMA changed while SOLVER.SCHEDULER
+    is 'cosine' (they drive only 'multistep'), MODEL.DIST_TRAIN without torchrun, several
+    MODEL.DEVICE_IDs in one process (use torchrun), unknown SCHEDULER / WARMUP_METHOD / AMP values.
+    """
+    m, s, d = cfg.MODEL, cfg.SOLVER, get_cfg()
+
+    def refuse(msg: str) -> None:
+        raise ValueError(msg)
+
+    if str(m.IF_WITH_CENTER).lower() not in ("no", "false"):
+        refuse("center loss (MODEL.IF_WITH_CENTER) is not supported; set it to 'no'")
+    for key in ("CENTER_LR", "CENTER_LOSS_WEIGHT"):
+        if s[key] != d.SOLVER[key]:
+            refuse(f"SOLVER.{key} configures the center loss, which is not supported; leave it at {d.SOLVER[key]}")
+    if m.ID_LOSS_TYPE != "softmax":
+        refuse(f"MODEL.ID_LOSS_TYPE {m.ID_LOSS_TYPE!r} is not supported; use 'softmax'")
+    if m.COS_LAYER:
+        refuse("MODEL.COS_LAYER (a cosine classifier) is not supported; set it to False")
+    for key in ("COSINE_MARGIN", "COSINE_SCALE"):
+        if s[key] != d.SOLVER[key]:
+            refuse(f"SOLVER.{key} configures arcface/cosface heads, which are not supported; "
+                   f"leave it at {d.SOLVER[key]}")
+    if m.METRIC_LOSS_TYPE != "triplet":
+        refuse(f"MODEL.METRIC_LOSS_TYPE {m.METRIC_LOSS_TYPE!r} is not supported; use 'triplet'")
+    if m.NECK != "bnneck":
+        refuse(f"MODEL.NECK {m.NECK!r} is not supported; TransReID uses 'bnneck'")
+    if int(m.LAST_STRIDE) != 1:
+        refuse(f"MODEL.LAST_STRIDE {m.LAST_STRIDE} has no meaning for a ViT backbone; leave it at 1")
+    scheduler = str(s.SCHEDULER).lower()
+    if scheduler not in SCHEDULERS:
+        refuse(f"SOLVER.SCHEDULER must be one of {SCHEDULERS}, got {s.SCHEDULER!r}")
+    if scheduler == "cosine":
+        for key in ("STEPS", "GAMMA"):
+            if _as_tuple(s[key]) != _as_tuple(d.SOLVER[key]):
+                refuse(f"SOLVER.{key} applies to SOLVER.SCHEDULER 'multistep' only; set SCHEDULER multistep "
+                       "or leave it at its default")
+    if str(s.WARMUP_METHOD).lower() not in WARMUP_METHODS:
+        refuse(f"SOLVER.WARMUP_METHOD must be one of {WARMUP_METHODS}, got {s.WARMUP_METHOD!r}")
+    if str(s.AMP).lower() not in AMP_CHOICES:
+        refuse(f"SOLVER.AMP must be one of {AMP_CHOICES}, got {s.AMP!r}")
+    if m.DIST_TRAIN and not launched_by_torchrun():
+        refuse("MODEL.DIST_TRAIN is set but the process was not started by torchrun: "
+               "run `torchrun --nproc_per_node N tools/train.py ...` (multi-process is then automatic)")
+    if len([x for x in str(m.DEVICE_ID).split(",") if x.strip()]) > 1 and not launched_by_torchrun():
+        refuse(f"MODEL.DEVICE_ID {m.DEVICE_ID!r} lists several GPUs: one process trains on one GPU; "
+               "run `torchrun --nproc_per_node N tools/train.py ...` to use N")
+    if int(s.IMS_PER_BATCH) < 1:
+        refuse(f"SOLVER.IMS_PER_BATCH must be >= 1, got {s.IMS_PER_BATCH}")
+
+
 def training_cfg(cfg: Any) -> Any:
-    """A copy of `cfg` with MERGE.METHOD 'none': merging is applied at inference only, never in training."""
+    """A copy of `cfg` for training: MERGE.METHOD 'none' (merging is a test-time method) unless
+    SOLVER.TRAIN_WITH_MERGING, which keeps MERGE.* on so that the model trains with its reducers."""
     out = cfg.clone()
     out.defrost()
+    out.MERGE.TRACE_SOURCE = False
+    if out.SOLVER.TRAIN_WITH_MERGING:
+        logger.info("training with token merging on (MERGE.METHOD %r)", out.MERGE.METHOD)
+        out.freeze()
+        return out
     if str(out.MERGE.METHOD).lower() != "none":
         logger.info("MERGE.METHOD %r is a test-time method: training without token merging", out.MERGE.METHOD)
     out.MERGE.METHOD = "none"
     out.MERGE.TARGET_GFLOPS = 0.0
-    out.MERGE.TRACE_SOURCE = False
     out.freeze()
     return out
 
@@ -116,30 +181,6 @@ def make_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
     return optim_cls(params, lr=s.BASE_LR)
 
 
-def create_scheduler(cfg: Any, optimizer: torch.optim.Optimizer) -> CosineLRScheduler:
-    """The official `create_scheduler`: cosine over MAX_EPOCHS with a linear warmup, stepped per epoch.
-
-    lr_min = 0.002 * BASE_LR, warmup from 0.01 * BASE_LR over WARMUP_EPOCHS; each parameter group decays
-    from its own initial lr (so the bias and classifier factors are kept).
-    """
-    s = cfg.SOLVER
-    return CosineLRScheduler(
-        optimizer,
-        t_initial=s.MAX_EPOCHS,
-        lr_min=0.002 * s.BASE_LR,
-        cycle_mul=1.0,
-        cycle_decay=0.1,
-        warmup_lr_init=0.01 * s.BASE_LR,
-        warmup_t=s.WARMUP_EPOCHS,
-        cycle_limit=1,
-        t_in_epochs=True,
-        noise_range_t=None,
-        noise_pct=0.67,
-        noise_std=1.0,
-        noise_seed=42,
-    )
-
-
 def prepare_dataset(cfg: Any) -> ReIDDataset:
     """Build the training dataset the config names (`build_dataset_from_cfg`).
 
@@ -149,156 +190,86 @@ def prepare_dataset(cfg: Any) -> ReIDDataset:
     return build_dataset_from_cfg(cfg)
 
 
-def save_state_dict(model: nn.Module | Mapping[str, torch.Tensor], path: str | Path, half: bool = False) -> Path:
-    """`torch.save(model.state_dict())` in the official key layout (loadable with weights_only=True).
 
-    `model` may also be a state dict. `half` stores floating-point tensors as fp16 (half the size);
-    `load_state_dict` casts them back to the model's dtype. Written to a temporary name and renamed, so a
-    crash never leaves a partial file.
+
+def make_evaluator(cfg: Any, dataset: ReIDDataset, ctx: DistContext, output_dir: str | Path | None = None,
+                   save_features: bool = False, progress: bool = False) -> EvaluateFn:
+    """`evaluate_fn(epoch, model)` for `do_train`: query/gallery retrieval metrics of `dataset`.
+
+    Every process embeds its share of the test images (`extract_test_features`); rank 0 ranks them
+    (TEST.RE_RANKING, TEST.QUERY_CHUNK) and every process gets the metrics: rank1, rank5, rank10, mAP,
+    mINP, images_per_second. `save_features` also writes `features_<epoch>.pt` (query and gallery
+    features, ids and cameras) to `output_dir`.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    items = model.state_dict() if isinstance(model, nn.Module) else model
-    state = {k: (v.detach().to("cpu", torch.float16) if half and v.is_floating_point() else v.detach().cpu())
-             for k, v in items.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
-
-
-# ------------------------------------------------------------------------------ loop
-
-
-class _Meter:
-    """Running weighted average (the official AverageMeter)."""
-
-    def __init__(self) -> None:
-        self.sum, self.count = 0.0, 0.0
-
-    def update(self, value: float, n: float = 1.0) -> None:
-        self.sum += value * n
-        self.count += n
-
-    @property
-    def avg(self) -> float:
-        return self.sum / self.count if self.count else float("nan")
-
-
-def _base_lr(optimizer: torch.optim.Optimizer, base: float) -> float:
-    """Current lr of a group that started at BASE_LR (group 0 may be a bias with a factor)."""
-    for group in optimizer.param_groups:
-        if abs(group.get("initial_lr", group["lr"]) - base) <= 1e-12 * max(1.0, base):
-            return group["lr"]
-    return optimizer.param_groups[0]["lr"]
-
-
-def do_train(
-    cfg: Any,
-    model: nn.Module,
-    train_loader: Iterable[Any],
-    optimizer: torch.optim.Optimizer,
-    scheduler: CosineLRScheduler,
-    loss_fn: LossFn,
-    device: torch.device | str = "cpu",
-    output_dir: str | Path | None = None,
-    epoch_callback: Callable[[int, nn.Module], None] | None = None,
-) -> TrainResult:
-    """Run SOLVER.MAX_EPOCHS epochs of the official loop and return what was saved.
-
-    Each epoch first calls `scheduler.step(epoch)` (1-based, so epoch 1 already has a warmup lr), then
-    iterates the loader (`reid_lite.data.Batch`es): forward with camera/view labels, `loss_fn(score,
-    feat, pids)`, backward, step. On CUDA it uses fp16 autocast with a GradScaler, as the official code;
-    on the CPU plain fp32. Accuracy is the global classifier's top-1 on the batch. Checkpoints go to
-    `output_dir` (default OUTPUT_DIR) as `<MODEL.NAME>_<epoch>.pth` every CHECKPOINT_PERIOD epochs and
-    after the last epoch. `epoch_callback(epoch, model)` runs after each epoch (e.g. evaluation).
-    """
-    dev = torch.device(device)
     out_dir = Path(output_dir if output_dir is not None else cfg.OUTPUT_DIR)
-    epochs = int(cfg.SOLVER.MAX_EPOCHS)
-    if epochs < 1:
-        raise ValueError(f"SOLVER.MAX_EPOCHS must be >= 1, got {epochs}")
-    log_period = max(1, int(cfg.SOLVER.LOG_PERIOD))
-    ckpt_period = max(1, int(cfg.SOLVER.CHECKPOINT_PERIOD))
-    use_amp = dev.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    model.to(dev)
-    result = TrainResult(final_checkpoint=out_dir / f"{cfg.MODEL.NAME}_{epochs}.pth")
-    n_iters = len(train_loader) if hasattr(train_loader, "__len__") else 0
-    start = time.perf_counter()
-    logger.info("start training: %d epochs, %s iterations per epoch, device %s", epochs, n_iters or "?", dev)
-    for epoch in range(1, epochs + 1):
-        t0 = time.perf_counter()
-        loss_meter, acc_meter, images = _Meter(), _Meter(), 0
-        scheduler.step(epoch)
-        model.train()
-        for n_iter, batch in enumerate(train_loader):
-            if len(batch) == 0:  # every image of the batch was unreadable (already warned by the loader)
-                continue
-            img = batch.images.to(dev, non_blocking=True)
-            target = batch.pids.to(dev)
-            cams, views = batch.camids.to(dev), batch.viewids.to(dev)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=use_amp):
-                score, feat = model(img, target, cam_label=cams, view_label=views)
-                loss = loss_fn(score, feat, target)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            logits = score[0] if isinstance(score, (list, tuple)) else score
-            acc = (logits.argmax(1) == target).float().mean().item()
-            loss_meter.update(loss.item(), img.shape[0])
-            acc_meter.update(acc, 1)
-            images += img.shape[0]
-            if (n_iter + 1) % log_period == 0:
-                logger.info("Epoch[%d] Iteration[%d/%s] Loss: %.3f, Acc: %.3f, Base Lr: %.2e", epoch, n_iter + 1,
-                            n_iters or "?", loss_meter.avg, acc_meter.avg, _base_lr(optimizer, cfg.SOLVER.BASE_LR))
-        seconds = time.perf_counter() - t0
-        lr = _base_lr(optimizer, cfg.SOLVER.BASE_LR)
-        result.history.append({"epoch": epoch, "loss": loss_meter.avg, "acc": acc_meter.avg, "lr": lr,
-                               "seconds": seconds, "images": images})
-        logger.info("Epoch %d done: loss %.3f, acc %.3f, lr %.2e, %.1f s (%.1f img/s)", epoch, loss_meter.avg,
-                    acc_meter.avg, lr, seconds, images / max(seconds, 1e-9))
-        if epoch % ckpt_period == 0 or epoch == epochs:
-            path = save_state_dict(model, out_dir / f"{cfg.MODEL.NAME}_{epoch}.pth")
-            result.checkpoints.append(path)
-            logger.info("saved %s", path)
-        if epoch_callback is not None:
-            epoch_callback(epoch, model)
-    result.seconds = time.perf_counter() - start
-    result.model = model
-    logger.info("training done in %.1f min", result.seconds / 60)
-    return result
 
+    def evaluate_fn(epoch: int, model: nn.Module) -> dict[str, float]:
+        feats, num_query = extract_test_features(cfg, model, dataset, ctx, progress=progress)
+        metrics = None
+        if ctx.is_main:
+            query, gallery = split_query_gallery(feats, num_query)
+            res = evaluate_features(query, gallery, re_rank=bool(cfg.TEST.RE_RANKING),
+                                    query_chunk=int(cfg.TEST.QUERY_CHUNK))
+            metrics = {k: float(res[k]) for k in ("rank1", "rank5", "rank10", "mAP", "mINP")}
+            metrics["images_per_second"] = feats.images_per_second
+            if save_features:
+                torch.save({f"{part}_{key}": torch.as_tensor(getattr(f, key))
+                            for part, f in (("query", query), ("gallery", gallery))
+                            for key in ("feats", "pids", "camids", "indices")}, out_dir / f"features_{epoch}.pt")
+        return broadcast_object(metrics)
 
-# ------------------------------------------------------------------------------ all together
+    return evaluate_fn
 
 
 def train(cfg: Any, dataset: ReIDDataset | None = None, device: torch.device | str | None = None,
-          epoch_callback: Callable[[int, nn.Module], None] | None = None) -> TrainResult:
+          epoch_callback: Callable[[int, nn.Module], None] | None = None, *, resume: bool = False,
+          stop_after_steps: int = 0, state_every_steps: int = 0, progress: bool = False,
+          evaluate: bool = True, save_features: bool = False, tensorboard: bool = True) -> TrainResult:
     """Train TransReID as the config describes and return the checkpoints written to OUTPUT_DIR.
 
-    Seeds with SOLVER.SEED, builds the dataset (`prepare_dataset`, unless given), the model with
-    `num_classes` = training identities and `camera_num` = training cameras (used when MODEL.SIE_CAMERA;
-    see `sie_counts`), MERGE.METHOD forced to 'none', the loss, optimiser and
-    cosine schedule, then runs `do_train`. The config used is written to OUTPUT_DIR/config.yaml.
+    Checks the config (`check_training_cfg`), joins torchrun's process group when launched by it, seeds
+    with SOLVER.SEED, builds the dataset (`prepare_dataset`, unless given), the model with `num_classes` =
+    training identities and `camera_num` = training cameras (used when MODEL.SIE_CAMERA; see
+    `sie_counts`), the loss, optimiser and schedule, then runs `do_train`, evaluating on the dataset's
+    query/gallery split every SOLVER.EVAL_PERIOD epochs when `evaluate`. `resume` continues from
+    OUTPUT_DIR/last_checkpoint.pth (a fresh start when there is none). The config used is written to
+    OUTPUT_DIR/config.yaml. Other arguments: see `do_train` and `make_evaluator`.
+
+    Several processes give the same weights as one (up to floating-point order) when the model draws no
+    random numbers in training (MODEL.DROP_PATH, DROP_OUT, ATT_DROP_RATE 0): each process has its own
+    random stream for those.
     """
+    check_training_cfg(cfg)
     cfg = training_cfg(cfg)
-    set_seed(int(cfg.SOLVER.SEED))
     dev = resolve_device(device if device is not None else cfg.MODEL.DEVICE, cfg.MODEL.DEVICE_ID)
+    ctx = init_distributed(dev)
+    seed = int(cfg.SOLVER.SEED)
+    set_seed(seed)
     if dataset is None:
         dataset = prepare_dataset(cfg)
-    logger.info("\n%s", dataset.statistics_table())
     out_dir = Path(cfg.OUTPUT_DIR)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(cfg.dump())
-    loader = build_train_loader(cfg, dataset)
+    state_path = find_resume_state(out_dir) if resume else None
+    state = load_train_state(state_path) if state_path is not None else None
+    if resume and state is None:
+        logger.info("--resume: no %s in %s, starting from scratch", "last_checkpoint.pth", out_dir)
+    if ctx.is_main:
+        logger.info("\n%s", dataset.statistics_table())
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(cfg.dump())
+    loader = build_train_loader(cfg, dataset, rank=ctx.rank, world_size=ctx.world_size)
     num_classes = dataset.num_train_pids
     camera_num, view_num = sie_counts(dataset)
     model = build_model(cfg, num_classes, camera_num, view_num)
+    if ctx.enabled:
+        convert_batchnorm(model)  # BNNeck statistics of the global batch
+        set_seed(seed + ctx.rank)  # identical weights everywhere, then one random stream per process
     logger.info("model: %s, %d identities, %d cameras, %.2f M parameters", cfg.MODEL.TRANSFORMER_TYPE, num_classes,
                 camera_num, sum(p.numel() for p in model.parameters()) / 1e6)
     loss_fn = make_loss(cfg, num_classes)
     optimizer = make_optimizer(cfg, model)
     scheduler = create_scheduler(cfg, optimizer)
-    return do_train(cfg, model, loader, optimizer, scheduler, loss_fn, dev, out_dir, epoch_callback)
+    evaluate_fn = (make_evaluator(cfg, dataset, ctx, out_dir, save_features, progress)
+                   if evaluate and dataset.query and dataset.gallery else None)
+    return do_train(cfg, model, loader, optimizer, scheduler, loss_fn, ctx.device, out_dir, epoch_callback,
+                    ctx=ctx, evaluate_fn=evaluate_fn, resume=state, stop_after_steps=stop_after_steps,
+                    state_every_steps=state_every_steps, progress=progress, tensorboard=tensorboard)

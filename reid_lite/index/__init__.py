@@ -4,7 +4,8 @@ from reid_lite.index.search import FeatureIndex, evaluate_retrieval, gpu_availab
 
 __all__ = ["FeatureIndex", "evaluate_retrieval", "gpu_available"]
 
-# Persisted gallery (reid_lite/index/gallery.py, store.py; CLI `reid-gallery` in cli.py).
+# Persisted gallery: gallery.py (build/open), writes.py, querying.py, storage.py (generations, lock),
+# vector_index.py (faiss), store.py (SQLite), crops.py, fingerprint.py; CLI `reid-gallery` in cli.py.
 from reid_lite.index.gallery import (  # noqa: E402
     AddReport,
     FingerprintMismatch,
@@ -14,8 +15,10 @@ from reid_lite.index.gallery import (  # noqa: E402
     GalleryLocked,
     IndexParams,
     SearchHit,
+    SearchResults,
 )
 from reid_lite.index.store import CropRecord, MetadataStore  # noqa: E402
 
 __all__ += ["AddReport", "CropRecord", "FingerprintMismatch", "Gallery", "GalleryCorrupt", "GalleryError",
-            "GalleryLocked", "IndexParams", "MetadataStore", "SearchHit"]
+            "GalleryLocked", "IndexParams", "MetadataStore", "SearchHit",
+            "SearchResults"]

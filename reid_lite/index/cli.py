@@ -4,9 +4,11 @@
     reid-gallery add    /tmp/gal more_crops/ one.jpg
     reid-gallery search /tmp/gal q1.jpg q2.jpg -k 10 --exclude-same-camera --json --sheet out.png
     reid-gallery info   /tmp/gal
-    reid-gallery remove /tmp/gal --camera 3 --path crops/x.jpg
+    reid-gallery remove /tmp/gal --camera 3 --path crops/x.jpg [--purge]
+    reid-gallery recover /tmp/gal
 
-Cameras are 0-based ids (a file name's `c1` is camera 0), as in the data package.
+Cameras are 0-based ids (a file name's `c1` is camera 0), as in the data package. Mistakes end in
+one line on stderr and exit status 2; Ctrl-C in 130; the gallery is never left half-written.
 """
 
 from __future__ import annotations
@@ -16,13 +18,36 @@ import html
 import json
 import logging
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from .gallery import Gallery, GalleryError, IndexParams, SearchHit
+from .storage import read_current
 
-__all__ = ["build_parser", "main", "write_sheet"]
+__all__ = ["build_parser", "config_from_args", "input_paths", "main", "print_report", "run_command",
+           "show_progress", "write_sheet"]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {text}")
+    return value
 
 
 def _read_list(path: str | None) -> list[str]:
@@ -38,7 +63,8 @@ def _read_list(path: str | None) -> list[str]:
     return out
 
 
-def _cfg(args: argparse.Namespace) -> Any:
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The config of `--config` with `--opts`, `--weights` and `--device` applied (frozen)."""
     from ..config import load_cfg
 
     opts = list(args.opts or [])
@@ -56,10 +82,18 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
                                      "(default: DATASETS.FOLDER_PATTERN)")
     p.add_argument("--sidecar", help="CSV/JSON with path,camid[,pid][,timestamp] for one folder")
     p.add_argument("--no-recursive", action="store_true", help="do not descend into sub-folders")
-    p.add_argument("--batch-size", type=int, default=None, help="images per forward (default TEST.IMS_PER_BATCH)")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="images per forward (default TEST.IMS_PER_BATCH)")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
-    p.add_argument("--progress", action="store_true", help="show a progress bar")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars for hashing and embedding on stderr (default: when stderr is a terminal)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_lock_arg(p)
+
+
+def _add_lock_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lock-timeout", type=_seconds, default=None, metavar="SECONDS",
+                   help="give up after waiting this long for another writer's lock (default: wait, saying so)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,8 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--m", type=int, default=0)
     b.add_argument("--nprobe", type=int, default=0)
     b.add_argument("--camera-num", type=int, default=0,
-                   help="cameras of the SIE embedding (default: max camera id of the crops + 1)")
-    b.add_argument("--overwrite", action="store_true", help="replace an existing gallery at this path")
+                   help="cameras of the SIE embedding for random/ImageNet weights (default: highest camera id of "
+                        "the crops + 1); a checkpoint's SIE table decides by itself")
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace the gallery at this path; it stays current until the new one is complete")
     b.add_argument("--opts", nargs="*", default=[], metavar="KEY VALUE", help="config overrides")
 
     a = sub.add_parser("add", help="append crops (already stored crops are skipped, none re-embedded)")
@@ -96,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="rank gallery crops for query images")
     s.add_argument("gallery")
     s.add_argument("queries", nargs="+", help="query image files")
-    s.add_argument("-k", type=int, default=10)
+    s.add_argument("-k", type=_positive_int, default=10, help="results per query (default 10)")
     s.add_argument("--query-camera", type=int, nargs="+", help="0-based camera of each query (or one for all)")
     s.add_argument("--pattern", help="file-name pattern to read query cameras (default: the gallery's)")
     s.add_argument("--exclude-same-camera", action="store_true", help="drop crops from the query's camera")
@@ -118,22 +154,38 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--no-verify", action="store_true")
     i.add_argument("--json", action="store_true")
 
-    r = sub.add_parser("remove", help="remove crops by path or camera")
+    r = sub.add_parser("remove", help="remove crops by path or camera",
+                       description="Remove crops by path or camera. The previous generation keeps them on disk "
+                                   "until the next write (--purge: drop it now), and adding their files again "
+                                   "stores them again.")
     r.add_argument("gallery")
     r.add_argument("--path", nargs="+", default=[], help="crop paths to remove")
     r.add_argument("--camera", type=int, nargs="+", default=[], help="0-based cameras to remove")
+    r.add_argument("--purge", action="store_true", help="delete every older generation now (alone: purge only)")
     r.add_argument("--json", action="store_true")
+    _add_lock_arg(r)
+
+    c = sub.add_parser("recover", help="republish the newest complete generation (CURRENT missing or damaged)")
+    c.add_argument("gallery")
+    _add_lock_arg(c)
     return ap
 
 
-def _inputs(args: argparse.Namespace) -> list[str]:
+def input_paths(args: argparse.Namespace) -> list[str]:
+    """The crops of a build/add: positional folders/files plus the `--list` file's lines."""
     inputs = list(args.inputs) + _read_list(args.list)
     if not inputs:
-        raise SystemExit("reid-gallery: no crops given (folders, image files or --list)")
+        raise ValueError("no crops given (folders, image files or --list)")
     return inputs
 
 
-def _print_report(report: Any, as_json: bool, what: str) -> None:
+def show_progress(args: argparse.Namespace) -> bool:
+    """--progress / --no-progress, else on when stderr is a terminal."""
+    return args.progress if args.progress is not None else sys.stderr.isatty()
+
+
+def print_report(report: Any, as_json: bool, what: str) -> None:
+    """Print an AddReport (one line, or JSON with the first 100 duplicates)."""
     d = report.to_dict()
     if as_json:
         d["duplicates"] = d["duplicates"][:100]
@@ -145,25 +197,37 @@ def _print_report(report: Any, as_json: bool, what: str) -> None:
 
 
 def _cmd_build(args: argparse.Namespace) -> None:
-    from .gallery import collect_crops
-
-    cfg = _cfg(args)
-    inputs = _inputs(args)
-    records = collect_crops(inputs, pattern=args.pattern, sidecar=args.sidecar, recursive=not args.no_recursive)
-    camera_num = args.camera_num or 1 + max((r.camid for r in records if r.camid is not None), default=0)
     params = IndexParams(kind=args.index, flat_max=args.flat_max, nlist=args.nlist, m=args.m, nprobe=args.nprobe)
-    g = Gallery.create(args.gallery, cfg, feature=args.feature, index=params, camera_num=camera_num,
-                       overwrite=args.overwrite, device=args.device, pattern=args.pattern)
-    report = g.add(records, batch_size=args.batch_size, workers=args.workers, progress=args.progress)
-    _print_report(report, args.json, "build")
+    g, report = Gallery.build(args.gallery, config_from_args(args), input_paths(args), pattern=args.pattern,
+                              sidecar=args.sidecar, recursive=not args.no_recursive, feature=args.feature,
+                              index=params, camera_num=args.camera_num, overwrite=args.overwrite, device=args.device,
+                              batch_size=args.batch_size, workers=args.workers, progress=show_progress(args),
+                              lock_timeout=args.lock_timeout)
+    g.close()
+    print_report(report, args.json, "build")
 
 
 def _cmd_add(args: argparse.Namespace) -> None:
     g = Gallery.open(args.gallery)
     g.device = args.device
-    report = g.add(_inputs(args), pattern=args.pattern, sidecar=args.sidecar, recursive=not args.no_recursive,
-                   batch_size=args.batch_size, workers=args.workers, progress=args.progress)
-    _print_report(report, args.json, "add")
+    report = g.add(input_paths(args), pattern=args.pattern, sidecar=args.sidecar, recursive=not args.no_recursive,
+                   batch_size=args.batch_size, workers=args.workers, progress=show_progress(args),
+                   lock_timeout=args.lock_timeout)
+    print_report(report, args.json, "add")
+
+
+def _merge_overrides(cfg: Any, opts: Sequence[str]) -> Any:
+    """`cfg` (a gallery's stored config) with KEY VALUE overrides; an unknown key is a ValueError naming it."""
+    if len(opts) % 2:
+        raise ValueError(f"--opts must be KEY VALUE pairs, got an odd count: {list(opts)}")
+    cfg = cfg.clone()
+    cfg.defrost()
+    try:
+        cfg.merge_from_list(list(opts))
+    except AssertionError as exc:  # yacs asserts on a key the config lacks
+        raise ValueError(f"unknown config key in --opts ({exc})") from None
+    cfg.freeze()
+    return cfg
 
 
 def _cmd_search(args: argparse.Namespace) -> None:
@@ -171,23 +235,27 @@ def _cmd_search(args: argparse.Namespace) -> None:
     g.device = args.device
     cfg = None
     if args.config:
-        cfg = _cfg(args)
+        cfg = config_from_args(args)
     elif args.weights or args.opts:  # overrides apply to the gallery's own config
-        cfg = g.cfg.clone()
-        cfg.defrost()
-        cfg.merge_from_list(list(args.opts) + (["TEST.WEIGHT", args.weights] if args.weights else []))
-        cfg.freeze()
+        cfg = _merge_overrides(g.cfg, list(args.opts) + (["TEST.WEIGHT", args.weights] if args.weights else []))
     camids: Any = None
     if args.query_camera:
         camids = args.query_camera[0] if len(args.query_camera) == 1 else args.query_camera
     results = g.search(args.queries, k=args.k, camids=camids, exclude_same_camera=args.exclude_same_camera,
                        cameras=args.cameras, time_window=(args.time_from, args.time_to), cfg=cfg,
                        nprobe=args.nprobe, pattern=args.pattern)
+    for i, why in sorted(results.skipped.items()):
+        print(f"reid-gallery search: warning: query {args.queries[i]} skipped: {why}", file=sys.stderr)
+    for note in results.notes:
+        print(f"reid-gallery search: note: {note}", file=sys.stderr)
     if args.json:
-        print(json.dumps([{"query": q, "results": [h.to_dict() for h in hits]}
-                          for q, hits in zip(args.queries, results)], indent=1))
+        print(json.dumps([{"query": q, "results": [h.to_dict() for h in hits],
+                           **({"skipped": results.skipped[i]} if i in results.skipped else {})}
+                          for i, (q, hits) in enumerate(zip(args.queries, results))], indent=1))
     else:
-        for q, hits in zip(args.queries, results):
+        for i, (q, hits) in enumerate(zip(args.queries, results)):
+            if i in results.skipped:
+                continue
             print(f"query {q}")
             for h in hits:
                 ts = h.timestamp_raw if h.timestamp_raw is not None else "-"
@@ -217,12 +285,32 @@ def _cmd_info(args: argparse.Namespace) -> None:
 
 
 def _cmd_remove(args: argparse.Namespace) -> None:
-    if not args.path and not args.camera:
-        raise SystemExit("reid-gallery remove: give --path and/or --camera")
+    if not args.path and not args.camera and not args.purge:
+        raise ValueError("give --path and/or --camera (and/or --purge)")
     g = Gallery.open(args.gallery)
-    n = g.remove(paths=args.path, cameras=args.camera)
-    out = {"removed": n, "generation": g.generation, "size": g.store.count()}
-    print(json.dumps(out) if args.json else f"removed {n} crops; {out['size']} left (generation {out['generation']})")
+    with g.writing(args.lock_timeout):  # remove and purge as one write: no other writer in between
+        n = g.remove(paths=args.path, cameras=args.camera) if args.path or args.camera else 0
+        purged = g.purge() if args.purge else []
+    out = {"removed": n, "generation": g.generation, "size": g.store.count(), "purged": purged}
+    if args.json:
+        print(json.dumps(out))
+        return
+    purge_text = f"purged {', '.join(purged) or 'nothing (no older generation)'}"
+    if not args.path and not args.camera:
+        print(f"{purge_text}; generation {out['generation']} ({out['size']} crops) kept")
+        return
+    print(f"removed {n} crops; {out['size']} left (generation {out['generation']})"
+          + (f"; {purge_text}" if args.purge else
+             "; older generations keep them until the next write (--purge to delete now)" if n else ""))
+
+
+def _cmd_recover(args: argparse.Namespace) -> None:
+    g, gen = Gallery.recover(args.gallery, lock_timeout=args.lock_timeout)
+    if gen is None:
+        print(f"nothing to recover: {args.gallery} is complete at generation {g.generation} ({g.store.count()} crops)")
+    else:
+        print(f"recovered {args.gallery}: CURRENT now names generation {gen} ({g.store.count()} crops)")
+    g.close()
 
 
 def write_sheet(path: str | Path, queries: Sequence[str], results: Sequence[Sequence[SearchHit]],
@@ -262,18 +350,45 @@ def write_sheet(path: str | Path, queries: Sequence[str], results: Sequence[Sequ
     sheet.save(path)
 
 
+def _interrupted(args: argparse.Namespace) -> str:
+    """What an interrupted command left behind, read from the disk (not assumed)."""
+    if args.command in ("search", "info"):
+        return "interrupted"
+    try:
+        gen, _ = read_current(Path(args.gallery))
+    except (GalleryError, OSError, ValueError):
+        return "interrupted; nothing was written (no gallery there)"
+    return f"interrupted; {args.gallery} is intact at generation {gen} (no partial write is ever published)"
+
+
+def run_command(prefix: str, command: Callable[[], None], interrupted: Callable[[], str]) -> int:
+    """Run `command`: an ordinary mistake becomes one line on stderr and exit status 2, Ctrl-C the line
+    `interrupted()` and 130, a warning one line (not Python's file:line and source echo)."""
+    from ..models.checkpoint import CheckpointError
+
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, category, *a, **k: print(f"{prefix}: warning: {message}",
+                                                                         file=sys.stderr)
+        try:
+            command()
+        except KeyboardInterrupt:
+            print(f"{prefix}: {interrupted()}", file=sys.stderr)
+            return 130
+        except (GalleryError, CheckpointError, OSError, ValueError, KeyError) as exc:
+            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            print(f"{prefix}: error: {msg}".replace("\n", " "), file=sys.stderr)
+            return 2
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `reid-gallery`; returns the exit status."""
+    """Entry point of `reid-gallery`; returns the exit status (2: a mistake, explained in one line)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     handlers = {"build": _cmd_build, "add": _cmd_add, "search": _cmd_search, "info": _cmd_info,
-                "remove": _cmd_remove}
-    try:
-        handlers[args.command](args)
-    except (GalleryError, FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
-        print(f"reid-gallery {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+                "remove": _cmd_remove, "recover": _cmd_recover}
+    return run_command(f"reid-gallery {args.command}", lambda: handlers[args.command](args),
+                       lambda: _interrupted(args))
 
 
 if __name__ == "__main__":

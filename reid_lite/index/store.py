@@ -89,6 +89,9 @@ class MetadataStore:
             # deleted on commit leaves a single self-contained file to checksum and publish.
             self.conn.execute("PRAGMA journal_mode=DELETE")
             self.conn.execute("PRAGMA synchronous=FULL")
+            # A removed crop's row is overwritten, not left in a free page: after `remove --purge`
+            # (older generations dropped) its path and hash are gone from the disk.
+            self.conn.execute("PRAGMA secure_delete=ON")
             self.conn.executescript(_SCHEMA)
             if self.get_meta("schema_version") is None:
                 self.set_meta("schema_version", SCHEMA_VERSION)

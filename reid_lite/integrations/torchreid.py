@@ -3,14 +3,16 @@
 Quick start (see docs/torchreid.md for the full guide)::
 
     from reid_lite.integrations.torchreid import register_models, torchreid_modules
-    register_models()                                   # adds transreid_{base,tome,evit,stm}
+    register_models()                                   # adds transreid_{base,tome,evit,stm,...}
     tr = torchreid_modules()                            # torchreid.models / .reid.models, either layout
     model = tr.models.build_model("transreid_stm", num_classes=751, loss="triplet", pretrained=False)
 
 What this module decides, and why:
 
-* **Names.** `transreid_base` (no merging), `transreid_tome`, `transreid_evit`, `transreid_stm`, each with
-  the paper's setting (`configs/market1501_<method>.yml`: ViT-B/16, 256x128, stride 12, SIE camera, JPM).
+* **Names.** `transreid_base` (no merging) and `transreid_<method>` for every registered merging method
+  (`transreid_tome`, `transreid_evit`, `transreid_stm`, and methods registered from your own files), each
+  with the paper's setting (`configs/market1501_<method>.yml` where it exists, else `market1501_base.yml`
+  with the method set: ViT-B/16, 256x128, stride 12, SIE camera, JPM).
   torchreid's `build_model` forwards only `num_classes, loss, pretrained, use_gpu`, so any other option
   (merging `r=...`, `stm_coords=...`, `config_file=`, `opts=`, `weights=`, `camera_num=`) is given either by
   calling the factory function here directly (`transreid_stm(751, r=12)`) or by registering a named
@@ -54,23 +56,33 @@ import torch
 from torch import Tensor, nn
 from yacs.config import CfgNode
 
-from ..config import load_cfg
+from ..config import CONFIG_DIR, config_plugins, load_cfg
+from ..merging import get_method, load_plugins, method_names, option_key, option_names
 from ..models import TransReID
 from ..models import build_model as _build_reid_model
-from ..models.checkpoint import CheckpointError, load_transreid_state, read_state_dict, transreid_filter
+from ..models.checkpoint import (
+    CheckpointError,
+    load_transreid_state,
+    read_state_dict,
+    sie_table_cameras,
+    transreid_filter,
+)
 
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install -e .[torchreid]"
 
-#: torchreid model name -> MERGE.METHOD. The config file defaults to configs/market1501_<suffix>.yml.
-MODEL_NAMES: dict[str, str] = {
-    "transreid_base": "none",
-    "transreid_tome": "tome",
-    "transreid_evit": "evit",
-    "transreid_stm": "stm",
-}
-_CONFIG_SUFFIX = {"none": "base", "tome": "tome", "evit": "evit", "stm": "stm"}
+
+def model_names() -> dict[str, str]:
+    """torchreid model name -> MERGE.METHOD, for every registered method ('none' is `transreid_base`)."""
+    return {f"transreid_{'base' if m == 'none' else m}": m for m in method_names()}
+
+
+def default_config(method: str) -> str:
+    """The config a method's model starts from: configs/market1501_<method>.yml, else market1501_base.yml."""
+    name = f"market1501_{'base' if method == 'none' else method}.yml"
+    return name if (CONFIG_DIR / name).is_file() else "market1501_base.yml"
+
 # Camera count of each published dataset, the SIE table size when neither `camera_num=` nor a checkpoint
 # says otherwise (DATASETS.NAMES of the config in use).
 _DATASET_CAMERAS = {"market1501": 6, "msmt17": 15, "dukemtmcreid": 8}
@@ -214,22 +226,12 @@ def camera_ids(model: nn.Module, camids: Any) -> Iterator[nn.Module]:
 # ----------------------------------------------------------------------------------------- building
 def _merge_option_key(cfg: CfgNode, name: str) -> tuple[CfgNode, str]:
     """MERGE node and key for a keyword option, with `merge_cfg`'s naming (`r`, `layers`, `stm_coords`...)."""
-    node, key = cfg.MERGE, name.upper()
-    head, _, tail = key.partition("_")
-    if head in ("STM", "EVIT") and tail:
-        node, key = cfg.MERGE[head], tail
-    if key not in node or isinstance(node[key], CfgNode) or node is cfg.MERGE and key == "METHOD":
-        raise TypeError(f"unknown option {name!r}: merging options are {_merge_option_names(cfg)}; model options "
+    try:
+        return option_key(cfg.MERGE, name)
+    except KeyError:
+        raise TypeError(f"unknown option {name!r}: merging options are {option_names(cfg.MERGE)}; model options "
                         "are config_file, opts, camera_num, view_num, weights, pretrain_path, trust, "
-                        "default_camera, jpm_loss")
-    return node, key
-
-
-def _merge_option_names(cfg: CfgNode) -> list[str]:
-    names = [k.lower() for k, v in cfg.MERGE.items() if not isinstance(v, CfgNode) and k != "METHOD"]
-    for sub in ("STM", "EVIT"):
-        names += [f"{sub.lower()}_{k.lower()}" for k in cfg.MERGE[sub]]
-    return names
+                        "default_camera, jpm_loss") from None
 
 
 def _coerce(current: Any, value: Any) -> Any:
@@ -244,8 +246,7 @@ def _camera_count(cfg: CfgNode, camera_num: int | None, state: Mapping[str, Tens
     if not cfg.MODEL.SIE_CAMERA:
         return 0
     if camera_num is None and state is not None and not cfg.MODEL.SIE_VIEW:
-        sie = state.get("base.sie_embed")
-        camera_num = int(sie.shape[0]) if sie is not None else 0  # no table: trained without camera SIE
+        camera_num = sie_table_cameras(state)  # 0 without a table: trained without camera SIE
     if camera_num is None:
         camera_num = _DATASET_CAMERAS.get(str(cfg.DATASETS.NAMES).lower(), 0)
     # One camera carries no side information, and TransReID creates no table for it (but would index one).
@@ -297,9 +298,11 @@ def build_transreid(
         pretrained: True requires local weights (`weights`, `pretrain_path` or the config's
             MODEL.PRETRAIN_PATH) and raises otherwise; nothing is ever downloaded. `use_gpu`: ignored (torchreid
             moves the model itself).
-        method: MERGE.METHOD ('none', 'tome', 'evit', 'stm'); it overrides the config file's.
+        method: MERGE.METHOD, any registered method ('none', 'tome', 'evit', 'stm', or one from a file listed
+            in `opts`' MERGE.PLUGINS); it overrides the config file's.
         config_file: one of our yml configs (a bare name is looked up in `configs/`); default
-            `market1501_<method>.yml`, the paper's setting. `opts`: `[KEY, VALUE, ...]` overrides on top.
+            `market1501_<method>.yml` (else `market1501_base.yml`), the paper's setting. `opts`:
+            `[KEY, VALUE, ...]` overrides on top.
         camera_num: SIE camera table size; default: the checkpoint's table, else the config dataset's camera
             count (Market 6, MSMT17 15, Duke 8). Below 2 disables camera SIE. `view_num`: SIE views.
         weights: a TransReID checkpoint (path or state dict) loaded strictly, classifiers excepted when
@@ -314,10 +317,9 @@ def build_transreid(
         raise ValueError(f"loss must be one of {_LOSSES}, got {loss!r}")
     if jpm_loss not in _JPM_LOSSES:
         raise ValueError(f"jpm_loss must be one of {_JPM_LOSSES}, got {jpm_loss!r}")
-    method = method.lower()
-    if method not in _CONFIG_SUFFIX:
-        raise ValueError(f"method must be one of {sorted(_CONFIG_SUFFIX)}, got {method!r}")
-    cfg = load_cfg(config_file or f"market1501_{_CONFIG_SUFFIX[method]}.yml", list(opts)).clone()
+    load_plugins(config_plugins(config_file, list(opts)))  # a plugin's method must be known to be checked
+    method = get_method(method).name
+    cfg = load_cfg(config_file or default_config(method), list(opts)).clone()
     cfg.defrost()
     if "MERGE.METHOD" in list(opts)[::2] and cfg.MERGE.METHOD.lower() != method:
         raise ValueError(f"opts set MERGE.METHOD {cfg.MERGE.METHOD!r} but this model's method is {method!r}")
@@ -341,6 +343,8 @@ def build_transreid(
         num_classes = int(state["classifier.weight"].shape[0]) if state and "classifier.weight" in state else 1
     if default_camera is not None and cams and not 0 <= default_camera < cams:
         raise ValueError(f"default_camera {default_camera} is outside the SIE table (0..{cams - 1})")
+    if not cams:
+        cfg.MODEL.SIE_CAMERA = False  # as documented above: below 2 cameras this factory builds without SIE
     cfg.freeze()
     model = _build_reid_model(cfg, num_classes, cams, view_num)
     # Same parameters, new calling convention: switching the class keeps weights and merging in the one
@@ -395,20 +399,19 @@ def register_model(name: str, method: str = "stm", *, overwrite: bool = False, *
     `loss`, `pretrained`, `use_gpu`. Re-registering one of our names replaces it; a name held by another
     model raises ValueError unless `overwrite`. Returns `name`.
     """
-    if method.lower() not in _CONFIG_SUFFIX:
-        raise ValueError(f"method must be one of {sorted(_CONFIG_SUFFIX)}, got {method!r}")
+    method = get_method(method).name
     registry = _model_factory(torchreid_modules())
     current = registry.get(name)
     if current is not None and not hasattr(current, _OWNED) and not overwrite:
         raise ValueError(f"torchreid already has a model named {name!r}; choose another name or pass overwrite=True")
-    registry[name] = _factory(method.lower(), options, name)
+    registry[name] = _factory(method, options, name)
     return name
 
 
 def register_models(**options: Any) -> list[str]:
-    """Register `transreid_base`, `transreid_tome`, `transreid_evit`, `transreid_stm` in torchreid's model
-    factory (idempotent; `options` are bound to all four). Returns the names."""
-    return [register_model(name, method, **options) for name, method in MODEL_NAMES.items()]
+    """Register `transreid_base` and `transreid_<method>` for every registered merging method in torchreid's
+    model factory (idempotent; `options` are bound to all of them). Returns the names."""
+    return [register_model(name, method, **options) for name, method in model_names().items()]
 
 
 def _factory_options(name: str) -> tuple[str, dict[str, Any]] | None:
@@ -602,7 +605,6 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "INSTALL_HINT",
-    "MODEL_NAMES",
     "CameraAwareEngineMixin",
     "CameraAwareSoftmaxEngine",  # noqa: F822 (created lazily by __getattr__)
     "CameraAwareTripletEngine",  # noqa: F822 (created lazily by __getattr__)
@@ -610,6 +612,8 @@ __all__ = [
     "TorchreidTransReID",
     "build_transreid",
     "camera_ids",
+    "default_config",
+    "model_names",
     "register_dataset",
     "register_model",
     "register_models",

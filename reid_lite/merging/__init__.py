@@ -1,7 +1,8 @@
-"""Training-free token reduction inside ViT blocks: STM-ReID, ToMe, EViT.
+"""Training-free token reduction inside ViT blocks: STM-ReID, ToMe, EViT, and methods you register.
 
 `apply_merging(model, cfg.MERGE)` attaches the configured method to a `TransReID` model or to a timm
-`VisionTransformer`. Each method is a `TokenReducer` (see `base.py` for the contract).
+`VisionTransformer`. Each method is a `TokenReducer` (see `base.py` for the contract, including empty
+slots) declared once in the registry (`registry.py`): `register_method(MergeMethod(...))`.
 """
 
 from __future__ import annotations
@@ -9,9 +10,33 @@ from __future__ import annotations
 from torch import nn
 from yacs.config import CfgNode
 
-from .base import BipartiteMerge, TokenReducer, TokenState, bipartite_match
+# Importing the method modules registers them, in this order: none (registry), tome, evit, stm.
+# isort: off
+from . import registry, tome, evit, stm  # noqa: F401
+# isort: on
+from .base import BipartiteMerge, TokenReducer, TokenState, bipartite_match, mask_invalid
 from .evit import EViT
-from .schedule import METHODS, build_reducers, parse_methods, solve_r, token_counts
+from .registry import (
+    MergeMethod,
+    get_method,
+    load_plugins,
+    method_fingerprint,
+    method_names,
+    option_key,
+    option_names,
+    parse_methods,
+    register_method,
+    unregister_method,
+)
+from .schedule import (
+    build_reducers,
+    check_layers,
+    largest_r,
+    per_layer_r,
+    reduction_schedule,
+    solve_r,
+    token_counts,
+)
 from .stm import STM
 from .tome import ToMe
 
@@ -19,44 +44,53 @@ from .tome import ToMe
 def merge_cfg(method: str = "stm", r: int = 8, **options) -> CfgNode:
     """A MERGE config section from keyword arguments, for library use.
 
-    Top-level keys by lower-case name (`layers`, `r_list`, `target_gflops`, `prop_attn`, `trace_source`);
-    method options as `<method>_<key>` (e.g. `stm_alpha=0.1`, `stm_coords='tracked'`, `evit_keep_rate=0.7`).
+    Top-level keys by lower-case name (`layers`, `r_list`, `target_gflops`, `prop_attn`, `trace_source`,
+    `plugins`); method options as `<method>_<key>` (e.g. `stm_alpha=0.1`, `stm_coords='tracked'`,
+    `evit_keep_rate=0.7`).
     """
     from ..config import get_cfg
 
+    load_plugins(list(options.get("plugins", [])))
     cfg = get_cfg().MERGE
-    cfg.METHOD, cfg.R = method, r
+    cfg.METHOD, cfg.R = get_method(method).name, r
     for key, value in options.items():
-        node, name = cfg, key.upper()
-        head, _, tail = name.partition("_")
-        if head in ("STM", "EVIT") and tail:
-            node, name = cfg[head], tail
-        if name not in node:
-            raise KeyError(f"unknown merging option {key!r}")
+        node, name = option_key(cfg, key)
         node[name] = type(node[name])(value) if not isinstance(node[name], list) else list(value)
     return cfg
+
+
+def input_tokens(model: nn.Module) -> int:
+    """Tokens entering the first block (class token included) of a TransReID or a timm ViT."""
+    embed = model.base.patch_embed if hasattr(model, "reducible_blocks") else model.patch_embed
+    return int(embed.num_patches) + int(getattr(model, "num_prefix_tokens", 1))
 
 
 def apply_merging(model: nn.Module, cfg: CfgNode) -> nn.Module:
     """Attach the token reduction that `cfg` (a MERGE section) describes; returns `model`.
 
     Works on reid_lite's `TransReID` and on timm `VisionTransformer`s. With MERGE.TARGET_GFLOPS > 0
-    (TransReID only) a constant r over MERGE.LAYERS is chosen to meet that budget.
+    (TransReID only, methods whose `gflops_knob` is 'r') a constant r over MERGE.LAYERS is chosen to
+    meet that budget.
     """
     from ..utils.flops import transreid_gflops
 
+    load_plugins(list(cfg.get("PLUGINS", [])))
+    method = get_method(cfg.METHOD)
     is_transreid = hasattr(model, "reducible_blocks")
     depth = len(model.reducible_blocks) if is_transreid else len(model.blocks)
+    num_tokens = input_tokens(model)
     r_override = None
     if cfg.TARGET_GFLOPS > 0:
         if not is_transreid:
             raise ValueError("MERGE.TARGET_GFLOPS is supported for TransReID models")
-        if cfg.METHOD.lower() not in ("tome", "stm"):
-            raise ValueError("MERGE.TARGET_GFLOPS needs an r-based method (tome or stm)")
-        r_max = model.base.patch_embed.num_patches // 2
+        if method.gflops_knob != "r":
+            solvable = [m for m in method_names() if get_method(m).gflops_knob]
+            raise ValueError(f"MERGE.TARGET_GFLOPS needs a method whose schedule is solved through r "
+                             f"({', '.join(solvable)}); {method.name!r} is not")
+        r_max = largest_r([i - 1 for i in cfg.LAYERS], num_tokens)
         r_override = solve_r(lambda r: transreid_gflops(model, build_reducers(cfg, depth, r)), cfg.TARGET_GFLOPS, r_max)
-    reducers = build_reducers(cfg, depth, r_override)
-    prop_attn = bool(cfg.PROP_ATTN) and cfg.METHOD.lower() != "evit"  # EViT's paper has no size bias
+    reducers = build_reducers(cfg, depth, r_override, num_tokens)
+    prop_attn = bool(cfg.PROP_ATTN) and method.prop_attn
     if is_transreid:
         model.set_reducers(reducers, prop_attn)
         model.trace_source = bool(cfg.TRACE_SOURCE)
@@ -68,9 +102,9 @@ def apply_merging(model: nn.Module, cfg: CfgNode) -> nn.Module:
 
 
 __all__ = [
-    "METHODS",
     "BipartiteMerge",
     "EViT",
+    "MergeMethod",
     "STM",
     "ToMe",
     "TokenReducer",
@@ -78,8 +112,22 @@ __all__ = [
     "apply_merging",
     "bipartite_match",
     "build_reducers",
+    "check_layers",
+    "get_method",
+    "input_tokens",
+    "largest_r",
+    "load_plugins",
+    "mask_invalid",
     "merge_cfg",
+    "method_fingerprint",
+    "method_names",
+    "option_key",
+    "option_names",
     "parse_methods",
+    "per_layer_r",
+    "reduction_schedule",
+    "register_method",
     "solve_r",
     "token_counts",
+    "unregister_method",
 ]

@@ -6,6 +6,16 @@ attention row (B, H, T) when it asked for it (`needs_cls_attn`). It returns fewe
 the `TokenState` (token sizes, optional source map and tracked positions) in place. The class token
 is index 0 and is never merged.
 
+Capacity contract. `num_out(T)` is a capacity: the block always returns that many slots (static
+shapes, one compiled graph), but a reducer that declares `may_empty = True` may leave some slots
+empty in some images. An empty slot has size 0 (and a zero source row); from then on
+`TokenState.may_empty` is set and (a) the attention bias puts -inf on size-0 keys, with or without
+proportional attention, (b) reducers ignore invalid slots (`TokenState.valid`, `mask_invalid`): they
+are never chosen by matching or top-k and weigh nothing in a fusion, (c) before JPM the valid tokens
+are taken in order and the empty ones never reach a feature, and (d) the effective token count
+(`TokenState.valid_count`) does not count them. Reducers without `may_empty` (ToMe, STM, EViT) never
+produce empty slots, and while none exists none of this runs: their outputs are unchanged bit for bit.
+
 The merge primitives follow ToMe's design: small pure tensor functions; `bipartite_match` turns a
 score matrix into index tensors and `BipartiteMerge` applies them to any per-token tensor.
 """
@@ -13,12 +23,13 @@ score matrix into index tensors and `BipartiteMerge` applies them to any per-tok
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from .exportable import top_and_rest
+from .ops import grid_positions
 
 
 @dataclass
@@ -29,6 +40,9 @@ class TokenState:
     source: (B, T, P) which patches each token holds, kept when tracing is on (for visualisation).
     pos: (B, T, 2) size-weighted centroid of each token's patches on the real patch grid, in [0, 1]^2,
         kept when a method asks for it (STM's tracked-coordinates variant).
+    may_empty: some slot may be empty (size 0): set by the first reducer with `may_empty`; a Python
+        bool, so the masking it switches on is decided when the graph is traced, never per image.
+    count_tokens: record the valid tokens entering each block in `counts` (effective FLOPs).
     """
 
     grid: tuple[int, int]
@@ -38,12 +52,30 @@ class TokenState:
     pos: Tensor | None = None
     track_pos: bool = False
     trace_source: bool = False
+    may_empty: bool = False
+    count_tokens: bool = False
+    counts: list[Tensor] = field(default_factory=list)
 
     def attn_bias(self) -> Tensor | None:
-        """Proportional attention: log(size) added to every key's logit, shape (B, 1, 1, T)."""
-        if self.size is None or not self.prop_attn:
+        """Added to every key's logit, shape (B, 1, 1, T): log(size) with proportional attention (log 0 =
+        -inf masks empty slots), else -inf on empty slots only, else None."""
+        if self.size is None:
             return None
-        return self.size.log()[:, None, None, :, 0]
+        if self.prop_attn:
+            return self.size.log()[:, None, None, :, 0]
+        if self.may_empty:
+            return torch.zeros_like(self.size).masked_fill(self.size == 0, -math.inf)[:, None, None, :, 0]
+        return None
+
+    def valid(self) -> Tensor:
+        """(B, T) True for the slots that hold tokens (size > 0). Only meaningful once sizes exist."""
+        return self.size[..., 0] > 0
+
+    def valid_count(self, x: Tensor) -> Tensor:
+        """(B,) number of valid tokens (class token included) of the tokens `x` the state describes."""
+        if self.size is None or not self.may_empty:
+            return torch.full((x.shape[0],), x.shape[1], device=x.device)
+        return self.valid().sum(dim=1)
 
     def init(self, x: Tensor) -> None:
         """Fill in sizes (and positions/sources when requested) for the unreduced tokens `x`."""
@@ -57,32 +89,38 @@ class TokenState:
             self.source = torch.cat([eye.new_zeros(1, T - 1), eye])[None].expand(B, -1, -1)
 
 
-def grid_positions(grid: tuple[int, int], device: torch.device | str = "cpu") -> Tensor:
-    """(1, 1+N, 2) centres of the patch grid's cells in [0, 1]^2 (row, column); the class token at 0.5."""
-    rows, cols = grid
-    r = (torch.arange(rows, device=device, dtype=torch.float32) + 0.5) / rows
-    c = (torch.arange(cols, device=device, dtype=torch.float32) + 0.5) / cols
-    pos = torch.stack(torch.meshgrid(r, c, indexing="ij"), dim=-1).reshape(-1, 2)
-    return torch.cat([pos.new_full((1, 2), 0.5), pos])[None]
-
-
 class TokenReducer:
-    """Base class of a reduction method for one block. Subclasses implement `reduce` and `num_out`."""
+    """Base class of a reduction method for one block. Subclasses implement `reduce` and `num_out`.
+
+    `may_empty`: this reducer may return empty slots (size 0), a different number per image; static per
+    reducer, so fixed-r methods pay nothing for the masking that empty slots need.
+    `export_refusal`: None when the reducer traces to ONNX (reid_lite.deploy), else why it cannot, which
+    the export's refusal names; a method (a plugin's too) declares it on its reducer, class or instance.
+    """
 
     needs_cls_attn: bool = False
     needs_pos: bool = False
+    may_empty: bool = False
+    export_refusal: str | None = None
 
     def __call__(self, x: Tensor, keys: Tensor, cls_attn: Tensor | None, state: TokenState) -> Tensor:
         if self.num_out(x.shape[1]) == x.shape[1]:
             return x  # nothing to reduce: leave the state untouched, so r = 0 changes nothing
         state.init(x)
-        return self.reduce(x, keys, cls_attn, state)
+        if state.may_empty:
+            # Empty slots carry zeros into every reduction: they add nothing to sums, norms or means.
+            x = x * state.valid()[..., None].to(x.dtype)
+        out = self.reduce(x, keys, cls_attn, state)
+        if self.may_empty:
+            state.may_empty = True
+        return out
 
     def reduce(self, x: Tensor, keys: Tensor, cls_attn: Tensor | None, state: TokenState) -> Tensor:
         raise NotImplementedError
 
     def num_out(self, num_tokens: int) -> int:
-        """Tokens left (class token included) when `num_tokens` come in: static, for FLOPs and shapes."""
+        """Slots left (class token included) when `num_tokens` come in: the static capacity, for FLOPs and
+        shapes; with `may_empty` some of them may be empty in some images."""
         raise NotImplementedError
 
     def matching_flops(self, num_tokens: int, dim: int, heads: int) -> int:
@@ -110,14 +148,15 @@ class BipartiteMerge:
     src_pos: Tensor
     dst_idx: Tensor
     b_pos: Tensor | None = None
+    may_empty: bool = False  # weights may be 0 for a whole group (empty slots): guard the division
 
     @classmethod
     def from_match(cls, unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor,
-                   a_idx: Tensor | None = None, b_idx: Tensor | None = None) -> BipartiteMerge:
+                   a_idx: Tensor | None = None, b_idx: Tensor | None = None, may_empty: bool = False) -> BipartiteMerge:
         """From `bipartite_match`'s indices into A and the A/B sequence positions (None: alternating)."""
         if a_idx is None:
-            return cls(2 * unm_idx, 2 * src_idx, dst_idx, None)
-        return cls(a_idx.gather(1, unm_idx), a_idx.gather(1, src_idx), dst_idx, b_idx)
+            return cls(2 * unm_idx, 2 * src_idx, dst_idx, None, may_empty)
+        return cls(a_idx.gather(1, unm_idx), a_idx.gather(1, src_idx), dst_idx, b_idx, may_empty)
 
     def parts(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(kept A tokens, merged-away A tokens, B tokens) of a per-token tensor (B, T, C)."""
@@ -149,6 +188,8 @@ class BipartiteMerge:
         _, src, b = parts or self.parts(t)
         _, w_src, w_b = self.parts(w)
         den = w_b.scatter_add(1, self.dst_idx[..., None], w_src)
+        if self.may_empty:  # an empty source merged into an empty destination: 0 / 0
+            den = den.clamp_min(torch.finfo(den.dtype).tiny)
         contrib = w_src * (src - take_tokens(t, self.dst_pos)) / take_tokens(den, self.dst_idx)
         return b.scatter_add(1, self._dst_index(t.shape[-1]), contrib.to(t.dtype))
 
@@ -184,6 +225,12 @@ def bipartite_match(scores: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
     src_idx, unm_idx = top_and_rest(node_max, r)  # stable: ties resolve by index; exportable
     dst_idx = node_idx.gather(1, src_idx)
     return unm_idx, src_idx, dst_idx
+
+
+def mask_invalid(scores: Tensor, valid_a: Tensor, valid_b: Tensor) -> Tensor:
+    """-inf on the rows of invalid A slots and the columns of invalid B slots of (B, Na, Nb) scores, so
+    that matching never picks an empty slot (it ranks an empty A slot last and never merges into one)."""
+    return scores.masked_fill(~valid_a[:, :, None] | ~valid_b[:, None, :], -math.inf)
 
 
 def merge_state(merge: BipartiteMerge, state: TokenState) -> None:

@@ -10,6 +10,8 @@ from torch import Tensor
 from .base import TokenReducer, TokenState
 from .base import take_tokens as _take
 from .exportable import stable_argsort
+from .registry import MergeMethod, register_method
+from .schedule import check_layers
 
 
 class EViT(TokenReducer):
@@ -38,7 +40,8 @@ class EViT(TokenReducer):
     def reduce(self, x: Tensor, keys: Tensor, cls_attn: Tensor | None, state: TokenState) -> Tensor:
         keep = self.num_kept(x.shape[1])
         attn = cls_attn[:, :, 1:].mean(dim=1)  # (B, T-1)
-        order = stable_argsort(attn, descending=True)  # argsort(stable=True), exportable
+        rank = attn.masked_fill(~state.valid()[:, 1:], -1.0) if state.may_empty else attn  # empty slots last
+        order = stable_argsort(rank, descending=True)  # argsort(stable=True), exportable
         kept, dropped = order[:, :keep] + 1, order[:, keep:] + 1
         parts = [x[:, :1], _take(x, kept)]
         size_parts = [state.size[:, :1], _take(state.size, kept)]
@@ -57,7 +60,26 @@ class EViT(TokenReducer):
                     new.append(dropped_t.sum(dim=1, keepdim=True))
                 else:
                     sz = _take(state.size, dropped)
-                    new.append((dropped_t * sz).sum(dim=1, keepdim=True) / sz.sum(dim=1, keepdim=True))
+                    den = sz.sum(dim=1, keepdim=True)
+                    if state.may_empty:  # every dropped slot may be empty: the fused token is then empty too
+                        den = den.clamp_min(torch.finfo(den.dtype).tiny)
+                    new.append((dropped_t * sz).sum(dim=1, keepdim=True) / den)
             setattr(state, name, torch.cat(new, dim=1))
         state.size = torch.cat(size_parts, dim=1)
         return torch.cat(parts, dim=1)
+
+
+def build_evit(merge, depth: int, rs: dict[int, int] | None) -> dict[int, TokenReducer]:
+    """EViT reducers in the blocks of MERGE.EVIT.LAYERS (EViT has its own schedule, not r)."""
+    opts = merge.EVIT
+    return {i - 1: EViT(opts.KEEP_RATE, opts.FUSE_TOKEN) for i in check_layers(opts.LAYERS, depth, "MERGE.EVIT.LAYERS")}
+
+
+register_method(MergeMethod(
+    "evit", build_evit, prop_attn=False,  # EViT's paper has no size bias
+    options={
+        "KEEP_RATE": 0.9,  # patch tokens kept: ceil(KEEP_RATE * (N - 1))
+        "LAYERS": [4, 7, 10],  # 1-based blocks that reduce
+        "FUSE_TOKEN": True,  # fuse the inattentive tokens into one (else drop them)
+    },
+    summary="EViT: keep the most attended patches in MERGE.EVIT.LAYERS, fuse the rest into one token"))

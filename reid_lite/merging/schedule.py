@@ -4,20 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from .base import TokenReducer
-from .evit import EViT
-from .stm import STM
-from .tome import ToMe
+from .base import TokenReducer, bipartite_r
+from .registry import get_method, load_plugins
 
-METHODS = ("none", "tome", "evit", "stm")
+
+def check_layers(layers: Sequence[int], depth: int, key: str = "MERGE.LAYERS") -> list[int]:
+    """1-based block indices, each checked to lie in 1..depth (ValueError naming `key` otherwise)."""
+    layers = [int(i) for i in layers]
+    bad = [i for i in layers if not 1 <= i <= depth]
+    if bad:
+        raise ValueError(f"{key} {bad} outside the {depth} blocks that can reduce tokens (1..{depth})")
+    return layers
 
 
 def per_layer_r(merge_cfg, depth: int) -> dict[int, int]:
     """{0-based block index: r} from MERGE.R / MERGE.R_LIST / MERGE.LAYERS (1-based in the config)."""
-    layers = list(merge_cfg.LAYERS)
-    bad = [i for i in layers if not 1 <= i <= depth]
-    if bad:
-        raise ValueError(f"MERGE.LAYERS {bad} outside the {depth} blocks that can reduce tokens (1..{depth})")
+    layers = check_layers(merge_cfg.LAYERS, depth)
     if len(merge_cfg.R_LIST):
         if len(merge_cfg.R_LIST) != len(layers):
             raise ValueError(f"MERGE.R_LIST has {len(merge_cfg.R_LIST)} entries for {len(layers)} MERGE.LAYERS")
@@ -29,34 +31,66 @@ def per_layer_r(merge_cfg, depth: int) -> dict[int, int]:
     return {i - 1: r for i, r in zip(layers, rs)}
 
 
-def build_reducers(merge_cfg, depth: int, r_override: int | None = None) -> dict[int, TokenReducer]:
+def _overflow(rs: dict[int, int], num_tokens: int) -> tuple[int, int, int] | None:
+    """The first (0-based block, tokens it receives, largest r it allows) whose r bipartite matching
+    cannot merge (at most half of the non-class tokens), or None when every block can."""
+    n = num_tokens
+    for i in sorted(rs):
+        if bipartite_r(n, rs[i]) < rs[i]:
+            return i, n, bipartite_r(n, n)
+        n -= rs[i]
+    return None
+
+
+def largest_r(blocks: Sequence[int], num_tokens: int) -> int:
+    """The largest constant r that every one of `blocks` (0-based) can merge when `num_tokens` tokens
+    (class token included) enter the first block."""
+    r = bipartite_r(num_tokens, num_tokens)
+    while r > 0 and _overflow(dict.fromkeys(blocks, r), num_tokens) is not None:
+        r -= 1
+    return r
+
+
+def check_r(merge_cfg, rs: dict[int, int], num_tokens: int) -> None:
+    """Raise ValueError when a block is asked to merge more tokens than it can, naming the block and the
+    largest allowed r: silently merging fewer would run (and record) another schedule than configured."""
+    over = _overflow(rs, num_tokens)
+    if over is None:
+        return
+    block, n, cap = over
+    where = f"block {block + 1} receives {n} tokens (the class token and {n - 1} patches) and can merge at most {cap}"
+    if len(merge_cfg.R_LIST):
+        raise ValueError(f"MERGE.R_LIST asks block {block + 1} to merge {rs[block]} tokens, but {where}")
+    layers = [i + 1 for i in sorted(rs)]
+    raise ValueError(f"MERGE.R {rs[block]} is too large: {where}; the largest r for MERGE.LAYERS {layers} is "
+                     f"{largest_r(sorted(rs), num_tokens)}")
+
+
+def build_reducers(merge_cfg, depth: int, r_override: int | None = None,
+                   num_tokens: int | None = None) -> dict[int, TokenReducer]:
     """One reducer per reducing block, {0-based block index: reducer}, as MERGE configures them.
 
     `depth` is the number of blocks whose tokens may be reduced (the backbone's own blocks; with JPM
     the last block belongs to the branches and is excluded). `r_override` replaces every r (solver).
+    With `num_tokens` (tokens entering the first block, class token included) an r that a block cannot
+    merge is a ValueError naming the largest allowed r (`check_r`), for methods that merge by bipartite
+    matching (those whose GFLOPs target is met through r). The plugins of MERGE.PLUGINS are imported first
+    (a config read from a stored gallery names them).
     """
-    method = merge_cfg.METHOD.lower()
-    if method not in METHODS:
-        raise ValueError(f"unknown MERGE.METHOD {merge_cfg.METHOD!r}; choose one of {', '.join(METHODS)}")
-    if method == "none":
-        return {}
-    if method == "evit":
-        layers = list(merge_cfg.EVIT.LAYERS)
-        bad = [i for i in layers if not 1 <= i <= depth]
-        if bad:
-            raise ValueError(f"MERGE.EVIT.LAYERS {bad} outside blocks 1..{depth}")
-        return {i - 1: EViT(merge_cfg.EVIT.KEEP_RATE, merge_cfg.EVIT.FUSE_TOKEN) for i in layers}
-    rs = per_layer_r(merge_cfg, depth)
-    if r_override is not None:
-        rs = {i: r_override for i in rs}
-    if method == "tome":
-        return {i: ToMe(r) for i, r in rs.items() if r > 0}
-    s = merge_cfg.STM
-    return {
-        i: STM(r, s.ALPHA, s.K, s.DELTA1, s.DELTA2, s.DSE, s.CCF, s.PRN, s.ENTROPY, s.COORDS, s.KEYS)
-        for i, r in rs.items()
-        if r > 0
-    }
+    load_plugins(list(merge_cfg.get("PLUGINS", [])))
+    method = get_method(merge_cfg.METHOD)
+    rs = None
+    if method.uses_r:
+        rs = per_layer_r(merge_cfg, depth)
+        if r_override is not None:
+            rs = {i: r_override for i in rs}
+        if num_tokens is not None and method.gflops_knob == "r":
+            check_r(merge_cfg, {i: r for i, r in rs.items() if r > 0}, num_tokens)
+    reducers = method.build(merge_cfg, depth, rs)
+    bad = [i + 1 for i in reducers if not 0 <= i < depth]
+    if bad:
+        raise ValueError(f"MERGE.METHOD {method.name!r} put reducers in blocks {bad}, outside 1..{depth}")
+    return reducers
 
 
 def token_counts(num_tokens: int, depth: int, reducers: dict[int, TokenReducer]) -> list[tuple[int, int]]:
@@ -67,6 +101,12 @@ def token_counts(num_tokens: int, depth: int, reducers: dict[int, TokenReducer])
         counts.append((num_tokens, out))
         num_tokens = out
     return counts
+
+
+def reduction_schedule(reducers: dict[int, TokenReducer], num_tokens: int, depth: int) -> list[dict[str, int]]:
+    """The schedule that runs, for records: one {block (1-based), tokens_in, tokens_out} per reducing block."""
+    counts = token_counts(num_tokens, depth, reducers)
+    return [{"block": i + 1, "tokens_in": counts[i][0], "tokens_out": counts[i][1]} for i in sorted(reducers)]
 
 
 def solve_r(gflops_of_r: Callable[[int], float], target: float, r_max: int) -> int:
@@ -81,12 +121,3 @@ def solve_r(gflops_of_r: Callable[[int], float], target: float, r_max: int) -> i
         else:
             lo = mid + 1
     return lo
-
-
-def parse_methods(spec: str | Sequence[str]) -> list[str]:
-    """'none,tome,stm' -> ['none', 'tome', 'stm'], each checked against the known methods."""
-    names = [m.strip().lower() for m in (spec.split(",") if isinstance(spec, str) else spec) if m.strip()]
-    bad = [m for m in names if m not in METHODS]
-    if bad:
-        raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
-    return names

@@ -23,51 +23,16 @@ from .base import (
     bipartite_match,
     bipartite_r,
     bipartite_split,
+    mask_invalid,
     merge_state,
     size_weighted_merge,
     take_tokens,
 )
 from .exportable import grouped_max, stable_argsort
-from .tome import bipartite_flops, cosine_scores
+from .ops import bipartite_flops, cosine_scores, knn_indices, virtual_neighbourhood
+from .registry import MergeMethod, register_method
 
 _EPS = 1e-12
-
-
-def virtual_coordinates(n: int, device: torch.device | str = "cpu") -> Tensor:
-    """Dynamic Virtual Coordinates: (n, 2) positions of n tokens laid row-major on a ceil(sqrt n) grid."""
-    hv = math.ceil(math.sqrt(n))
-    wv = math.ceil(n / hv)
-    i = torch.arange(n, device=device)
-    return torch.stack([(i // wv + 0.5) / hv, (i % wv + 0.5) / wv], dim=-1).float()
-
-
-def knn_indices(coords: Tensor, k: int) -> Tensor:
-    """(..., n, k) indices of each point's k nearest points (itself included; ties broken by index)."""
-    dist = (coords[..., :, None, :] - coords[..., None, :, :]).square().sum(-1)
-    return dist.argsort(dim=-1, stable=True)[..., : min(k, coords.shape[-2])]
-
-
-def virtual_knn(n: int, k: int, device: torch.device | str = "cpu") -> Tensor:
-    """k nearest neighbours on the virtual grid, from exact integer distances so that ties (which the
-    regular grid is full of) break by index rather than by floating-point noise."""
-    hv = math.ceil(math.sqrt(n))
-    wv = math.ceil(n / hv)
-    i = torch.arange(n, device=device)
-    row, col = i // wv, i % wv
-    # squared distance scaled by (hv * wv)^2: (d_row * wv)^2 + (d_col * hv)^2
-    dist = ((row[:, None] - row[None]) * wv).square() + ((col[:, None] - col[None]) * hv).square()
-    return dist.argsort(dim=-1, stable=True)[:, : min(k, n)]
-
-
-_NEIGHBOURS: dict[tuple[int, int, str], tuple[Tensor, Tensor]] = {}
-
-
-def virtual_neighbourhood(n: int, k: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Cached (coords (n, 2), neighbours (n, k)) of the virtual grid: they depend on n alone."""
-    key = (n, k, str(device))
-    if key not in _NEIGHBOURS:
-        _NEIGHBOURS[key] = virtual_coordinates(n, device), virtual_knn(n, k, device)
-    return _NEIGHBOURS[key]
 
 
 def gaussian_prior(coords: Tensor, n: int, alpha: float) -> Tensor:
@@ -171,6 +136,12 @@ class STM(TokenReducer):
         self.entropy, self.coords, self.keys = entropy, coords, keys
         self.needs_cls_attn = dse or ccf or prn
         self.needs_pos = coords == "tracked"
+        if self.needs_pos:
+            # The k nearest tokens per image: a stable sort of data-dependent distances full of exact ties (the
+            # patch grid); the only exportable stable sort here (a rank count) is O(n^3) per image for it.
+            self.export_refusal = ("STM with tracked coordinates (MERGE.STM.COORDS tracked) sorts data-dependent "
+                                   "token distances per image, which has no exportable stable equivalent at an "
+                                   "acceptable cost; use MERGE.STM.COORDS virtual")
 
     def num_out(self, num_tokens: int) -> int:
         return num_tokens - bipartite_r(num_tokens, self.r)
@@ -194,6 +165,7 @@ class STM(TokenReducer):
 
     def reduce(self, x: Tensor, keys: Tensor, cls_attn: Tensor | None, state: TokenState) -> Tensor:
         r = bipartite_r(x.shape[1], self.r)
+        valid = state.valid() if state.may_empty else None
         with torch.no_grad():
             metric = keys.mean(dim=1) if self.keys == "mean" else keys.transpose(1, 2).flatten(2)
             score = None
@@ -201,17 +173,50 @@ class STM(TokenReducer):
                 score = self.assess(cls_attn, state)
                 # The class token gets score 1; it is never merged, so the value only has to be finite.
                 score = torch.cat([score.new_ones(score.shape[0], 1), score.clamp_min(_EPS)], dim=1)
+                if valid is not None:  # empty slots weigh nothing in PRN-Fuse and rank last in the grouping
+                    score = score * valid
             a_idx = b_idx = None
             if self.dse:
                 a_idx, b_idx = pr_grouping(score[:, 1:])
             k_a, k_b = bipartite_split(metric, a_idx, b_idx)
             if self.ccf:
                 s_a, s_b = bipartite_split(score[..., None], a_idx, b_idx)
-                s_min = score[:, 1:].amin(dim=1, keepdim=True)
+                patch_score = score[:, 1:] if valid is None else score[:, 1:].masked_fill(~valid[:, 1:], math.inf)
+                s_min = patch_score.amin(dim=1, keepdim=True)
                 scores = cc_function(k_a, k_b, s_a[..., 0], s_b[..., 0], s_min, self.delta1, self.delta2)
             else:
                 scores = cosine_scores(k_a, k_b)
-            merge = BipartiteMerge.from_match(*bipartite_match(scores, r), a_idx, b_idx)
+            if valid is not None:
+                v_a, v_b = bipartite_split(valid[..., None], a_idx, b_idx)
+                scores = mask_invalid(scores, v_a[..., 0], v_b[..., 0])
+            merge = BipartiteMerge.from_match(*bipartite_match(scores, r), a_idx, b_idx, may_empty=valid is not None)
         if self.prn:
             return prn_fuse(merge, x, score, state)
         return size_weighted_merge(merge, x, state)
+
+
+def build_stm(merge, depth: int, rs: dict[int, int] | None) -> dict[int, TokenReducer]:
+    """STM-ReID reducers for the blocks of the r schedule, with the options of MERGE.STM."""
+    s = merge.STM
+    return {
+        i: STM(r, s.ALPHA, s.K, s.DELTA1, s.DELTA2, s.DSE, s.CCF, s.PRN, s.ENTROPY, s.COORDS, s.KEYS)
+        for i, r in rs.items()
+        if r > 0
+    }
+
+
+register_method(MergeMethod(
+    "stm", build_stm, uses_r=True, gflops_knob="r",
+    options={
+        "ALPHA": 0.1,  # AdaptGST: sigma = ALPHA * sqrt(N)
+        "K": 9,  # neighbourhood size for the local entropy
+        "DELTA1": 1.0,  # exponent of the similarity term of the CC-Function
+        "DELTA2": 0.05,  # exponent of the response term of the CC-Function
+        "DSE": True,  # DSE-Assess: PR-Degree ordered grouping (else ToMe's alternating split)
+        "CCF": True,  # CCF-Match: CC-Function (else plain cosine similarity)
+        "PRN": True,  # PRN-Fuse: PR-weighted, max-norm fusion (else size-weighted mean)
+        "ENTROPY": "literal",  # literal (Eq. 5) | normalized (A / sum over the neighbourhood)
+        "COORDS": "virtual",  # virtual (Dynamic Virtual Coordinates) | tracked (true centroids)
+        "KEYS": "concat",  # concat (full D-dim keys) | mean (averaged over heads, as ToMe)
+    },
+    summary="STM-ReID: DSE-Assess, CCF-Match, PRN-Fuse (options under MERGE.STM)"))

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..models.vit import attend
 from .base import TokenReducer, TokenState
+from .ops import attend
 
 
 class _MergingBlock(nn.Module):

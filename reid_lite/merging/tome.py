@@ -5,26 +5,30 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import BipartiteMerge, TokenReducer, TokenState, bipartite_match, bipartite_r, size_weighted_merge
+from .base import (
+    BipartiteMerge,
+    TokenReducer,
+    TokenState,
+    bipartite_match,
+    bipartite_r,
+    mask_invalid,
+    size_weighted_merge,
+)
+from .ops import bipartite_flops, cosine_scores
+from .registry import MergeMethod, register_method
 
 
-def cosine_scores(a: Tensor, b: Tensor) -> Tensor:
-    """(B, Na, Nb) cosine similarity between the rows of a (B, Na, C) and b (B, Nb, C)."""
-    a = a / a.norm(dim=-1, keepdim=True)
-    b = b / b.norm(dim=-1, keepdim=True)
-    return a @ b.transpose(-1, -2)
+def tome_match(metric: Tensor, r: int, valid: Tensor | None = None) -> BipartiteMerge:
+    """ToMe's matching: alternating split of the sequence, cosine similarity of `metric` (B, T, C).
 
-
-def bipartite_flops(num_tokens: int, channels: int) -> int:
-    """Multiply-adds of the (A x B) similarity matrix of an alternating split of `num_tokens`."""
-    return ((num_tokens + 1) // 2) * (num_tokens // 2) * channels
-
-
-def tome_match(metric: Tensor, r: int) -> BipartiteMerge:
-    """ToMe's matching: alternating split of the sequence, cosine similarity of `metric` (B, T, C)."""
+    `valid` (B, T): which slots hold tokens, when some may be empty (None: all do).
+    """
     with torch.no_grad():
         a, b = metric[:, ::2], metric[:, 1::2]
-        return BipartiteMerge.from_match(*bipartite_match(cosine_scores(a, b), r))
+        scores = cosine_scores(a, b)
+        if valid is not None:
+            scores = mask_invalid(scores, valid[:, ::2], valid[:, 1::2])
+        return BipartiteMerge.from_match(*bipartite_match(scores, r), may_empty=valid is not None)
 
 
 class ToMe(TokenReducer):
@@ -40,5 +44,16 @@ class ToMe(TokenReducer):
         return bipartite_flops(num_tokens, dim // heads) if self.num_out(num_tokens) < num_tokens else 0
 
     def reduce(self, x: Tensor, keys: Tensor, cls_attn: Tensor | None, state: TokenState) -> Tensor:
-        merge = tome_match(keys.mean(dim=1), bipartite_r(x.shape[1], self.r))
+        valid = state.valid() if state.may_empty else None
+        merge = tome_match(keys.mean(dim=1), bipartite_r(x.shape[1], self.r), valid)
         return size_weighted_merge(merge, x, state)
+
+
+def build_tome(merge, depth: int, rs: dict[int, int] | None) -> dict[int, TokenReducer]:
+    """ToMe reducers for the blocks of the r schedule."""
+    return {i: ToMe(r) for i, r in rs.items() if r > 0}
+
+
+register_method(MergeMethod(
+    "tome", build_tome, uses_r=True, gflops_knob="r",
+    summary="ToMe: alternating split, head-averaged keys, cosine, bipartite matching, size-weighted mean"))

@@ -15,7 +15,7 @@ def token_groups(model: nn.Module, image: torch.Tensor, cam: int = 0, block: int
     """
     reducers = model.reducers
     if not reducers:
-        raise ValueError("the model reduces no tokens: set MERGE.METHOD (tome, evit, stm)")
+        raise ValueError("the model reduces no tokens: set MERGE.METHOD to a merging method (not none)")
     block = block or max(reducers) + 1
     kept = {i: r for i, r in reducers.items() if i < block}
     prop_attn, tracing = model.prop_attn, model.trace_source

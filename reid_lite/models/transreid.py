@@ -13,7 +13,8 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from ..merging.base import TokenReducer, TokenState
+from ..merging.base import TokenReducer, TokenState, take_tokens
+from ..merging.exportable import stable_argsort
 from .vit import BACKBONES, TransReIDViT
 
 
@@ -30,6 +31,31 @@ def shuffle_unit(features: Tensor, shift: int, group: int, begin: int = 1) -> Te
         x = torch.cat([x] + [x[:, -2:-1]] * pad, dim=1)
     B, T, C = x.shape
     return x.view(B, group, T // group, C).transpose(1, 2).reshape(B, T, C)
+
+
+def jpm_positions(num_valid: Tensor, length: int, shift: int, group: int, divide: int,
+                  rearrange: bool = True) -> tuple[Tensor, Tensor]:
+    """Per image, the sequence positions JPM's local parts read when only the first `num_valid` patch
+    tokens (after the class token) are valid: `shuffle_unit` and the split applied to those alone.
+
+    num_valid (B,) valid patch tokens; `length` the slots after the class token (the capacity). Returns
+    positions (B, divide, P) and a validity mask (B, divide, P) with P = length // divide: part k of an
+    image with n valid tokens holds n // divide tokens, the rest of its P slots are empty. With
+    n = length this is exactly the positions `shuffle_unit` and the split take.
+    """
+    part = length // divide
+    n = num_valid.clamp_min(1)[:, None, None]
+    q = num_valid[:, None, None] // divide
+    t = torch.arange(part, device=num_valid.device)
+    idx = torch.arange(divide, device=num_valid.device)[:, None] * q + t  # (B, divide, P)
+    valid = (t < q).expand_as(idx)
+    if rearrange:
+        rows = (n + (-n) % group) // group  # padded length / group
+        xi = (idx % group) * rows + idx // group  # position in the rolled (and padded) sequence
+        xi = torch.where(xi >= n, n - 2, xi)  # the padding repeats the second-to-last token
+        idx = (xi + shift - 1).remainder(n)  # the roll by `shift`, on the patch tokens
+    pos = torch.where(valid, idx + 1, 0)  # empty slots read the class token, with size 0
+    return pos, valid
 
 
 def weights_init_kaiming(m: nn.Module) -> None:
@@ -93,6 +119,7 @@ class TransReID(nn.Module):
         self.jpm = m.JPM
         self.prop_attn = True
         self.trace_source = False
+        self.count_tokens = False  # record valid tokens per block in last_state.counts (effective FLOPs)
         self.last_state: TokenState | None = None
         self.classifier = _classifier(dim, num_classes)
         self.bottleneck = _bnneck(dim)
@@ -138,13 +165,14 @@ class TransReID(nn.Module):
             prop_attn=self.prop_attn,
             track_pos=any(r.needs_pos for r in reducers.values()),
             trace_source=self.trace_source,
+            count_tokens=self.count_tokens,
         )
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: Tensor, label: Tensor | None = None, cam_label=None, view_label=None):
         state = self._new_state()
         features = self.base(x, cam_label=cam_label, view_label=view_label, state=state)
-        if self.trace_source:
+        if self.trace_source or self.count_tokens:
             self.last_state = state
         if not self.jpm:
             return self._head_global(features)
@@ -157,9 +185,17 @@ class TransReID(nn.Module):
         return feat if self.neck_feat == "after" else global_feat
 
     def _head_jpm(self, features: Tensor, state: TokenState | None):
-        B, T, D = features.shape
         global_feat = self.b1[1](self.b1[0](features, state))[:, 0]
 
+        if state is not None and state.may_empty:
+            local_feats = self._locals_with_empty_slots(features, state)
+        else:
+            local_feats = self._locals(features, state)
+        return self._heads(global_feat, local_feats)
+
+    def _locals(self, features: Tensor, state: TokenState | None) -> tuple[Tensor, ...]:
+        """JPM's four local features: shift, shuffle and split the tokens (sizes alongside), run b2."""
+        B, T, D = features.shape
         size = state.size if state is not None else None
         patches = features[:, 1:] if not self.rearrange else shuffle_unit(features, self.shift_num, self.shuffle_groups)
         part_len = (T - 1) // self.divide_length
@@ -175,8 +211,29 @@ class TransReID(nn.Module):
         elif state is not None:
             part_state = TokenState(grid=state.grid, prop_attn=state.prop_attn)
         local = self.b2[1](self.b2[0](torch.cat([cls, parts], dim=1), part_state))[:, 0]
-        local_feats = local.reshape(B, self.divide_length, D).unbind(1)
+        return local.reshape(B, self.divide_length, D).unbind(1)
 
+    def _locals_with_empty_slots(self, features: Tensor, state: TokenState) -> tuple[Tensor, ...]:
+        """JPM's branches when some slots are empty: per image, the valid tokens in their order (a stable
+        sort on size > 0) are shifted, shuffled and split as `_locals` does with all tokens; each part keeps
+        the static length (T - 1) // 4, its unused slots empty (size 0, masked out of b2's attention)."""
+        B, T, D = features.shape
+        valid = state.valid()
+        order = stable_argsort((~valid[:, 1:]).to(torch.uint8)) + 1  # valid patches first, in order; exportable
+        pos, part_valid = jpm_positions(valid[:, 1:].sum(dim=1), T - 1, self.shift_num, self.shuffle_groups,
+                                        self.divide_length, self.rearrange)
+        seq = torch.where(part_valid, order.gather(1, (pos - 1).clamp_min(0).flatten(1)).view_as(pos), 0)
+        seq = seq.flatten(1)
+        part_len = pos.shape[-1]
+        parts = take_tokens(features, seq).reshape(B * self.divide_length, part_len, D)
+        psize = (take_tokens(state.size, seq) * part_valid.flatten(1)[..., None]).reshape(-1, part_len, 1)
+        cls = features[:, :1].repeat_interleave(self.divide_length, dim=0)
+        part_state = TokenState(grid=state.grid, prop_attn=state.prop_attn, may_empty=True,
+                                size=torch.cat([psize.new_ones(psize.shape[0], 1, 1), psize], dim=1))
+        local = self.b2[1](self.b2[0](torch.cat([cls, parts], dim=1), part_state))[:, 0]
+        return local.reshape(B, self.divide_length, D).unbind(1)
+
+    def _heads(self, global_feat: Tensor, local_feats: tuple[Tensor, ...]):
         feat = self.bottleneck(global_feat)
         local_bn = [getattr(self, f"bottleneck_{i + 1}")(f) for i, f in enumerate(local_feats)]
         if self.training:

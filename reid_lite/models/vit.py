@@ -9,15 +9,16 @@ the official ones do; attention runs through the fused `scaled_dot_product_atten
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
 from ..merging.base import TokenReducer, TokenState
+from ..merging.ops import attend
 
 _LAYER_NORM = partial(nn.LayerNorm, eps=1e-6)  # ViT's LayerNorm
 
@@ -51,44 +52,6 @@ class PatchEmbedOverlap(nn.Module):
         if x.shape[-2:] != self.img_size:
             raise ValueError(f"input size {tuple(x.shape[-2:])} does not match the model's {self.img_size}")
         return self.proj(x).flatten(2).transpose(1, 2)
-
-
-def attend(
-    attn: nn.Module,
-    x: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    need_cls_attn: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Multi-head self-attention through the fused kernel, for our `Attention` and timm's alike.
-
-    Returns the projected output, the keys (B, H, T, d) and, when asked, the class token's attention
-    row (B, H, T) in fp32. That row is recomputed on its own (O(T D)) so that the full T x T attention
-    matrix is never materialised. `bias` (B, 1, 1, T) is added to every query's logits (proportional
-    attention: log token sizes).
-    """
-    B, T, C = x.shape
-    h = attn.num_heads
-    qkv = attn.qkv(x).reshape(B, T, 3, h, -1).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-    if q_norm is not None:
-        q, k = q_norm(q), k_norm(k)
-    if bias is not None:
-        bias = bias.to(q.dtype)
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0, scale=attn.scale
-    )
-    cls_attn = None
-    if need_cls_attn:
-        logits = (q[:, :, :1].float() * attn.scale) @ k.float().transpose(-2, -1)
-        if bias is not None:
-            logits = logits + bias.float()
-        cls_attn = logits.softmax(dim=-1)[:, :, 0]
-    out = out.transpose(1, 2).reshape(B, T, -1)
-    norm = getattr(attn, "norm", None)
-    if norm is not None:
-        out = norm(out)
-    return attn.proj_drop(attn.proj(out)), k, cls_attn
 
 
 class Attention(nn.Module):
@@ -203,16 +166,26 @@ class TransReIDViT(nn.Module):
         trunc_normal_(self.pos_embed, std=0.02)
         self.apply(_init_weights)
 
-    def side_information(self, cam_label: torch.Tensor | None, view_label: torch.Tensor | None):
-        """The SIE term added to every token, or None when SIE is off."""
-        if self.cam_num > 0 and self.view_num > 0:
-            idx = _require(cam_label, "cam_label") * self.view_num + _require(view_label, "view_label")
-        elif self.cam_num > 0:
-            idx = _require(cam_label, "cam_label")
-        elif self.view_num > 0:
-            idx = _require(view_label, "view_label")
-        else:
+    def side_information(self, cam_label: torch.Tensor | int | None, view_label: torch.Tensor | int | None,
+                         batch: int | None = None, device: torch.device | None = None) -> torch.Tensor | None:
+        """The SIE term added to every token, or None when SIE is off.
+
+        Labels are 0-based ids: an integer tensor of shape (batch,) or one int for the whole batch. Each is
+        validated before it indexes the table (see `check_sie_ids`), so a bad id is a ValueError that names
+        the valid range rather than an index error (or, on CUDA, a device-side assert).
+        """
+        if self.cam_num == 0 and self.view_num == 0:
             return None
+        device = device if device is not None else self.sie_embed.device
+        cams = views = None
+        if self.cam_num > 0:
+            cams = check_sie_ids(cam_label, self.cam_num, "cam_label", "camera", batch, device, self.training)
+        if self.view_num > 0:
+            views = check_sie_ids(view_label, self.view_num, "view_label", "view", batch, device, self.training)
+        if cams is not None and views is not None:
+            idx = cams * self.view_num + views
+        else:
+            idx = cams if cams is not None else views
         return self.sie_xishu * self.sie_embed[idx]
 
     def embed(self, x: torch.Tensor, cam_label=None, view_label=None) -> torch.Tensor:
@@ -220,7 +193,7 @@ class TransReIDViT(nn.Module):
         x = self.patch_embed(x)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
         x = x + self.pos_embed
-        sie = self.side_information(cam_label, view_label)
+        sie = self.side_information(cam_label, view_label, x.shape[0], x.device)
         if sie is not None:
             x = x + sie
         return self.pos_drop(x)
@@ -233,16 +206,49 @@ class TransReIDViT(nn.Module):
     def forward(self, x: torch.Tensor, cam_label=None, view_label=None, state: TokenState | None = None):
         x = self.embed(x, cam_label, view_label)
         for blk in self.trunk:
+            if state is not None and state.count_tokens:
+                state.counts.append(state.valid_count(x))
             x = blk(x, state)
+        if state is not None and state.count_tokens:
+            state.counts.append(state.valid_count(x))
         if self.local_feature:
             return x
         return self.norm(x)[:, 0]
 
 
-def _require(label: torch.Tensor | None, name: str) -> torch.Tensor:
+def check_sie_ids(label: torch.Tensor | int | None, count: int, name: str, what: str, batch: int | None,
+                  device: torch.device, training: bool = False) -> torch.Tensor | int:
+    """Validate side-information ids before they index an SIE table of `count` rows; returns them on `device`.
+
+    `label` is an int or an integer tensor of shape (batch,). Dtype and length are metadata, checked for
+    free. The range is checked on CPU tensors before they are moved (no device sync), and on tensors
+    already on an accelerator in eval mode only (one sync of a `batch`-element tensor; training labels come
+    from the loader's own split, and a per-step sync would stall it). Under torch.compile the range check is
+    skipped: it is data-dependent control flow, which would split the graph.
+    """
     if label is None:
-        raise ValueError(f"this model uses side-information embedding: pass {name}= (0-based ids)")
-    return label
+        raise ValueError(f"this model uses a {what} side-information embedding: pass {name}= (0-based ids, "
+                         f"0..{count - 1})")
+    if isinstance(label, bool) or not isinstance(label, (numbers.Integral, torch.Tensor)):
+        raise ValueError(f"{name} must be an integer tensor of {what} ids (0..{count - 1}), got "
+                         f"{type(label).__name__}")
+    if isinstance(label, numbers.Integral):  # int or numpy integer: one id for the whole batch
+        label = int(label)
+        if not 0 <= label < count:
+            raise ValueError(f"{what} ids must lie in [0, {count}) for this model's SIE table ({name}), got {label}")
+        return label
+    if label.dtype.is_floating_point or label.dtype.is_complex or label.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer {what} ids (0..{count - 1}), got dtype {label.dtype}")
+    if label.dim() > 1 or (label.dim() == 1 and batch is not None and label.shape[0] != batch):
+        raise ValueError(f"{name} must have one {what} id (0..{count - 1}) per image: shape ({batch},), got "
+                         f"{tuple(label.shape)}")
+    compiling = torch.compiler.is_compiling()
+    if not compiling and label.numel() and (label.device.type == "cpu" or not training):
+        lo, hi = (int(v) for v in torch.aminmax(label))
+        if lo < 0 or hi >= count:
+            raise ValueError(f"{what} ids must lie in [0, {count}) for this model's SIE table ({name}), got "
+                             f"[{lo}, {hi}]; build the model with the checkpoint's camera/view count")
+    return label.to(device=device, dtype=torch.long, non_blocking=True)
 
 
 def _init_weights(m: nn.Module) -> None:

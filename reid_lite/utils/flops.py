@@ -69,17 +69,14 @@ def _block_flops(t_in: int, t_out: int, dim: int, hidden: int, heads: int, reduc
     return attn + norms + mlp + extra
 
 
-def transreid_gflops(model: nn.Module, reducers: dict[int, TokenReducer] | None = None) -> float:
-    """Analytic GFLOPs of one image through a `TransReID` model, with `reducers` (default: its own)."""
+def _flops_of_counts(model: nn.Module, reducers: dict[int, TokenReducer], counts: list[tuple[int, int]]) -> int:
+    """Multiply-adds of one image whose trunk blocks see (tokens in, tokens out) = `counts`."""
     base = model.base
-    reducers = model.reducers if reducers is None else reducers
     dim, pe = base.embed_dim, base.patch_embed
     blk = base.blocks[0]
     hidden, heads = blk.mlp.fc1.out_features, blk.attn.num_heads
     conv = pe.proj
     flops = pe.num_patches * dim * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
-    trunk = len(base.trunk)
-    counts = token_counts(pe.num_patches + 1, trunk, reducers)
     for i, (t_in, t_out) in enumerate(counts):
         flops += _block_flops(t_in, t_out, dim, hidden, heads, reducers.get(i))
     t = counts[-1][1] if counts else pe.num_patches + 1
@@ -90,4 +87,40 @@ def transreid_gflops(model: nn.Module, reducers: dict[int, TokenReducer] | None 
         flops += 5 * 2 * dim  # five BNNecks (eval: 2 flops per element)
     else:
         flops += 5 * t * dim + 2 * dim  # final norm over all tokens, BNNeck
-    return flops / 1e9
+    return flops
+
+
+def transreid_gflops(model: nn.Module, reducers: dict[int, TokenReducer] | None = None) -> float:
+    """Analytic GFLOPs of one image through a `TransReID` model, with `reducers` (default: its own).
+
+    Capacity-based: every slot a block keeps counts, empty or not (what the hardware runs).
+    """
+    reducers = model.reducers if reducers is None else reducers
+    counts = token_counts(model.base.patch_embed.num_patches + 1, len(model.base.trunk), reducers)
+    return _flops_of_counts(model, reducers, counts) / 1e9
+
+
+def effective_gflops(model: nn.Module, images: torch.Tensor, cam_label: torch.Tensor | None = None,
+                     view_label: torch.Tensor | None = None) -> tuple[float, list[float]]:
+    """Mean analytic GFLOPs per image counting valid tokens only, from one forward pass over `images`.
+
+    Returns (mean GFLOPs per image, mean valid tokens entering each trunk block and leaving the trunk).
+    Equal to `transreid_gflops` for methods that never leave a slot empty (fixed r).
+    """
+    was_training, counting = model.training, model.count_tokens
+    model.eval()
+    model.count_tokens = True
+    try:
+        with torch.no_grad():
+            model(images, cam_label=cam_label, view_label=view_label)
+        state = model.last_state
+    finally:
+        model.train(was_training)
+        model.count_tokens = counting
+    if state is None:  # no reducer: nothing varies
+        t = model.base.patch_embed.num_patches + 1
+        return transreid_gflops(model), [float(t)] * (len(model.base.trunk) + 1)
+    per_block = torch.stack(state.counts, dim=1).cpu()  # (B, trunk + 1)
+    reducers = model.reducers
+    flops = [_flops_of_counts(model, reducers, list(zip(row[:-1], row[1:]))) for row in per_block.tolist()]
+    return sum(flops) / len(flops) / 1e9, per_block.float().mean(dim=0).tolist()

@@ -1,0 +1,126 @@
+"""The model fingerprint that binds a gallery to one model: what changes a stored feature."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from .storage import FingerprintMismatch, sha256_file
+
+__all__ = ["check_fingerprint", "checkpoint_path", "fingerprint_digest", "model_fingerprint", "resolve_camera_num"]
+
+
+def _weights_id(cfg: Any) -> str:
+    """sha256 of the checkpoint the model's weights come from, or 'random-init' with the seed."""
+    seed = int(cfg.SOLVER.SEED)
+    if cfg.TEST.WEIGHT:
+        return "sha256:" + sha256_file(cfg.TEST.WEIGHT)
+    choice = str(cfg.MODEL.PRETRAIN_CHOICE).lower()
+    if choice == "self" and cfg.MODEL.PRETRAIN_PATH:
+        return "sha256:" + sha256_file(cfg.MODEL.PRETRAIN_PATH)
+    if choice == "imagenet" and cfg.MODEL.PRETRAIN_PATH:
+        # The heads (b1/b2 copies aside) stay randomly initialised: the seed is part of the identity.
+        return f"imagenet-sha256:{sha256_file(cfg.MODEL.PRETRAIN_PATH)}+seed={seed}"
+    return f"random-init:seed={seed}"
+
+
+def model_fingerprint(cfg: Any, model: torch.nn.Module, feature: str, camera_num: int) -> dict[str, Any]:
+    """Everything that changes a stored feature: architecture, weights, merging, feature and input.
+
+    Two fingerprints are equal iff features from the two models are comparable. Compared as
+    canonical JSON; :func:`fingerprint_digest` is its sha256.
+    """
+    deployed = getattr(model, "deployed_fingerprint", None)
+    if deployed is not None:  # an exported model (reid_lite.deploy): its file's fingerprint, backend and digest
+        return deployed(cfg, feature)
+    base = model.base
+    blocks = list(base.blocks)
+    from ..merging import method_fingerprint
+
+    # The registry knows every method's identifying options, plugins' included: any difference refuses.
+    merging = method_fingerprint(cfg.MERGE, getattr(model, "merge_r", None))
+    in_dim = int(model.in_planes)
+    return {
+        "architecture": {
+            "transformer_type": cfg.MODEL.TRANSFORMER_TYPE, "embed_dim": in_dim, "depth": len(blocks),
+            "num_heads": int(blocks[0].attn.num_heads), "stride": list(cfg.MODEL.STRIDE_SIZE),
+            "jpm": bool(cfg.MODEL.JPM), "sie_camera": bool(cfg.MODEL.SIE_CAMERA), "sie_coe": float(cfg.MODEL.SIE_COE),
+            "camera_num": int(camera_num) if cfg.MODEL.SIE_CAMERA else 0, "neck_feat": cfg.TEST.NECK_FEAT,
+        },
+        "weights": _weights_id(cfg),
+        "merging": merging,
+        "feature": {"kind": feature, "dim": in_dim if feature == "global" else int(model.feature_dim),
+                    "normalisation": "l2", "flip": bool(cfg.TEST.FLIP)},
+        "input": {"size": list(cfg.INPUT.SIZE_TEST), "pixel_mean": list(cfg.INPUT.PIXEL_MEAN),
+                  "pixel_std": list(cfg.INPUT.PIXEL_STD)},
+    }
+
+
+def fingerprint_digest(fp: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of a fingerprint."""
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
+
+
+def _fingerprint_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _fingerprint_diff(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}: gallery {va!r} != query {vb!r}")
+    return out
+
+
+def check_fingerprint(gallery_fp: dict[str, Any], other_fp: dict[str, Any]) -> None:
+    """Raise :class:`FingerprintMismatch` listing the differing fields when the fingerprints differ."""
+    diff = _fingerprint_diff(gallery_fp, other_fp)
+    if diff:
+        raise FingerprintMismatch(
+            "refused: the query model differs from the model this gallery was built with, so its features "
+            "are not comparable (" + "; ".join(diff) + "). Search with the gallery's own model "
+            "(omit --config/--weights) or build a new gallery.")
+
+
+def checkpoint_path(cfg: Any) -> str | None:
+    """The full TransReID checkpoint the model's weights come from (TEST.WEIGHT, else a 'self'
+    PRETRAIN_PATH), or None (random or ImageNet initialisation: no SIE table to read)."""
+    if cfg.TEST.WEIGHT:
+        return str(cfg.TEST.WEIGHT)
+    if str(cfg.MODEL.PRETRAIN_CHOICE).lower() == "self" and cfg.MODEL.PRETRAIN_PATH:
+        return str(cfg.MODEL.PRETRAIN_PATH)
+    return None
+
+
+def resolve_camera_num(cfg: Any, requested: int = 0, camids: Iterable[int | None] = ()) -> int:
+    """Cameras of the SIE embedding of the gallery model, checked against the crops' camera ids.
+
+    A checkpoint decides: its SIE table has one row per trained camera (`sie_table_cameras`), so a
+    model trained on 6 cameras embeds crops from 2. Without one, `requested` (--camera-num) or else
+    the highest camera id + 1. Raises ValueError (naming --camera-num) when the ids do not fit.
+    """
+    from ..models import read_state_dict, sie_table_cameras
+
+    highest = max((int(c) for c in camids if c is not None), default=-1)
+    if not cfg.MODEL.SIE_CAMERA:
+        return max(1, int(requested), highest + 1)
+    path = checkpoint_path(cfg)
+    table = sie_table_cameras(read_state_dict(path, trust=cfg.MODEL.TRUST_CHECKPOINT)) if path else 0
+    if table:
+        if requested and int(requested) != table:
+            raise ValueError(f"--camera-num {requested} does not match the checkpoint {path}, whose SIE table has "
+                             f"{table} cameras; omit --camera-num (the checkpoint decides)")
+        if highest >= table:
+            raise ValueError(f"crops from camera {highest} (0-based), but the checkpoint {path} has an SIE table "
+                             f"for {table} cameras (0..{table - 1}); it cannot embed cameras it was not trained on: "
+                             "map the crops onto its cameras (a --sidecar camid column) or use a model without "
+                             "camera SIE (--opts MODEL.SIE_CAMERA False)")
+        return table
+    if requested and highest >= int(requested):
+        raise ValueError(f"crops from camera {highest} (0-based ids), but --camera-num is {requested}; "
+                         f"pass --camera-num {highest + 1} or more")
+    return max(1, int(requested) or highest + 1)

@@ -1,0 +1,372 @@
+"""On-disk generations of a gallery: CURRENT, the write lock, publishing, garbage collection, recovery.
+
+    <gallery>/CURRENT                 "gen-000012 <sha256 of its manifest.json>"  (swapped with os.replace)
+    <gallery>/LOCK                    fcntl.flock target serialising writers (holds the writer's pid)
+    <gallery>/gen-000012/             index.faiss, meta.sqlite, manifest.json of one generation
+    <gallery>/segments/seg-*.npy      immutable float16 vectors shared between generations
+
+A generation is built in a hidden `.tmp-gen-N/`, fsynced, renamed to `gen-N/`, and published by
+atomically replacing CURRENT: the single commit point (see reid_lite/index/gallery.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import faiss
+import numpy as np
+
+if TYPE_CHECKING:
+    from .vector_index import VectorIndex
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CURRENT", "FORMAT", "KEEP_GENERATIONS", "LOCK", "SEGMENTS", "TEST_SLEEP_ENV",
+    "FingerprintMismatch", "GalleryCorrupt", "GalleryError", "GalleryLocked", "WriteLock",
+    "LOCK_MESSAGE_SECONDS", "all_generations", "collect_garbage", "current_generation", "discard_unpublished",
+    "generation_name", "maybe_test_sleep", "publish_generation", "read_current", "recover_current", "sha256_file",
+    "verify_generation", "write_segment",
+]
+
+FORMAT = "reid-gallery/1"
+CURRENT = "CURRENT"
+LOCK = "LOCK"
+SEGMENTS = "segments"
+KEEP_GENERATIONS = 2  # the current one and its predecessor (a reader that just followed CURRENT keeps working)
+#: Test-only hook: "batch=SECONDS,publish=SECONDS" sleeps after every embedded batch / right before
+#: CURRENT is swapped, so that tests can kill a writer deterministically mid-run. Never set it otherwise.
+TEST_SLEEP_ENV = "REID_LITE_GALLERY_TEST_SLEEP"
+#: While a writer waits for the lock, its warning repeats this often (seconds).
+LOCK_MESSAGE_SECONDS = 10.0
+_GEN_RE = re.compile(r"^gen-(\d{6,})$")
+
+
+# ============================================================================ errors
+
+
+class GalleryError(RuntimeError):
+    """Base class of gallery errors."""
+
+
+class GalleryCorrupt(GalleryError):
+    """A gallery file is missing, truncated or does not match its manifest checksum."""
+
+
+class GalleryLocked(GalleryError):
+    """Another writer holds the gallery lock (raised only when waiting is disabled or times out)."""
+
+
+class FingerprintMismatch(GalleryError):
+    """Features (or a model) from another model than the gallery's were offered."""
+
+
+# ============================================================================ files
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    # A rename/create is durable only once its directory entry is; fsync the directory too.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def maybe_test_sleep(stage: str) -> None:
+    """Test-only: sleep at `stage` as TEST_SLEEP_ENV asks (no-op when it is unset)."""
+    spec = os.environ.get(TEST_SLEEP_ENV, "")
+    for part in spec.split(","):
+        name, _, seconds = part.partition("=")
+        if name.strip() == stage and seconds:
+            time.sleep(float(seconds))
+
+
+
+def write_segment(root: Path, name: str, ids: np.ndarray, vecs: np.ndarray) -> list[dict[str, Any]]:
+    """Write an immutable float16 segment (ids + vectors), fsynced; returns its manifest entries."""
+    root.mkdir(exist_ok=True)
+    entries = []
+    for suffix, arr in ((".ids.npy", ids.astype(np.int64)), (".f16.npy", vecs.astype(np.float16))):
+        path = root / f"{name}{suffix}"
+        with open(path, "wb") as fh:
+            np.save(fh, arr)
+            fh.flush()
+            os.fsync(fh.fileno())
+        entries.append({"name": f"{name}{suffix}", "sha256": sha256_file(path), "bytes": path.stat().st_size})
+    _fsync_dir(root)
+    return entries
+
+
+
+# ============================================================================ generations
+
+
+def generation_name(gen: int) -> str:
+    """Directory name of generation `gen`."""
+    return f"gen-{gen:06d}"
+
+
+def all_generations(root: Path) -> list[int]:
+    """Numbers of every generation directory, published or unpublished debris (`.tmp-gen-N`)."""
+    out = []
+    for p in root.iterdir():
+        m = _GEN_RE.match(p.name) or re.match(r"^\.tmp-gen-(\d{6,})$", p.name)
+        if m:
+            out.append(int(m.group(1)))
+    return out
+
+
+def current_generation(root: Path) -> int | None:
+    """The generation CURRENT names (unverified), None without a readable CURRENT."""
+    try:
+        return int((root / CURRENT).read_text().split()[0].removeprefix("gen-"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _published_generations(root: Path) -> list[int]:
+    return sorted(int(m.group(1)) for p in root.iterdir() if (m := _GEN_RE.match(p.name)) and p.is_dir())
+
+
+def _recover_hint(root: Path) -> str:
+    gens = _published_generations(root) if root.is_dir() else []
+    if not gens:
+        return ""
+    return (f"; it holds generation(s) {', '.join(generation_name(g) for g in gens[-3:])}: run "
+            f"`reid-gallery recover {root}` to publish the newest complete one")
+
+
+def read_current(root: Path) -> tuple[int, dict[str, Any]]:
+    """(generation, manifest) that CURRENT names, after checking the manifest against its checksum."""
+    cur = root / CURRENT
+    if not root.is_dir():
+        what = "not a directory" if root.exists() else "no such directory"
+        raise GalleryError(f"no gallery at {root} ({what}); create one with `reid-gallery build`")
+    if not cur.is_file():
+        hint = _recover_hint(root)
+        if hint:
+            raise GalleryCorrupt(f"{root} has no {CURRENT} file{hint}")
+        raise GalleryError(f"{root} is not a gallery (no {CURRENT} file); create one with `reid-gallery build`")
+    parts = cur.read_text(errors="replace").split()
+    if len(parts) != 2 or not _GEN_RE.match(parts[0]):
+        raise GalleryCorrupt(f"{cur} is malformed: {cur.read_text(errors='replace')[:100]!r}{_recover_hint(root)}")
+    name, digest = parts
+    man_path = root / name / "manifest.json"
+    if not man_path.is_file():
+        raise GalleryCorrupt(f"{cur} points to {name}, whose manifest is missing{_recover_hint(root)}")
+    raw = man_path.read_bytes()
+    if hashlib.sha256(raw).hexdigest() != digest:
+        raise GalleryCorrupt(f"{man_path} does not match the checksum in {cur} (corrupted); refusing to use it"
+                             f"{_recover_hint(root)}")
+    manifest = json.loads(raw)
+    if manifest.get("format") != FORMAT:
+        raise GalleryError(f"{man_path}: unsupported gallery format {manifest.get('format')!r} (expected {FORMAT})")
+    return int(_GEN_RE.match(name).group(1)), manifest
+
+
+def verify_generation(root: Path, gen: int, manifest: dict[str, Any], hashes: bool = True) -> None:
+    """Check that every file the manifest lists exists with its size and (with `hashes`) its sha256;
+    raise :class:`GalleryCorrupt` naming the first file that does not."""
+    gen_dir = root / generation_name(gen)
+    files = [(gen_dir / f["name"], f) for f in manifest["files"]]
+    files += [(root / SEGMENTS / f["name"], f) for f in manifest["segment_files"]]
+    for path, entry in files:
+        if not path.is_file():
+            raise GalleryCorrupt(f"gallery file missing: {path}")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise GalleryCorrupt(f"gallery file {path} has {size} bytes, the manifest says {entry['bytes']} "
+                                 "(truncated or replaced); refusing to use it")
+        if hashes and sha256_file(path) != entry["sha256"]:
+            raise GalleryCorrupt(f"gallery file {path} does not match its sha256 in {gen_dir / 'manifest.json'} "
+                                 "(corrupted); refusing to use it")
+
+
+def _swap_current(root: Path, name: str, manifest_raw: bytes) -> None:
+    cur_tmp = root / f".{CURRENT}.tmp"
+    _write_durable(cur_tmp, f"{name} {hashlib.sha256(manifest_raw).hexdigest()}\n".encode())
+    os.replace(cur_tmp, root / CURRENT)  # the commit point
+    _fsync_dir(root)
+
+
+def recover_current(root: Path) -> int | None:
+    """Point CURRENT at the newest generation whose manifest and files all verify (lock held).
+
+    Returns that generation, or None when CURRENT already names a complete one. Nothing is deleted:
+    incomplete generations stay until the next writer's garbage collection."""
+    try:
+        gen, manifest = read_current(root)
+        verify_generation(root, gen, manifest)
+        return None
+    except GalleryCorrupt:
+        pass
+    for gen in reversed(_published_generations(root)):
+        man_path = root / generation_name(gen) / "manifest.json"
+        try:
+            raw = man_path.read_bytes()
+            manifest = json.loads(raw)
+            if manifest.get("format") != FORMAT or manifest.get("generation") != gen:
+                continue
+            verify_generation(root, gen, manifest)
+        except (OSError, ValueError, KeyError, TypeError, GalleryCorrupt):
+            continue
+        _swap_current(root, generation_name(gen), raw)
+        return gen
+    raise GalleryCorrupt(f"{root}: no complete generation to recover (every gen-* directory is missing a file "
+                         "or fails its checksums); build the gallery again")
+
+
+def publish_generation(root: Path, tmp: Path, gen: int, idx: VectorIndex, segments: list[str],
+                       segment_files: list[dict],
+                       previous: int | None = None) -> None:
+    """Finish the generation in `tmp` (index + manifest, fsync), rename it into place, swap CURRENT.
+
+    `previous` is the generation CURRENT named before: it is kept (with the new one), everything else
+    (older generations, a killed writer's unpublished debris) is garbage-collected afterwards."""
+    faiss.write_index(idx.index, str(tmp / "index.faiss"))
+    files = []
+    for name in ("index.faiss", "meta.sqlite"):
+        path = tmp / name
+        _fsync_file(path)
+        files.append({"name": name, "sha256": sha256_file(path), "bytes": path.stat().st_size})
+    manifest = {
+        "format": FORMAT, "generation": gen, "created": time.time(), "ntotal": idx.ntotal,
+        "index": {"kind": idx.kind, "dim": idx.dim, "params": idx.params.to_dict()},
+        "files": files, "segments": segments, "segment_files": segment_files,
+    }
+    raw = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    _write_durable(tmp / "manifest.json", raw)
+    _fsync_dir(tmp)
+    final = root / generation_name(gen)
+    if final.exists():  # debris of a writer killed between this rename and the CURRENT swap
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    maybe_test_sleep("publish")
+    _swap_current(root, final.name, raw)
+    collect_garbage(root, {gen} if previous is None else {gen, previous})
+
+
+def collect_garbage(root: Path, keep: set[int]) -> list[str]:
+    """Drop generations not in `keep` (the published one and its predecessor: KEEP_GENERATIONS),
+    unpublished debris, and segments no kept generation references. Returns the names removed."""
+    removed = []
+    for p in root.iterdir():
+        m = _GEN_RE.match(p.name)
+        # Unpublished debris of a killed writer (a generation, a distributed run's shards): writers
+        # hold the lock, so no live writer owns any of it while this runs.
+        if (m and int(m.group(1)) not in keep) or p.name.startswith((".tmp-gen-", ".tmp-shards-")):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    seg_root = root / SEGMENTS
+    if not seg_root.is_dir():
+        return removed
+    referenced: set[str] = set()
+    for g in keep:
+        man = root / generation_name(g) / "manifest.json"
+        if man.is_file():
+            referenced.update(f["name"] for f in json.loads(man.read_text())["segment_files"])
+    for p in seg_root.iterdir():
+        if p.name not in referenced:
+            p.unlink(missing_ok=True)
+            removed.append(f"{SEGMENTS}/{p.name}")
+    return removed
+
+
+def discard_unpublished(root: Path, gen: int) -> None:
+    """Remove what an unpublished generation `gen` wrote: its `.tmp-gen-N/` and its segment files
+    (named `seg-N...`; no published generation uses that number)."""
+    shutil.rmtree(root / f".tmp-{generation_name(gen)}", ignore_errors=True)
+    seg_root = root / SEGMENTS
+    if seg_root.is_dir():
+        for p in seg_root.glob(f"seg-{gen:06d}*"):
+            p.unlink(missing_ok=True)
+
+
+class WriteLock:
+    """Exclusive fcntl.flock on <gallery>/LOCK for the whole of a write (create/add/remove).
+
+    flock locks belong to the open file, so two writers in one process exclude each other too, and
+    the kernel releases the lock when a writer dies (no stale lock after a crash). While waiting, a
+    warning repeats every `LOCK_MESSAGE_SECONDS`; `timeout` (seconds, None: forever) gives up with
+    :class:`GalleryLocked`.
+    """
+
+    def __init__(self, root: Path, timeout: float | None = None) -> None:
+        self.path = root / LOCK
+        self.timeout = timeout
+        self.fd: int | None = None
+
+    def _holder(self) -> str:
+        return os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "?"
+
+    def __enter__(self) -> WriteLock:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        t0 = time.monotonic()
+        next_message = t0
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    os.close(self.fd)
+                    raise
+            now = time.monotonic()
+            if self.timeout is not None and now - t0 >= self.timeout:
+                holder = self._holder()
+                os.close(self.fd)
+                self.fd = None
+                raise GalleryLocked(f"{self.path.parent} is locked by another writer (pid {holder}); gave up after "
+                                    f"{self.timeout:g}s (lock timeout)")
+            if now >= next_message:
+                limit = "until it finishes" if self.timeout is None else f"up to {self.timeout:g}s"
+                waited = f"still waiting after {now - t0:.0f}s" if now > t0 + 0.5 else f"waiting {limit}"
+                logger.warning("%s is locked by another writer (pid %s); %s (--lock-timeout SECONDS to give up)",
+                               self.path.parent, self._holder(), waited)
+                next_message = now + LOCK_MESSAGE_SECONDS
+            time.sleep(0.05)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
