@@ -34,7 +34,8 @@ from reid_lite.deploy import ExportError, ExportRefused, export_onnx, parity_tab
 from reid_lite.deploy.latency import choose_r_on_runtime
 from reid_lite.deploy.parity import MIN_COSINE
 from reid_lite.deploy.runtime import RUNTIMES
-from reid_lite.models import CheckpointError, build_model, load_transreid_checkpoint, read_state_dict, sie_table_cameras
+from reid_lite.models import build_model, build_model_for_checkpoint
+from reid_lite.utils.cli import USER_ERRORS, cli_error
 
 logger = logging.getLogger("reid_lite.export")
 
@@ -56,11 +57,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
-def _error(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Export, verify and report; returns the exit code."""
     args = parse_args(argv)
@@ -69,41 +65,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         cfg = load_cfg(args.config or None, args.opts)
-    except (FileNotFoundError, KeyError, ValueError, AssertionError) as err:
-        return _error(str(err))
+    except USER_ERRORS as err:
+        return cli_error(err)
     backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
     unknown = [b for b in backends if b not in RUNTIMES]
     if unknown or not backends:
-        return _error(f"--backends {unknown or args.backends!r}: choose from {', '.join(RUNTIMES)}")
+        return cli_error(f"--backends {unknown or args.backends!r}: choose from {', '.join(RUNTIMES)}")
     if args.parity_images < 2:
-        return _error("--parity-images must be at least 2 (rankings need a gallery)")
+        return cli_error("--parity-images must be at least 2 (rankings need a gallery)")
+    if cfg.MODEL.SIE_CAMERA and not args.cameras and not cfg.TEST.WEIGHT:
+        return cli_error("MODEL.SIE_CAMERA needs the camera count: pass --cameras N or TEST.WEIGHT (its SIE table)")
     try:
-        camera_num = args.cameras
-        if cfg.MODEL.SIE_CAMERA and not camera_num:
-            if not cfg.TEST.WEIGHT:
-                return _error("MODEL.SIE_CAMERA needs the camera count: pass --cameras N or TEST.WEIGHT "
-                              "(its SIE table)")
-            camera_num = sie_table_cameras(read_state_dict(cfg.TEST.WEIGHT, trust=cfg.MODEL.TRUST_CHECKPOINT))
         # A latency budget is measured on the runtime below, not on PyTorch as build_model would.
         build_cfg = cfg.clone()
         build_cfg.merge_from_list(["MERGE.TARGET_LATENCY_MS", 0.0])
-        model = build_model(build_cfg, 1, camera_num, 0)
         if cfg.TEST.WEIGHT:
-            load_transreid_checkpoint(model, cfg.TEST.WEIGHT, trust=cfg.MODEL.TRUST_CHECKPOINT, ignore_classifier=True)
+            # The SIE camera count is the checkpoint's table (--cameras, if given, must fit in it).
+            model = build_model_for_checkpoint(build_cfg, cfg.TEST.WEIGHT, 1, args.cameras, 0)
         else:
             logger.warning("TEST.WEIGHT is not set: exporting a RANDOMLY INITIALISED model")
+            model = build_model(build_cfg, 1, args.cameras, 0)
+        camera_num = int(model.base.cam_num)
         if cfg.MERGE.TARGET_LATENCY_MS > 0:
             with tempfile.TemporaryDirectory() as work:
                 choice = choose_r_on_runtime(model, cfg, backends[0], work)
             print(f"{choice.describe()} on {backends[0]} at batch {cfg.TEST.IMS_PER_BATCH}")
-    except (CheckpointError, ValueError) as err:
-        return _error(str(err))
+    except USER_ERRORS as err:
+        return cli_error(err)
     try:
         with torch.random.fork_rng(devices=[]):
             report = export_onnx(model.eval(), cfg, args.out, camera_num, backends=backends,
                                  parity_count=args.parity_images, min_cosine=args.min_cosine)
     except ExportRefused as err:
-        return _error(str(err))
+        return cli_error(err)
     except ExportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
