@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -122,3 +125,27 @@ def test_export_refuses_tracked_coordinates_and_bad_arguments(setup, capsys):
     assert export.main(["--config", str(config), "--out", str(tmp / "x.onnx")]) == 2  # SIE without a camera count
     assert "--cameras" in capsys.readouterr().err
     assert not (tmp / "x.onnx").exists()
+
+
+def test_benchmark_exports_once_times_every_batch_and_reports_a_refused_export(setup, tmp_path):
+    """tools/benchmark.py --backend onnxruntime in a fresh process: one exported file per method serves every
+    batch size (p50/p90 per batch); a method whose export is refused is reported so, and the run succeeds."""
+    _, config, _, _ = setup
+    out = tmp_path / "bench.json"
+    argv = ["--config", str(config), "--methods", "stm,stm_tracked", "--backend", "onnxruntime", "--batch-size", "1",
+            "3", "--iters", "2", "--warmup", "1", "--threads", "1", "--onnx-dir", str(tmp_path / "onnx"),
+            "--out", str(out)]
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "benchmark.py"), *argv], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert res.returncode == 0, res.stderr
+    report = json.loads(out.read_text())
+    rows = {(r["method"], r["batch_size"]): r for r in report["results"]}
+    assert set(rows) == {("stm", 1), ("stm", 3), ("stm_tracked", 1), ("stm_tracked", 3)}
+    for batch in (1, 3):
+        stm = rows["stm", batch]
+        assert stm["backend"] == "onnxruntime" and 0 < stm["p50_ms"] <= stm["p90_ms"]
+        assert stm["images_per_s"] == pytest.approx(1e3 * batch / stm["p50_ms"])
+        assert "tracked coordinates" in rows["stm_tracked", batch]["refused"]
+    assert report["exports"]["stm"]["parity"][0]["passed"]
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == ["small_stm.onnx"]
+    assert "| stm_tracked | onnxruntime | 1 | export refused |" in res.stdout
