@@ -5,6 +5,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
+EXPORT = ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18", "openvino>=2024.4"]
 
 # torchreid 0.2.5 (PyPI) declares no dependencies, yet `import torchreid` imports gdown, scipy (scipy.io for
 # its dataset readers) and torch.utils.tensorboard (tensorboard): without them the adapter cannot import.
@@ -40,10 +41,12 @@ setup(
         "matplotlib>=3.5",  # tools/reference_experiment.py's plot
     ],
     extras_require={
-        # The test suite covers the torchreid adapter, so it needs the torchreid extra in full.
+        # ONNX export (torch's dynamo exporter needs onnxscript) and the CPU runtimes of MODEL.BACKEND.
+        "export": EXPORT,
+        # The test suite covers the torchreid adapter (the torchreid extra in full) and ONNX export.
         # requests: the server tests' client; playwright: drives the system's Chromium (.ci/run installs it)
         # for the web page's test, through executable_path (no browser download).
-        "test": ["pytest>=7", "ruff>=0.5", "requests>=2.28", "playwright>=1.40", *TORCHREID],
+        "test": ["pytest>=7", "ruff>=0.5", "requests>=2.28", "playwright>=1.40", *TORCHREID, *EXPORT],
         "torchreid": TORCHREID,
         "gpu": ["faiss-gpu>=1.8"],
     },

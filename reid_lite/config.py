@@ -55,6 +55,10 @@ _C.MODEL.DEPTH = 0
 _C.MODEL.NUM_HEADS = 0
 # Allow full unpickling of a checkpoint that weights_only loading refuses. Only for files you trust.
 _C.MODEL.TRUST_CHECKPOINT = False
+# Inference backend: torch (the PyTorch model) | onnxruntime | openvino (the exported file at ONNX_PATH,
+# made by tools/export.py; it carries its weights and merging schedule).
+_C.MODEL.BACKEND = "torch"
+_C.MODEL.ONNX_PATH = ""
 
 # ----------------------------------------------------------------------------- INPUT
 _C.INPUT = CN()
@@ -134,6 +138,9 @@ _C.MERGE.R = 8  # tokens removed per merging block
 _C.MERGE.R_LIST = []  # per-layer r (same length as LAYERS); overrides R when set
 _C.MERGE.LAYERS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]  # 1-based block indices
 _C.MERGE.TARGET_GFLOPS = 0.0  # > 0: choose a constant r over LAYERS that meets this budget
+# > 0: the smallest constant r (0: merging off) whose measured latency per batch of TEST.IMS_PER_BATCH
+# fits this budget on MODEL.DEVICE (reid_lite.deploy.latency; tools/export.py for the ONNX runtimes)
+_C.MERGE.TARGET_LATENCY_MS = 0.0
 _C.MERGE.PROP_ATTN = True  # proportional attention (+log size on the keys) after a merge
 _C.MERGE.TRACE_SOURCE = False  # keep the patch -> token source map (visualisation)
 # Methods from your own files: .py paths or module names, imported before the rest of the config is read.

@@ -1,17 +1,23 @@
 #!/usr/bin/env python
-"""Throughput and peak memory of TransReID with each registered merging method, same batch.
+"""Latency and throughput of TransReID with each registered merging method, per backend and batch.
 
-    python tools/benchmark.py --config configs/msmt17_base.yml --batch-size 32 --out output/bench.json
-    python tools/benchmark.py --device cuda --dtype bf16 --batch-size 256 --compile
+    python tools/benchmark.py --config configs/msmt17_base.yml --backend torch onnxruntime openvino \
+        --batch-size 1 8 32 --out output/bench.json
+    python tools/benchmark.py --device cuda --dtype bf16 --backend torch compile --batch-size 256
     python tools/benchmark.py --methods none,stm,mine MERGE.PLUGINS "['my_method.py']"
 
 --methods takes any registered method (default: all of them, plugins included) and the named STM
 variants below. GFLOPs are the capacity count (what runs); methods that may leave slots empty also
 report the mean effective GFLOPs per image, from one extra (untimed) pass over the batch.
 
-Each method runs in its own child process (same weights seed, same batch): peak memory is then the
-method's own (CUDA: max_memory_allocated; CPU: growth of the process's peak RSS during the timed runs).
-Throughput is batch / median time of a forward pass after warm-up. Writes JSON.
+Backends: torch (eager), compile (torch.compile), onnxruntime and openvino (CPU; each method is
+exported once to --onnx-dir with tools/export.py's verified export, and the same file serves every
+batch size). Each (method, backend, batch) runs in its own child process with the same weights and
+inputs: per-batch latency p50/p90 over --iters timed passes after --warmup, images/s = batch / p50,
+and peak memory (CUDA: max_memory_allocated; CPU: growth of the process's peak RSS). Writes JSON and
+prints a table; `speedup_vs_none` compares with no merging on the same backend and batch size. A method
+whose export is refused (it names the reason, e.g. STM with tracked coordinates) is reported as refused
+on the ONNX backends and still timed on the PyTorch ones.
 """
 
 from __future__ import annotations
@@ -21,7 +27,6 @@ import json
 import multiprocessing as mp
 import platform
 import resource
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,16 +34,21 @@ from pathlib import Path
 import torch
 
 from reid_lite import build_model, load_cfg
+from reid_lite.deploy.latency import measure_latency
 from reid_lite.merging import method_names
+from reid_lite.utils.cli import USER_ERRORS, error_text
 from reid_lite.utils.flops import effective_gflops, transreid_gflops
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+BACKENDS = ("torch", "compile", "onnxruntime", "openvino")
+ONNX_BACKENDS = ("onnxruntime", "openvino")
 
 # Named option variants, run on request (--methods); every registered method runs under its own name.
 VARIANTS = {
     "stm_tracked": ["MERGE.METHOD", "stm", "MERGE.STM.COORDS", "tracked"],
     "stm_normalized": ["MERGE.METHOD", "stm", "MERGE.STM.ENTROPY", "normalized"],
 }
+CAMERAS = 2
 
 
 def method_overrides(name: str) -> list[str]:
@@ -50,126 +60,189 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(args: argparse.Namespace, method: str) -> dict:
-    """Time one method in this process: warm-up, then `iters` timed forward passes."""
-    torch.set_num_threads(args.threads or torch.get_num_threads())
-    cfg = load_cfg(args.config, [*args.opts, *method_overrides(method)])
-    device = torch.device(args.device)
+def _model(args: argparse.Namespace, method: str):
+    # Timing needs no trained weights: every method gets the same seeded random ones (and the
+    # exported file's fingerprint says so, rather than naming a checkpoint that was not loaded).
+    cfg = load_cfg(args.config, [*args.opts, *method_overrides(method), "TEST.WEIGHT", ""])
     torch.manual_seed(0)
-    model = build_model(cfg, num_classes=1, camera_num=2, view_num=0).eval().to(device)
+    return cfg, build_model(cfg, num_classes=1, camera_num=CAMERAS, view_num=0).eval()
+
+
+def _onnx_path(args: argparse.Namespace, method: str) -> Path:
+    return Path(args.onnx_dir) / f"{Path(args.config).stem or 'default'}_{method}.onnx"
+
+
+def export_method(args: argparse.Namespace, method: str) -> dict:
+    """Export one method's model (parity verified on the ONNX backends benchmarked); a refusal is returned
+    as {"refused": reason}."""
+    from reid_lite.deploy import export_onnx, export_refusal
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    cfg, model = _model(args, method)
+    refusal = export_refusal(model)
+    if refusal:
+        return {"method": method, "refused": refusal}
+    backends = tuple(b for b in args.backend if b in ONNX_BACKENDS)
+    report = export_onnx(model, cfg, _onnx_path(args, method), CAMERAS, backends=backends)
+    return {"method": method, "path": str(report.path), "export_seconds": report.export_seconds,
+            "parity": [p.to_dict() for p in report.parity]}
+
+
+def measure(args: argparse.Namespace, method: str, backend: str, batch: int) -> dict:
+    """Time one (method, backend, batch) in this process: warm-up, then `iters` timed forward passes."""
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    cfg, model = _model(args, method)
     gflops = transreid_gflops(model)
+    device = torch.device(args.device if backend in ("torch", "compile") else "cpu")
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(args.batch_size, 3, *cfg.INPUT.SIZE_TEST, generator=g).to(device)
-    # Camera ids stay on the CPU, as the extractor passes them: the model range-checks them there and copies
-    # them over without waiting on the device (ids already on a GPU would cost a sync for that check in eval).
-    cams = torch.randint(0, 2, (args.batch_size,), generator=g)
+    x = torch.randn(batch, 3, *cfg.INPUT.SIZE_TEST, generator=g)
+    cams = torch.randint(0, CAMERAS, (batch,), generator=g)
     effective = gflops  # equal unless a reducer may leave slots empty
     if any(r.may_empty for r in model.reducers.values()):
         effective = effective_gflops(model, x, cam_label=cams)[0]
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    run = torch.compile(model) if args.compile else model
-    dtype = DTYPES[args.dtype]
+    dtype = DTYPES[args.dtype] if backend in ("torch", "compile") else None
+    if backend in ONNX_BACKENDS:
+        from reid_lite.deploy import open_runtime
+
+        del model
+        run = open_runtime(backend, _onnx_path(args, method), threads=args.threads)
+    else:
+        model = model.to(device)
+        # Camera ids stay on the CPU, as the extractor passes them: the model range-checks them there and copies
+        # them over without waiting on the device (ids already on a GPU would cost a sync for that check).
+        x = x.to(device)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        run = torch.compile(model) if backend == "compile" else model
 
     def forward():
-        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             return run(x, cam_label=cams)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    for _ in range(args.warmup):
-        forward()
-    sync()
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
     if device.type == "cuda":
+        forward()
         torch.cuda.reset_peak_memory_stats()
     rss_before = _rss_mb()
-    times = []
-    for _ in range(args.iters):
-        t0 = time.perf_counter()
-        forward()
-        sync()  # once per timed pass: the timing needs it; the model itself never syncs
-        times.append(time.perf_counter() - t0)
+    lat = measure_latency(forward, iters=args.iters, warmup=args.warmup, sync=sync)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _rss_mb() - rss_before
-    med = statistics.median(times)
     return {
-        "method": method,
-        "gflops": gflops,
-        "effective_gflops": effective,
-        "images_per_s": args.batch_size / med,
-        "ms_per_batch_median": 1e3 * med,
-        "ms_per_batch_min": 1e3 * min(times),
-        "ms_per_batch_max": 1e3 * max(times),
-        "peak_memory_mb": peak,
+        "method": method, "backend": backend, "batch_size": batch, "gflops": gflops, "effective_gflops": effective,
+        "images_per_s": 1e3 * batch / lat["p50_ms"], **lat, "peak_memory_mb": peak,
         "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "CPU peak RSS growth",
+        "device": str(device), "dtype": args.dtype if dtype is not None else "fp32",
     }
 
 
-def _child(args: argparse.Namespace, method: str, queue: mp.Queue) -> None:
+def _child(fn, queue: mp.Queue, *a) -> None:
     try:
-        queue.put(measure(args, method))
+        queue.put(fn(*a))
     except Exception as e:  # report, do not hang the parent
-        queue.put({"method": method, "error": f"{type(e).__name__}: {e}"})
+        queue.put({"error": f"{type(e).__name__}: {e}"})
+
+
+def _in_child(ctx, fn, *a) -> dict:
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(fn, queue, *a))
+    proc.start()
+    res = queue.get()
+    proc.join()
+    return res
+
+
+def table(results: list[dict]) -> str:
+    """Markdown table: method x backend x batch with p50/p90 latency, img/s and speed-up vs none."""
+    lines = ["| method | backend | batch | GFLOPs | p50 ms | p90 ms | img/s | vs none |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r or "refused" in r:
+            why = f"error: {r['error'][:60]}" if "error" in r else "export refused"
+            lines.append(f"| {r['method']} | {r['backend']} | {r['batch_size']} | {why} | | | | |")
+            continue
+        gflops = f"{r['gflops']:.2f}"
+        if r["effective_gflops"] != r["gflops"]:
+            gflops += f" (eff. {r['effective_gflops']:.2f})"
+        lines.append(f"| {r['method']} | {r['backend']} | {r['batch_size']} | {gflops} | {r['p50_ms']:.1f} | "
+                     f"{r['p90_ms']:.1f} | {r['images_per_s']:.1f} | {r.get('speedup_vs_none', float('nan')):.2f}x |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Export (ONNX backends), time every (method, backend, batch) and write the JSON; the exit code."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/msmt17_base.yml")
     p.add_argument("--methods", default="", help="comma separated registered methods or variants "
                    f"({', '.join(VARIANTS)}); default: every registered method")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    p.add_argument("--batch-size", type=int, default=None, help="default: 256 on GPU, 32 on CPU")
+    p.add_argument("--backend", nargs="+", default=["torch"], choices=BACKENDS,
+                   help="torch (eager), compile (torch.compile), onnxruntime / openvino (CPU, exported file)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device of the torch and compile backends (the ONNX runtimes run on the CPU)")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="autocast dtype of torch/compile")
+    p.add_argument("--batch-size", type=int, nargs="+", default=None, help="default: 256 on GPU, 32 on CPU")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads of torch and the runtimes (0: default)")
+    p.add_argument("--onnx-dir", default="output/bench_onnx", help="where the ONNX files are exported")
     p.add_argument("--out", default="output/benchmark.json")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = p.parse_args(argv)
-    args.batch_size = args.batch_size or (256 if args.device.startswith("cuda") else 32)
+    batches = args.batch_size or [256 if args.device.startswith("cuda") else 32]
+    if any(b < 1 for b in batches):
+        p.error("--batch-size values must be >= 1")
     try:
         load_cfg(args.config, args.opts)  # a bad config fails here, once; loads MERGE.PLUGINS' methods
-    except (FileNotFoundError, KeyError, ValueError, AssertionError) as err:
-        p.error(str(err))
+    except USER_ERRORS as err:
+        p.error(error_text(err))
     methods = [m.strip().lower() for m in args.methods.split(",") if m.strip()] or method_names()
     unknown = [m for m in methods if m not in method_names() and m not in VARIANTS]
     if unknown:
         p.error(f"unknown methods {unknown}; choose from {', '.join([*method_names(), *VARIANTS])}")
 
     ctx = mp.get_context("spawn")
-    results = []
+    exports, results = {}, []
     for method in methods:
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_child, args=(args, method, queue))
-        proc.start()
-        res = queue.get()
-        proc.join()
-        results.append(res)
-        if "error" in res:
-            print(f"{method}: {res['error']}", file=sys.stderr)
-            continue
-        eff = f" (effective {res['effective_gflops']:.2f})" if res["effective_gflops"] != res["gflops"] else ""
-        print(f"{method:15s} {res['gflops']:6.2f} GFLOPs{eff}  {res['images_per_s']:9.1f} img/s  "
-              f"{res['ms_per_batch_median']:9.1f} ms/batch  peak {res['peak_memory_mb']:8.1f} MB", flush=True)
-    base = next((r for r in results if r["method"] == "none" and "error" not in r), None)
+        if any(b in ONNX_BACKENDS for b in args.backend):
+            print(f"exporting {method} to {_onnx_path(args, method)} ...", flush=True)
+            exports[method] = _in_child(ctx, export_method, args, method)
+            if "error" in exports[method]:
+                print(f"{method}: export failed: {exports[method]['error']}", file=sys.stderr)
+            elif "refused" in exports[method]:
+                print(f"{method}: export refused: {exports[method]['refused']}", file=sys.stderr)
+        for backend in args.backend:
+            for batch in batches:
+                if backend in ONNX_BACKENDS and "error" in exports[method]:
+                    res = {"error": "export failed"}
+                elif backend in ONNX_BACKENDS and "refused" in exports[method]:
+                    res = {"refused": exports[method]["refused"]}
+                else:
+                    res = _in_child(ctx, measure, args, method, backend, batch)
+                res = {"method": method, "backend": backend, "batch_size": batch, **res}
+                results.append(res)
+                if "error" in res or "refused" in res:
+                    if "error" in res:
+                        print(f"{method} {backend} b{batch}: {res['error']}", file=sys.stderr)
+                    continue
+                eff = f" (effective {res['effective_gflops']:.2f})" if res["effective_gflops"] != res["gflops"] else ""
+                print(f"{method:14s} {backend:11s} b{batch:<4d} {res['gflops']:6.2f} GFLOPs{eff}  "
+                      f"p50 {res['p50_ms']:9.1f} ms  p90 {res['p90_ms']:9.1f} ms  {res['images_per_s']:9.1f} img/s",
+                      flush=True)
     for r in results:
-        if base and "error" not in r:
+        base = next((b for b in results if b["method"] == "none" and b["backend"] == r["backend"]
+                     and b["batch_size"] == r["batch_size"] and "p50_ms" in b), None)
+        if base and "p50_ms" in r:
             r["speedup_vs_none"] = r["images_per_s"] / base["images_per_s"]
     device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu"
     report = {
         "config": args.config, "opts": args.opts, "device": args.device, "device_name": device_name,
         "cpu_count": mp.cpu_count(), "threads": args.threads or torch.get_num_threads(), "dtype": args.dtype,
-        "batch_size": args.batch_size, "iters": args.iters, "warmup": args.warmup, "compile": args.compile,
-        "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": results,
+        "backends": args.backend, "batch_sizes": batches, "iters": args.iters, "warmup": args.warmup,
+        "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "exports": exports,
+        "results": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
-    for r in results:
-        if "speedup_vs_none" in r:
-            print(f"{r['method']:15s} speed-up vs none: {r['speedup_vs_none']:.3f}x")
+    print(table(results))
     print(f"wrote {args.out}")
     return 1 if any("error" in r for r in results) else 0
 

@@ -3,6 +3,7 @@
     python tools/test.py --config configs/msmt17_stm.yml TEST.WEIGHT path/to/transformer_120.pth
     python tools/test.py --config market1501_stm.yml --compare none,tome,evit,stm DATASETS.ROOT_DIR data
     python tools/test.py --config demo_synthetic.yml --vis-queries 0,5,9
+    python tools/test.py --config demo_synthetic.yml MODEL.BACKEND onnxruntime MODEL.ONNX_PATH stm.onnx  # exported
 
 Prints method | GFLOPs | img/s | Rank-1/5/10 | mAP | mINP (plus device and skipped images) and writes
 `results.json` (with the config, device, torch version, timestamp and, per method, the token schedule
@@ -30,6 +31,7 @@ import torch
 
 from reid_lite.config import load_cfg
 from reid_lite.data import build_dataset_from_cfg, sie_counts
+from reid_lite.deploy import load_runtime_model
 from reid_lite.engine.evaluator import check_methods, evaluate, format_table
 from reid_lite.merging import parse_methods
 from reid_lite.models import build_model, build_model_for_checkpoint, check_checkpoint_file, check_input_size
@@ -127,8 +129,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     device = resolve_device(cfg.MODEL.DEVICE, cfg.MODEL.DEVICE_ID)
     camera_num, view_num = sie_counts(dataset)
+    backend = str(cfg.MODEL.BACKEND).lower()
     try:
-        if cfg.TEST.WEIGHT:
+        if backend != "torch":  # an exported file (MODEL.ONNX_PATH) with its own weights and merging
+            if methods:
+                return cli_error("--compare re-attaches merging to a PyTorch model; with MODEL.BACKEND "
+                                 f"{backend} export one file per method and evaluate each")
+            model = load_runtime_model(cfg)
+            device = torch.device("cpu")  # the runtimes run on the CPU: the images stay there
+        elif cfg.TEST.WEIGHT:
             # SIE camera count from the checkpoint's table: a model trained on 6 cameras evaluates data of 2.
             model = build_model_for_checkpoint(cfg, cfg.TEST.WEIGHT, max(dataset.num_train_pids, 1), camera_num,
                                                view_num)
@@ -138,9 +147,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_input_size(cfg, model)
         if methods:
             check_methods(cfg, model, methods)
-    except USER_ERRORS as err:  # checkpoint, model or merging settings: user errors
+    except USER_ERRORS as err:  # checkpoint, model, merging settings or backend: user errors
         return cli_error(err)
-    random_weights = not cfg.TEST.WEIGHT
+    if backend == "torch":
+        random_weights = not cfg.TEST.WEIGHT
+    else:
+        random_weights = str(model.meta["fingerprint"]["weights"]).startswith("random-init")
     if random_weights:
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr, flush=True)
 
@@ -161,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "config_file": args.config,
         "overrides": list(args.opts),
         "weights": cfg.TEST.WEIGHT or None,
+        "backend": backend,
+        "onnx_path": cfg.MODEL.ONNX_PATH or None,
         "random_weights": random_weights,
         "dataset": dataset.name,
         "device": results["device"],

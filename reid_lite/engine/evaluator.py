@@ -50,7 +50,7 @@ _COLUMNS = (
 def model_gflops(model: nn.Module) -> float | None:
     """Analytic GFLOPs per image of a TransReID with its current reducers (None for other models)."""
     if not hasattr(model, "reducible_blocks"):
-        return None
+        return getattr(model, "gflops", None)  # a deployed model records its own
     from ..utils.flops import transreid_gflops
 
     return float(transreid_gflops(model))
@@ -106,7 +106,7 @@ def _warmup(model: nn.Module, cfg: Any, device: torch.device) -> None:
     x = torch.zeros(n, 3, *cfg.INPUT.SIZE_TEST, device=device)
     if device.type == "cuda":
         x = x.to(memory_format=torch.channels_last)
-    base = getattr(model, "base", None)
+    base = getattr(model, "base", model)  # a deployed RuntimeModel carries the SIE counts itself
     kwargs = {}
     if getattr(base, "cam_num", 0):
         kwargs["cam_label"] = torch.zeros(n, dtype=torch.long, device=device)

@@ -83,7 +83,7 @@ def _model_device(model: nn.Module) -> torch.device:
 
 def _sie_needs(model: nn.Module) -> tuple[int, int]:
     """(camera count, view count) of the model's side-information embedding; (0, 0) without SIE."""
-    base = getattr(model, "base", None)
+    base = getattr(model, "base", model)  # a deployed RuntimeModel carries the counts itself
     return int(getattr(base, "cam_num", 0) or 0), int(getattr(base, "view_num", 0) or 0)
 
 
@@ -267,7 +267,8 @@ class FeatureExtractor:
     Paths, arrays and PIL images go through the test transform (`build_transforms(cfg, False)`), the
     same as the evaluation loader, so the features are identical to `extract_features`'. Tensors are
     taken as already preprocessed (resized and normalised), CHW or BCHW, as torchreid does. The model
-    is built from `cfg` (with the merging method cfg.MERGE describes) unless `model` is given; `weights`
+    is built from `cfg` (with the merging method cfg.MERGE describes) unless `model` is given, or read
+    from MODEL.ONNX_PATH with MODEL.BACKEND onnxruntime|openvino (reid_lite.deploy); `weights`
     is a TransReID checkpoint loaded strictly, classifier excluded; a model built for it takes its SIE camera
     count from the checkpoint's table (`build_model_for_checkpoint`). TEST.AMP, TEST.FLIP and
     TEST.FEAT_NORM apply. A model with a camera SIE needs `camids` (0-based, one per image).
@@ -279,6 +280,12 @@ class FeatureExtractor:
         from ..data.transforms import build_transforms
 
         self.cfg = cfg
+        if model is None and str(cfg.MODEL.BACKEND).lower() != "torch":
+            from ..deploy import load_runtime_model
+
+            # The exported file carries its weights (load_runtime_model checks them against TEST.WEIGHT);
+            # the runtimes run on the CPU, so the images stay there.
+            model, weights, device = load_runtime_model(cfg), None, "cpu"
         if model is None and weights:
             from ..models import build_model_for_checkpoint
 

@@ -34,6 +34,9 @@ def model_fingerprint(cfg: Any, model: torch.nn.Module, feature: str, camera_num
     Two fingerprints are equal iff features from the two models are comparable. Compared as
     canonical JSON; :func:`fingerprint_digest` is its sha256.
     """
+    deployed = getattr(model, "deployed_fingerprint", None)
+    if deployed is not None:  # an exported model (reid_lite.deploy): its file's fingerprint, backend and digest
+        return deployed(cfg, feature)
     base = model.base
     blocks = list(base.blocks)
     from ..merging import method_fingerprint

@@ -76,6 +76,8 @@ class ATM(TokenReducer):
     """ATM for one block: threshold `theta`, split `size_split` (after l_s) or alternating, `mode`
     'image' (per-image counts, empty slots) or 'batch' (the paper's batch-mean count)."""
 
+    export_refusal = "its stable sorts are not yet rewritten into the exportable forms of merging/exportable.py"
+
     may_empty = True
 
     def __init__(self, theta: float, size_split: bool = False, mode: str = "image", min_r: int = 0):

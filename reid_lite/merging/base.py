@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .exportable import top_and_rest
 from .ops import grid_positions
 
 
@@ -95,6 +96,8 @@ class TokenReducer:
     reducer, so fixed-r methods pay nothing for the masking that empty slots need.
     `cls_head_only`: valid only in the last block in front of a head that reads the class token alone
     (ATM's last layer); `build_reducers` puts its `fallback` there instead for any other model (JPM).
+    `export_refusal`: None when the reducer traces to ONNX (reid_lite.deploy), else why it cannot, which
+    the export's refusal names; a method (a plugin's too) declares it on its reducer, class or instance.
     """
 
     needs_cls_attn: bool = False
@@ -102,6 +105,7 @@ class TokenReducer:
     may_empty: bool = False
     cls_head_only: bool = False
     fallback: TokenReducer | None = None
+    export_refusal: str | None = None
 
     def __call__(self, x: Tensor, keys: Tensor, cls_attn: Tensor | None, state: TokenState) -> Tensor:
         if self.num_out(x.shape[1]) == x.shape[1]:
@@ -226,9 +230,7 @@ def bipartite_match(scores: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
     scores = scores.clone()
     scores[:, 0, :] = -math.inf
     node_max, node_idx = scores.max(dim=-1)
-    edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
-    src_idx = edge_idx[:, :r]
-    unm_idx = edge_idx[:, r:].sort(dim=-1).values
+    src_idx, unm_idx = top_and_rest(node_max, r)  # stable: ties resolve by index; exportable
     dst_idx = node_idx.gather(1, src_idx)
     return unm_idx, src_idx, dst_idx
 

@@ -89,6 +89,8 @@ def dhtm_round(x: Tensor, state: TokenState, budget: Tensor) -> tuple[Tensor, Te
 class DHTM(TokenReducer):
     """DHTM for one block: `k` hierarchical merges of adjacent tokens in `rounds` vectorised rounds."""
 
+    export_refusal = "its stable sort and scatter_reduce('amin') are not yet rewritten into exportable forms"
+
     needs_pos = True
 
     def __init__(self, k: int, rounds: int = 4, weighting: str = "size"):

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .base import TokenReducer, TokenState
 from .base import take_tokens as _take
+from .exportable import stable_argsort
 from .registry import MergeMethod, register_method
 from .schedule import check_layers
 
@@ -40,7 +41,7 @@ class EViT(TokenReducer):
         keep = self.num_kept(x.shape[1])
         attn = cls_attn[:, :, 1:].mean(dim=1)  # (B, T-1)
         rank = attn.masked_fill(~state.valid()[:, 1:], -1.0) if state.may_empty else attn  # empty slots last
-        order = rank.argsort(dim=-1, descending=True, stable=True)
+        order = stable_argsort(rank, descending=True)  # argsort(stable=True), exportable
         kept, dropped = order[:, :keep] + 1, order[:, keep:] + 1
         parts = [x[:, :1], _take(x, kept)]
         size_parts = [state.size[:, :1], _take(state.size, kept)]

@@ -45,6 +45,8 @@ def lotm_pairs(x: Tensor, k: int) -> Tensor:
 class LoTM(TokenReducer):
     """LoTM for one block: merge `k` of the fixed adjacent pairs."""
 
+    export_refusal = "its stable top-k sort is not yet rewritten into the exportable forms of merging/exportable.py"
+
     def __init__(self, k: int, weighting: str = "mean"):
         if k < 0:
             raise ValueError(f"MERGE.LOTM.K must be >= 0, got {k}")

@@ -28,6 +28,7 @@ from .base import (
     size_weighted_merge,
     take_tokens,
 )
+from .exportable import grouped_max, stable_argsort
 from .ops import bipartite_flops, cosine_scores, knn_indices, virtual_neighbourhood
 from .registry import MergeMethod, register_method
 
@@ -66,7 +67,7 @@ def pr_degree(attn: Tensor, entropy: Tensor, prior: Tensor) -> Tensor:
 
 def pr_grouping(score: Tensor) -> tuple[Tensor, Tensor]:
     """Sequence positions of A = [cls, p1, p3, ...] and B = [p2, p4, ...], patches ranked by `score` (B, n)."""
-    order = score.argsort(dim=-1, descending=True, stable=True) + 1  # +1: skip the class token
+    order = stable_argsort(score, descending=True) + 1  # +1: skip the class token
     cls = order.new_zeros(order.shape[0], 1)
     return torch.cat([cls, order[:, 0::2]], dim=1), order[:, 1::2]
 
@@ -90,10 +91,9 @@ def prn_fuse(merge: BipartiteMerge, x: Tensor, score: Tensor, state: TokenState)
     unm, src, b = parts = merge.parts(x)
     fused = merge.weighted_mean(x, score[..., None], parts)
     # Rescale only the destinations that received sources: the others keep their own norm already.
-    src_max = src.new_zeros(b.shape[0], b.shape[1], 1).scatter_reduce(
-        1, merge.dst_idx[..., None], src.norm(dim=-1, keepdim=True), reduce="amax", include_self=False)
-    max_norm = torch.maximum(take_tokens(src_max, merge.dst_idx),
-                             take_tokens(x, merge.dst_pos).norm(dim=-1, keepdim=True))
+    # Largest source norm of each source's group (no scatter 'amax': it does not export well).
+    src_max = grouped_max(src.norm(dim=-1), merge.dst_idx)[..., None]
+    max_norm = torch.maximum(src_max, take_tokens(x, merge.dst_pos).norm(dim=-1, keepdim=True))
     fused_dst = take_tokens(fused, merge.dst_idx)
     rescaled = fused_dst / fused_dst.norm(dim=-1, keepdim=True).clamp_min(_EPS) * max_norm
     fused = fused.scatter(1, merge._dst_index(x.shape[-1]), rescaled.to(x.dtype))
@@ -136,6 +136,12 @@ class STM(TokenReducer):
         self.entropy, self.coords, self.keys = entropy, coords, keys
         self.needs_cls_attn = dse or ccf or prn
         self.needs_pos = coords == "tracked"
+        if self.needs_pos:
+            # The k nearest tokens per image: a stable sort of data-dependent distances full of exact ties (the
+            # patch grid); the only exportable stable sort here (a rank count) is O(n^3) per image for it.
+            self.export_refusal = ("STM with tracked coordinates (MERGE.STM.COORDS tracked) sorts data-dependent "
+                                   "token distances per image, which has no exportable stable equivalent at an "
+                                   "acceptable cost; use MERGE.STM.COORDS virtual")
 
     def num_out(self, num_tokens: int) -> int:
         return num_tokens - bipartite_r(num_tokens, self.r)

@@ -52,6 +52,10 @@ def build_model(cfg, num_classes: int, camera_num: int = 0, view_num: int = 0) -
     elif choice not in ("imagenet", "none"):
         raise ValueError(f"MODEL.PRETRAIN_CHOICE must be 'imagenet', 'self' or 'none', got {m.PRETRAIN_CHOICE!r}")
     apply_merging(model, cfg.MERGE)
+    if cfg.MERGE.TARGET_LATENCY_MS > 0 and str(m.BACKEND).lower() == "torch":
+        from ..deploy.latency import apply_latency_budget
+
+        apply_latency_budget(model, cfg)  # measured here, on MODEL.DEVICE at TEST.IMS_PER_BATCH
     return model
 
 

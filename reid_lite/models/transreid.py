@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..merging.base import TokenReducer, TokenState, take_tokens
+from ..merging.exportable import stable_argsort
 from .vit import BACKBONES, TransReIDViT
 
 
@@ -218,7 +219,7 @@ class TransReID(nn.Module):
         the static length (T - 1) // 4, its unused slots empty (size 0, masked out of b2's attention)."""
         B, T, D = features.shape
         valid = state.valid()
-        order = (~valid[:, 1:]).to(torch.uint8).argsort(dim=1, stable=True) + 1  # valid patches first, in order
+        order = stable_argsort((~valid[:, 1:]).to(torch.uint8)) + 1  # valid patches first, in order; exportable
         pos, part_valid = jpm_positions(valid[:, 1:].sum(dim=1), T - 1, self.shift_num, self.shuffle_groups,
                                         self.divide_length, self.rearrange)
         seq = torch.where(part_valid, order.gather(1, (pos - 1).clamp_min(0).flatten(1)).view_as(pos), 0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 
 from ..data.datasets import DatasetLayoutError
+from ..deploy.runtime import DeployError
 from ..models.checkpoint import CheckpointError
 
 #: Exit code of a run refused for bad input (argparse uses it too).
@@ -19,9 +20,11 @@ EXIT_USAGE = 2
 
 #: Exceptions that mean bad input rather than a bug: config and override errors (yacs reports a type
 #: mismatch with AssertionError and an unknown key with KeyError), missing files and datasets,
-#: unreadable or mismatched checkpoints, invalid settings.
+#: unreadable or mismatched checkpoints, an exported model that does not fit its config (MODEL.BACKEND),
+#: invalid settings.
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    CheckpointError, DatasetLayoutError, FileNotFoundError, FileExistsError, KeyError, ValueError, AssertionError,
+    CheckpointError, DatasetLayoutError, DeployError, FileNotFoundError, FileExistsError, KeyError, ValueError,
+    AssertionError,
 )
 
 
