@@ -7,8 +7,9 @@
 Trains with `reid_lite.engine.trainer.train` (no ImageNet weights: from scratch) on a Market-1501-layout
 dataset (default ../shared/data/cuhk03 next to the repository), then evaluates the trained weights with no
 merging and with every method that can be matched to a budget (`compared_methods`) at matched GFLOPs:
-for each fraction in --ratios of the unmerged model's GFLOPs, r-based methods (ToMe, STM-ReID) get MERGE.TARGET_GFLOPS (the
-solver picks the smallest constant r meeting it) and EViT the largest keep rate meeting it. Writes
+for each fraction in --ratios of the unmerged model's GFLOPs, r-based methods (ToMe, STM-ReID) get
+MERGE.TARGET_GFLOPS (the solver picks the smallest constant r meeting it) and EViT the largest keep rate
+meeting it. Writes
 OUTPUT/results.json (Rank-1, mAP, mINP, GFLOPs, img/s per method and budget, the seed, the commit, the
 config, training time) and OUTPUT/accuracy_vs_gflops.png (the STM-ReID paper's Fig. 6 style). Weights go
 to OUTPUT/train/ (they derive from the dataset's images: do not publish them with the results).

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..merging.schedule import solve_r
+
 logger = logging.getLogger(__name__)
 
 
@@ -83,14 +85,8 @@ def choose_r(latency_of: Callable[[int], float], budget_ms: float, r_max: int) -
         raise ValueError(f"no merging setting meets MERGE.TARGET_LATENCY_MS {budget_ms:g}: the fastest measured is "
                          f"r={fastest} at {measured[fastest]:.1f} ms (measured: "
                          + ", ".join(f"r={r}: {ms:.1f} ms" for r, ms in sorted(measured.items())) + ")")
-    lo, hi = 1, r_max
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if lat(mid) <= budget_ms:
-            hi = mid
-        else:
-            lo = mid + 1
-    return LatencyChoice(lo, budget_ms, measured)
+    # The same monotone search as the GFLOPs solver; lat(0) and lat(r_max) are cached, so nothing is re-measured.
+    return LatencyChoice(solve_r(lat, budget_ms, r_max), budget_ms, measured)
 
 
 def latency_r_max(model: nn.Module, cfg: Any) -> int:
