@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -94,3 +96,44 @@ def tiny_train_cfg(root: Path, out: Path, epochs: int = 2, *opts):
     ])
     cfg.freeze()
     return cfg
+
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def load_tool(name: str) -> ModuleType:
+    """Import tools/<name>.py (tools/ is not a package) under its own name: "test" would shadow the stdlib."""
+    spec = importlib.util.spec_from_file_location(f"reid_lite_tools_{name}", TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def small_tool_yaml(root: Path, depth: int, layers: list[int], out: Path | None = None) -> str:
+    """A YAML config for the tools' end-to-end tests: a width-64 TransReID at 64x32, STM r=2 in `layers`."""
+    text = f"""
+MODEL:
+  PRETRAIN_CHOICE: 'none'
+  EMBED_DIM: 64
+  DEPTH: {depth}
+  NUM_HEADS: 4
+  STRIDE_SIZE: [16, 16]
+  SIE_CAMERA: True
+  JPM: True
+  DEVICE: 'cpu'
+INPUT:
+  SIZE_TRAIN: [64, 32]
+  SIZE_TEST: [64, 32]
+DATASETS:
+  NAMES: 'market1501'
+  ROOT_DIR: '{root}'
+DATALOADER:
+  NUM_WORKERS: 0
+TEST:
+  IMS_PER_BATCH: 8
+MERGE:
+  METHOD: 'stm'
+  R: 2
+  LAYERS: {list(layers)}
+"""
+    return text + (f"OUTPUT_DIR: '{out}'\n" if out is not None else "")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,45 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_tool, small_tool_yaml
 
 from reid_lite import build_model, load_cfg
 from reid_lite.data.synthetic import generate_reid_dataset
 
 REPO = Path(__file__).resolve().parent.parent
-
-SMALL_YAML = """
-MODEL:
-  PRETRAIN_CHOICE: 'none'
-  EMBED_DIM: 64
-  DEPTH: 2
-  NUM_HEADS: 4
-  STRIDE_SIZE: [16, 16]
-  SIE_CAMERA: True
-  JPM: True
-  DEVICE: 'cpu'
-INPUT:
-  SIZE_TRAIN: [64, 32]
-  SIZE_TEST: [64, 32]
-DATASETS:
-  NAMES: 'market1501'
-  ROOT_DIR: '{root}'
-DATALOADER:
-  NUM_WORKERS: 0
-TEST:
-  IMS_PER_BATCH: 8
-MERGE:
-  METHOD: 'stm'
-  R: 2
-  LAYERS: [1]
-"""
-
-
-def _tool(name: str):
-    # Loaded under their own names: "test" would shadow the standard library module.
-    spec = importlib.util.spec_from_file_location(f"reid_lite_tools_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +25,7 @@ def setup(tmp_path_factory):
     root = generate_reid_dataset(tmp / "data", num_train_ids=4, num_test_ids=4, num_cameras=2,
                                  images_per_id_per_camera=2, size=(64, 32), num_distractors=0, progress=False)
     config = tmp / "small.yml"
-    config.write_text(SMALL_YAML.format(root=root))
+    config.write_text(small_tool_yaml(root, depth=2, layers=[1]))
     cfg = load_cfg(str(config), ["DATASETS.ROOT_DIR", str(root)])
     torch.manual_seed(0)
     weights = tmp / "small.pth"
@@ -70,7 +36,7 @@ def setup(tmp_path_factory):
 def test_export_then_evaluate_with_onnxruntime(setup, capsys):
     tmp, config, root, weights = setup
     onnx_path = tmp / "small_stm.onnx"
-    export, test = _tool("export"), _tool("test")
+    export, test = load_tool("export"), load_tool("test")
     common = ["--config", str(config), "TEST.WEIGHT", str(weights), "DATASETS.ROOT_DIR", str(root)]
     assert export.main([*common, "--out", str(onnx_path), "--backends", "onnxruntime"]) == 0
     out = capsys.readouterr().out
@@ -116,7 +82,7 @@ def test_export_then_evaluate_with_onnxruntime(setup, capsys):
 
 def test_export_refuses_tracked_coordinates_and_bad_arguments(setup, capsys):
     tmp, config, root, weights = setup
-    export = _tool("export")
+    export = load_tool("export")
     base = ["--config", str(config), "TEST.WEIGHT", str(weights), "--out", str(tmp / "x.onnx")]
     assert export.main([*base, "MERGE.STM.COORDS", "tracked"]) == 2
     assert "tracked coordinates" in capsys.readouterr().err

@@ -9,7 +9,6 @@ tools/test.py --compare, the benchmark, a gallery and the torchreid factory like
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_cfg
+from conftest import load_tool, tiny_cfg
 
 from reid_lite import build_model, load_cfg
 from reid_lite.config import get_cfg
@@ -288,11 +287,6 @@ TINY = ["MODEL.EMBED_DIM", "64", "MODEL.DEPTH", "3", "MODEL.NUM_HEADS", "4", "IN
         "TEST.IMS_PER_BATCH", "8", "DATALOADER.NUM_WORKERS", "0", "MERGE.R", "2", "MERGE.LAYERS", "[1, 2]"]
 
 
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"reid_lite_tools_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_plugin_method_in_tools_test_compare(plugin, data_root, tmp_path, capsys):
@@ -300,13 +294,13 @@ def test_plugin_method_in_tools_test_compare(plugin, data_root, tmp_path, capsys
     opts = [*TINY, "DATASETS.ROOT_DIR", str(data_root), "OUTPUT_DIR", str(out), "MERGE.PLUGINS", f"['{plugin}']"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        rc = _load_tool("test").main(["--no-progress", "--compare", "none,stm,emptylow", *opts])
+        rc = load_tool("test").main(["--no-progress", "--compare", "none,stm,emptylow", *opts])
     assert rc == 0, capsys.readouterr().err
     rows = json.loads((out / "results.json").read_text())["results"]
     assert [r["method"] for r in rows] == ["none", "stm", "emptylow"]
     assert rows[2]["gflops"] < rows[0]["gflops"] and np.isfinite(rows[2]["mAP"])
     # Without the plugin the name is unknown: a one-line error, exit code 2.
-    assert _load_tool("test").main(["--compare", "none,emptylow2", *opts]) == 2
+    assert load_tool("test").main(["--compare", "none,emptylow2", *opts]) == 2
     assert "emptylow2" in capsys.readouterr().err
 
 

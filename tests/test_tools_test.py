@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import warnings
 from pathlib import Path
 
 import cv2
 import pytest
+from conftest import load_tool, small_tool_yaml
 
 from reid_lite.data import ImageReadWarning
 from reid_lite.data.synthetic import generate_reid_dataset
@@ -17,41 +17,10 @@ from reid_lite.utils.visualize import canvas_size
 REPO = Path(__file__).resolve().parent.parent
 TOOL = REPO / "tools" / "test.py"
 
-TINY_YAML = """
-MODEL:
-  PRETRAIN_CHOICE: 'none'
-  EMBED_DIM: 64
-  DEPTH: 3
-  NUM_HEADS: 4
-  STRIDE_SIZE: [16, 16]
-  SIE_CAMERA: True
-  JPM: True
-  DEVICE: 'cpu'
-INPUT:
-  SIZE_TRAIN: [64, 32]
-  SIZE_TEST: [64, 32]
-DATASETS:
-  NAMES: 'market1501'
-  ROOT_DIR: '{root}'
-DATALOADER:
-  NUM_WORKERS: 0
-TEST:
-  IMS_PER_BATCH: 8
-MERGE:
-  METHOD: 'stm'
-  R: 2
-  LAYERS: [1, 2]
-OUTPUT_DIR: '{out}'
-"""
-
 
 @pytest.fixture(scope="module")
 def tool():
-    # Loaded under its own name: "test" would shadow the standard library module.
-    spec = importlib.util.spec_from_file_location("reid_lite_tools_test", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("test")
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +36,7 @@ def data_root(tmp_path_factory) -> Path:
 def write_config(tmp_path: Path, root: Path) -> tuple[Path, Path]:
     out = tmp_path / "out"
     cfg = tmp_path / "tiny.yml"
-    cfg.write_text(TINY_YAML.format(root=root, out=out))
+    cfg.write_text(small_tool_yaml(root, depth=3, layers=[1, 2], out=out))
     return cfg, out
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_train_cfg
+from conftest import load_tool, tiny_train_cfg
 
 from reid_lite.config import get_cfg, load_cfg
 from reid_lite.data import build_train_loader
@@ -226,11 +226,7 @@ def test_synthetic_dataset_generates_itself_and_real_ones_give_a_clear_error(tmp
 
 
 def test_train_cli_missing_dataset_exits_2(tmp_path, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_tools_train", REPO / "tools" / "train.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)  # tools/ is not a package
+    cli = load_tool("train")
     code = cli.main(["--config", str(REPO / "configs" / "demo_synthetic.yml"), "DATASETS.NAMES", "msmt17",
                  "DATASETS.ROOT_DIR", str(tmp_path), "OUTPUT_DIR", str(tmp_path / "out")])
     assert code == 2

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_train_cfg
+from conftest import load_tool, tiny_train_cfg
 
 from reid_lite.config import get_cfg
 from reid_lite.data import ImageDataset, TrainBatchSampler, build_dataset, build_transforms
@@ -219,13 +219,6 @@ def test_multistep_and_constant_warmup_schedules():
 # ------------------------------------------------------------------------------ reference experiment
 
 
-def _tool(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"_tools_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # tools/ is not a package
-    return module
 
 
 def test_reference_experiment_tiny_writes_json_and_png(tmp_path, one_thread):
@@ -234,7 +227,7 @@ def test_reference_experiment_tiny_writes_json_and_png(tmp_path, one_thread):
     # Generated crops in the Market-1501 layout stand in for CUHK03, so that this never skips.
     root = generate_reid_dataset(tmp_path / "data", num_train_ids=12, num_test_ids=6, num_cameras=2,
                                  images_per_id_per_camera=2, size=(128, 64), num_distractors=2, progress=False)
-    tool = _tool("reference_experiment")
+    tool = load_tool("reference_experiment")
     out = tmp_path / "ref"
     code = tool.main(["--tiny", "--data-root", str(root), "--output", str(out), "SOLVER.IMS_PER_BATCH", "8"])
     assert code == 0
@@ -263,7 +256,7 @@ def test_shipped_configs_pass_the_key_policy_and_the_cli_refuses_by_name(tmp_pat
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     for path in sorted((REPO / "configs").glob("*.yml")):
         check_training_cfg(load_cfg(path))
-    cli = _tool("train")
+    cli = load_tool("train")
     code = cli.main(["--config", str(REPO / "configs" / "demo_synthetic.yml"), "MODEL.NECK", "no",
                      "OUTPUT_DIR", str(tmp_path / "out")])
     assert code == 2 and "MODEL.NECK" in capsys.readouterr().err
