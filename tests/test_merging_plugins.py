@@ -211,6 +211,36 @@ def test_reducers_after_empty_slots_never_pick_them(reducer_cls, later):
     assert torch.isfinite(out).all() and out[~state.valid()].abs().sum() == 0
 
 
+def test_stm_response_floor_ignores_empty_slots(reducer_cls, monkeypatch):
+    """STM's inverse response S^ = min S / S uses the least score of the *valid* patches: an empty slot
+    (score 0) would otherwise set the floor to 0 and zero the CC-Function for every pair."""
+    import reid_lite.merging.stm as stm_module
+
+    g = torch.Generator().manual_seed(3)
+    B, T, C, H = 2, 211, 32, 4
+    state = TokenState(grid=(21, 10))
+    x = reducer_cls(20, 1.0)(torch.randn(B, T, C, generator=g), torch.randn(B, H, T, C // H, generator=g),
+                             torch.rand(B, H, T, generator=g).softmax(-1), state)
+    valid = state.valid()
+    assert not valid.all()
+    T = x.shape[1]
+    cls_attn = (torch.randn(B, H, T, generator=g) + state.attn_bias()[:, 0]).softmax(-1)
+    reducer = STM(8)
+    expected = reducer.assess(cls_attn, state).clamp_min(1e-12).masked_fill(~valid[:, 1:], float("inf"))
+    seen = []
+    real_cc = stm_module.cc_function
+
+    def spy(k_a, k_b, s_a, s_b, s_min, d1, d2):
+        seen.append(s_min)
+        return real_cc(k_a, k_b, s_a, s_b, s_min, d1, d2)
+
+    monkeypatch.setattr(stm_module, "cc_function", spy)
+    reducer(x, torch.randn(B, H, T, C // H, generator=g), cls_attn, state)
+    (s_min,) = seen
+    torch.testing.assert_close(s_min, expected.amin(dim=1, keepdim=True))
+    assert (s_min > 0).all()
+
+
 def test_mixed_chain_is_batch_invariant_and_one_graph(reducer_cls, images, cams):
     """Empty slots from block 1, then STM (tracked) and EViT: batch invariance and one dynamo graph."""
     for reducers, prop_attn in [({0: reducer_cls(8, 1.0), 1: STM(8, coords="tracked"), 2: EViT(0.7)}, True),
