@@ -227,13 +227,19 @@ def load_cfg(config_file: str | Path | None = None, opts: Sequence[str] = ()) ->
     plugins = load_plugins(config_plugins(config_file, opts))  # before the keys their nodes define
     cfg = get_cfg()
     if config_file:
-        cfg.merge_from_file(str(resolve_config_path(config_file)))
+        with open(resolve_config_path(config_file), encoding="utf-8") as fh:
+            file_cfg = CN.load_cfg(fh)
+        if "MODEL" in file_cfg and "DEVICE_ID" in file_cfg.MODEL:  # `DEVICE_ID: 0` or `0,1` in YAML: keep the text
+            file_cfg.MODEL.DEVICE_ID = repr(str(file_cfg.MODEL.DEVICE_ID))  # yacs literal-evals it again
+        cfg.merge_from_other_cfg(file_cfg)
     if opts:
         if len(opts) % 2:
             raise ValueError(f"overrides must be KEY VALUE pairs, got an odd count: {list(opts)}")
         try:
             # MERGE.PLUGINS as read above: one bare path is accepted for a list of one.
             opts = [v for k, val in zip(opts[::2], opts[1::2]) for v in (k, plugins if k == "MERGE.PLUGINS" else val)]
+            # `MODEL.DEVICE_ID 1` would parse as an int against a str default: keep ids as the text given.
+            opts = [repr(str(v)) if i % 2 and opts[i - 1] == "MODEL.DEVICE_ID" else v for i, v in enumerate(opts)]
             cfg.merge_from_list(opts)
         except AssertionError as e:  # yacs asserts on unknown keys from a list; make it a KeyError
             raise KeyError(str(e)) from None

@@ -177,6 +177,20 @@ def test_config_errors_name_the_key(tmp_path):
     assert (cfg.MERGE.METHOD, cfg.MERGE.R, cfg.MODEL.STRIDE_SIZE, cfg.MODEL.JPM) == ("stm", 6, [12, 12], True)
 
 
+@pytest.mark.parametrize("written, expected, first", [("0", "0", 0), ("1", "1", 1), ("0,1", "0,1", 0),
+                                                     ("('2')", "('2')", 2)])
+def test_device_id_is_kept_as_text_from_yaml_and_command_line(tmp_path, written, expected, first):
+    """`MODEL.DEVICE_ID 1` (a number to YAML and to yacs) and TransReID's `DEVICE_ID: ('0')` are accepted, and
+    the id reaches device selection."""
+    from reid_lite.utils.device import first_device_id
+
+    path = tmp_path / "dev.yml"
+    path.write_text(f"MODEL:\n  DEVICE_ID: {written}\n")
+    assert load_cfg(path).MODEL.DEVICE_ID == expected
+    assert load_cfg(None, ["MODEL.DEVICE_ID", written]).MODEL.DEVICE_ID == expected
+    assert first_device_id(expected) == first
+
+
 def test_paper_gflops_unmerged_vit_base():
     model = build_model(vit_base_cfg(), 1000, 15, 1).eval()
     assert round(fvcore_gflops(model), 2) == 20.41

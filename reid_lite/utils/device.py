@@ -10,7 +10,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AMP_CHOICES", "amp_dtype", "autocast", "resolve_device"]
+__all__ = ["AMP_CHOICES", "amp_dtype", "autocast", "first_device_id", "resolve_device"]
 
 AMP_CHOICES = ("auto", "fp32", "fp16", "bf16")
 
@@ -36,13 +36,20 @@ def resolve_device(cfg_device: str | torch.device | None = "cuda", device_id: st
         if not torch.cuda.is_available():
             logger.warning("MODEL.DEVICE is %r but CUDA is not available: running on the CPU", str(cfg_device))
             return torch.device("cpu")
-        if dev.index is None and device_id not in (None, ""):
-            first = str(device_id).split(",")[0].strip()
-            if first.isdigit():
-                dev = torch.device("cuda", int(first))
+        first = first_device_id(device_id)
+        if dev.index is None and first is not None:
+            dev = torch.device("cuda", first)
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"CUDA device {dev.index} requested, only {torch.cuda.device_count()} visible")
     return dev
+
+
+def first_device_id(device_id: str | int | None) -> int | None:
+    """The first GPU id of MODEL.DEVICE_ID: '0', '0,1', 1, or TransReID's "('0')"; None when it names none."""
+    if device_id is None:
+        return None
+    first = str(device_id).strip("()'\" ").split(",")[0].strip("'\" ")
+    return int(first) if first.isdigit() else None
 
 
 def amp_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | None:
