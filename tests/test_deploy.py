@@ -29,10 +29,27 @@ from reid_lite.deploy import (
     read_metadata,
 )
 from reid_lite.merging import MergeMethod, TokenReducer, register_method, unregister_method
-from reid_lite.merging.exportable import grouped_max, inverse_permutation, split_ranked, stable_argsort, stable_rank
+from reid_lite.merging.exportable import (
+    group_first,
+    grouped_max,
+    inverse_permutation,
+    split_ranked,
+    stable_argsort,
+    stable_rank,
+    stable_ranks,
+)
 from reid_lite.models import load_transreid_checkpoint
+from reid_lite.utils.flops import effective_gflops
 
 METHODS = ["none", "tome", "stm", "evit"]
+# The methods with data-dependent groups, exported on the tiny model only: ATM with thresholds low enough to
+# merge on a random model, a size-distinctive split in block 2 and MIN_R forcing some merges out of the
+# sequence (every path of its selection); LoTM and DHTM in both blocks.
+TINY_ONLY = {
+    "atm": {"ATM__ALPHA": 0.5, "ATM__THETA_MIN": 0.5, "ATM__SPLIT_DEPTH": 1, "ATM__MIN_R": 2},
+    "lotm": {"LOTM__LAYERS": [1, 2], "LOTM__K": 8},
+    "dhtm": {"DHTM__LAYERS": [1, 2], "DHTM__K": 8},
+}
 DEMO = "configs/demo_synthetic.yml"
 
 
@@ -49,10 +66,11 @@ def test_the_exported_rank_sort_is_argsort_stable_including_ties():
         assert torch.equal(stable_argsort(x, descending), want)
 
 
-def test_the_exported_formulation_gives_the_eager_features_bit_for_bit(images, cams, monkeypatch):
-    """What the exporter traces (rank-count sorts, as in STM's grouping and every bipartite match)
-    computes exactly what eager PyTorch does."""
-    _, model = _tiny("stm")
+@pytest.mark.parametrize("method", ["stm", *TINY_ONLY])
+def test_the_exported_formulation_gives_the_eager_features_bit_for_bit(images, cams, monkeypatch, method):
+    """What the exporter traces (rank-count sorts, as in STM's grouping and every bipartite match, grouped
+    firsts as in DHTM's trees) computes exactly what eager PyTorch does."""
+    _, model = _tiny(method)
     with torch.no_grad():
         eager = model(images, cam_label=cams)
         monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
@@ -69,6 +87,20 @@ def test_split_ranked_is_topk_then_the_rest_in_index_order():
     assert torch.equal(rest, order[:, 9:].sort(dim=-1).values)
 
 
+def test_stable_ranks_and_group_first_trace_to_the_eager_results(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 4, (3, 30), generator=g).float()  # ties
+    groups = torch.randint(0, 30, (3, 30), generator=g)
+    eager = stable_ranks(x, descending=True), group_first(groups)
+    assert torch.equal(eager[0], inverse_permutation(torch.argsort(x, dim=-1, descending=True, stable=True)))
+    rows = groups.tolist()
+    want_first = torch.tensor([[min(j for j in range(30) if row[j] == row[i]) for i in range(30)] for row in rows])
+    assert torch.equal(eager[1], want_first)
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    assert torch.equal(stable_ranks(x, descending=True), eager[0])
+    assert torch.equal(group_first(groups), eager[1])
+
+
 def test_grouped_max_equals_scatter_amax_then_gather():
     g = torch.Generator().manual_seed(2)
     values = torch.rand(3, 8, generator=g)
@@ -82,8 +114,8 @@ def test_grouped_max_equals_scatter_amax_then_gather():
 def _tiny(method: str):
     # STM merges in two blocks (sizes from the first feed the second); the others in one, to keep
     # the exports (the slow part) short.
-    depth = 3 if method == "stm" else 2
-    cfg = tiny_cfg(depth=depth, METHOD=method, R=8, EVIT__LAYERS=list(range(1, depth)))
+    depth = 3 if method == "stm" or method in TINY_ONLY else 2
+    cfg = tiny_cfg(depth=depth, METHOD=method, R=8, EVIT__LAYERS=list(range(1, depth)), **TINY_ONLY.get(method, {}))
     torch.manual_seed(0)
     return cfg, build_model(cfg, 10, 3, 0).eval()
 
@@ -165,16 +197,16 @@ def test_tracked_coordinates_and_source_tracing_are_refused_with_the_reason(tmp_
     assert not (tmp_path / "x.onnx").exists()
 
 
-@pytest.mark.parametrize("method, options, reason", [
-    ("atm", {}, "stable sorts"),
-    ("lotm", {"LOTM__LAYERS": [1, 2], "LOTM__K": 8}, "top-k sort"),
-    ("dhtm", {"DHTM__LAYERS": [1, 2], "DHTM__K": 8}, "scatter_reduce"),
-])
-def test_methods_not_yet_exportable_are_refused_by_name_before_any_tracing(method, options, reason, tmp_path):
-    cfg = tiny_cfg(depth=3, METHOD=method, **options)
-    with pytest.raises(ExportRefused, match=reason):
-        export_onnx(build_model(cfg, 10, 3, 0).eval(), cfg, tmp_path / "x.onnx", 3)
-    assert not (tmp_path / "x.onnx").exists()
+@pytest.mark.parametrize("method", list(TINY_ONLY))
+def test_methods_with_data_dependent_groups_export_with_parity(exports, method):
+    """ATM (per-image counts: empty slots), LoTM and DHTM (grid pairs, trees) export and match PyTorch."""
+    cfg, model, report = exports("tiny", method, ("onnxruntime", "openvino"))
+    assert [p.backend for p in report.parity] == ["onnxruntime", "openvino"]
+    for parity in report.parity:
+        assert parity.passed and parity.images == 12 and parity.min_cosine >= 0.99, report.summary()
+    images, cams = parity_images(cfg, 4, num_cameras=3)
+    _, tokens = effective_gflops(model, images, cams)
+    assert tokens[-1] < 211  # the schedule really merges on these images
 
 
 class _EmptyLow(TokenReducer):

@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 from .base import TokenReducer, TokenState, bipartite_split, mask_invalid, take_tokens
-from .ops import bipartite_flops, cosine_scores, ranks
+from .exportable import stable_argsort, stable_ranks, top_and_rest
+from .ops import bipartite_flops, cosine_scores
 from .registry import MergeMethod, register_method
 from .schedule import check_layers
 
@@ -62,11 +63,11 @@ def size_distinctive_split(size: Tensor, valid: Tensor | None = None) -> tuple[T
     P = T - 1
     s = size[:, 1:].float()
     ok = torch.ones_like(s, dtype=torch.bool) if valid is None else valid[:, 1:]
-    rank = ranks(s.masked_fill(~ok, math.inf).argsort(dim=1, stable=True))  # each patch's rank by size
+    rank = stable_ranks(s.masked_fill(~ok, math.inf))  # each patch's rank by size
     half = (ok.sum(dim=1, keepdim=True) // 2)
     # Group keys: sources first (by rank), then empty slots, then destinations: one sort places them all.
     key = torch.where(rank < half, rank, torch.where(ok, 2 * P + rank, P + rank))
-    grouped = key.argsort(dim=1) + 1
+    grouped = stable_argsort(key) + 1  # keys are distinct: any sort gives this order
     na = P // 2
     cls = grouped.new_zeros(B, 1)
     return torch.cat([cls, grouped[:, :na]], dim=1), grouped[:, na:]
@@ -75,8 +76,6 @@ def size_distinctive_split(size: Tensor, valid: Tensor | None = None) -> tuple[T
 class ATM(TokenReducer):
     """ATM for one block: threshold `theta`, split `size_split` (after l_s) or alternating, `mode`
     'image' (per-image counts, empty slots) or 'batch' (the paper's batch-mean count)."""
-
-    export_refusal = "its stable sorts are not yet rewritten into the exportable forms of merging/exportable.py"
 
     may_empty = True
 
@@ -130,15 +129,14 @@ class ATM(TokenReducer):
                 scores = mask_invalid(scores, v_a[..., 0], v_b[..., 0])
             node_max, node_idx = scores[:, 1:].max(dim=-1)  # sources: the A patch tokens (class token aside)
             count = self.merge_counts(node_max)
-            edge = node_max.argsort(dim=1, descending=True, stable=True)
-            rank = ranks(edge)
+            rank = stable_ranks(node_max, descending=True)
             merging = (rank < count[:, None]) & torch.isfinite(node_max)
             merging = torch.cat([merging.new_zeros(merging.shape[0], 1), merging], dim=1)  # (B, Na)
             dst = torch.cat([node_idx.new_zeros(node_idx.shape[0], 1), node_idx], dim=1)
             forced = self.forced(T)
             keep_a = None
             if forced:  # the top `forced` sources leave the sequence; the others that merge leave empty slots
-                kept = edge[:, forced:].sort(dim=1).values + 1
+                kept = top_and_rest(node_max, forced)[1] + 1
                 keep_a = torch.cat([kept.new_zeros(kept.shape[0], 1), kept], dim=1)
         return _merge_into(x, state, merging, dst, a_pos, b_pos, keep_a)
 

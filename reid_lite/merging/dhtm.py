@@ -31,8 +31,9 @@ import torch
 from torch import Tensor
 
 from .base import TokenReducer, TokenState
+from .exportable import group_first, stable_ranks
 from .groups import check_weighting, compact_slots, fold_groups
-from .ops import cosine_scores, ranks
+from .ops import cosine_scores
 from .registry import MergeMethod, register_method
 from .schedule import check_layers
 
@@ -77,19 +78,16 @@ def dhtm_round(x: Tensor, state: TokenState, budget: Tensor) -> tuple[Tensor, Te
         mutual = to.gather(1, to) == ar
         edge = torch.isfinite(best) & ~(mutual & (ar > to))
         score = best.masked_fill(~edge, -math.inf)
-        take = edge & (ranks(score.argsort(dim=1, descending=True, stable=True)) < budget[:, None])
+        take = edge & (stable_ranks(score, descending=True) < budget[:, None])
         root = forest_roots(torch.where(take, to, ar))
         # Each group goes to its first slot, so that slots stay ordered by their first patch (raster order).
-        first = torch.full_like(root, n).scatter_reduce(1, root, ar, reduce="amin")
-        root = first.gather(1, root) + 1
+        root = group_first(root) + 1
         root = torch.cat([root.new_zeros(B, 1), root], dim=1)
     return root, take.sum(dim=1)
 
 
 class DHTM(TokenReducer):
     """DHTM for one block: `k` hierarchical merges of adjacent tokens in `rounds` vectorised rounds."""
-
-    export_refusal = "its stable sort and scatter_reduce('amin') are not yet rewritten into exportable forms"
 
     needs_pos = True
 

@@ -1,4 +1,4 @@
-"""Exportable tensor primitives for the merge steps: a stable sort without a sort op, a grouped max.
+"""Exportable tensor primitives for the merge steps: a stable sort without a sort op, grouped max/first.
 
 ONNX exporters have no stable sort (`argsort(stable=True)` fails to export) and ONNX's ScatterElements
 has no 'mean' reduction and needs opset 18 for 'max'. The replacements use only comparisons, sums,
@@ -42,6 +42,14 @@ def stable_argsort(x: Tensor, descending: bool = False) -> Tensor:
     return torch.argsort(x, dim=-1, descending=descending, stable=True)
 
 
+def stable_ranks(x: Tensor, descending: bool = False) -> Tensor:
+    """Each element's position in the stable sort of `x` along the last dim: the inverse of the stable
+    argsort eagerly, the rank count (`stable_rank`) while exporting."""
+    if torch.compiler.is_exporting():
+        return stable_rank(x, descending)
+    return inverse_permutation(torch.argsort(x, dim=-1, descending=descending, stable=True))
+
+
 def top_and_rest(x: Tensor, k: int, descending: bool = True) -> tuple[Tensor, Tensor]:
     """(indices of the k first elements of x (B, n) in stable sort order, the others in index order).
 
@@ -75,3 +83,18 @@ def grouped_max(values: Tensor, groups: Tensor) -> Tensor:
     """
     same = groups[:, :, None] == groups[:, None, :]
     return torch.where(same, values[:, None, :], values.new_zeros(())).amax(dim=-1)
+
+
+def group_first(groups: Tensor) -> Tensor:
+    """For each i of `groups` (B, n) (values in 0..n-1), the least j with groups[j] == groups[i] (B, n).
+
+    Eagerly a scatter 'amin' into the groups and a gather back; while exporting (ONNX's ScatterElements
+    needs opset 18 for 'min') a comparison matrix, O(n^2) like `grouped_max`.
+    """
+    n = groups.shape[-1]
+    ar = torch.arange(n, device=groups.device)
+    if torch.compiler.is_exporting():
+        same = groups[:, :, None] == groups[:, None, :]
+        return torch.where(same, ar, n).amin(dim=-1)
+    first = torch.full_like(groups, n).scatter_reduce(1, groups, ar.expand_as(groups), reduce="amin")
+    return first.gather(1, groups)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .base import TokenState, take_tokens
+from .exportable import stable_argsort
 
 WEIGHTINGS = ("mean", "size")
 
@@ -47,7 +48,7 @@ def fold_groups(x: Tensor, state: TokenState, root: Tensor, weighting: str = "si
 
 def compact_slots(x: Tensor, state: TokenState, num_out: int) -> Tensor:
     """Keep the first `num_out` valid slots of every image in sequence order (the class token first)."""
-    keep = (~state.valid()).to(torch.uint8).argsort(dim=1, stable=True)[:, :num_out]
+    keep = stable_argsort((~state.valid()).to(torch.int32))[:, :num_out]
     for name in ("size", "pos", "source"):
         t = getattr(state, name)
         if t is not None:

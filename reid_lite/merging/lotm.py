@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from .base import TokenReducer, TokenState
+from .exportable import stable_ranks
 from .groups import check_weighting, compact_slots, fold_groups
-from .ops import ranks
 from .registry import MergeMethod, register_method
 from .schedule import check_layers
 
@@ -35,7 +35,7 @@ def lotm_pairs(x: Tensor, k: int) -> Tensor:
         p = x[:, 1:1 + 2 * pairs].float()
         a, b = p[:, 0::2], p[:, 1::2]
         score = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-12)
-        merge = ranks(score.argsort(dim=1, descending=True, stable=True)) < k
+        merge = stable_ranks(score, descending=True) < k
         root = torch.arange(T, device=x.device).expand(B, -1).clone()
         second = torch.arange(pairs, device=x.device) * 2 + 2  # slot of each pair's second token
         root[:, second] = torch.where(merge, second - 1, second)
@@ -44,8 +44,6 @@ def lotm_pairs(x: Tensor, k: int) -> Tensor:
 
 class LoTM(TokenReducer):
     """LoTM for one block: merge `k` of the fixed adjacent pairs."""
-
-    export_refusal = "its stable top-k sort is not yet rewritten into the exportable forms of merging/exportable.py"
 
     def __init__(self, k: int, weighting: str = "mean"):
         if k < 0:

@@ -60,12 +60,6 @@ def cosine_scores(a: Tensor, b: Tensor) -> Tensor:
     return a @ b.transpose(-1, -2)
 
 
-def ranks(order: Tensor) -> Tensor:
-    """The inverse permutation of each row of `order` (..., n): every element's rank in the order."""
-    ar = torch.arange(order.shape[-1], device=order.device).expand_as(order)
-    return torch.empty_like(order).scatter_(-1, order, ar)
-
-
 def bipartite_flops(num_tokens: int, channels: int) -> int:
     """Multiply-adds of the (A x B) similarity matrix of an alternating split of `num_tokens`."""
     return ((num_tokens + 1) // 2) * (num_tokens // 2) * channels
