@@ -94,7 +94,9 @@ def test_duplicates_stored_once(tmp_path, data):
     n = g.store.count()
     rep = g.add([data / "bounding_box_test", copy])
     assert rep.added == 0 and len(rep.duplicates) == n + 1 and g.store.count() == n
-    assert g.generation == 2 and g._index.ntotal == n
+    # Nothing new: no generation is published (none to garbage-collect, nothing for readers to reload).
+    assert rep.generation == g.generation == 1 and g._index.ntotal == n
+    assert not (tmp_path / "g" / "gen-000002").exists() and Gallery.open(tmp_path / "g").generation == 1
 
 
 def test_fingerprint_mismatch_refused(tmp_path, data):

@@ -176,6 +176,9 @@ class GalleryWrites:
             return names, entries
 
         report.added = len(new)
+        if not new and self._stage is None:  # nothing new (all duplicates): the current generation stands
+            report.generation = self.generation
+            return
         report.generation = self._write(mutate)
 
     def remove(self, paths: Sequence[str] | None = None, cameras: Sequence[int] | None = None,
