@@ -275,6 +275,9 @@ def train(cfg: Any, dataset: ReIDDataset | None = None, device: torch.device | s
     camera_num, view_num = sie_counts(dataset)
     model = build_model(cfg, num_classes, camera_num, view_num)
     if trains_embedding_only(cfg):
+        if str(cfg.MODEL.PRETRAIN_CHOICE).lower() != "self":
+            logger.warning("training DTEM's embedding on a backbone that is not a trained TransReID "
+                           "(MODEL.PRETRAIN_CHOICE %r): set 'self' and MODEL.PRETRAIN_PATH", cfg.MODEL.PRETRAIN_CHOICE)
         freeze_all_but_learned_reducers(model)
     if ctx.enabled:
         convert_batchnorm(model)  # BNNeck statistics of the global batch

@@ -148,9 +148,9 @@ class DTEM(TokenReducer, nn.Module):
         return proj + bipartite_flops(num_tokens, self.dim)
 
     def metric(self, state: TokenState) -> Tensor:
-        """The decoupled embedding of the block's (normalised) input tokens; no gradient into the ViT."""
-        if self.weights_missing:
-            raise RuntimeError(self.weights_missing)
+        """The decoupled embedding of the block's (normalised) input tokens; no gradient into the ViT. A pending
+        embedding computes with its seeded fresh values (a model without trained weights, for FLOPs and speed);
+        loading trained weights without it is refused (`learned.resolve_learned_state`)."""
         return self.embed(state.block_input.detach())
 
     def reduce(self, x: Tensor, keys: Tensor, cls_attn: Tensor | None, state: TokenState) -> Tensor:
@@ -237,5 +237,7 @@ register_method(MergeMethod(
         "SEED": 0,  # seed of a fresh embedding
         "TRAIN_EMBEDDING_ONLY": False,  # tools/train.py: freeze backbone and heads, train the embedding (soft merging)
     },
-    identity=("DIM", "HIDDEN", "WEIGHTS", "FRESH", "SEED"),
+    # What changes features: the embedding's shape here, its values through the fingerprint's learned_sha256
+    # (so a moved embedding file is the same model, a retrained one at the same path is not).
+    identity=("DIM", "HIDDEN"),
     summary="DTEM: ToMe's bipartite merging on a learned per-block embedding (trained with soft merging)"))
