@@ -51,6 +51,9 @@ from .train_state import find_resume_state, load_train_state
 
 logger = logging.getLogger("reid_lite.train")
 
+#: The embedding-only file DTEM's modular training writes to OUTPUT_DIR (load it with MERGE.DTEM.WEIGHTS).
+EMBEDDING_FILE = "dtem_embedding.pth"
+
 __all__ = [
     "TrainResult",
     "check_training_cfg",
@@ -297,9 +300,6 @@ def train(cfg: Any, dataset: ReIDDataset | None = None, device: torch.device | s
         logger.info("DTEM embedding written to %s (MERGE.DTEM.WEIGHTS)", path)
     return result
 
-
-#: The embedding-only file DTEM's modular training writes to OUTPUT_DIR (load it with MERGE.DTEM.WEIGHTS).
-EMBEDDING_FILE = "dtem_embedding.pth"
 
 
 def freeze_all_but_learned_reducers(model: nn.Module) -> None:

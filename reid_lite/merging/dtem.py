@@ -31,7 +31,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .base import TokenReducer, TokenState, bipartite_r, size_weighted_merge, take_tokens
+from .base import TokenReducer, TokenState, bipartite_match, bipartite_r, size_weighted_merge, take_tokens
 from .exportable import top_and_rest
 from .learned import load_reducer_weights, read_reducer_weights
 from .ops import bipartite_flops, cosine_scores
@@ -80,8 +80,6 @@ def soft_merge(xa: Tensor, xb: Tensor, ma: Tensor, mb: Tensor, e: Tensor) -> tup
 def hard_assignment(scores: Tensor, r: int) -> Tensor:
     """The one-hot (B, Na, Nb) edges ToMe's bipartite matching picks on `scores` (what the soft grouping
     tends to as its temperature falls); row 0 (the class token) never merges."""
-    from .base import bipartite_match
-
     _, src, dst = bipartite_match(scores, r)
     e = torch.zeros_like(scores, dtype=torch.float32)
     rows = torch.arange(scores.shape[0], device=scores.device)[:, None]
