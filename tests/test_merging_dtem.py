@@ -200,5 +200,20 @@ def test_tools_test_compares_dtem(data_root, tmp_path, capsys):
         torch.save(build_model(load_cfg(cfg, ["MERGE.METHOD", "none"]), 4, 2).state_dict(), weights)
         capsys.readouterr()
         assert tool.main([str(a) for a in ["--config", cfg, "--compare", "none,dtem", "TEST.WEIGHT", weights]]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "MERGE.DTEM.WEIGHTS" in err[0]
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "MERGE.DTEM.WEIGHTS" in errors[0]
+
+
+def test_a_timm_vit_takes_dtem_and_gives_it_back():
+    import timm
+
+    from reid_lite.merging import apply_merging, merge_cfg
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=3, num_classes=5).eval()
+    apply_merging(vit, merge_cfg("dtem", r=8, layers=[1, 2], dtem_fresh=True, dtem_dim=16))
+    keys = [f"blocks.{i}.reducer.embed.{p}" for i in (0, 1) for p in ("bias", "weight")]
+    assert sorted(learned_state_dict(vit)) == keys
+    with torch.no_grad():
+        assert vit(torch.randn(2, 3, 224, 224)).shape == (2, 5)
+    apply_merging(vit, merge_cfg("tome", r=8, layers=[1, 2]))  # a plain reducer replaces the registered one
+    assert learned_state_dict(vit) == {} and not any("reducer" in k for k in vit.state_dict())

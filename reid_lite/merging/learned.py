@@ -102,7 +102,8 @@ def load_reducer_weights(reducers: dict[int, nn.Module], entries: dict[int, dict
         reducer.load_state_dict(entries[i])
 
 
-def resolve_learned_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+def resolve_learned_state(model: nn.Module, state: dict[str, torch.Tensor],
+                          source: str) -> tuple[dict[str, torch.Tensor], bool]:
     """Prepare a checkpoint's state dict for a strict load into `model`, as far as learned reducers go.
 
     - model without learned reducers: the checkpoint's reducer keys are dropped (logged);
@@ -110,7 +111,8 @@ def resolve_learned_state(model: nn.Module, state: dict[str, torch.Tensor], sour
       a reducer whose weights came from its own file (MERGE.DTEM.WEIGHTS) makes this ambiguous: error;
     - checkpoint without them: the model's own are kept when they were loaded or freshly made on request,
       else CheckpointError with the reducers' reason (`weights_missing`).
-    Returns the state dict to load; raises `CheckpointError`.
+    Returns (the state dict to load, whether it brings the learned weights: then call `mark_loaded` once it
+    is loaded); raises `CheckpointError`.
     """
     from ..models.checkpoint import CheckpointError
 
@@ -120,20 +122,23 @@ def resolve_learned_state(model: nn.Module, state: dict[str, torch.Tensor], sour
         if ours:
             logger.info("%s: ignoring its learned merging weights (%d tensors): this model's merging has none",
                         source, len(ours))
-        return {k: v for k, v in state.items() if k not in ours}
+        return {k: v for k, v in state.items() if k not in ours}, False
     if ours:
         from_file = sorted({getattr(r, "weights_source", "") for r in reducers.values()} - {"", "fresh", "checkpoint"})
         if from_file:
             raise CheckpointError(f"{source} holds learned merging weights and {from_file[0]} gives them too: clear "
                                   "one (e.g. MERGE.DTEM.WEIGHTS '') so that it is clear which is used")
-        for r in reducers.values():
-            r.weights_missing, r.weights_source = None, "checkpoint"
-        return state
+        return state, True
     pending = [r.weights_missing for r in reducers.values() if r.weights_missing]
     if pending:
         raise CheckpointError(f"{source} holds no learned merging weights (keys *blocks.<i>.reducer.*): {pending[0]}")
-    own = learned_state_dict(model)
-    return {**state, **own}
+    return {**state, **learned_state_dict(model)}, False
+
+
+def mark_loaded(model: nn.Module) -> None:
+    """Record that `model`'s learned reducers now hold the weights of the checkpoint just loaded."""
+    for r in learned_reducers(model).values():
+        r.weights_missing, r.weights_source = None, "checkpoint"
 
 
 def check_learned_ready(reducers: dict[int, TokenReducer]) -> None:
