@@ -156,7 +156,7 @@ def attach_reducer(block: nn.Module, reducer: TokenReducer | None) -> None:
     """Set `block.reducer`. A reducer that is an `nn.Module` (learned parameters) becomes a registered
     submodule, on the block's device and dtype and in its train/eval mode, so that its parameters are saved,
     loaded and moved with the model; any other reducer (or None) is a plain attribute, as before."""
-    if "reducer" in block._modules:
+    if isinstance(getattr(block, "reducer", None), nn.Module):
         del block.reducer  # a registered reducer cannot be replaced by a plain object in place
     if reducer is not None:
         reducer.bind(block)

@@ -27,6 +27,7 @@ The embedding is saved in the model's state dict (`base.blocks.<i>.reducer.embed
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -189,7 +190,7 @@ def _weights_missing_reason() -> str:
             "tools/train.py ... MERGE.DTEM.TRAIN_EMBEDDING_ONLY True MERGE.DTEM.FRESH True)")
 
 
-def build_dtem(merge, depth: int, rs: dict[int, int] | None) -> dict[int, TokenReducer]:
+def build_dtem(merge: Any, depth: int, rs: dict[int, int] | None) -> dict[int, TokenReducer]:
     """DTEM reducers for every block of the r schedule (r = 0 too, so the embedding's blocks are MERGE.LAYERS
     whatever r a budget picks). Weights from MERGE.DTEM.WEIGHTS (strictly), a fresh seeded embedding with
     FRESH, or pending until a checkpoint supplies them."""
@@ -217,7 +218,7 @@ def build_dtem(merge, depth: int, rs: dict[int, int] | None) -> dict[int, TokenR
             for i, r in rs.items()}
 
 
-def trains_embedding_only(cfg) -> bool:
+def trains_embedding_only(cfg: Any) -> bool:
     """Whether a training config asks for DTEM's modular training (MERGE.DTEM.TRAIN_EMBEDDING_ONLY with
     MERGE.METHOD dtem): backbone and heads frozen, only the embedding learns, with soft merging."""
     return str(cfg.MERGE.METHOD).lower() == "dtem" and bool(cfg.MERGE.DTEM.TRAIN_EMBEDDING_ONLY)
