@@ -217,3 +217,13 @@ def test_a_timm_vit_takes_dtem_and_gives_it_back():
         assert vit(torch.randn(2, 3, 224, 224)).shape == (2, 5)
     apply_merging(vit, merge_cfg("tome", r=8, layers=[1, 2]))  # a plain reducer replaces the registered one
     assert learned_state_dict(vit) == {} and not any("reducer" in k for k in vit.state_dict())
+
+
+@pytest.mark.parametrize("hidden", [0, 8])
+def test_analytic_flops_count_the_embedding_as_fvcore_does(hidden):
+    from reid_lite.utils.flops import fvcore_gflops, transreid_gflops
+
+    model = build_model(_dtem_cfg(FRESH=True, DIM=16, HIDDEN=hidden), 5, 3).eval()
+    tome = build_model(tiny_cfg(depth=3, method="tome", r=4), 5, 3).eval()
+    assert transreid_gflops(model) == pytest.approx(fvcore_gflops(model), rel=1e-9)
+    assert transreid_gflops(model) > transreid_gflops(tome)  # same schedule plus the embedding
