@@ -112,10 +112,11 @@ def test_grouped_max_equals_scatter_amax_then_gather():
 # ----------------------------------------------------------------------------- exports
 
 def _tiny(method: str):
-    # STM merges in two blocks (sizes from the first feed the second); the others in one, to keep
+    # STM and the TINY_ONLY methods merge in two blocks (sizes from the first feed the second); the others in one, to keep
     # the exports (the slow part) short.
     depth = 3 if method == "stm" or method in TINY_ONLY else 2
-    cfg = tiny_cfg(depth=depth, METHOD=method, R=8, EVIT__LAYERS=list(range(1, depth)), **TINY_ONLY.get(method, {}))
+    cfg = tiny_cfg(depth=depth, METHOD=method, R=8, EVIT__LAYERS=list(range(1, depth)), DTEM__FRESH=True,
+                   **TINY_ONLY.get(method, {}))
     torch.manual_seed(0)
     return cfg, build_model(cfg, 10, 3, 0).eval()
 
@@ -161,6 +162,20 @@ def test_onnxruntime_parity(exports, kind, method):
     assert meta["feature"]["dim"] == model.feature_dim
     if method != "none":
         assert meta["merging"]["tokens"][-1][1] < 211  # the schedule really merges
+
+
+def test_dtem_exports_like_tome(exports):
+    """DTEM's hard merge is ToMe's matching on its learned embedding: it traces, with parity (tiny model only:
+    its export costs what ToMe's does)."""
+    _, model, report = exports("tiny", "dtem")
+    ort = report.parity[0]
+    assert ort.passed and ort.min_cosine >= 0.99 and ort.ranking_same == ort.ranked >= 7
+    from reid_lite.index.fingerprint import tensors_digest
+    from reid_lite.merging import learned_state_dict
+
+    # the file is bound to the embedding it was exported with
+    merging = read_metadata(report.path)["fingerprint"]["merging"]
+    assert merging["learned_sha256"] == tensors_digest(learned_state_dict(model))
 
 
 def test_openvino_parity_for_stm(exports):

@@ -88,8 +88,10 @@ COMMON: list[Any] = [
 def compared_methods() -> list[str]:
     """The methods compared at matched GFLOPs: none, EViT (its keep rate is searched here) and every registered
     method whose GFLOPs target is met through r (built-ins and MERGE.PLUGINS). Methods without such a knob
-    (ATM, LoTM, DHTM) cannot be matched to a budget yet, so they are left out rather than compared at another cost."""
-    return [m for m in method_names() if m in ("none", "evit") or get_method(m).gflops_knob == "r"]
+    (ATM, LoTM, DHTM) cannot be matched to a budget yet, so they are left out rather than compared at another cost;
+    so are learned methods (DTEM), whose embedding this experiment does not train."""
+    return [m for m in method_names()
+            if m in ("none", "evit") or (get_method(m).gflops_knob == "r" and not get_method(m).learned)]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

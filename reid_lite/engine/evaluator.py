@@ -132,13 +132,19 @@ def _merge_section(cfg: Any, method: str) -> Any:
 
 def check_methods(cfg: Any, model: nn.Module, methods: Sequence[str]) -> list[str]:
     """Validate merging methods against cfg.MERGE and the model's depth before any extraction starts
-    (a bad MERGE.LAYERS for the third method must not surface after minutes of work); returns the names."""
-    from ..merging import build_reducers, input_tokens, parse_methods
+    (a bad MERGE.LAYERS for the third method must not surface after minutes of work); returns the names.
+
+    Each method's reducers are built afresh, so a learned method (DTEM) compared on trained weights
+    (TEST.WEIGHT) must name its own weights file (MERGE.DTEM.WEIGHTS): ValueError otherwise.
+    """
+    from ..merging import build_reducers, check_learned_ready, input_tokens, parse_methods
 
     names = parse_methods(list(methods))
     depth = len(model.reducible_blocks) if hasattr(model, "reducible_blocks") else len(model.blocks)
     for name in names:
-        build_reducers(_merge_section(cfg, name), depth, num_tokens=input_tokens(model))
+        reducers = build_reducers(_merge_section(cfg, name), depth, num_tokens=input_tokens(model))
+        if cfg.TEST.WEIGHT:
+            check_learned_ready(reducers)
     return names
 
 

@@ -12,7 +12,9 @@ Pieces, usable on their own: `check_training_cfg` (every official key honoured o
 joins the process group and trains with DistributedDataParallel (`distributed.py`).
 
 Token merging is a test-time method: the model is trained with MERGE.METHOD 'none' unless
-SOLVER.TRAIN_WITH_MERGING is set.
+SOLVER.TRAIN_WITH_MERGING is set. DTEM's modular training (MERGE.METHOD dtem with
+MERGE.DTEM.TRAIN_EMBEDDING_ONLY) trains only its embedding, with soft merging, the rest frozen, and
+writes the embedding alone to OUTPUT_DIR/dtem_embedding.pth.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from torch import nn
 
 from ..config import get_cfg
 from ..data import ReIDDataset, build_dataset_from_cfg, build_train_loader, sie_counts
+from ..merging import check_learned_ready, learned_state_dict
+from ..merging.dtem import trains_embedding_only
 from ..models import build_model
 from ..utils.device import AMP_CHOICES, resolve_device
 from .distributed import (
@@ -47,11 +51,15 @@ from .train_state import find_resume_state, load_train_state
 
 logger = logging.getLogger("reid_lite.train")
 
+#: The embedding-only file DTEM's modular training writes to OUTPUT_DIR (load it with MERGE.DTEM.WEIGHTS).
+EMBEDDING_FILE = "dtem_embedding.pth"
+
 __all__ = [
     "TrainResult",
     "check_training_cfg",
     "create_scheduler",
     "do_train",
+    "freeze_all_but_learned_reducers",
     "make_evaluator",
     "make_optimizer",
     "prepare_dataset",
@@ -134,14 +142,23 @@ def check_training_cfg(cfg: Any) -> None:
                "run `torchrun --nproc_per_node N tools/train.py ...` to use N")
     if int(s.IMS_PER_BATCH) < 1:
         refuse(f"SOLVER.IMS_PER_BATCH must be >= 1, got {s.IMS_PER_BATCH}")
+    if cfg.MERGE.DTEM.TRAIN_EMBEDDING_ONLY and str(cfg.MERGE.METHOD).lower() != "dtem":
+        refuse(f"MERGE.DTEM.TRAIN_EMBEDDING_ONLY trains DTEM's embedding: set MERGE.METHOD dtem (got "
+               f"{cfg.MERGE.METHOD!r})")
 
 
 def training_cfg(cfg: Any) -> Any:
     """A copy of `cfg` for training: MERGE.METHOD 'none' (merging is a test-time method) unless
-    SOLVER.TRAIN_WITH_MERGING, which keeps MERGE.* on so that the model trains with its reducers."""
+    SOLVER.TRAIN_WITH_MERGING, which keeps MERGE.* on so that the model trains with its reducers, or DTEM's
+    modular training (MERGE.DTEM.TRAIN_EMBEDDING_ONLY), which needs its reducers too."""
     out = cfg.clone()
     out.defrost()
     out.MERGE.TRACE_SOURCE = False
+    if trains_embedding_only(out):
+        logger.info("training DTEM's embedding only (MERGE.DTEM.TRAIN_EMBEDDING_ONLY): backbone and heads frozen, "
+                    "soft merging")
+        out.freeze()
+        return out
     if out.SOLVER.TRAIN_WITH_MERGING:
         logger.info("training with token merging on (MERGE.METHOD %r)", out.MERGE.METHOD)
         out.freeze()
@@ -260,6 +277,11 @@ def train(cfg: Any, dataset: ReIDDataset | None = None, device: torch.device | s
     num_classes = dataset.num_train_pids
     camera_num, view_num = sie_counts(dataset)
     model = build_model(cfg, num_classes, camera_num, view_num)
+    if trains_embedding_only(cfg):
+        if str(cfg.MODEL.PRETRAIN_CHOICE).lower() != "self":
+            logger.warning("training DTEM's embedding on a backbone that is not a trained TransReID "
+                           "(MODEL.PRETRAIN_CHOICE %r): set 'self' and MODEL.PRETRAIN_PATH", cfg.MODEL.PRETRAIN_CHOICE)
+        freeze_all_but_learned_reducers(model)
     if ctx.enabled:
         convert_batchnorm(model)  # BNNeck statistics of the global batch
         set_seed(seed + ctx.rank)  # identical weights everywhere, then one random stream per process
@@ -270,6 +292,26 @@ def train(cfg: Any, dataset: ReIDDataset | None = None, device: torch.device | s
     scheduler = create_scheduler(cfg, optimizer)
     evaluate_fn = (make_evaluator(cfg, dataset, ctx, out_dir, save_features, progress)
                    if evaluate and dataset.query and dataset.gallery else None)
-    return do_train(cfg, model, loader, optimizer, scheduler, loss_fn, ctx.device, out_dir, epoch_callback,
-                    ctx=ctx, evaluate_fn=evaluate_fn, resume=state, stop_after_steps=stop_after_steps,
-                    state_every_steps=state_every_steps, progress=progress, tensorboard=tensorboard)
+    result = do_train(cfg, model, loader, optimizer, scheduler, loss_fn, ctx.device, out_dir, epoch_callback,
+                      ctx=ctx, evaluate_fn=evaluate_fn, resume=state, stop_after_steps=stop_after_steps,
+                      state_every_steps=state_every_steps, progress=progress, tensorboard=tensorboard)
+    if trains_embedding_only(cfg) and ctx.is_main and not result.stopped:
+        path = save_state_dict(learned_state_dict(result.model), out_dir / EMBEDDING_FILE)
+        logger.info("DTEM embedding written to %s (MERGE.DTEM.WEIGHTS)", path)
+    return result
+
+
+
+def freeze_all_but_learned_reducers(model: nn.Module) -> None:
+    """DTEM's modular training: only the learned reducers' parameters train; every other parameter is frozen
+    and every other module stays in eval mode while training (`TransReID.reducers_only`). ValueError when
+    the model has no learned reducer or its embedding is pending (say MERGE.DTEM.FRESH or WEIGHTS)."""
+    reducers = {i: r for i, r in model.reducers.items() if isinstance(r, nn.Module)}
+    if not reducers:
+        raise ValueError("MERGE.DTEM.TRAIN_EMBEDDING_ONLY: the model has no DTEM reducers (MERGE.LAYERS empty?)")
+    check_learned_ready(reducers)
+    keep = {id(p) for r in reducers.values() for p in r.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    model.reducers_only = True
+    model.train(model.training)

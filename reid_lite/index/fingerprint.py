@@ -11,7 +11,8 @@ import torch
 
 from .storage import FingerprintMismatch, sha256_file
 
-__all__ = ["check_fingerprint", "checkpoint_path", "fingerprint_digest", "model_fingerprint", "resolve_camera_num"]
+__all__ = ["check_fingerprint", "checkpoint_path", "fingerprint_digest", "model_fingerprint", "resolve_camera_num",
+           "tensors_digest"]
 
 
 def _weights_id(cfg: Any) -> str:
@@ -28,6 +29,16 @@ def _weights_id(cfg: Any) -> str:
     return f"random-init:seed={seed}"
 
 
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of named tensors (names, dtypes, shapes and values, in name order)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def model_fingerprint(cfg: Any, model: torch.nn.Module, feature: str, camera_num: int) -> dict[str, Any]:
     """Everything that changes a stored feature: architecture, weights, merging, feature and input.
 
@@ -39,10 +50,13 @@ def model_fingerprint(cfg: Any, model: torch.nn.Module, feature: str, camera_num
         return deployed(cfg, feature)
     base = model.base
     blocks = list(base.blocks)
-    from ..merging import method_fingerprint
+    from ..merging import learned_state_dict, method_fingerprint
 
     # The registry knows every method's identifying options, plugins' included: any difference refuses.
     merging = method_fingerprint(cfg.MERGE, getattr(model, "merge_r", None))
+    learned = learned_state_dict(model)
+    if learned:  # a learned merging (DTEM's embedding): its values, wherever they came from
+        merging["learned_sha256"] = tensors_digest(learned)
     in_dim = int(model.in_planes)
     return {
         "architecture": {

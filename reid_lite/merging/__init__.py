@@ -12,10 +12,12 @@ from yacs.config import CfgNode
 
 # Importing the method modules registers them, in this order: none (registry), tome, evit, stm, atm, ...
 # isort: off
-from . import registry, tome, evit, stm, atm, lotm, dhtm  # noqa: F401
+from . import registry, tome, evit, stm, atm, lotm, dhtm, dtem  # noqa: F401
 # isort: on
 from .base import BipartiteMerge, TokenReducer, TokenState, bipartite_match, mask_invalid
+from .dtem import DTEM
 from .evit import EViT
+from .learned import check_learned_ready, learned_state_dict
 from .registry import (
     MergeMethod,
     get_method,
@@ -105,6 +107,7 @@ def apply_merging(model: nn.Module, cfg: CfgNode) -> nn.Module:
 
 __all__ = [
     "BipartiteMerge",
+    "DTEM",
     "EViT",
     "MergeMethod",
     "STM",
@@ -114,9 +117,11 @@ __all__ = [
     "apply_merging",
     "bipartite_match",
     "build_reducers",
+    "check_learned_ready",
     "check_layers",
     "get_method",
     "input_tokens",
+    "learned_state_dict",
     "largest_r",
     "load_plugins",
     "mask_invalid",

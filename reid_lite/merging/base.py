@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .exportable import top_and_rest
 from .ops import grid_positions
@@ -43,6 +43,10 @@ class TokenState:
     may_empty: some slot may be empty (size 0): set by the first reducer with `may_empty`; a Python
         bool, so the masking it switches on is decided when the graph is traced, never per image.
     count_tokens: record the valid tokens entering each block in `counts` (effective FLOPs).
+    block_input: the normalised input of the current block (what its attention saw), set by the block
+        for a reducer with `needs_block_input` (DTEM's embedding reads it).
+    active: soft (training-time) reducers keep every token and shrink sizes instead; the first `active`
+        tokens are those a hard merge would still hold, the others were merged away softly (None: all).
     """
 
     grid: tuple[int, int]
@@ -55,6 +59,8 @@ class TokenState:
     may_empty: bool = False
     count_tokens: bool = False
     counts: list[Tensor] = field(default_factory=list)
+    block_input: Tensor | None = None
+    active: int | None = None
 
     def attn_bias(self) -> Tensor | None:
         """Added to every key's logit, shape (B, 1, 1, T): log(size) with proportional attention (log 0 =
@@ -98,10 +104,16 @@ class TokenReducer:
     (ATM's last layer); `build_reducers` puts its `fallback` there instead for any other model (JPM).
     `export_refusal`: None when the reducer traces to ONNX (reid_lite.deploy), else why it cannot, which
     the export's refusal names; a method (a plugin's too) declares it on its reducer, class or instance.
+    `needs_block_input`: the block puts its normalised input in `TokenState.block_input` first.
+    A reducer with learned parameters is also an `nn.Module` (DTEM): `attach_reducer` registers it on its
+    block, so its parameters live in the model's state dict. `weights_missing` is then None once they were
+    loaded (or freshly initialised on request), else the reason they are not, which loading errors name.
     """
 
     needs_cls_attn: bool = False
     needs_pos: bool = False
+    needs_block_input: bool = False
+    weights_missing: str | None = None
     may_empty: bool = False
     cls_head_only: bool = False
     fallback: TokenReducer | None = None
@@ -122,6 +134,10 @@ class TokenReducer:
     def reduce(self, x: Tensor, keys: Tensor, cls_attn: Tensor | None, state: TokenState) -> Tensor:
         raise NotImplementedError
 
+    def bind(self, block: nn.Module) -> None:
+        """Called by `attach_reducer` before the reducer joins `block`: a learned reducer creates its parameters
+        for the block's width here (its builder does not know the model). Default: nothing."""
+
     def num_out(self, num_tokens: int) -> int:
         """Slots left (class token included) when `num_tokens` come in: the static capacity, for FLOPs and
         shapes; with `may_empty` some of them may be empty in some images."""
@@ -134,6 +150,22 @@ class TokenReducer:
     def check_tokens(self, num_tokens: int, block: int) -> None:
         """Raise ValueError (naming the option and the 1-based `block`) when this reducer would silently do
         less than configured on `num_tokens` incoming tokens; called by `build_reducers`. Default: no check."""
+
+
+def attach_reducer(block: nn.Module, reducer: TokenReducer | None) -> None:
+    """Set `block.reducer`. A reducer that is an `nn.Module` (learned parameters) becomes a registered
+    submodule, on the block's device and dtype and in its train/eval mode, so that its parameters are saved,
+    loaded and moved with the model; any other reducer (or None) is a plain attribute, as before."""
+    if isinstance(getattr(block, "reducer", None), nn.Module):
+        del block.reducer  # a registered reducer cannot be replaced by a plain object in place
+    if reducer is not None:
+        reducer.bind(block)
+    if isinstance(reducer, nn.Module):
+        ref = next(block.parameters(), None)
+        if ref is not None:
+            reducer.to(device=ref.device, dtype=ref.dtype)
+        reducer.train(block.training)
+    block.reducer = reducer
 
 
 def bipartite_r(num_tokens: int, r: int) -> int:

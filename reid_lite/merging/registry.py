@@ -38,6 +38,8 @@ class MergeMethod:
     gflops_knob: 'r' when MERGE.TARGET_GFLOPS can be met by choosing a constant r (needs uses_r), else None.
     prop_attn: whether MERGE.PROP_ATTN applies (EViT's paper has no size bias).
     identity: the options that change features, for the gallery fingerprint (None: all of them).
+    learned: the reducers hold learned parameters (nn.Modules saved in the model's state dict) that must be
+        trained or loaded before the method means anything (DTEM); training-free methods: False.
     summary: one line for help texts.
     """
 
@@ -48,6 +50,7 @@ class MergeMethod:
     gflops_knob: str | None = None
     prop_attn: bool = True
     identity: tuple[str, ...] | None = None
+    learned: bool = False
     summary: str = ""
 
     @property

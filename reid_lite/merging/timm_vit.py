@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .base import TokenReducer, TokenState
+from .base import TokenReducer, TokenState, attach_reducer
 from .ops import attend
 
 
@@ -23,9 +23,12 @@ class _MergingBlock(nn.Module):
         state: TokenState | None = self._merge_owner._merge_state
         reducer = self.reducer if state is not None else None
         bias = state.attn_bias() if state is not None else None
-        y, k, cls_attn = attend(self.attn, self.norm1(x), bias, reducer is not None and reducer.needs_cls_attn)
+        h = self.norm1(x)
+        y, k, cls_attn = attend(self.attn, h, bias, reducer is not None and reducer.needs_cls_attn)
         x = x + self.drop_path1(self.ls1(y))
         if reducer is not None:
+            if reducer.needs_block_input:
+                state.block_input = h
             x = reducer(x, k, cls_attn, state)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
@@ -57,6 +60,6 @@ def patch_timm_vit(model: nn.Module, reducers: dict[int, TokenReducer], prop_att
     for i, blk in enumerate(model.blocks):
         if blk.__class__ is not _MergingBlock:
             blk.__class__ = _MergingBlock
-        blk.reducer = reducers.get(i)
+        attach_reducer(blk, reducers.get(i))
         object.__setattr__(blk, "_merge_owner", model)  # plain attribute: not a submodule
     return model

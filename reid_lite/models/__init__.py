@@ -48,10 +48,11 @@ def build_model(cfg, num_classes: int, camera_num: int = 0, view_num: int = 0) -
     elif choice == "self":
         if not m.PRETRAIN_PATH:
             raise CheckpointError("MODEL.PRETRAIN_CHOICE 'self' needs MODEL.PRETRAIN_PATH (a TransReID checkpoint)")
-        load_transreid_checkpoint(model, m.PRETRAIN_PATH, trust=m.TRUST_CHECKPOINT)
     elif choice not in ("imagenet", "none"):
         raise ValueError(f"MODEL.PRETRAIN_CHOICE must be 'imagenet', 'self' or 'none', got {m.PRETRAIN_CHOICE!r}")
     apply_merging(model, cfg.MERGE)
+    if choice == "self":  # after the merging: a learned one (DTEM) loads its weights with the checkpoint's
+        load_transreid_checkpoint(model, m.PRETRAIN_PATH, trust=m.TRUST_CHECKPOINT)
     if cfg.MERGE.TARGET_LATENCY_MS > 0 and str(m.BACKEND).lower() == "torch":
         from ..deploy.latency import apply_latency_budget
 

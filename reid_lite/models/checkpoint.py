@@ -152,12 +152,18 @@ def check_and_load(module: nn.Module, state: dict[str, torch.Tensor], source: st
 
 def load_transreid_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = "state dict",
                          ignore_classifier: bool = False) -> None:
-    """Load an official-layout TransReID state dict strictly (see `load_transreid_checkpoint`)."""
-    state = transreid_filter(state)
+    """Load an official-layout TransReID state dict strictly (see `load_transreid_checkpoint`). Learned
+    merging weights (DTEM's embedding) follow `reid_lite.merging.learned.resolve_learned_state`: a model
+    whose embedding is pending needs them in `state`."""
+    from ..merging.learned import mark_loaded, resolve_learned_state
+
+    state, learned = resolve_learned_state(model, transreid_filter(state), source)
     if ignore_classifier:
         state = {k: v for k, v in state.items() if not k.startswith("classifier")}
         state.update({k: v for k, v in model.state_dict().items() if k.startswith("classifier")})
     check_and_load(model, state, source)
+    if learned:
+        mark_loaded(model)
 
 
 def load_transreid_checkpoint(model: nn.Module, path: str | Path, trust: bool = False,

@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from ..merging.base import TokenReducer, TokenState, take_tokens
+from ..merging.base import TokenReducer, TokenState, attach_reducer, take_tokens
 from ..merging.exportable import stable_argsort
 from .vit import BACKBONES, TransReIDViT
 
@@ -120,6 +120,7 @@ class TransReID(nn.Module):
         self.prop_attn = True
         self.trace_source = False
         self.count_tokens = False  # record valid tokens per block in last_state.counts (effective FLOPs)
+        self.reducers_only = False  # train only the learned reducers (see `train`)
         self.last_state: TokenState | None = None
         self.classifier = _classifier(dim, num_classes)
         self.bottleneck = _bnneck(dim)
@@ -149,8 +150,21 @@ class TransReID(nn.Module):
         if bad:
             raise ValueError(f"blocks {[i + 1 for i in bad]} cannot reduce tokens (1..{len(blocks)})")
         for i, blk in enumerate(blocks):
-            blk.reducer = reducers.get(i)
+            attach_reducer(blk, reducers.get(i))
         self.prop_attn = prop_attn
+
+    def train(self, mode: bool = True) -> TransReID:
+        """Train/eval mode; with `reducers_only` (DTEM's modular training) training keeps every submodule but
+        the learned reducers in eval mode (no drop path, frozen BNNeck statistics), while the model itself
+        trains (its heads return the training outputs the losses need)."""
+        super().train(mode)
+        if mode and self.reducers_only:
+            for child in self.children():
+                child.train(False)
+            for reducer in self.reducers.values():
+                if isinstance(reducer, nn.Module):
+                    reducer.train(True)
+        return self
 
     @property
     def reducers(self) -> dict[int, TokenReducer]:

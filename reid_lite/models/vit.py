@@ -99,9 +99,12 @@ class Block(nn.Module):
         reducer (if any) shrink `x` and update `state` in place."""
         reducer = self.reducer if state is not None else None
         bias = state.attn_bias() if state is not None else None
-        y, k, cls_attn = self.attn(self.norm1(x), bias, need_cls_attn=reducer is not None and reducer.needs_cls_attn)
+        h = self.norm1(x)
+        y, k, cls_attn = self.attn(h, bias, need_cls_attn=reducer is not None and reducer.needs_cls_attn)
         x = x + self.drop_path(y)
         if reducer is not None:
+            if reducer.needs_block_input:
+                state.block_input = h
             x = reducer(x, k, cls_attn, state)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
