@@ -112,8 +112,8 @@ def test_grouped_max_equals_scatter_amax_then_gather():
 # ----------------------------------------------------------------------------- exports
 
 def _tiny(method: str):
-    # STM and the TINY_ONLY methods merge in two blocks (sizes from the first feed the second); the others in one, to keep
-    # the exports (the slow part) short.
+    # STM and the TINY_ONLY methods merge in two blocks (sizes from the first feed the second); the others
+    # in one, to keep the exports (the slow part) short.
     depth = 3 if method == "stm" or method in TINY_ONLY else 2
     cfg = tiny_cfg(depth=depth, METHOD=method, R=8, EVIT__LAYERS=list(range(1, depth)), DTEM__FRESH=True,
                    **TINY_ONLY.get(method, {}))
