@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true",
                    help="replace the gallery at this path; it stays current until the new one is complete")
     b.add_argument("--opts", nargs="*", default=[], metavar="KEY VALUE", help="config overrides")
+    b.add_argument("--accept-merged-queries", action="store_true",
+                   help="a gallery embedded without merging (MERGE.METHOD none) also accepts queries embedded by "
+                        "the same model with token merging (search --opts MERGE.METHOD stm); recorded in its "
+                        "fingerprint. Measure the accuracy first: tools/test.py --asymmetric")
 
     a = sub.add_parser("add", help="append crops (already stored crops are skipped, none re-embedded)")
     a.add_argument("gallery")
@@ -213,7 +217,7 @@ def _cmd_build(args: argparse.Namespace) -> None:
                               sidecar=args.sidecar, recursive=not args.no_recursive, feature=args.feature,
                               index=params, camera_num=args.camera_num, overwrite=args.overwrite, device=args.device,
                               batch_size=args.batch_size, workers=args.workers, progress=show_progress(args),
-                              lock_timeout=args.lock_timeout)
+                              lock_timeout=args.lock_timeout, accept_merged_queries=args.accept_merged_queries)
     g.close()
     print_report(report, args.json, "build")
 
@@ -259,18 +263,26 @@ def _cmd_search(args: argparse.Namespace) -> None:
         print(f"reid-gallery search: warning: query {args.queries[i]} skipped: {why}", file=sys.stderr)
     for note in results.notes:
         print(f"reid-gallery search: note: {note}", file=sys.stderr)
+    t = results.threshold
+    if t is None:
+        print("reid-gallery search: note: no match threshold calibrated for this query model, so hits are not "
+              "flagged likely/unlikely (tools/test.py --calibrate GALLERY)", file=sys.stderr)
     if args.json:
-        print(json.dumps([{"query": q, "results": [h.to_dict() for h in hits],
+        print(json.dumps([{"query": q, "results": [h.to_dict() for h in hits], "threshold": t,
+                           "no_likely_match": None if i in results.skipped else results.no_likely_match(i),
                            **({"skipped": results.skipped[i]} if i in results.skipped else {})}
                           for i, (q, hits) in enumerate(zip(args.queries, results))], indent=1))
     else:
         for i, (q, hits) in enumerate(zip(args.queries, results)):
             if i in results.skipped:
                 continue
-            print(f"query {q}")
+            verdict = "" if t is None else ("  (no likely match: every hit scores below the threshold "
+                                            f"{t:.4f})" if results.no_likely_match(i) else f"  (threshold {t:.4f})")
+            print(f"query {q}{verdict}")
             for h in hits:
                 ts = h.timestamp_raw if h.timestamp_raw is not None else "-"
-                print(f"  {h.rank:3d}  {h.score:.4f}  cam {h.camid}  t {ts}  {h.path}")
+                flag = "" if h.likely is None else ("  likely  " if h.likely else "  unlikely")
+                print(f"  {h.rank:3d}  {h.score:.4f}{flag}  cam {h.camid}  t {ts}  {h.path}")
     if args.sheet:
         write_sheet(args.sheet, args.queries, results)
         print(f"contact sheet: {args.sheet}", file=sys.stderr)
@@ -293,6 +305,14 @@ def _cmd_info(args: argparse.Namespace) -> None:
     print(f"merging   {m['merging']}")
     print(f"input     {m['input']['size']}  digest {info['model_digest'][:16]}")
     print(f"cameras   {info['cameras']}")
+    if info["accepts_merged_queries"]:
+        print("queries   also from this model with token merging (--accept-merged-queries)")
+    if not info["calibration"]:
+        print("threshold not calibrated: hits are not flagged likely/unlikely (tools/test.py --calibrate GALLERY)")
+    for e in info["calibration"]:
+        method = (e.get("query_merging") or {}).get("method", "?")
+        print(f"threshold {e['threshold']:.4f} for queries merging {method} ({e['rule']}; precision "
+              f"{e['precision']:.3f}, recall {e['recall']:.3f} on {e['num_queries']} labelled queries)")
 
 
 def _cmd_remove(args: argparse.Namespace) -> None:

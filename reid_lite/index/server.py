@@ -1,13 +1,17 @@
 """`reid-gallery serve`: a gallery as an HTTP API (FastAPI) with a single web page on top.
 
     GET  /                              the web page (reid_lite/index/web/, no build step, no network)
-    GET  /api/info                      size, generation, cameras, time span, model, limits
+    GET  /api/info                      size, generation, cameras, time span, model, limits, calibration
     POST /api/search                    body: an image; ?k&camera&cameras&time_from&time_to&exclude_same_camera
     GET  /api/crops/{id}/search         the same filters, searching from a stored crop (its stored feature)
     GET  /api/crops/{id}                a crop's metadata
     GET  /api/crops/{id}/thumbnail      a JPEG thumbnail of a stored crop
     POST /api/crops                     add an uploaded crop (only with --allow-add)
     GET  /openapi.json                  the OpenAPI description
+
+A search's hits carry `likely` (score >= the threshold calibrated for the gallery's model, see
+reid_lite.index.calibration; null when the gallery is not calibrated) and the answer says whether
+no hit is likely (`no_likely_match`).
 
 Files are addressed by gallery id only, never by a path from the request, and a thumbnail is served
 only when the file still has the content hash the gallery stored. Every error is one JSON object
@@ -123,12 +127,21 @@ def _hit(h: SearchHit) -> dict[str, Any]:
     # The file's location on the server is not part of the answer: a crop is its id (and its base name).
     return {"rank": h.rank, "id": h.id, "score": h.score, "camid": h.camid, "timestamp": h.timestamp,
             "timestamp_raw": h.timestamp_raw, "identity": h.identity, "track": h.track, "name": Path(h.path).name,
-            "thumbnail": f"/api/crops/{h.id}/thumbnail"}
+            "thumbnail": f"/api/crops/{h.id}/thumbnail", "likely": h.likely}
+
+
+def _calibration(entry: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What a client needs of a calibration entry (no model digests or sources)."""
+    if entry is None:
+        return None
+    keys = ("threshold", "rule", "target_precision", "precision", "recall", "f1", "num_queries", "created")
+    return {k: entry.get(k) for k in keys}
 
 
 def _results(g: Gallery, results: SearchResults, query: dict[str, Any], seconds: float) -> dict[str, Any]:
     return {"query": query, "generation": g.generation, "hits": [_hit(h) for h in results[0]],
-            "notes": results.notes, "seconds": seconds}
+            "notes": results.notes, "seconds": seconds, "calibration": _calibration(results.calibration),
+            "no_likely_match": results.no_likely_match(0) if results else None}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -265,6 +278,8 @@ def create_app(gallery: str | os.PathLike | LiveGallery, *, allow_add: bool = Fa
     def info() -> dict[str, Any]:
         g = live.current()
         out = {k: v for k, v in g.info().items() if k not in ("path", "manifest")}  # no server paths
+        # The threshold the page's searches use: the one calibrated for the gallery's own model.
+        out["calibration"] = _calibration(g.calibration_for(None))
         lo, hi, ids = g.store.conn.execute(
             "SELECT MIN(timestamp), MAX(timestamp), COUNT(identity) FROM crops").fetchone()
         out.update(time_span=None if lo is None else [lo, hi], has_identity=bool(ids), camera_num=g.camera_num,
