@@ -72,6 +72,7 @@ def test_page_upload_click_and_camera_filter(browser, tmp_path):
         assert "unlikely" not in first.get_attribute("class") and first.locator(".flag").count() == 0
         assert page.locator("#grid .hit.unlikely .flag").first.text_content() == "unlikely"
         assert float(page.locator("#grid .hit.unlikely").first.evaluate("e => getComputedStyle(e).opacity")) < 1
+        assert "20 hits, 1 likely for" in page.locator("#status").text_content()
         assert "No likely match" not in page.locator("#status").text_content()
         page.locator("#exclude-same").check()  # without the crop itself, no hit is likely: the page says so
         page.wait_for_function("document.getElementById('status').textContent.includes('No likely match')")

@@ -82,7 +82,8 @@ async function search() {
 function render(result) {
   const q = result.query;
   const who = q.id !== undefined ? `crop #${q.id} (${q.name})` : (q.filename || "upload");
-  setStatus(`${result.hits.length} hits for ${who}, camera ${q.camera ?? q.camid ?? "?"}; ` +
+  const likely = result.calibration ? `, ${result.hits.filter((h) => h.likely).length} likely` : "";
+  setStatus(`${result.hits.length} hits${likely} for ${who}, camera ${q.camera ?? q.camid ?? "?"}; ` +
             `generation ${result.generation}, ${(result.seconds * 1000).toFixed(0)} ms`);
   if (result.calibration && result.no_likely_match && result.hits.length) {
     const span = document.createElement("div");
