@@ -140,8 +140,8 @@ def _calibrate(args: argparse.Namespace, plan: dict[str, Any], results: dict[str
                               gallery.camids, query_fingerprint=plan["fingerprint"],
                               target_precision=args.target_precision,
                               source=f"{dataset}: {len(query)} queries, {len(gallery)} gallery images")
-    print(f"\ncalibrated {args.calibrate} (generation {plan['gallery'].generation}) for {plan['query']} queries "
-          f"against its {plan['gallery_side']} gallery: threshold {entry['threshold']:.4f} ({entry['rule']}"
+    print(f"\ncalibrated {args.calibrate} for {plan['query']} queries against its {plan['gallery_side']} gallery "
+          f"(written as generation {plan['gallery'].generation}): threshold {entry['threshold']:.4f} ({entry['rule']}"
           + (f" >= {entry['target_precision']:g}" if entry["target_precision"] else "")
           + f"): precision {entry['precision']:.3f}, recall {entry['recall']:.3f}, F1 {entry['f1']:.3f} of "
           f"'the top hit is a true match' on {entry['num_queries']} queries ({entry['num_true_top1']} right at "
