@@ -24,7 +24,7 @@ from reid_lite.index.cli import main as gallery_cli
 from reid_lite.index.crops import collect_crops
 from reid_lite.index.fingerprint import model_digest
 from reid_lite.index.server import BackgroundServer, create_app
-from reid_lite.metrics.calibration import ThresholdChoice, choose_threshold, top1_scores
+from reid_lite.metrics.calibration import ThresholdChoice, choose_threshold, held_out, top1_scores
 
 T = 60
 
@@ -63,9 +63,24 @@ def test_ties_are_never_split_and_flagging_everything_means_minus_one():
 def test_top1_leaves_out_the_same_identity_from_the_same_camera():
     g = np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]], np.float32)  # pid 1 cam 0 (junk), pid 2, pid 1 cam 1
     q = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
-    scores, correct = top1_scores(q, g, np.array([1, 1]), np.array([1, 2, 1]), np.array([0, 0]),
-                                  np.array([0, 1, 1]))
-    assert scores == pytest.approx([0.8, 1.0]) and correct.tolist() == [False, True]
+    scores, correct, kept = top1_scores(q, g, np.array([1, 1]), np.array([1, 2, 1]), np.array([0, 0]),
+                                        np.array([0, 1, 1]))
+    assert scores == pytest.approx([0.8, 1.0]) and correct.tolist() == [False, True] and kept.all()
+    only_junk = top1_scores(q[:1], g[:1], np.array([1]), np.array([1]), np.array([0]), np.array([0]))
+    assert len(only_junk[0]) == 0 and only_junk[2].tolist() == [False]  # no candidate: dropped
+
+
+def test_held_out_flags_each_identity_with_a_threshold_chosen_without_it():
+    scores = np.array([0.9, 0.8, 0.7, 0.6])
+    correct = np.array([True, False, True, False])
+    pids = np.array([1, 2, 3, 4])  # folds by sorted identity: {1, 3} and {2, 4}
+    # fold {1, 3}: chosen on {2, 4}, which has no right top hit -> no estimate
+    assert held_out(scores, correct, pids) is None
+    pids = np.array([1, 1, 2, 2])  # folds {1} (0.9 right, 0.8 wrong) and {2} (0.7 right, 0.6 wrong)
+    est = held_out(scores, correct, pids)
+    # {1} is flagged with {2}'s threshold 0.65 (both flagged), {2} with {1}'s 0.85 (none flagged)
+    assert est == {"precision": pytest.approx(0.5), "recall": pytest.approx(0.5), "folds": 2}
+    assert held_out(scores, correct, np.ones(4)) is None  # one identity cannot be split
 
 
 @pytest.mark.parametrize("record,words", [
@@ -115,7 +130,8 @@ def test_calibrate_writes_the_gallery_and_search_flags_hits(tmp_path, crops):
     n = len(gallery[0])
     assert (entry["num_queries"], entry["num_true_top1"]) == (n + n_strangers, n)
     assert entry["precision"] == entry["recall"] == 1.0  # the strangers' top scores are all below 1
-    s, _ = top1_scores(query[0], gallery[0], query[1], gallery[1], query[2], gallery[2])
+    assert entry["held_out"]["folds"] == 2 and 0 <= entry["held_out"]["recall"] <= 1
+    s, _, _ = top1_scores(query[0], gallery[0], query[1], gallery[1], query[2], gallery[2])
     assert s[n:].max() < entry["threshold"] < 1.0
     assert g.generation == gen + 1 and entry["query_model"] == entry["gallery_model"] == model_digest(g.fingerprint)
 

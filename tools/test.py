@@ -146,6 +146,13 @@ def _calibrate(args: argparse.Namespace, plan: dict[str, Any], results: dict[str
           + f"): precision {entry['precision']:.3f}, recall {entry['recall']:.3f}, F1 {entry['f1']:.3f} of "
           f"'the top hit is a true match' on {entry['num_queries']} queries ({entry['num_true_top1']} right at "
           f"rank 1, {entry['num_flagged']} flagged likely; in-sample)")
+    held = entry["held_out"]
+    if held is None:
+        print("held-out estimate: not available (too few identities, or a fold without a right top hit)")
+    else:
+        precision = "-" if held["precision"] is None else f"{held['precision']:.3f}"
+        print(f"held-out estimate ({held['folds']} folds by identity, each flagged with the threshold chosen on "
+              f"the others): precision {precision}, recall {held['recall']:.3f}")
     return entry
 
 

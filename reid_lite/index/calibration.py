@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..metrics.calibration import ThresholdChoice, choose_threshold, top1_scores
+from ..metrics.calibration import ThresholdChoice, choose_threshold, held_out, top1_scores
 from .fingerprint import check_query_fingerprint, gallery_space, model_digest, model_fingerprint
 
 if TYPE_CHECKING:
@@ -38,12 +38,14 @@ _COUNT_FIELDS = ("num_queries", "num_true_top1", "num_flagged")
 
 
 def calibration_entry(choice: ThresholdChoice, gallery_fp: dict[str, Any], query_fp: dict[str, Any] | None = None,
-                      source: str = "") -> dict[str, Any]:
+                      source: str = "", held_out: dict[str, Any] | None = None) -> dict[str, Any]:
     """The stored form of a threshold: the choice, the two model digests, the query model's merging,
-    where the labelled split came from (`source`) and when. `query_fp` None: the gallery's own model."""
+    where the labelled split came from (`source`), the held-out estimate (`reid_lite.metrics.calibration
+    .held_out`) and when. `query_fp` None: the gallery's own model."""
     query_fp = gallery_fp if query_fp is None else query_fp
     return {**choice.to_dict(), "gallery_model": model_digest(gallery_fp), "query_model": model_digest(query_fp),
-            "query_merging": query_fp.get("merging"), "source": source, "created": time.time()}
+            "query_merging": query_fp.get("merging"), "source": source, "held_out": held_out,
+            "created": time.time()}
 
 
 def validate_calibration(record: Any) -> list[dict[str, Any]]:
@@ -133,7 +135,8 @@ def calibrate_gallery(gallery: Any, query_feats: np.ndarray, query_pids: np.ndar
                       gallery_feats: np.ndarray, gallery_pids: np.ndarray, gallery_camids: np.ndarray, *,
                       query_fingerprint: dict[str, Any] | None = None, target_precision: float | None = None,
                       source: str = "", lock_timeout: float | None = None) -> dict[str, Any]:
-    """Calibrate `gallery`'s threshold on a labelled split and store it; returns the stored entry.
+    """Calibrate `gallery`'s threshold on a labelled split and store it; returns the stored entry (with the
+    in-sample precision and recall, and a 2-fold held-out estimate by identity under `held_out`).
 
     query_feats: the split's query features from the query model (`query_fingerprint`; None: the
     gallery's own model); gallery_feats: its gallery features from the gallery's model. Both as
@@ -143,11 +146,13 @@ def calibrate_gallery(gallery: Any, query_feats: np.ndarray, query_pids: np.ndar
     """
     qfp = gallery.fingerprint if query_fingerprint is None else query_fingerprint
     check_query_fingerprint(gallery.fingerprint, qfp)
-    scores, correct = top1_scores(gallery_space(query_feats, gallery.fingerprint),
-                                  gallery_space(gallery_feats, gallery.fingerprint), np.asarray(query_pids),
-                                  np.asarray(gallery_pids), np.asarray(query_camids), np.asarray(gallery_camids))
+    scores, correct, kept = top1_scores(gallery_space(query_feats, gallery.fingerprint),
+                                        gallery_space(gallery_feats, gallery.fingerprint), np.asarray(query_pids),
+                                        np.asarray(gallery_pids), np.asarray(query_camids),
+                                        np.asarray(gallery_camids))
     choice = choose_threshold(scores, correct, target_precision)
-    entry = calibration_entry(choice, gallery.fingerprint, qfp, source)
+    estimate = held_out(scores, correct, np.asarray(query_pids)[kept], target_precision)
+    entry = calibration_entry(choice, gallery.fingerprint, qfp, source, estimate)
     gallery.set_calibration(entry, lock_timeout=lock_timeout)
     return entry
 

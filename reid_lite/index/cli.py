@@ -311,8 +311,11 @@ def _cmd_info(args: argparse.Namespace) -> None:
         print("threshold not calibrated: hits are not flagged likely/unlikely (tools/test.py --calibrate GALLERY)")
     for e in info["calibration"]:
         method = (e.get("query_merging") or {}).get("method", "?")
+        held = e.get("held_out") or {}
+        held_text = (f"; held out: precision {held['precision']:.3f}, recall {held['recall']:.3f}"
+                     if held.get("precision") is not None else "")
         print(f"threshold {e['threshold']:.4f} for queries merging {method} ({e['rule']}; precision "
-              f"{e['precision']:.3f}, recall {e['recall']:.3f} on {e['num_queries']} labelled queries)")
+              f"{e['precision']:.3f}, recall {e['recall']:.3f} on {e['num_queries']} labelled queries{held_text})")
 
 
 def _cmd_remove(args: argparse.Namespace) -> None:

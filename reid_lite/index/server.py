@@ -134,7 +134,7 @@ def _calibration(entry: dict[str, Any] | None) -> dict[str, Any] | None:
     """What a client needs of a calibration entry (no model digests or sources)."""
     if entry is None:
         return None
-    keys = ("threshold", "rule", "target_precision", "precision", "recall", "f1", "num_queries", "created")
+    keys = ("threshold", "rule", "target_precision", "precision", "recall", "f1", "num_queries", "held_out", "created")
     return {k: entry.get(k) for k in keys}
 
 

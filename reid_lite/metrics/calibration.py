@@ -14,12 +14,14 @@ either a true match or not, and the threshold is chosen on those top-1 scores:
 The threshold lies halfway between the lowest top-1 score kept and the highest one left out, so that a
 score equal to a calibration score is classified as it was during calibration. When flagging every
 query is best, the threshold is -1 (the lowest cosine: every hit is likely). Precision and recall are
-those of the calibration split itself (in-sample). Everything is vectorised over queries (chunks of
-`query_chunk` rows, so the Q x G score matrix is never formed whole).
+those of the calibration split itself (in-sample); `held_out` estimates them on queries the threshold
+was not chosen on (folds by identity). Everything is vectorised over queries (chunks of `query_chunk`
+rows, so the Q x G score matrix is never formed whole).
 
-    scores, correct = top1_scores(q, g, q_pids, g_pids, q_cams, g_cams)   # L2-normalised features
-    choice = choose_threshold(scores, correct)                              # or target_precision=0.95
+    scores, correct, kept = top1_scores(q, g, q_pids, g_pids, q_cams, g_cams)   # L2-normalised features
+    choice = choose_threshold(scores, correct)                                    # or target_precision=0.95
     choice.threshold, choice.precision, choice.recall
+    held_out(scores, correct, q_pids[kept])                                       # {'precision', 'recall', ...}
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ThresholdChoice", "choose_threshold", "top1_scores"]
+__all__ = ["ThresholdChoice", "choose_threshold", "held_out", "top1_scores"]
 
 
 @dataclass(frozen=True)
@@ -61,12 +63,13 @@ class ThresholdChoice:
 
 def top1_scores(query: np.ndarray, gallery: np.ndarray, query_pids: np.ndarray, gallery_pids: np.ndarray,
                 query_camids: np.ndarray, gallery_camids: np.ndarray, query_chunk: int = 1024
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """(top-1 score, whether that hit has the query's identity) per query, by inner product.
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(top-1 score, whether that hit has the query's identity, kept) by inner product.
 
     Features are expected L2-normalised (the score is then the cosine a gallery search reports). As in
     the evaluation protocol, gallery images of the query's identity from the query's camera are not
-    candidates. Queries left without any candidate are dropped (both arrays are shorter then).
+    candidates. Queries left without any candidate are dropped: the first two arrays hold the queries
+    where the boolean mask `kept` (one entry per query) is true.
     """
     q = np.ascontiguousarray(query, dtype=np.float32)
     g = np.ascontiguousarray(gallery, dtype=np.float32)
@@ -88,7 +91,7 @@ def top1_scores(query: np.ndarray, gallery: np.ndarray, query_pids: np.ndarray, 
         scores[s:s + query_chunk] = sim[np.arange(len(sim)), best]
         correct[s:s + query_chunk] = gp[best] == qp[s:s + query_chunk]
     keep = np.isfinite(scores)
-    return scores[keep], correct[keep]
+    return scores[keep], correct[keep], keep
 
 
 def choose_threshold(scores: np.ndarray, correct: np.ndarray, target_precision: float | None = None
@@ -138,3 +141,35 @@ def choose_threshold(scores: np.ndarray, correct: np.ndarray, target_precision: 
         precision=float(precision[best]), recall=float(recall[best]),
         f1=float(f1[best]) if math.isfinite(f1[best]) else 0.0, num_queries=len(s), num_true_top1=positives,
         num_flagged=int(flagged[best]))
+
+
+def held_out(scores: np.ndarray, correct: np.ndarray, groups: np.ndarray, target_precision: float | None = None,
+             folds: int = 2) -> dict[str, Any] | None:
+    """Precision and recall of the rule on queries its threshold was not chosen on.
+
+    The queries are split into `folds` by `groups` (their identities, so that one person's queries never
+    sit on both sides); each fold is flagged with the threshold :func:`choose_threshold` picks on the
+    others, and the counts are pooled. Returns {'precision' (None when nothing was flagged), 'recall',
+    'folds'}, or None when a fold's complement cannot be calibrated (no right top hit, target not reached)
+    or there are fewer identities than folds.
+    """
+    s, c, g = np.asarray(scores, np.float64), np.asarray(correct, bool), np.asarray(groups)
+    if s.shape != c.shape or s.shape != g.shape:
+        raise ValueError("scores, correct and groups must have one entry per query")
+    ids = np.unique(g)
+    if len(ids) < folds or folds < 2:
+        return None
+    fold = np.searchsorted(ids, g) % folds  # identities dealt round-robin in sorted order: deterministic
+    tp = fp = fn = 0
+    for f in range(folds):
+        test = fold == f
+        try:
+            t = choose_threshold(s[~test], c[~test], target_precision).threshold
+        except ValueError:
+            return None
+        flagged = s[test] >= t
+        tp += int((flagged & c[test]).sum())
+        fp += int((flagged & ~c[test]).sum())
+        fn += int((~flagged & c[test]).sum())
+    return {"precision": tp / (tp + fp) if tp + fp else None, "recall": tp / (tp + fn) if tp + fn else 0.0,
+            "folds": folds}
