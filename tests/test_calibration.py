@@ -87,6 +87,9 @@ def test_held_out_flags_each_identity_with_a_threshold_chosen_without_it():
     ({"format": "other", "entries": []}, "not a reid-calibration/1 record"),
     ({"format": CALIBRATION_FORMAT, "entries": [{"threshold": 1.5}]}, "threshold 1.5 is not a cosine"),
     ({"format": CALIBRATION_FORMAT, "entries": [{"threshold": 0.5, "gallery_model": "x"}]}, "gallery_model"),
+    ({"format": CALIBRATION_FORMAT, "entries": [{"threshold": 0.5, "gallery_model": "a" * 64, "query_model": "b" * 64,
+      "precision": 1, "recall": 1, "f1": 1, "num_queries": 1, "num_true_top1": 1, "num_flagged": 1, "rule": "f1",
+      "held_out": {"precision": 2.0, "recall": 0.5}}]}, "held_out"),
 ])
 def test_a_malformed_record_is_rejected(record, words):
     with pytest.raises(ValueError, match=words):

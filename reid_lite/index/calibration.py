@@ -73,7 +73,17 @@ def validate_calibration(record: Any) -> list[dict[str, Any]]:
                 raise ValueError(f"entry {i}: {key} is not a count")
         if e.get("rule") not in ("f1", "precision"):
             raise ValueError(f"entry {i}: unknown rule {e.get('rule')!r}")
+        held = e.get("held_out")
+        if held is not None and not (isinstance(held, dict) and _unit_or_none(held.get("precision"))
+                                     and _unit_or_none(held.get("recall"), allow_none=False)):
+            raise ValueError(f"entry {i}: held_out is not a precision/recall estimate")
     return entries
+
+
+def _unit_or_none(v: Any, allow_none: bool = True) -> bool:
+    if v is None:
+        return allow_none
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and 0.0 <= v <= 1.0
 
 
 class GalleryCalibration:
