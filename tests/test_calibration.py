@@ -231,3 +231,30 @@ def test_a_threshold_for_another_query_model_is_not_used(asym, crops, capsys):
     assert gallery_cli(["search", str(asym), q, "-k", "2", "--json", "--opts", "MERGE.METHOD", "tome"]) == 0
     answer = json.loads(capsys.readouterr().out)[0]
     assert answer["threshold"] == 0.5 and all(h["likely"] == (h["score"] >= 0.5) for h in answer["results"])
+
+
+def test_the_server_embeds_uploads_with_a_merged_query_model(asym, crops, tmp_path):
+    tome = none_cfg("MERGE.METHOD", "tome")
+    g = Gallery.open(asym)
+    _, tome_fp = g.query_model(tome)
+    choice = ThresholdChoice(threshold=0.25, rule="f1", target_precision=None, precision=1.0, recall=1.0, f1=1.0,
+                             num_queries=4, num_true_top1=4, num_flagged=4)
+    g.set_calibration(calibration_entry(choice, g.fingerprint, tome_fp))
+    f = sorted((crops / "query").glob("*.jpg"))[1]
+    expected = Gallery.open(asym).search([str(f)], k=4, cfg=tome)[0]
+    with pytest.warns(UserWarning, match="calibrated for another query model"):
+        unmerged = {h.id: h.score for h in Gallery.open(asym).search([str(f)], k=23)[0]}
+    assert max(abs(h.score - unmerged[h.id]) for h in expected) > 1e-3  # the two query models differ
+    with BackgroundServer(create_app(asym, query_cfg=tome)) as server:
+        info = requests.get(f"{server.url}/api/info", timeout=T).json()
+        assert info["query_merging"]["method"] == "tome" and info["calibration"]["threshold"] == 0.25
+        body = requests.post(f"{server.url}/api/search", data=f.read_bytes(), params={"filename": f.name, "k": 4},
+                             timeout=T).json()
+        assert [h["id"] for h in body["hits"]] == [h.id for h in expected]  # embedded by the merged model
+        assert [h["score"] for h in body["hits"]] == pytest.approx([h.score for h in expected], abs=1e-4)
+        assert body["calibration"]["threshold"] == 0.25
+        assert all(h["likely"] == (h["score"] >= 0.25) for h in body["hits"])
+    plain = Gallery.create(tmp_path / "plain", none_cfg(), camera_num=3)
+    plain.close()
+    with pytest.raises(FingerprintMismatch, match="--accept-merged-queries"):
+        create_app(tmp_path / "plain", query_cfg=tome)

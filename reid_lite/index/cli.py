@@ -183,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-upload-mb", type=float, default=10.0, help="larger uploads get 413 (default 10)")
     v.add_argument("--device", help="cpu | cuda (the model that embeds uploaded queries)")
     v.add_argument("--no-verify", action="store_true", help="skip the checksum verification on (re)open")
+    v.add_argument("--query-opts", nargs="*", default=[], metavar="KEY VALUE",
+                   help="embed uploaded queries with the gallery's model changed by these overrides, e.g. "
+                        "MERGE.METHOD stm: only token merging may change, on a gallery built with "
+                        "--accept-merged-queries")
     return ap
 
 
@@ -353,8 +357,12 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         warnings.warn(f"listening on {args.host}: anyone who can reach it can search the gallery and see its crops "
                       "(there is no authentication)", stacklevel=1)
+    query_cfg = None
+    if args.query_opts:
+        with Gallery.open(args.gallery, verify=False) as g:
+            query_cfg = _merge_overrides(g.cfg, args.query_opts)
     serve(args.gallery, args.host, args.port, allow_add=args.allow_add, max_upload_mb=args.max_upload_mb,
-          verify=not args.no_verify, device=args.device)
+          verify=not args.no_verify, device=args.device, query_cfg=query_cfg)
 
 
 def write_sheet(path: str | Path, queries: Sequence[str], results: Sequence[Sequence[SearchHit]],

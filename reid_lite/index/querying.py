@@ -95,14 +95,16 @@ class GallerySearch:
     def search(self, queries: Any, k: int = 10, *, camids: Sequence[int | None] | int | None = None,
                exclude_same_camera: bool = False, cameras: Sequence[int] | None = None,
                time_window: tuple[Any, Any] | None = None, fingerprint: dict[str, Any] | None = None,
-               cfg: Any | None = None, nprobe: int | None = None, pattern: str | None = None
-               ) -> SearchResults:
+               cfg: Any | None = None, nprobe: int | None = None, pattern: str | None = None,
+               query_model: tuple[Any, dict[str, Any]] | None = None) -> SearchResults:
         """Top-`k` crops for each query, as a :class:`SearchResults` (a list of hit lists).
 
         queries: image paths / PIL images / HWC uint8 arrays (embedded with the gallery's model, or the
         model of `cfg` after a fingerprint check), or a float (Q, D) array/tensor of features already in
         the gallery's space (pass their `fingerprint` to have it checked). The query model may differ from
-        the gallery's in token merging only when the gallery accepts merged queries. A missing or unreadable query
+        the gallery's in token merging only when the gallery accepts merged queries. `query_model`: an
+        (extractor, fingerprint) pair from :meth:`query_model`, built once by a caller that searches many
+        times (the server), used instead of `cfg`. A missing or unreadable query
         image is skipped with a warning (`SearchResults.skipped`); the others are still answered, and
         only when none can be read is it an error.
         camids: each query's 0-based camera (needed for a camera-SIE model and for
@@ -121,8 +123,12 @@ class GallerySearch:
         if fingerprint is not None:
             check_query_fingerprint(self.fingerprint, fingerprint)
         ext = None
-        if cfg is not None and not _is_features(queries):
-            ext, query_fp = self.query_model(cfg)
+        if not _is_features(queries):
+            if query_model is not None:
+                ext, query_fp = query_model
+                check_query_fingerprint(self.fingerprint, query_fp)
+            elif cfg is not None:
+                ext, query_fp = self.query_model(cfg)
         calibration = self.calibration_for(query_fp)
         threshold = None if calibration is None else float(calibration["threshold"])
         t_from, t_to = (time_window or (None, None))

@@ -216,14 +216,16 @@ def _add_upload(live: LiveGallery, data: bytes, fmt: str, camera: int | None, ti
 
 
 def create_app(gallery: str | os.PathLike | LiveGallery, *, allow_add: bool = False, max_upload_mb: float = 10.0,
-               verify: bool = True, device: str | None = None) -> FastAPI:
+               verify: bool = True, device: str | None = None, query_cfg: Any | None = None) -> FastAPI:
     """The FastAPI application serving `gallery` (a directory, opened and verified here, or a LiveGallery).
 
     allow_add: accept POST /api/crops (read-only otherwise: 403). max_upload_mb: larger request bodies
-    get 413."""
+    get 413. query_cfg: embed uploaded queries with this model (the gallery's own model with token
+    merging, for a gallery that accepts merged queries; see LiveGallery)."""
     if max_upload_mb <= 0:
         raise ValueError(f"--max-upload-mb must be positive, got {max_upload_mb}")
-    live = gallery if isinstance(gallery, LiveGallery) else LiveGallery(gallery, verify=verify, device=device)
+    live = gallery if isinstance(gallery, LiveGallery) else LiveGallery(gallery, verify=verify, device=device,
+                                                                        query_cfg=query_cfg)
     limit = int(max_upload_mb * 2**20)
     app = FastAPI(title="reid-gallery", version="1", docs_url=None, redoc_url=None,  # those load a CDN
                   description="Search a gallery of person crops by image or by crop id. Errors are "
@@ -259,9 +261,10 @@ def create_app(gallery: str | os.PathLike | LiveGallery, *, allow_add: bool = Fa
         logger.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
         return _error(500, f"internal error ({type(exc).__name__}); see the server's log")
 
-    def run_search(g: Gallery, queries: Any, camera: int | None, f: Filters, query: dict[str, Any]) -> dict:
+    def run_search(g: Gallery, queries: Any, camera: int | None, f: Filters, query: dict[str, Any],
+                   query_model: tuple[Any, dict[str, Any]] | None = None) -> dict:
         t0 = time.perf_counter()
-        res = g.search(queries, camids=[camera], **f)
+        res = g.search(queries, camids=[camera], query_model=query_model, **f)
         return _results(g, res, query, time.perf_counter() - t0)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -278,8 +281,10 @@ def create_app(gallery: str | os.PathLike | LiveGallery, *, allow_add: bool = Fa
     def info() -> dict[str, Any]:
         g = live.current()
         out = {k: v for k, v in g.info().items() if k not in ("path", "manifest")}  # no server paths
-        # The threshold the page's searches use: the one calibrated for the gallery's own model.
-        out["calibration"] = _calibration(g.calibration_for(None))
+        # The threshold of uploaded queries: the one calibrated for the model that embeds them.
+        query_fp = None if live.query_model is None else live.query_model[1]
+        out["calibration"] = _calibration(g.calibration_for(query_fp))
+        out["query_merging"] = (query_fp or g.fingerprint)["merging"]
         lo, hi, ids = g.store.conn.execute(
             "SELECT MIN(timestamp), MAX(timestamp), COUNT(identity) FROM crops").fetchone()
         out.update(time_span=None if lo is None else [lo, hi], has_identity=bool(ids), camera_num=g.camera_num,
@@ -301,7 +306,7 @@ def create_app(gallery: str | os.PathLike | LiveGallery, *, allow_add: bool = Fa
             g = live.current()
             cam = camera if camera is not None else _camera_from_name(g, data, filename, fmt)
             query = {"camera": cam, "filename": Path(filename).name if filename else None}
-            return run_search(g, [img], _query_camera(g, cam), f, query)
+            return run_search(g, [img], _query_camera(g, cam), f, query, live.query_model)
         return await run_in_threadpool(work)
 
     @app.get("/api/crops/{crop_id}/search", summary="Search from a stored crop (its stored feature and camera)")
@@ -396,18 +401,21 @@ class BackgroundServer:
 
 
 def serve(gallery: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, *, allow_add: bool = False,
-          max_upload_mb: float = 10.0, verify: bool = True, device: str | None = None) -> None:
+          max_upload_mb: float = 10.0, verify: bool = True, device: str | None = None,
+          query_cfg: Any | None = None) -> None:
     """Serve `gallery` until Ctrl-C (blocking). The socket is bound before the model is built, so a port in
-    use fails at once."""
+    use fails at once. `query_cfg`: the model that embeds uploaded queries (see :func:`create_app`)."""
     import uvicorn
 
     sock = bind(host, port)
     try:
-        app = create_app(gallery, allow_add=allow_add, max_upload_mb=max_upload_mb, verify=verify, device=device)
+        app = create_app(gallery, allow_add=allow_add, max_upload_mb=max_upload_mb, verify=verify, device=device,
+                         query_cfg=query_cfg)
         g = app.state.live.current()
+        merged = "" if query_cfg is None else f", queries embedded with merging {str(query_cfg.MERGE.METHOD)}"
         print(f"reid-gallery serve: {gallery} (generation {g.generation}, {g.store.count()} crops, "
-              f"{'uploads add crops' if allow_add else 'read-only'}) on http://{host}:{sock.getsockname()[1]}/",
-              flush=True)
+              f"{'uploads add crops' if allow_add else 'read-only'}{merged}) on "
+              f"http://{host}:{sock.getsockname()[1]}/", flush=True)
         uvicorn.Server(uvicorn.Config(app, log_level="info", lifespan="off")).run(sockets=[sock])
     finally:
         sock.close()
