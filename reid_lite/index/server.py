@@ -9,7 +9,8 @@
     POST /api/crops                     add an uploaded crop (only with --allow-add)
     GET  /openapi.json                  the OpenAPI description
 
-A search's hits carry `likely` (score >= the threshold calibrated for the gallery's model, see
+`create_app(..., query_cfg=)` (`serve --query-opts`) embeds uploaded queries with the gallery's model
+changed in token merging only, for a gallery that accepts merged queries. A search's hits carry `likely` (score >= the threshold calibrated for the query model, see
 reid_lite.index.calibration; null when the gallery is not calibrated) and the answer says whether
 no hit is likely (`no_likely_match`).
 
