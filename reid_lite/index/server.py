@@ -10,9 +10,9 @@
     GET  /openapi.json                  the OpenAPI description
 
 `create_app(..., query_cfg=)` (`serve --query-opts`) embeds uploaded queries with the gallery's model
-changed in token merging only, for a gallery that accepts merged queries. A search's hits carry `likely` (score >= the threshold calibrated for the query model, see
-reid_lite.index.calibration; null when the gallery is not calibrated) and the answer says whether
-no hit is likely (`no_likely_match`).
+changed in token merging only, for a gallery that accepts merged queries. A search's hits carry
+`likely` (score >= the threshold calibrated for the query model, see reid_lite.index.calibration; null
+when the gallery is not calibrated) and the answer says whether no hit is likely (`no_likely_match`).
 
 Files are addressed by gallery id only, never by a path from the request, and a thumbnail is served
 only when the file still has the content hash the gallery stored. Every error is one JSON object
