@@ -15,7 +15,6 @@ one line on stderr and exit status 2; Ctrl-C in 130; the gallery is never left h
 from __future__ import annotations
 
 import argparse
-import html
 import json
 import logging
 import sys
@@ -24,7 +23,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .gallery import Gallery, GalleryError, IndexParams, SearchHit
+from .gallery import Gallery, GalleryError, IndexParams
+from .sheet import write_sheet
 from .storage import read_current
 
 __all__ = ["build_parser", "config_from_args", "input_paths", "main", "print_report", "run_command",
@@ -363,43 +363,6 @@ def _cmd_serve(args: argparse.Namespace) -> None:
             query_cfg = _merge_overrides(g.cfg, args.query_opts)
     serve(args.gallery, args.host, args.port, allow_add=args.allow_add, max_upload_mb=args.max_upload_mb,
           verify=not args.no_verify, device=args.device, query_cfg=query_cfg)
-
-
-def write_sheet(path: str | Path, queries: Sequence[str], results: Sequence[Sequence[SearchHit]],
-                thumb: tuple[int, int] = (128, 64)) -> None:
-    """Contact sheet: one row per query (query first, then its ranked crops with score and camera).
-    `.html` writes a page of <img> links; anything else a PNG."""
-    path = Path(path)
-    if path.suffix.lower() in (".html", ".htm"):
-        rows = []
-        for q, hits in zip(queries, results):
-            cells = [f'<td><img src="{html.escape(Path(q).resolve().as_uri())}" height="{thumb[0]}"><br>query</td>']
-            cells += [f'<td><img src="{html.escape(Path(h.path).as_uri())}" height="{thumb[0]}"><br>'
-                      f"#{h.rank} {h.score:.3f}<br>cam {h.camid}</td>" for h in hits]
-            rows.append("<tr>" + "".join(cells) + "</tr>")
-        path.write_text("<!doctype html><meta charset=utf-8><title>reid-gallery</title>"
-                        "<table style='font:12px monospace;text-align:center'>" + "".join(rows) + "</table>")
-        return
-    from PIL import Image, ImageDraw
-
-    from ..data.loader import read_image
-
-    h, w = thumb
-    label = 24
-    cols = 1 + max((len(r) for r in results), default=0)
-    sheet = Image.new("RGB", (cols * (w + 4), len(queries) * (h + label + 4)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for row, (q, hits) in enumerate(zip(queries, results)):
-        y = row * (h + label + 4)
-        tiles = [(q, "query", (0, 0, 255))] + [(x.path, f"{x.score:.3f} c{x.camid}", (0, 0, 0)) for x in hits]
-        for col, (p, text, color) in enumerate(tiles):
-            x0 = col * (w + 4)
-            try:
-                sheet.paste(read_image(p).resize((w, h)), (x0, y))
-            except OSError:
-                draw.rectangle((x0, y, x0 + w, y + h), outline="red")
-            draw.text((x0 + 2, y + h + 2), text, fill=color)
-    sheet.save(path)
 
 
 def _interrupted(args: argparse.Namespace) -> str:

@@ -29,7 +29,6 @@ import io
 import logging
 import os
 import socket
-import tempfile
 import threading
 import time
 from importlib import resources
@@ -42,23 +41,20 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from .crops import cameras_from_names, to_seconds
+from .crops import to_seconds
 from .gallery import Gallery
 from .live import LiveGallery
 from .querying import SearchHit, SearchResults
 from .storage import GalleryCorrupt, GalleryError, GalleryLocked
 from .store import CropRecord
+from .uploads import UPLOADS, add_upload, camera_from_name, check_query_camera, decode_upload, read_body
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["UPLOADS", "BackgroundServer", "bind", "create_app", "serve"]
 
-#: Folder of the gallery where crops added through the API are kept (named by their sha256).
-UPLOADS = "uploads"
 _WEB_FILES = {"app.js": "text/javascript", "style.css": "text/css"}  # the page's files: a fixed list
-_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "BMP": ".bmp"}  # uploads the gallery's crop reader accepts
 Filters = dict[str, Any]  # keyword arguments of Gallery.search from the query string
-_MAX_PIXELS = 40_000_000  # a person crop is far smaller; refuses decompression bombs before decoding
 
 
 def _web_file(name: str) -> bytes:
@@ -67,61 +63,6 @@ def _web_file(name: str) -> bytes:
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 past `limit` bytes (declared or streamed)."""
-    too_big = f"upload larger than the server's limit of {limit / 2**20:g} MB (--max-upload-mb)"
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, too_big)
-    data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > limit:
-            raise HTTPException(413, too_big)
-    if not data:
-        raise HTTPException(400, "empty request body: send the image file's bytes as the body")
-    return bytes(data)
-
-
-def _decode(data: bytes) -> tuple[Any, str]:
-    """(RGB PIL image, format) of uploaded bytes; 400/415 for what is not a readable crop."""
-    from PIL import Image
-
-    try:
-        img = Image.open(io.BytesIO(data))
-        if img.width * img.height > _MAX_PIXELS:
-            raise HTTPException(400, f"image of {img.width}x{img.height} pixels is too large for a person crop")
-        img.load()
-    except HTTPException:
-        raise
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
-        raise HTTPException(400, f"the upload is not a readable image ({exc})") from None
-    if img.format not in _FORMATS:
-        raise HTTPException(415, f"unsupported image format {img.format}: send JPEG, PNG or BMP")
-    return img.convert("RGB"), img.format
-
-
-def _camera_from_name(g: Gallery, data: bytes, filename: str | None, fmt: str) -> int | None:
-    """The camera the gallery's file-name pattern reads from `filename` (only its base name is used)."""
-    name = Path(filename or "").name
-    if not name or name in (".", ".."):
-        return None
-    with tempfile.TemporaryDirectory(prefix="reid-serve-") as tmp:
-        path = Path(tmp) / (name if Path(name).suffix.lower() in _FORMATS.values() else name + _FORMATS[fmt])
-        path.write_bytes(data)
-        return cameras_from_names([str(path)], g.pattern)[0]
-
-
-def _query_camera(g: Gallery, camera: int | None) -> int | None:
-    if g.fingerprint["architecture"]["sie_camera"]:
-        if camera is None:
-            raise HTTPException(400, "this gallery's model has a camera SIE: give the query's camera (camera=N, "
-                                     "0-based) or a filename= that the gallery's file-name pattern parses")
-        if not 0 <= camera < g.camera_num:
-            raise HTTPException(400, f"camera {camera} is outside the model's SIE table (0..{g.camera_num - 1})")
-    return camera
 
 
 def _hit(h: SearchHit) -> dict[str, Any]:
@@ -177,43 +118,6 @@ def search_filters(
     """The search filters of the query string (a FastAPI dependency)."""
     return {"k": k, "cameras": cameras, "time_window": (time_from, time_to),
             "exclude_same_camera": exclude_same_camera, "nprobe": nprobe}
-
-
-def _add_upload(live: LiveGallery, data: bytes, fmt: str, camera: int | None, timestamp: str | None,
-                identity: int | None, filename: str | None) -> dict[str, Any]:
-    """Store an uploaded crop under <gallery>/uploads/<sha256>.<ext> and add it (a new generation)."""
-    g = live.current()
-    if camera is None:
-        camera = _camera_from_name(g, data, filename, fmt)
-    _query_camera(g, camera)
-    sha = hashlib.sha256(data).hexdigest()
-    folder = live.root / UPLOADS
-    folder.mkdir(exist_ok=True)
-    path = folder / f"{sha}{_FORMATS[fmt]}"
-    existed = path.exists()
-    if not existed:  # written whole, then renamed: an interrupted upload never leaves a partial crop
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{sha}.", suffix=".part")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    record = CropRecord(path=str(path), sha256="", camid=camera, timestamp=to_seconds(timestamp),
-                        timestamp_raw=timestamp, identity=identity)
-    writer = Gallery.open(live.root, verify=False)
-    try:
-        writer.share_model(g)
-        report = writer.add([record], lock_timeout=60.0)
-        row = writer.store.conn.execute("SELECT id FROM crops WHERE sha256 = ?", (sha,)).fetchone()
-    except BaseException:
-        if not existed:
-            path.unlink(missing_ok=True)
-        raise
-    finally:
-        writer.close()
-    if not report.added and not existed:
-        path.unlink(missing_ok=True)  # the same bytes were already stored under another file
-    live.current()  # serve the new generation from now on
-    return {"added": report.added, "duplicate": bool(report.duplicates), "id": None if row is None else row[0],
-            "generation": report.generation}
 
 
 def create_app(gallery: str | os.PathLike | LiveGallery, *, allow_add: bool = False, max_upload_mb: float = 10.0,
@@ -300,14 +204,14 @@ def create_app(gallery: str | os.PathLike | LiveGallery, *, allow_add: bool = Fa
                             camera: Annotated[int | None, Query(ge=0, description="the query's camera")] = None,
                             filename: Annotated[str | None, Query(description="file name to read the camera from")]
                             = None) -> dict[str, Any]:
-        data = await _read_body(request, limit)
+        data = await read_body(request, limit)
 
         def work() -> dict[str, Any]:
-            img, fmt = _decode(data)
+            img, fmt = decode_upload(data)
             g = live.current()
-            cam = camera if camera is not None else _camera_from_name(g, data, filename, fmt)
+            cam = camera if camera is not None else camera_from_name(g, data, filename, fmt)
             query = {"camera": cam, "filename": Path(filename).name if filename else None}
-            return run_search(g, [img], _query_camera(g, cam), f, query, live.query_model)
+            return run_search(g, [img], check_query_camera(g, cam), f, query, live.query_model)
         return await run_in_threadpool(work)
 
     @app.get("/api/crops/{crop_id}/search", summary="Search from a stored crop (its stored feature and camera)")
@@ -340,12 +244,12 @@ def create_app(gallery: str | os.PathLike | LiveGallery, *, allow_add: bool = Fa
                        identity: int | None = None, filename: str | None = None) -> dict[str, Any]:
         if not allow_add:
             raise HTTPException(403, "this server is read-only; start it with --allow-add to accept new crops")
-        data = await _read_body(request, limit)
+        data = await read_body(request, limit)
 
         def work() -> dict[str, Any]:
-            _, fmt = _decode(data)
+            _, fmt = decode_upload(data)
             to_seconds(timestamp)  # a bad timestamp is refused before anything is written
-            return _add_upload(live, data, fmt, camera, timestamp, identity, filename)
+            return add_upload(live, data, fmt, camera, timestamp, identity, filename)
         return await run_in_threadpool(work)
 
     return app
