@@ -242,7 +242,7 @@ def copied_queries(tmp_path) -> Path:
     return root
 
 
-def test_calibrate_writes_the_threshold_into_the_gallery(tool, copied_queries, tmp_path, capsys):
+def test_calibrate_writes_the_threshold_into_the_gallery(tool, copied_queries, tmp_path, capsys, monkeypatch):
     from reid_lite.config import load_cfg
     from reid_lite.index import Gallery
 
@@ -267,6 +267,21 @@ def test_calibrate_writes_the_threshold_into_the_gallery(tool, copied_queries, t
     assert entry["query_merging"]["method"] == "stm" and entry["query_model"] != entry["gallery_model"]
     g = Gallery.open(tmp_path / "asym")
     assert g.calibration_for(g.query_model(load_cfg(str(cfg), no_sie))[1])["threshold"] == entry["threshold"]
+
+    # a calibration that fails (here: refused by the rule) writes nothing to the gallery; the evaluation is kept
+    capsys.readouterr()
+
+    def refuse(*args, **kwargs):
+        raise ValueError("no query's top hit is a true match")
+
+    monkeypatch.setattr(tool, "calibrate_gallery", refuse)
+    (out / "results.json").unlink()
+    assert run_tool(tool, ["--config", cfg, "--no-progress", "--calibrate", tmp_path / "gal", *no_sie]) == 2
+    assert one_error_line(capsys) == "error: the gallery was not calibrated: no query's top hit is a true match"
+    record = json.loads((out / "results.json").read_text())
+    assert record["calibration"]["error"] == "no query's top hit is a true match" and record["results"]
+    assert Gallery.open(tmp_path / "gal").generation == 1
+    monkeypatch.undo()
 
     # a gallery of another model is refused before anything is extracted
     capsys.readouterr()

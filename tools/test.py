@@ -230,11 +230,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      query_chunk=int(cfg.TEST.QUERY_CHUNK))
         print("\nasymmetric retrieval (gallery embedded by one model, queries by another; same weights)")
         print(format_pairings(pairings))
+    calibration_error = None
     if calibration is not None:
         try:
             calibration["entry"] = _calibrate(args, calibration, results, dataset.name)
-        except (*USER_ERRORS, GalleryError) as err:
-            return cli_error(err)
+        except (*USER_ERRORS, GalleryError) as err:  # the evaluation is still written below
+            calibration_error = err
+            calibration["entry"] = {"error": str(err)}
 
     out_dir = Path(cfg.OUTPUT_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -268,6 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = out_dir / "results.json"
     path.write_text(json.dumps(record, indent=2))
     print(f"results written to {path}")
+    if calibration_error is not None:
+        return cli_error(f"the gallery was not calibrated: {calibration_error}")
     return 0
 
 
