@@ -64,6 +64,8 @@ def test_search_by_upload_ranks_the_same_crop_first(server, crops):
     assert hits[0]["camid"] == body["query"]["camera"] and hits[0]["timestamp"] == float(f.stem.split("_")[2])
     assert hits[0]["identity"] == int(f.name[:4])
     assert all("path" not in h and str(crops) not in str(h) for h in hits)  # no server paths in answers
+    # an uncalibrated gallery answers as before: no threshold, hits not flagged
+    assert body["calibration"] is None and body["no_likely_match"] is None and all(h["likely"] is None for h in hits)
 
 
 def test_filters_cameras_time_and_own_camera(server, crops):
@@ -170,6 +172,7 @@ def test_info_and_openapi(server, crops):
     info = requests.get(f"{server.url}/api/info", timeout=T).json()
     assert info["size"] == len(gallery_files(crops)) and info["time_span"] == [301.0, 802.0]
     assert info["sie_camera"] and info["camera_num"] == 3 and info["allow_add"] is False
+    assert info["calibration"] is None and info["accepts_merged_queries"] is False
     assert "path" not in info and "manifest" not in info
     spec = requests.get(f"{server.url}/openapi.json", timeout=T).json()
     assert {"/api/search", "/api/info", "/api/crops", "/api/crops/{crop_id}/search",

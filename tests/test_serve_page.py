@@ -1,5 +1,6 @@
 """The `reid-gallery serve` web page in a real headless Chromium (the system's, as .ci/run installs it):
-it loads, a query upload shows the hits, a click on a hit searches again, the camera filter narrows the grid.
+it loads, a query upload shows the hits (those below the calibrated threshold dimmed as unlikely, and says
+when no hit is likely), a click on a hit searches again, the camera filter narrows the grid.
 
 `REID_LITE_PAGE_SCREENSHOT=docs/gallery_page.png` also saves the page after the search (synthetic crops).
 """
@@ -13,7 +14,9 @@ import pytest
 from extras import MISSING_MODULE, import_extra
 from serve_util import build_gallery, make_crops
 
+from reid_lite.index.calibration import calibration_entry
 from reid_lite.index.server import BackgroundServer, create_app
+from reid_lite.metrics.calibration import ThresholdChoice
 
 #: REID_LITE_CHROMIUM: another browser binary (tests/test_ci.py points it at a missing file).
 CHROMIUM = os.environ.get("REID_LITE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
@@ -37,8 +40,13 @@ def browser():
 
 def test_page_upload_click_and_camera_filter(browser, tmp_path):
     crops = make_crops(tmp_path / "crops")
-    build_gallery(tmp_path / "gal", crops).close()
+    g = build_gallery(tmp_path / "gal", crops)
     files = sorted((crops / "bounding_box_test").glob("*.jpg"))
+    # A threshold between the query crop's own score (1) and its best other crop: only itself is likely.
+    own, second = (h.score for h in g.search([str(files[5])], k=2)[0])
+    g.set_calibration(calibration_entry(ThresholdChoice((own + second) / 2, "f1", None, 1.0, 1.0, 1.0, 1, 1, 1),
+                                        g.fingerprint))
+    g.close()
     with BackgroundServer(create_app(tmp_path / "gal")) as server:
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.set_default_timeout(20_000)
@@ -47,6 +55,7 @@ def test_page_upload_click_and_camera_filter(browser, tmp_path):
         page.on("requestfailed", lambda r: errors.append(r.url))
         page.goto(server.url + "/")
         page.wait_for_function("document.getElementById('gallery-info').textContent.includes('23 crops')")
+        assert f"match threshold {(own + second) / 2:.3f}" in page.locator("#gallery-info").text_content()
         assert page.locator("#cameras input[type=checkbox]").count() == 3
 
         page.set_input_files("#file", str(files[5]))  # a query upload shows the hits
@@ -58,6 +67,19 @@ def test_page_upload_click_and_camera_filter(browser, tmp_path):
         assert page.locator("#add").is_hidden()  # a read-only server offers no upload that adds
         if os.environ.get("REID_LITE_PAGE_SCREENSHOT"):
             page.screenshot(path=os.environ["REID_LITE_PAGE_SCREENSHOT"], full_page=True)
+        # below the threshold: dimmed and labelled; the crop itself is the one likely hit
+        assert page.locator("#grid .hit.unlikely").count() == 19 and page.locator("#grid .hit .flag").count() == 19
+        assert "unlikely" not in first.get_attribute("class") and first.locator(".flag").count() == 0
+        assert page.locator("#grid .hit.unlikely .flag").first.text_content() == "unlikely"
+        assert float(page.locator("#grid .hit.unlikely").first.evaluate("e => getComputedStyle(e).opacity")) < 1
+        assert "20 hits, 1 likely for" in page.locator("#status").text_content()
+        assert "No likely match" not in page.locator("#status").text_content()
+        page.locator("#exclude-same").check()  # without the crop itself, no hit is likely: the page says so
+        page.wait_for_function("document.getElementById('status').textContent.includes('No likely match')")
+        assert page.locator("#grid .hit").count() == page.locator("#grid .hit.unlikely").count() > 0
+        page.locator("#exclude-same").uncheck()
+        page.wait_for_function("document.querySelectorAll('#grid .hit').length === 20 && "
+                               "!document.getElementById('status').textContent.includes('No likely match')")
 
         third = page.locator("#grid .hit").nth(2)  # a click on a hit searches from it
         clicked = third.get_attribute("data-id")

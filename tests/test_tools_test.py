@@ -207,3 +207,85 @@ def test_cli_errors_are_one_shared_helper(capsys):
     train = (REPO / "tools" / "train.py").read_text()
     for source in (TOOL.read_text(), train):
         assert "from reid_lite.utils.cli import USER_ERRORS, cli_error" in source and "def _error" not in source
+
+
+# ------------------------------------------------------------------------------ asymmetric use and calibration
+
+
+def test_asymmetric_prints_the_pairing_table(tool, data_root, tmp_path, capsys):
+    cfg, out = write_config(tmp_path, data_root)
+    assert run_tool(tool, ["--config", cfg, "--no-progress", "--asymmetric", "--compare", "tome"]) == 0
+    stdout = capsys.readouterr().out
+    assert "asymmetric retrieval" in stdout and "| gallery | query |" in stdout
+    assert [line.split("|")[1:3] for line in stdout.splitlines() if line.startswith("| none ") or
+            line.startswith("| tome ")][-3:] == [[" none    ", " none  "], [" none    ", " tome  "],
+                                                 [" tome    ", " tome  "]]
+    record = json.loads((out / "results.json").read_text())
+    rows = {(r["gallery"], r["query"]): r for r in record["asymmetric"]}
+    assert list(rows) == [("none", "none"), ("none", "tome"), ("tome", "tome")]
+    by_method = {r["method"]: r for r in record["results"]}  # 'none' was added to --compare
+    for m in ("none", "tome"):  # the symmetric pairings are the main table's rows
+        assert rows[(m, m)]["rank1"] == by_method[m]["rank1"] and rows[(m, m)]["mAP"] == by_method[m]["mAP"]
+    assert all(0 <= r["rank1"] <= 1 and r["num_query"] == by_method["none"]["num_query"] for r in rows.values())
+    assert run_tool(tool, ["--config", cfg, "--asymmetric", "MERGE.METHOD", "none"]) == 2
+    assert "--asymmetric pairs an unmerged gallery with merged queries" in one_error_line(capsys)
+
+
+@pytest.fixture
+def copied_queries(tmp_path) -> Path:
+    """A dataset whose queries include copies of two gallery crops under another camera: with the camera SIE
+    off their features equal the originals', so their top hit is right whatever the (random) weights."""
+    root = generate_reid_dataset(tmp_path / "data", num_train_ids=4, num_test_ids=4, num_cameras=2,
+                                 images_per_id_per_camera=2, size=(64, 32), num_distractors=0, progress=False)
+    for src in sorted((root / "bounding_box_test").glob("*_c1s*.jpg"))[:2]:
+        (root / "query" / src.name.replace("_c1s", "_c2s").replace("_00.jpg", "_09.jpg")).write_bytes(src.read_bytes())
+    return root
+
+
+def test_calibrate_writes_the_threshold_into_the_gallery(tool, copied_queries, tmp_path, capsys, monkeypatch):
+    from reid_lite.config import load_cfg
+    from reid_lite.index import Gallery
+
+    cfg, out = write_config(tmp_path, copied_queries)
+    no_sie = ["MODEL.SIE_CAMERA", "False"]
+    Gallery.build(tmp_path / "gal", load_cfg(str(cfg), no_sie), [copied_queries / "bounding_box_test"])[0].close()
+    assert run_tool(tool, ["--config", cfg, "--no-progress", "--calibrate", tmp_path / "gal", *no_sie]) == 0
+    assert "calibrated " in capsys.readouterr().out
+    entry = json.loads((out / "results.json").read_text())["calibration"]
+    g = Gallery.open(tmp_path / "gal")
+    assert g.generation == 1 and g.calibration_for(None)["threshold"] == entry["threshold"]
+    assert entry["num_true_top1"] >= 2 and entry["query_model"] == entry["gallery_model"]
+    assert entry["rule"] == "f1" and entry["num_queries"] == len(list((copied_queries / "query").glob("*.jpg")))
+
+    # an unmerged gallery that accepts merged queries: STM queries against its unmerged features
+    Gallery.build(tmp_path / "asym", load_cfg(str(cfg), [*no_sie, "MERGE.METHOD", "none"]),
+                  [copied_queries / "bounding_box_test"], accept_merged_queries=True)[0].close()
+    assert run_tool(tool, ["--config", cfg, "--no-progress", "--calibrate", tmp_path / "asym", *no_sie]) == 0
+    record = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in record["results"]] == ["none", "stm"]  # both sides were extracted
+    entry = record["calibration"]
+    assert entry["query_merging"]["method"] == "stm" and entry["query_model"] != entry["gallery_model"]
+    g = Gallery.open(tmp_path / "asym")
+    assert g.calibration_for(g.query_model(load_cfg(str(cfg), no_sie))[1])["threshold"] == entry["threshold"]
+
+    # a calibration that fails (here: refused by the rule) writes nothing to the gallery; the evaluation is kept
+    capsys.readouterr()
+
+    def refuse(*args, **kwargs):
+        raise ValueError("no query's top hit is a true match")
+
+    monkeypatch.setattr(tool, "calibrate_gallery", refuse)
+    (out / "results.json").unlink()
+    assert run_tool(tool, ["--config", cfg, "--no-progress", "--calibrate", tmp_path / "gal", *no_sie]) == 2
+    assert one_error_line(capsys) == "error: the gallery was not calibrated: no query's top hit is a true match"
+    record = json.loads((out / "results.json").read_text())
+    assert record["calibration"]["error"] == "no query's top hit is a true match" and record["results"]
+    assert Gallery.open(tmp_path / "gal").generation == 1
+    monkeypatch.undo()
+
+    # a gallery of another model is refused before anything is extracted
+    capsys.readouterr()
+    assert run_tool(tool, ["--config", cfg, "--calibrate", tmp_path / "gal", *no_sie, "MERGE.R", 1]) == 2
+    line = one_error_line(capsys)
+    assert "refused" in line and "merging.r: gallery 2 != query 1" in line
+    assert Gallery.open(tmp_path / "gal").generation == 1  # nothing written

@@ -4,10 +4,15 @@
     python tools/test.py --config market1501_stm.yml --compare none,tome,evit,stm DATASETS.ROOT_DIR data
     python tools/test.py --config demo_synthetic.yml --vis-queries 0,5,9
     python tools/test.py --config demo_synthetic.yml MODEL.BACKEND onnxruntime MODEL.ONNX_PATH stm.onnx  # exported
+    python tools/test.py --config demo_synthetic.yml --asymmetric --compare none,tome,stm  # unmerged gallery
+    python tools/test.py --config demo_synthetic.yml --calibrate /data/gal [--target-precision 0.95]
 
 Prints method | GFLOPs | img/s | Rank-1/5/10 | mAP | mINP (plus device and skipped images) and writes
 `results.json` (with the config, device, torch version, timestamp and, per method, the token schedule
-that ran) and, with --vis-queries, `ranked_results_<method>.png` to OUTPUT_DIR. With camera SIE the
+that ran) and, with --vis-queries, `ranked_results_<method>.png` to OUTPUT_DIR. --asymmetric adds the
+accuracy of each gallery/query pairing (none/none, none/merged, merged/merged); --calibrate GALLERY
+chooses the gallery's "no match" score threshold on this labelled split and writes it into the gallery
+(reid_lite.index.calibration). With camera SIE the
 model's camera count is the checkpoint's (its SIE table). Without TEST.WEIGHT the randomly initialised
 model is evaluated after a loud warning (useful for smoke tests and speed, meaningless for accuracy).
 Exit codes: 0 success, 2 bad input (arguments, config, dataset, checkpoint, merging settings), with one
@@ -32,7 +37,10 @@ import torch
 from reid_lite.config import load_cfg
 from reid_lite.data import build_dataset_from_cfg, sie_counts
 from reid_lite.deploy import load_runtime_model
+from reid_lite.engine.asymmetric import asymmetric_methods, evaluate_pairings, format_pairings
 from reid_lite.engine.evaluator import check_methods, evaluate, format_table
+from reid_lite.index import Gallery, GalleryError
+from reid_lite.index.calibration import calibrate_gallery, query_fingerprint
 from reid_lite.merging import parse_methods
 from reid_lite.models import build_model, build_model_for_checkpoint, check_checkpoint_file, check_input_size
 from reid_lite.utils.cli import USER_ERRORS, cli_error
@@ -61,6 +69,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "(any registered method; your own through MERGE.PLUGINS)")
     p.add_argument("--vis-queries", default="",
                    help="comma-separated query indices (positions in the query list) to draw with their top-10")
+    p.add_argument("--asymmetric", action="store_true",
+                   help="also rank each method's queries against the unmerged model's gallery (none/none, "
+                        "none/m, m/m for the methods of --compare, else MERGE.METHOD)")
+    p.add_argument("--calibrate", metavar="GALLERY", default="",
+                   help="choose the gallery's 'no match' score threshold on this labelled split (for queries of "
+                        "this config's model) and write it into the gallery (a new generation)")
+    p.add_argument("--target-precision", type=float, default=None, metavar="P",
+                   help="with --calibrate: the lowest threshold whose precision reaches P (default: best F1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("opts", nargs="*", help="config overrides as KEY VALUE pairs (options may come before or after)")
     # Intermixed: `--compare` may follow the KEY VALUE pairs, as users naturally append it.
@@ -104,6 +120,42 @@ def _visualize(results: dict[str, Any], query_ids: list[int], out_dir: Path) -> 
     return written
 
 
+def _plan_calibration(path: str, cfg: Any, model: Any, methods: list[str] | None) -> dict[str, Any]:
+    """Which methods' features a calibration of the gallery at `path` needs (the gallery's model on the
+    gallery side, this config's model on the query side), checked before any extraction."""
+    gallery = Gallery.open(path)
+    fp, asymmetric = query_fingerprint(gallery, cfg, model)
+    query = str(cfg.MERGE.METHOD).lower()
+    side = "none" if asymmetric else query
+    if methods or asymmetric:
+        methods = list(dict.fromkeys([*(methods or []), side, query]))
+    return {"gallery": gallery, "fingerprint": fp, "query": query, "gallery_side": side, "methods": methods}
+
+
+def _calibrate(args: argparse.Namespace, plan: dict[str, Any], results: dict[str, Any], dataset: str
+               ) -> dict[str, Any]:
+    query = results["features"][plan["query"]][0]
+    gallery = results["features"][plan["gallery_side"]][1]
+    entry = calibrate_gallery(plan["gallery"], query.feats, query.pids, query.camids, gallery.feats, gallery.pids,
+                              gallery.camids, query_fingerprint=plan["fingerprint"],
+                              target_precision=args.target_precision,
+                              source=f"{dataset}: {len(query)} queries, {len(gallery)} gallery images")
+    print(f"\ncalibrated {args.calibrate} for {plan['query']} queries against its {plan['gallery_side']} gallery "
+          f"(written as generation {plan['gallery'].generation}): threshold {entry['threshold']:.4f} ({entry['rule']}"
+          + (f" >= {entry['target_precision']:g}" if entry["target_precision"] else "")
+          + f"): precision {entry['precision']:.3f}, recall {entry['recall']:.3f}, F1 {entry['f1']:.3f} of "
+          f"'the top hit is a true match' on {entry['num_queries']} queries ({entry['num_true_top1']} right at "
+          f"rank 1, {entry['num_flagged']} flagged likely; in-sample)")
+    held = entry["held_out"]
+    if held is None:
+        print("held-out estimate: not available (too few identities, or a fold without a right top hit)")
+    else:
+        precision = "-" if held["precision"] is None else f"{held['precision']:.3f}"
+        print(f"held-out estimate ({held['folds']} folds by identity, each flagged with the threshold chosen on "
+              f"the others): precision {precision}, recall {held['recall']:.3f}")
+    return entry
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the evaluation; returns the process exit code."""
     args = parse_args(argv)
@@ -113,6 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         methods = parse_methods(args.compare) if args.compare else None
         vis_ids = _parse_indices(args.vis_queries)
         check_input_size(cfg)  # before any data is read or generated
+        if args.target_precision is not None and not args.calibrate:
+            raise ValueError("--target-precision applies to --calibrate GALLERY")
+        if args.asymmetric:
+            methods = asymmetric_methods(cfg, methods)
         if cfg.TEST.WEIGHT:
             check_checkpoint_file(cfg.TEST.WEIGHT)  # a wrong path fails now, not after the dataset is indexed
     except USER_ERRORS as err:
@@ -145,9 +201,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             model = build_model(cfg, max(dataset.num_train_pids, 1), camera_num, view_num)
         check_input_size(cfg, model)
+        calibration = _plan_calibration(args.calibrate, cfg, model, methods) if args.calibrate else None
+        if calibration is not None:
+            methods = calibration["methods"]
+            if methods and backend != "torch":
+                raise ValueError("calibrating merged queries of an unmerged gallery re-attaches merging to a "
+                                 "PyTorch model: use MODEL.BACKEND torch")
         if methods:
             check_methods(cfg, model, methods)
-    except USER_ERRORS as err:  # checkpoint, model, merging settings or backend: user errors
+    except (*USER_ERRORS, GalleryError) as err:  # checkpoint, model, merging, backend, gallery: user errors
         return cli_error(err)
     if backend == "torch":
         random_weights = not cfg.TEST.WEIGHT
@@ -157,11 +219,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr, flush=True)
 
     results = evaluate(cfg, model, dataset, device=device, methods=methods, progress=not args.no_progress,
-                       keep_features=bool(vis_ids))
+                       keep_features=bool(vis_ids) or args.asymmetric or bool(args.calibrate))
     table = format_table(results)
     if random_weights:
         table += "\nWARNING: random weights (no TEST.WEIGHT) -- accuracy is chance level"
     print(table)
+    pairings = None
+    if args.asymmetric:
+        pairings = evaluate_pairings({m: results["features"][m] for m in methods}, re_rank=bool(cfg.TEST.RE_RANKING),
+                                     query_chunk=int(cfg.TEST.QUERY_CHUNK))
+        print("\nasymmetric retrieval (gallery embedded by one model, queries by another; same weights)")
+        print(format_pairings(pairings))
+    calibration_error = None
+    if calibration is not None:
+        try:
+            calibration["entry"] = _calibrate(args, calibration, results, dataset.name)
+        except (*USER_ERRORS, GalleryError) as err:  # the evaluation is still written below
+            calibration_error = err
+            calibration["entry"] = {"error": str(err)}
 
     out_dir = Path(cfg.OUTPUT_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -187,12 +262,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "skipped_paths": results["skipped_paths"],
         "results": results["rows"],
         "table": table,
+        "asymmetric": pairings,
+        "calibration": None if calibration is None else {"gallery": args.calibrate, **calibration["entry"]},
         "figures": figures,
         "config": _jsonable(cfg),
     }
     path = out_dir / "results.json"
     path.write_text(json.dumps(record, indent=2))
     print(f"results written to {path}")
+    if calibration_error is not None:
+        return cli_error(f"the gallery was not calibrated: {calibration_error}")
     return 0
 
 

@@ -15,7 +15,6 @@ one line on stderr and exit status 2; Ctrl-C in 130; the gallery is never left h
 from __future__ import annotations
 
 import argparse
-import html
 import json
 import logging
 import sys
@@ -24,7 +23,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .gallery import Gallery, GalleryError, IndexParams, SearchHit
+from .gallery import Gallery, GalleryError, IndexParams
+from .sheet import write_sheet
 from .storage import read_current
 
 __all__ = ["build_parser", "config_from_args", "input_paths", "main", "print_report", "run_command",
@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true",
                    help="replace the gallery at this path; it stays current until the new one is complete")
     b.add_argument("--opts", nargs="*", default=[], metavar="KEY VALUE", help="config overrides")
+    b.add_argument("--accept-merged-queries", action="store_true",
+                   help="a gallery embedded without merging (MERGE.METHOD none) also accepts queries embedded by "
+                        "the same model with token merging (search --opts MERGE.METHOD stm); recorded in its "
+                        "fingerprint. Measure the accuracy first: tools/test.py --asymmetric")
 
     a = sub.add_parser("add", help="append crops (already stored crops are skipped, none re-embedded)")
     a.add_argument("gallery")
@@ -179,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-upload-mb", type=float, default=10.0, help="larger uploads get 413 (default 10)")
     v.add_argument("--device", help="cpu | cuda (the model that embeds uploaded queries)")
     v.add_argument("--no-verify", action="store_true", help="skip the checksum verification on (re)open")
+    v.add_argument("--query-opts", nargs="*", default=[], metavar="KEY VALUE",
+                   help="embed uploaded queries with the gallery's model changed by these overrides, e.g. "
+                        "MERGE.METHOD stm: only token merging may change, on a gallery built with "
+                        "--accept-merged-queries")
     return ap
 
 
@@ -213,7 +221,7 @@ def _cmd_build(args: argparse.Namespace) -> None:
                               sidecar=args.sidecar, recursive=not args.no_recursive, feature=args.feature,
                               index=params, camera_num=args.camera_num, overwrite=args.overwrite, device=args.device,
                               batch_size=args.batch_size, workers=args.workers, progress=show_progress(args),
-                              lock_timeout=args.lock_timeout)
+                              lock_timeout=args.lock_timeout, accept_merged_queries=args.accept_merged_queries)
     g.close()
     print_report(report, args.json, "build")
 
@@ -259,18 +267,26 @@ def _cmd_search(args: argparse.Namespace) -> None:
         print(f"reid-gallery search: warning: query {args.queries[i]} skipped: {why}", file=sys.stderr)
     for note in results.notes:
         print(f"reid-gallery search: note: {note}", file=sys.stderr)
+    t = results.threshold
+    if t is None:
+        print("reid-gallery search: note: no match threshold calibrated for this query model, so hits are not "
+              "flagged likely/unlikely (tools/test.py --calibrate GALLERY)", file=sys.stderr)
     if args.json:
-        print(json.dumps([{"query": q, "results": [h.to_dict() for h in hits],
+        print(json.dumps([{"query": q, "results": [h.to_dict() for h in hits], "threshold": t,
+                           "no_likely_match": None if i in results.skipped else results.no_likely_match(i),
                            **({"skipped": results.skipped[i]} if i in results.skipped else {})}
                           for i, (q, hits) in enumerate(zip(args.queries, results))], indent=1))
     else:
         for i, (q, hits) in enumerate(zip(args.queries, results)):
             if i in results.skipped:
                 continue
-            print(f"query {q}")
+            verdict = "" if t is None else ("  (no likely match: every hit scores below the threshold "
+                                            f"{t:.4f})" if results.no_likely_match(i) else f"  (threshold {t:.4f})")
+            print(f"query {q}{verdict}")
             for h in hits:
                 ts = h.timestamp_raw if h.timestamp_raw is not None else "-"
-                print(f"  {h.rank:3d}  {h.score:.4f}  cam {h.camid}  t {ts}  {h.path}")
+                flag = "" if h.likely is None else ("  likely  " if h.likely else "  unlikely")
+                print(f"  {h.rank:3d}  {h.score:.4f}{flag}  cam {h.camid}  t {ts}  {h.path}")
     if args.sheet:
         write_sheet(args.sheet, args.queries, results)
         print(f"contact sheet: {args.sheet}", file=sys.stderr)
@@ -293,6 +309,17 @@ def _cmd_info(args: argparse.Namespace) -> None:
     print(f"merging   {m['merging']}")
     print(f"input     {m['input']['size']}  digest {info['model_digest'][:16]}")
     print(f"cameras   {info['cameras']}")
+    if info["accepts_merged_queries"]:
+        print("queries   also from this model with token merging (--accept-merged-queries)")
+    if not info["calibration"]:
+        print("threshold not calibrated: hits are not flagged likely/unlikely (tools/test.py --calibrate GALLERY)")
+    for e in info["calibration"]:
+        method = (e.get("query_merging") or {}).get("method", "?")
+        held = e.get("held_out") or {}
+        held_text = (f"; held out: precision {held['precision']:.3f}, recall {held['recall']:.3f}"
+                     if held.get("precision") is not None else "")
+        print(f"threshold {e['threshold']:.4f} for queries merging {method} ({e['rule']}; precision "
+              f"{e['precision']:.3f}, recall {e['recall']:.3f} on {e['num_queries']} labelled queries{held_text})")
 
 
 def _cmd_remove(args: argparse.Namespace) -> None:
@@ -330,45 +357,12 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         warnings.warn(f"listening on {args.host}: anyone who can reach it can search the gallery and see its crops "
                       "(there is no authentication)", stacklevel=1)
+    query_cfg = None
+    if args.query_opts:
+        with Gallery.open(args.gallery, verify=False) as g:
+            query_cfg = _merge_overrides(g.cfg, args.query_opts)
     serve(args.gallery, args.host, args.port, allow_add=args.allow_add, max_upload_mb=args.max_upload_mb,
-          verify=not args.no_verify, device=args.device)
-
-
-def write_sheet(path: str | Path, queries: Sequence[str], results: Sequence[Sequence[SearchHit]],
-                thumb: tuple[int, int] = (128, 64)) -> None:
-    """Contact sheet: one row per query (query first, then its ranked crops with score and camera).
-    `.html` writes a page of <img> links; anything else a PNG."""
-    path = Path(path)
-    if path.suffix.lower() in (".html", ".htm"):
-        rows = []
-        for q, hits in zip(queries, results):
-            cells = [f'<td><img src="{html.escape(Path(q).resolve().as_uri())}" height="{thumb[0]}"><br>query</td>']
-            cells += [f'<td><img src="{html.escape(Path(h.path).as_uri())}" height="{thumb[0]}"><br>'
-                      f"#{h.rank} {h.score:.3f}<br>cam {h.camid}</td>" for h in hits]
-            rows.append("<tr>" + "".join(cells) + "</tr>")
-        path.write_text("<!doctype html><meta charset=utf-8><title>reid-gallery</title>"
-                        "<table style='font:12px monospace;text-align:center'>" + "".join(rows) + "</table>")
-        return
-    from PIL import Image, ImageDraw
-
-    from ..data.loader import read_image
-
-    h, w = thumb
-    label = 24
-    cols = 1 + max((len(r) for r in results), default=0)
-    sheet = Image.new("RGB", (cols * (w + 4), len(queries) * (h + label + 4)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for row, (q, hits) in enumerate(zip(queries, results)):
-        y = row * (h + label + 4)
-        tiles = [(q, "query", (0, 0, 255))] + [(x.path, f"{x.score:.3f} c{x.camid}", (0, 0, 0)) for x in hits]
-        for col, (p, text, color) in enumerate(tiles):
-            x0 = col * (w + 4)
-            try:
-                sheet.paste(read_image(p).resize((w, h)), (x0, y))
-            except OSError:
-                draw.rectangle((x0, y, x0 + w, y + h), outline="red")
-            draw.text((x0 + 2, y + h + 2), text, fill=color)
-    sheet.save(path)
+          verify=not args.no_verify, device=args.device, query_cfg=query_cfg)
 
 
 def _interrupted(args: argparse.Namespace) -> str:

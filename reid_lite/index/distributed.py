@@ -63,7 +63,8 @@ def _run(argv: Sequence[str] | None) -> None:
             with Gallery.staging(args.gallery if rank == 0 else None, cfg, feature=args.feature, index=params,
                                  camera_num=args.camera_num, camids=[r.camid for r in records],
                                  overwrite=args.overwrite, device=device, pattern=pattern,
-                                 lock_timeout=args.lock_timeout) as g:
+                                 lock_timeout=args.lock_timeout,
+                                 accept_merged_queries=args.accept_merged_queries) as g:
                 dist.barrier()  # the gallery directory exists for the shard files
                 _embed_and_publish(args, g, records, rank, world)
         else:

@@ -33,8 +33,18 @@ import faiss
 import numpy as np
 import torch
 
+from .calibration import GalleryCalibration
 from .crops import collect_crops
-from .fingerprint import check_fingerprint, fingerprint_digest, model_fingerprint, resolve_camera_num
+from .fingerprint import (
+    accepts_merged_queries,
+    allow_merged_queries,
+    check_fingerprint,
+    check_query_fingerprint,
+    gallery_space,
+    model_digest,
+    model_fingerprint,
+    resolve_camera_num,
+)
 from .querying import GallerySearch, SearchHit, SearchResults
 from .storage import (
     CURRENT,
@@ -127,7 +137,7 @@ def _check_target(root: Path, overwrite: bool) -> None:
 
 
 
-class Gallery(GallerySearch, GalleryWrites):
+class Gallery(GallerySearch, GalleryWrites, GalleryCalibration):
     """A gallery directory (see the module docstring). Use :meth:`build`, :meth:`create` or :meth:`open`."""
 
     def __init__(self, root: Path | None, generation: int, manifest: dict[str, Any], store: MetadataStore,
@@ -151,7 +161,7 @@ class Gallery(GallerySearch, GalleryWrites):
               feature: str = "global", index: str | IndexParams = "auto", camera_num: int = 0,
               overwrite: bool = False, device: str | None = None, model: torch.nn.Module | None = None,
               batch_size: int | None = None, workers: int = 0, progress: bool = False,
-              lock_timeout: float | None = None) -> tuple[Gallery, AddReport]:
+              lock_timeout: float | None = None, accept_merged_queries: bool = False) -> tuple[Gallery, AddReport]:
         """Embed crops (folders, image files or :class:`CropRecord`s) into a new gallery, published at once.
 
         All or nothing: on any error (an unreadable checkpoint, cameras the model lacks, every crop
@@ -166,7 +176,8 @@ class Gallery(GallerySearch, GalleryWrites):
             records = collect_crops(inputs, pattern=pattern, sidecar=sidecar, recursive=recursive)  # type: ignore[arg-type]
         with cls.staging(directory, cfg, feature=feature, index=index, camera_num=camera_num,
                          camids=[r.camid for r in records], overwrite=overwrite, device=device, model=model,
-                         pattern=pattern, lock_timeout=lock_timeout) as g:
+                         pattern=pattern, lock_timeout=lock_timeout,
+                         accept_merged_queries=accept_merged_queries) as g:
             report = g._add_records(records, batch_size, workers, progress)
         report.seconds = time.perf_counter() - t0
         return g, report
@@ -175,10 +186,12 @@ class Gallery(GallerySearch, GalleryWrites):
     def create(cls, directory: str | os.PathLike, cfg: Any, *, feature: str = "global",
                index: str | IndexParams = "auto", camera_num: int = 0, overwrite: bool = False,
                device: str | None = None, model: torch.nn.Module | None = None,
-               pattern: str | None = None, lock_timeout: float | None = None) -> Gallery:
+               pattern: str | None = None, lock_timeout: float | None = None,
+               accept_merged_queries: bool = False) -> Gallery:
         """Create an empty gallery bound to the model `cfg` describes and publish it (see :meth:`staging`)."""
         with cls.staging(directory, cfg, feature=feature, index=index, camera_num=camera_num, overwrite=overwrite,
-                         device=device, model=model, pattern=pattern, lock_timeout=lock_timeout) as g:
+                         device=device, model=model, pattern=pattern, lock_timeout=lock_timeout,
+                         accept_merged_queries=accept_merged_queries) as g:
             pass
         return g
 
@@ -187,7 +200,8 @@ class Gallery(GallerySearch, GalleryWrites):
     def staging(cls, directory: str | os.PathLike | None, cfg: Any, *, feature: str = "global",
                 index: str | IndexParams = "auto", camera_num: int = 0, camids: Iterable[int | None] = (),
                 overwrite: bool = False, device: str | None = None, model: torch.nn.Module | None = None,
-                pattern: str | None = None, lock_timeout: float | None = None) -> Iterator[Gallery]:
+                pattern: str | None = None, lock_timeout: float | None = None,
+                accept_merged_queries: bool = False) -> Iterator[Gallery]:
         """A new, unpublished gallery to `add` to; published atomically when the block ends without error.
 
         Weights: TEST.WEIGHT, else MODEL.PRETRAIN_*, else random init seeded with SOLVER.SEED.
@@ -196,7 +210,9 @@ class Gallery(GallerySearch, GalleryWrites):
         (see `resolve_camera_num`; `camids` are the crops' cameras, checked against it). index: 'auto' |
         'flat' | 'ivfpq' or an :class:`IndexParams`. A `model` may be passed to avoid building it again
         (it must be the model `cfg` describes). `pattern`: the default file-name pattern of later adds
-        and of query names (else DATASETS.FOLDER_PATTERN).
+        and of query names (else DATASETS.FOLDER_PATTERN). `accept_merged_queries`: also accept queries
+        from the same model with token merging (only for a gallery embedded without merging; recorded in
+        the fingerprint, see `reid_lite.index.fingerprint.allow_merged_queries`).
 
         The lock is held throughout. An existing gallery (`overwrite`) stays current until the new one
         is published; an exception discards everything the block wrote. `directory` None yields a
@@ -207,12 +223,18 @@ class Gallery(GallerySearch, GalleryWrites):
         params = index if isinstance(index, IndexParams) else IndexParams(kind=index)
         if params.kind not in ("auto", "flat", "ivfpq"):
             raise ValueError(f"index kind must be auto, flat or ivfpq, got {params.kind!r}")
+        if accept_merged_queries and str(cfg.MERGE.METHOD).lower() != "none":
+            raise ValueError(f"--accept-merged-queries needs a gallery embedded without token merging "
+                             f"(MERGE.METHOD none), not {cfg.MERGE.METHOD!r}: the gallery holds the model's own "
+                             "features and merged queries approximate them")
         camera_num = resolve_camera_num(cfg, camera_num, camids)
         root = None if directory is None else Path(directory)
         if root is not None:
             _check_target(root, overwrite)  # before the model is built: fail fast
         extractor = _build_extractor(cfg, camera_num, device, model)  # a bad checkpoint fails before any write
         fp = model_fingerprint(cfg, extractor.model, feature, camera_num)
+        if accept_merged_queries:
+            fp = allow_merged_queries(fp)
 
         def staged(store_path: str | Path, stage: _Stage) -> Gallery:
             store = MetadataStore(store_path, readonly=False)
@@ -351,18 +373,24 @@ class Gallery(GallerySearch, GalleryWrites):
         return int(self.store.get_meta("camera_num", 1))
 
     def extractor(self, cfg: Any | None = None, device: str | None = None) -> Any:
-        """The gallery's FeatureExtractor (built from its stored config), or one for `cfg` after
-        checking that `cfg` describes the same model (else :class:`FingerprintMismatch`)."""
+        """The gallery's FeatureExtractor (built from its stored config), or one for the query model `cfg`
+        (see :meth:`query_model`)."""
         if cfg is None:
             if self._extractor is None:
                 self._extractor = _build_extractor(self.cfg, self.camera_num, device or self.device, None)
                 check_fingerprint(self.fingerprint, model_fingerprint(
                     self.cfg, self._extractor.model, self.fingerprint["feature"]["kind"], self.camera_num))
             return self._extractor
+        return self.query_model(cfg, device)[0]
+
+    def query_model(self, cfg: Any, device: str | None = None) -> tuple[Any, dict[str, Any]]:
+        """(FeatureExtractor, fingerprint) of the query model `cfg`, after checking that the gallery
+        accepts it: the gallery's own model, or (a gallery built with `accept_merged_queries`) the same
+        model with other token merging; anything else raises :class:`FingerprintMismatch`."""
         ext = _build_extractor(cfg, self.camera_num, device or self.device, None)
-        check_fingerprint(self.fingerprint, model_fingerprint(cfg, ext.model, self.fingerprint["feature"]["kind"],
-                                                              self.camera_num))
-        return ext
+        fp = model_fingerprint(cfg, ext.model, self.fingerprint["feature"]["kind"], self.camera_num)
+        check_query_fingerprint(self.fingerprint, fp)
+        return ext, fp
 
     def share_model(self, other: Gallery) -> None:
         """Use `other`'s already built extractor (another generation of the same gallery, or one with
@@ -374,12 +402,7 @@ class Gallery(GallerySearch, GalleryWrites):
         self.device = other.device
 
     def _post(self, feats: torch.Tensor | np.ndarray) -> np.ndarray:
-        x = feats.numpy() if isinstance(feats, torch.Tensor) else np.asarray(feats)
-        x = x.astype(np.float32, copy=False)
-        if self.fingerprint["feature"]["kind"] == "global":
-            x = x[:, : self.fingerprint["architecture"]["embed_dim"]]
-        norm = np.linalg.norm(x, axis=1, keepdims=True)
-        return np.ascontiguousarray(x / np.maximum(norm, 1e-12), dtype=np.float32)
+        return gallery_space(feats, self.fingerprint)
 
     def check_cameras(self, records: Sequence[CropRecord], what: str = "crop") -> None:
         """Raise ValueError (with the way out) when the model has a camera SIE and a record's camera is
@@ -424,7 +447,8 @@ class Gallery(GallerySearch, GalleryWrites):
 
     # ------------------------------------------------------------------ info
     def info(self) -> dict[str, Any]:
-        """Size, model fingerprint, index type and parameters, generation, bytes on disk, cameras."""
+        """Size, model fingerprint, index type and parameters, generation, bytes on disk, cameras, and the
+        calibrated thresholds (one entry per query model; empty when uncalibrated)."""
         gen_dir = self.root / generation_name(self.generation)
         disk = sum(f["bytes"] for f in self.manifest["files"]) + sum(f["bytes"] for f in self.manifest["segment_files"])
         return {
@@ -433,7 +457,9 @@ class Gallery(GallerySearch, GalleryWrites):
             "size": self.store.count(),
             "index": {"kind": self._index.kind, "ntotal": self._index.ntotal, "params": self._index.params.to_dict()},
             "model": self.fingerprint,
-            "model_digest": fingerprint_digest(self.fingerprint),
+            "model_digest": model_digest(self.fingerprint),
+            "accepts_merged_queries": accepts_merged_queries(self.fingerprint),
+            "calibration": self.calibrations(),
             "cameras": {str(k): v for k, v in self.store.cameras().items()},
             "bytes": disk,
             "bytes_per_crop": disk / max(1, self.store.count()),

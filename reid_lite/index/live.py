@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 from .gallery import Gallery
 from .storage import CURRENT, GalleryError
@@ -28,15 +29,20 @@ class LiveGallery:
 
     verify: check every file's sha256 on each open (the first and every reopen). device: where the
     gallery's model runs. The model is built once, here, and shared by every later generation.
+    query_cfg: the model that embeds query images, when not the gallery's own (the same model with
+    token merging, for a gallery built with `accept_merged_queries`; refused otherwise, here);
+    `query_model` is then its (extractor, fingerprint), built once, else None.
     """
 
-    def __init__(self, root: str | os.PathLike, verify: bool = True, device: str | None = None) -> None:
+    def __init__(self, root: str | os.PathLike, verify: bool = True, device: str | None = None,
+                 query_cfg: Any | None = None) -> None:
         self.root = Path(root)
         self.verify = verify
         self._current_text = self._read_current()
         gallery = Gallery.open(self.root, verify=verify)
         gallery.device = device
         gallery.extractor()  # build the model now: the first request should not pay for it
+        self.query_model = None if query_cfg is None else gallery.query_model(query_cfg)
         self._gallery = gallery
         self._reopen_lock = threading.Lock()
         self.reopen_errors: list[str] = []

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .crops import cameras_from_names, to_seconds
-from .fingerprint import check_fingerprint
+from .fingerprint import check_query_fingerprint
 from .storage import FingerprintMismatch, GalleryError
 from .store import CropRecord
 
@@ -41,6 +41,8 @@ class SearchHit:
     timestamp_raw: str | None
     identity: int | None
     track: str | None
+    #: score >= the gallery's calibrated threshold for this query model; None when it has none.
+    likely: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict."""
@@ -52,13 +54,28 @@ class SearchResults(list):
 
     skipped: query position -> why it was skipped (missing or unreadable image; its list is empty).
     notes: why a query's filters left no crop to return (one sentence per distinct reason).
+    calibration: the gallery's calibration entry for the query model (its `threshold` decided each
+    hit's `likely`), or None: not calibrated for it, and `likely` is None.
     """
 
     def __init__(self, hits: Sequence[list[SearchHit]] = (), skipped: dict[int, str] | None = None,
-                 notes: list[str] | None = None) -> None:
+                 notes: list[str] | None = None, calibration: dict[str, Any] | None = None) -> None:
         super().__init__(hits)
         self.skipped: dict[int, str] = dict(skipped or {})
         self.notes: list[str] = list(notes or [])
+        self.calibration = calibration
+
+    @property
+    def threshold(self) -> float | None:
+        """The calibrated score threshold the hits were flagged with, or None."""
+        return None if self.calibration is None else float(self.calibration["threshold"])
+
+    def no_likely_match(self, query: int = 0) -> bool | None:
+        """True when the gallery is calibrated for the query model and no hit of query `query` is likely
+        (a "no match" answer); None when uncalibrated."""
+        if self.calibration is None:
+            return None
+        return not any(h.likely for h in self[query])
 
 
 def _fmt_time(t: float) -> str:
@@ -72,17 +89,22 @@ class GallerySearch:
     _index: VectorIndex
     fingerprint: dict[str, Any]
     _columns: tuple[np.ndarray, np.ndarray, np.ndarray] | None
+    query_model: Any
+    calibration_for: Any
 
     def search(self, queries: Any, k: int = 10, *, camids: Sequence[int | None] | int | None = None,
                exclude_same_camera: bool = False, cameras: Sequence[int] | None = None,
                time_window: tuple[Any, Any] | None = None, fingerprint: dict[str, Any] | None = None,
-               cfg: Any | None = None, nprobe: int | None = None, pattern: str | None = None
-               ) -> SearchResults:
+               cfg: Any | None = None, nprobe: int | None = None, pattern: str | None = None,
+               query_model: tuple[Any, dict[str, Any]] | None = None) -> SearchResults:
         """Top-`k` crops for each query, as a :class:`SearchResults` (a list of hit lists).
 
         queries: image paths / PIL images / HWC uint8 arrays (embedded with the gallery's model, or the
         model of `cfg` after a fingerprint check), or a float (Q, D) array/tensor of features already in
-        the gallery's space (pass their `fingerprint` to have it checked). A missing or unreadable query
+        the gallery's space (pass their `fingerprint` to have it checked). The query model may differ from
+        the gallery's in token merging only when the gallery accepts merged queries. `query_model`: an
+        (extractor, fingerprint) pair from :meth:`query_model`, built once by a caller that searches many
+        times (the server), used instead of `cfg`. A missing or unreadable query
         image is skipped with a warning (`SearchResults.skipped`); the others are still answered, and
         only when none can be read is it an error.
         camids: each query's 0-based camera (needed for a camera-SIE model and for
@@ -91,17 +113,29 @@ class GallerySearch:
         (either may be None). Filters are exact for every index type (see `VectorIndex.search`); a
         filter that can never match (a camera the gallery lacks, a time window on a gallery without
         timestamps) raises ValueError, one that leaves a query nothing says why in `notes`.
+        Each hit's `likely` is score >= the gallery's calibrated threshold for the query model (None when
+        the gallery has none for it; `SearchResults.calibration`).
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         k = int(k)
+        query_fp = fingerprint  # None: the gallery's own model
         if fingerprint is not None:
-            check_fingerprint(self.fingerprint, fingerprint)
+            check_query_fingerprint(self.fingerprint, fingerprint)
+        ext = None
+        if not _is_features(queries):
+            if query_model is not None:
+                ext, query_fp = query_model
+                check_query_fingerprint(self.fingerprint, query_fp)
+            elif cfg is not None:
+                ext, query_fp = self.query_model(cfg)
+        calibration = self.calibration_for(query_fp)
+        threshold = None if calibration is None else float(calibration["threshold"])
         t_from, t_to = (time_window or (None, None))
         t_from, t_to = to_seconds(t_from), to_seconds(t_to)
         if cameras is not None or t_from is not None or t_to is not None:  # unfiltered: no column read
             self._check_filters(cameras, t_from, t_to)
-        q, qcams, rows, skipped = self._query_features(queries, camids, cfg, pattern or self.pattern)
+        q, qcams, rows, skipped = self._query_features(queries, camids, ext, pattern or self.pattern)
         if exclude_same_camera and any(qcams[r] is None for r in rows):
             raise ValueError("exclude_same_camera needs every query's camera (camids=, or parsable file names)")
         filtered = exclude_same_camera or cameras is not None or t_from is not None or t_to is not None
@@ -127,8 +161,9 @@ class GallerySearch:
                 if i >= 0:
                     m = meta[int(i)]
                     out[r].append(SearchHit(rank + 1, int(i), float(s), m.path, m.camid, m.timestamp,
-                                            m.timestamp_raw, m.identity, m.track))
-        return SearchResults(out, skipped, notes)
+                                            m.timestamp_raw, m.identity, m.track,
+                                            None if threshold is None else bool(s >= threshold)))
+        return SearchResults(out, skipped, notes, calibration)
 
     def crop_features(self, ids: Sequence[int]) -> np.ndarray:
         """Stored (len(ids), D) features of gallery crops, e.g. to search from a crop already in the
@@ -200,12 +235,12 @@ class GallerySearch:
         return "no crop matches " + " and ".join(parts)
 
     # ------------------------------------------------------------------ query embedding
-    def _query_features(self, queries: Any, camids: Any, cfg: Any, pattern: str
+    def _query_features(self, queries: Any, camids: Any, ext: Any, pattern: str
                         ) -> tuple[np.ndarray, list[int | None], list[int], dict[int, str]]:
         """(features (n, D) of the usable queries, every query's camera, the query positions of the n
-        rows, skipped query positions with the reason)."""
-        is_feat = isinstance(queries, torch.Tensor) or (
-            isinstance(queries, np.ndarray) and queries.dtype.kind == "f" and queries.ndim == 2)
+        rows, skipped query positions with the reason). `ext`: the query model's extractor (None: the
+        gallery's own)."""
+        is_feat = _is_features(queries)
         if is_feat:
             x = queries.detach().cpu().numpy() if isinstance(queries, torch.Tensor) else queries
             x = np.asarray(x, np.float32)
@@ -231,7 +266,7 @@ class GallerySearch:
         if len(paths) == n and any(c is None for c in cams):
             parsed = cameras_from_names(paths, pattern)
             cams = [c if c is not None else p for c, p in zip(cams, parsed)]
-        ext = self.extractor(cfg)
+        ext = ext or self.extractor()
         sie = bool(self.fingerprint["architecture"]["sie_camera"])
         if sie and any(cams[i] is None for i in range(n) if i not in skipped):
             raise ValueError("this gallery's model has a camera SIE: give each query's camera (camids= / "
@@ -273,6 +308,12 @@ class GallerySearch:
         if not rows:
             raise GalleryError(f"none of the {n} query image(s) could be read: " + _skip_summary(items, skipped))
         return feats, cams, rows, skipped
+
+
+def _is_features(queries: Any) -> bool:
+    """Whether `queries` are features (a tensor, or a float 2-d array) rather than images."""
+    return isinstance(queries, torch.Tensor) or (
+        isinstance(queries, np.ndarray) and queries.dtype.kind == "f" and queries.ndim == 2)
 
 
 class _DropUnreadableSummary(logging.Filter):

@@ -1,13 +1,18 @@
 """`reid-gallery serve`: a gallery as an HTTP API (FastAPI) with a single web page on top.
 
     GET  /                              the web page (reid_lite/index/web/, no build step, no network)
-    GET  /api/info                      size, generation, cameras, time span, model, limits
+    GET  /api/info                      size, generation, cameras, time span, model, limits, calibration
     POST /api/search                    body: an image; ?k&camera&cameras&time_from&time_to&exclude_same_camera
     GET  /api/crops/{id}/search         the same filters, searching from a stored crop (its stored feature)
     GET  /api/crops/{id}                a crop's metadata
     GET  /api/crops/{id}/thumbnail      a JPEG thumbnail of a stored crop
     POST /api/crops                     add an uploaded crop (only with --allow-add)
     GET  /openapi.json                  the OpenAPI description
+
+`create_app(..., query_cfg=)` (`serve --query-opts`) embeds uploaded queries with the gallery's model
+changed in token merging only, for a gallery that accepts merged queries. A search's hits carry
+`likely` (score >= the threshold calibrated for the query model, see reid_lite.index.calibration; null
+when the gallery is not calibrated) and the answer says whether no hit is likely (`no_likely_match`).
 
 Files are addressed by gallery id only, never by a path from the request, and a thumbnail is served
 only when the file still has the content hash the gallery stored. Every error is one JSON object
@@ -24,7 +29,6 @@ import io
 import logging
 import os
 import socket
-import tempfile
 import threading
 import time
 from importlib import resources
@@ -37,23 +41,20 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from .crops import cameras_from_names, to_seconds
+from .crops import to_seconds
 from .gallery import Gallery
 from .live import LiveGallery
 from .querying import SearchHit, SearchResults
 from .storage import GalleryCorrupt, GalleryError, GalleryLocked
 from .store import CropRecord
+from .uploads import UPLOADS, add_upload, camera_from_name, check_query_camera, decode_upload, read_body
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["UPLOADS", "BackgroundServer", "bind", "create_app", "serve"]
 
-#: Folder of the gallery where crops added through the API are kept (named by their sha256).
-UPLOADS = "uploads"
 _WEB_FILES = {"app.js": "text/javascript", "style.css": "text/css"}  # the page's files: a fixed list
-_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "BMP": ".bmp"}  # uploads the gallery's crop reader accepts
 Filters = dict[str, Any]  # keyword arguments of Gallery.search from the query string
-_MAX_PIXELS = 40_000_000  # a person crop is far smaller; refuses decompression bombs before decoding
 
 
 def _web_file(name: str) -> bytes:
@@ -64,71 +65,25 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 past `limit` bytes (declared or streamed)."""
-    too_big = f"upload larger than the server's limit of {limit / 2**20:g} MB (--max-upload-mb)"
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, too_big)
-    data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > limit:
-            raise HTTPException(413, too_big)
-    if not data:
-        raise HTTPException(400, "empty request body: send the image file's bytes as the body")
-    return bytes(data)
-
-
-def _decode(data: bytes) -> tuple[Any, str]:
-    """(RGB PIL image, format) of uploaded bytes; 400/415 for what is not a readable crop."""
-    from PIL import Image
-
-    try:
-        img = Image.open(io.BytesIO(data))
-        if img.width * img.height > _MAX_PIXELS:
-            raise HTTPException(400, f"image of {img.width}x{img.height} pixels is too large for a person crop")
-        img.load()
-    except HTTPException:
-        raise
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
-        raise HTTPException(400, f"the upload is not a readable image ({exc})") from None
-    if img.format not in _FORMATS:
-        raise HTTPException(415, f"unsupported image format {img.format}: send JPEG, PNG or BMP")
-    return img.convert("RGB"), img.format
-
-
-def _camera_from_name(g: Gallery, data: bytes, filename: str | None, fmt: str) -> int | None:
-    """The camera the gallery's file-name pattern reads from `filename` (only its base name is used)."""
-    name = Path(filename or "").name
-    if not name or name in (".", ".."):
-        return None
-    with tempfile.TemporaryDirectory(prefix="reid-serve-") as tmp:
-        path = Path(tmp) / (name if Path(name).suffix.lower() in _FORMATS.values() else name + _FORMATS[fmt])
-        path.write_bytes(data)
-        return cameras_from_names([str(path)], g.pattern)[0]
-
-
-def _query_camera(g: Gallery, camera: int | None) -> int | None:
-    if g.fingerprint["architecture"]["sie_camera"]:
-        if camera is None:
-            raise HTTPException(400, "this gallery's model has a camera SIE: give the query's camera (camera=N, "
-                                     "0-based) or a filename= that the gallery's file-name pattern parses")
-        if not 0 <= camera < g.camera_num:
-            raise HTTPException(400, f"camera {camera} is outside the model's SIE table (0..{g.camera_num - 1})")
-    return camera
-
-
 def _hit(h: SearchHit) -> dict[str, Any]:
     # The file's location on the server is not part of the answer: a crop is its id (and its base name).
     return {"rank": h.rank, "id": h.id, "score": h.score, "camid": h.camid, "timestamp": h.timestamp,
             "timestamp_raw": h.timestamp_raw, "identity": h.identity, "track": h.track, "name": Path(h.path).name,
-            "thumbnail": f"/api/crops/{h.id}/thumbnail"}
+            "thumbnail": f"/api/crops/{h.id}/thumbnail", "likely": h.likely}
+
+
+def _calibration(entry: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What a client needs of a calibration entry (no model digests or sources)."""
+    if entry is None:
+        return None
+    keys = ("threshold", "rule", "target_precision", "precision", "recall", "f1", "num_queries", "held_out", "created")
+    return {k: entry.get(k) for k in keys}
 
 
 def _results(g: Gallery, results: SearchResults, query: dict[str, Any], seconds: float) -> dict[str, Any]:
     return {"query": query, "generation": g.generation, "hits": [_hit(h) for h in results[0]],
-            "notes": results.notes, "seconds": seconds}
+            "notes": results.notes, "seconds": seconds, "calibration": _calibration(results.calibration),
+            "no_likely_match": results.no_likely_match(0) if results else None}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -165,52 +120,17 @@ def search_filters(
             "exclude_same_camera": exclude_same_camera, "nprobe": nprobe}
 
 
-def _add_upload(live: LiveGallery, data: bytes, fmt: str, camera: int | None, timestamp: str | None,
-                identity: int | None, filename: str | None) -> dict[str, Any]:
-    """Store an uploaded crop under <gallery>/uploads/<sha256>.<ext> and add it (a new generation)."""
-    g = live.current()
-    if camera is None:
-        camera = _camera_from_name(g, data, filename, fmt)
-    _query_camera(g, camera)
-    sha = hashlib.sha256(data).hexdigest()
-    folder = live.root / UPLOADS
-    folder.mkdir(exist_ok=True)
-    path = folder / f"{sha}{_FORMATS[fmt]}"
-    existed = path.exists()
-    if not existed:  # written whole, then renamed: an interrupted upload never leaves a partial crop
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{sha}.", suffix=".part")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    record = CropRecord(path=str(path), sha256="", camid=camera, timestamp=to_seconds(timestamp),
-                        timestamp_raw=timestamp, identity=identity)
-    writer = Gallery.open(live.root, verify=False)
-    try:
-        writer.share_model(g)
-        report = writer.add([record], lock_timeout=60.0)
-        row = writer.store.conn.execute("SELECT id FROM crops WHERE sha256 = ?", (sha,)).fetchone()
-    except BaseException:
-        if not existed:
-            path.unlink(missing_ok=True)
-        raise
-    finally:
-        writer.close()
-    if not report.added and not existed:
-        path.unlink(missing_ok=True)  # the same bytes were already stored under another file
-    live.current()  # serve the new generation from now on
-    return {"added": report.added, "duplicate": bool(report.duplicates), "id": None if row is None else row[0],
-            "generation": report.generation}
-
-
 def create_app(gallery: str | os.PathLike | LiveGallery, *, allow_add: bool = False, max_upload_mb: float = 10.0,
-               verify: bool = True, device: str | None = None) -> FastAPI:
+               verify: bool = True, device: str | None = None, query_cfg: Any | None = None) -> FastAPI:
     """The FastAPI application serving `gallery` (a directory, opened and verified here, or a LiveGallery).
 
     allow_add: accept POST /api/crops (read-only otherwise: 403). max_upload_mb: larger request bodies
-    get 413."""
+    get 413. query_cfg: embed uploaded queries with this model (the gallery's own model with token
+    merging, for a gallery that accepts merged queries; see LiveGallery)."""
     if max_upload_mb <= 0:
         raise ValueError(f"--max-upload-mb must be positive, got {max_upload_mb}")
-    live = gallery if isinstance(gallery, LiveGallery) else LiveGallery(gallery, verify=verify, device=device)
+    live = gallery if isinstance(gallery, LiveGallery) else LiveGallery(gallery, verify=verify, device=device,
+                                                                        query_cfg=query_cfg)
     limit = int(max_upload_mb * 2**20)
     app = FastAPI(title="reid-gallery", version="1", docs_url=None, redoc_url=None,  # those load a CDN
                   description="Search a gallery of person crops by image or by crop id. Errors are "
@@ -246,9 +166,10 @@ def create_app(gallery: str | os.PathLike | LiveGallery, *, allow_add: bool = Fa
         logger.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
         return _error(500, f"internal error ({type(exc).__name__}); see the server's log")
 
-    def run_search(g: Gallery, queries: Any, camera: int | None, f: Filters, query: dict[str, Any]) -> dict:
+    def run_search(g: Gallery, queries: Any, camera: int | None, f: Filters, query: dict[str, Any],
+                   query_model: tuple[Any, dict[str, Any]] | None = None) -> dict:
         t0 = time.perf_counter()
-        res = g.search(queries, camids=[camera], **f)
+        res = g.search(queries, camids=[camera], query_model=query_model, **f)
         return _results(g, res, query, time.perf_counter() - t0)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -265,6 +186,10 @@ def create_app(gallery: str | os.PathLike | LiveGallery, *, allow_add: bool = Fa
     def info() -> dict[str, Any]:
         g = live.current()
         out = {k: v for k, v in g.info().items() if k not in ("path", "manifest")}  # no server paths
+        # The threshold of uploaded queries: the one calibrated for the model that embeds them.
+        query_fp = None if live.query_model is None else live.query_model[1]
+        out["calibration"] = _calibration(g.calibration_for(query_fp))
+        out["query_merging"] = (query_fp or g.fingerprint)["merging"]
         lo, hi, ids = g.store.conn.execute(
             "SELECT MIN(timestamp), MAX(timestamp), COUNT(identity) FROM crops").fetchone()
         out.update(time_span=None if lo is None else [lo, hi], has_identity=bool(ids), camera_num=g.camera_num,
@@ -279,14 +204,14 @@ def create_app(gallery: str | os.PathLike | LiveGallery, *, allow_add: bool = Fa
                             camera: Annotated[int | None, Query(ge=0, description="the query's camera")] = None,
                             filename: Annotated[str | None, Query(description="file name to read the camera from")]
                             = None) -> dict[str, Any]:
-        data = await _read_body(request, limit)
+        data = await read_body(request, limit)
 
         def work() -> dict[str, Any]:
-            img, fmt = _decode(data)
+            img, fmt = decode_upload(data)
             g = live.current()
-            cam = camera if camera is not None else _camera_from_name(g, data, filename, fmt)
+            cam = camera if camera is not None else camera_from_name(g, data, filename, fmt)
             query = {"camera": cam, "filename": Path(filename).name if filename else None}
-            return run_search(g, [img], _query_camera(g, cam), f, query)
+            return run_search(g, [img], check_query_camera(g, cam), f, query, live.query_model)
         return await run_in_threadpool(work)
 
     @app.get("/api/crops/{crop_id}/search", summary="Search from a stored crop (its stored feature and camera)")
@@ -319,12 +244,12 @@ def create_app(gallery: str | os.PathLike | LiveGallery, *, allow_add: bool = Fa
                        identity: int | None = None, filename: str | None = None) -> dict[str, Any]:
         if not allow_add:
             raise HTTPException(403, "this server is read-only; start it with --allow-add to accept new crops")
-        data = await _read_body(request, limit)
+        data = await read_body(request, limit)
 
         def work() -> dict[str, Any]:
-            _, fmt = _decode(data)
+            _, fmt = decode_upload(data)
             to_seconds(timestamp)  # a bad timestamp is refused before anything is written
-            return _add_upload(live, data, fmt, camera, timestamp, identity, filename)
+            return add_upload(live, data, fmt, camera, timestamp, identity, filename)
         return await run_in_threadpool(work)
 
     return app
@@ -381,18 +306,21 @@ class BackgroundServer:
 
 
 def serve(gallery: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, *, allow_add: bool = False,
-          max_upload_mb: float = 10.0, verify: bool = True, device: str | None = None) -> None:
+          max_upload_mb: float = 10.0, verify: bool = True, device: str | None = None,
+          query_cfg: Any | None = None) -> None:
     """Serve `gallery` until Ctrl-C (blocking). The socket is bound before the model is built, so a port in
-    use fails at once."""
+    use fails at once. `query_cfg`: the model that embeds uploaded queries (see :func:`create_app`)."""
     import uvicorn
 
     sock = bind(host, port)
     try:
-        app = create_app(gallery, allow_add=allow_add, max_upload_mb=max_upload_mb, verify=verify, device=device)
+        app = create_app(gallery, allow_add=allow_add, max_upload_mb=max_upload_mb, verify=verify, device=device,
+                         query_cfg=query_cfg)
         g = app.state.live.current()
+        merged = "" if query_cfg is None else f", queries embedded with merging {str(query_cfg.MERGE.METHOD)}"
         print(f"reid-gallery serve: {gallery} (generation {g.generation}, {g.store.count()} crops, "
-              f"{'uploads add crops' if allow_add else 'read-only'}) on http://{host}:{sock.getsockname()[1]}/",
-              flush=True)
+              f"{'uploads add crops' if allow_add else 'read-only'}{merged}) on "
+              f"http://{host}:{sock.getsockname()[1]}/", flush=True)
         uvicorn.Server(uvicorn.Config(app, log_level="info", lifespan="off")).run(sockets=[sock])
     finally:
         sock.close()

@@ -28,8 +28,11 @@ async function loadInfo() {
   info = await api("/api/info");
   const cams = Object.keys(info.cameras).filter((c) => c !== "None").map(Number).sort((a, b) => a - b);
   const span = info.time_span ? `, time ${info.time_span[0]} .. ${info.time_span[1]}` : "";
+  const cal = info.calibration
+    ? `, match threshold ${info.calibration.threshold.toFixed(3)}`
+    : ", not calibrated (no match threshold)";
   $("gallery-info").textContent =
-    `${info.size} crops, ${cams.length} cameras, generation ${info.generation}${span}`;
+    `${info.size} crops, ${cams.length} cameras, generation ${info.generation}${span}${cal}`;
   const box = $("cameras");
   box.querySelectorAll("label").forEach((l) => l.remove());
   for (const c of cams) {
@@ -79,8 +82,15 @@ async function search() {
 function render(result) {
   const q = result.query;
   const who = q.id !== undefined ? `crop #${q.id} (${q.name})` : (q.filename || "upload");
-  setStatus(`${result.hits.length} hits for ${who}, camera ${q.camera ?? q.camid ?? "?"}; ` +
+  const likely = result.calibration ? `, ${result.hits.filter((h) => h.likely).length} likely` : "";
+  setStatus(`${result.hits.length} hits${likely} for ${who}, camera ${q.camera ?? q.camid ?? "?"}; ` +
             `generation ${result.generation}, ${(result.seconds * 1000).toFixed(0)} ms`);
+  if (result.calibration && result.no_likely_match && result.hits.length) {
+    const span = document.createElement("div");
+    span.className = "no-match";
+    span.textContent = `No likely match: every hit scores below the threshold ${result.calibration.threshold.toFixed(3)}.`;
+    $("status").appendChild(span);
+  }
   for (const n of result.notes) {
     const span = document.createElement("div");
     span.className = "note";
@@ -91,12 +101,13 @@ function render(result) {
   grid.replaceChildren();
   for (const h of result.hits) {
     const card = document.createElement("div");
-    card.className = "hit";
+    card.className = h.likely === false ? "hit unlikely" : "hit";
     card.dataset.id = h.id;
     card.dataset.camid = h.camid;
     card.title = `${h.name}: click to search from this crop`;
     const who = h.identity === null ? "" : ` · id ${h.identity}`;
-    card.innerHTML = `<img src="${h.thumbnail}" alt=""><span class="score"></span><span class="meta"></span>`;
+    card.innerHTML = `<img src="${h.thumbnail}" alt=""><span class="score"></span><span class="meta"></span>` +
+                     (h.likely === false ? `<span class="flag">unlikely</span>` : "");
     // Text from the gallery (a sidecar's timestamp, a file name) goes in as text, never as HTML.
     card.querySelector(".score").textContent = `#${h.rank} ${h.score.toFixed(3)}`;
     card.querySelector(".meta").textContent = `cam ${h.camid ?? "?"} · t ${fmtTime(h)}${who}`;
@@ -140,6 +151,7 @@ function timeline(hits) {
     dot.setAttribute("r", String(Math.max(3, 8 - h.rank / 3)));
     dot.setAttribute("opacity", String(Math.max(0.25, Math.min(1, h.score))));
     dot.dataset.id = h.id;
+    if (h.likely === false) dot.classList.add("unlikely");
     const title = document.createElementNS(ns, "title");
     title.textContent = `#${h.rank} ${h.score.toFixed(3)} · cam ${h.camid} · t ${fmtTime(h)}`;
     dot.appendChild(title);
