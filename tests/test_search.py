@@ -1,4 +1,4 @@
-"""FeatureIndex (faiss), chunked evaluate_retrieval and blocked re-ranking."""
+"""The faiss wrapper (VectorIndex: exact and IVF-PQ search), chunked evaluate_retrieval, blocked re-ranking."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from extras import torchreid_evaluate_rank
 
-from reid_lite.index import FeatureIndex, evaluate_retrieval
-from reid_lite.metrics import re_ranking
+from reid_lite.index import IndexParams, VectorIndex
+from reid_lite.metrics import evaluate_retrieval, re_ranking
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -24,15 +24,15 @@ def _clustered(rng: np.random.Generator, num_ids: int, n: int, dim: int, noise: 
     return _normalize(feats), pids
 
 
-# ---------------------------------------------------------------------------- FeatureIndex
-def test_flat_ip_equals_brute_force() -> None:
+# ---------------------------------------------------------------------------- VectorIndex (exact, IVF-PQ)
+def test_exact_ip_equals_brute_force() -> None:
     rng = np.random.default_rng(0)
     gallery = _normalize(rng.standard_normal((2000, 48)))
     queries = _normalize(rng.standard_normal((300, 48)))
-    index = FeatureIndex(48, use_gpu=False)
-    index.add(gallery[:1200])
-    index.add(gallery[1200:])  # ids continue across add() calls
-    scores, ids = index.search(queries, k=10, chunk=64)
+    index = VectorIndex.exact(48, use_gpu=False)
+    assert index.add(gallery[:1200]).tolist() == list(range(1200))
+    index.add(torch.from_numpy(gallery[1200:]))  # ids continue across add() calls; tensors accepted
+    scores, ids = index.search(queries, k=10)
     sims = queries @ gallery.T
     ref_ids = np.argsort(-sims, axis=1, kind="stable")[:, :10]
     assert ids.dtype == np.int64 and scores.dtype == np.float32
@@ -40,23 +40,29 @@ def test_flat_ip_equals_brute_force() -> None:
     np.testing.assert_allclose(scores, np.take_along_axis(sims, ref_ids, axis=1), atol=1e-5)
 
 
-def test_search_clamps_k_and_normalizes() -> None:
+def test_exact_l2_ranks_as_squared_euclidean_and_pads_past_the_end() -> None:
     rng = np.random.default_rng(1)
-    gallery = rng.standard_normal((5, 8)).astype(np.float32) * 3
-    index = FeatureIndex(8, normalize=True, use_gpu=False)
+    gallery = rng.standard_normal((5, 8)).astype(np.float32) * 3  # not normalised
+    index = VectorIndex.exact(8, metric="l2", use_gpu=False)
     index.add(gallery)
-    scores, ids = index.search(gallery, k=50)
-    assert ids.shape == (5, 5)
+    scores, ids = index.search(gallery + 0.01, k=7)
+    assert ids.shape == (5, 7)
     np.testing.assert_array_equal(ids[:, 0], np.arange(5))
-    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
+    d = ((gallery[:, None] + 0.01 - gallery[None]) ** 2).sum(-1)
+    np.testing.assert_allclose(scores[:, :5], np.sort(d, axis=1), rtol=1e-4, atol=1e-4)
+    assert (ids[:, 5:] == -1).all() and np.isinf(scores[:, 5:]).all() and (scores[:, 5:] > 0).all()
+    with pytest.raises(ValueError, match=r"\(N, 8\)"):
+        index.search(np.zeros((2, 9), np.float32), 3)
+    with pytest.raises(ValueError, match="metric"):
+        VectorIndex.exact(8, metric="cosine")
 
 
 def test_gpu_request_falls_back_to_cpu_without_error() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "GPU faiss requested but unavailable" on CPU-only machines
-        index = FeatureIndex(16, use_gpu=True)
-    index.add(_normalize(np.random.default_rng(2).standard_normal((50, 16))))
-    assert index.search(np.eye(16, dtype=np.float32)[:3], 4)[1].shape == (3, 4)
+        index = VectorIndex.exact(16, use_gpu=True)
+        index.add(_normalize(np.random.default_rng(2).standard_normal((50, 16))))
+        assert index.search(np.eye(16, dtype=np.float32)[:3], 4)[1].shape == (3, 4)
 
 
 def test_ivfpq_recall_on_clustered_data() -> None:
@@ -65,10 +71,10 @@ def test_ivfpq_recall_on_clustered_data() -> None:
     gallery, queries = feats[:5000], feats[5000:5300]
     g_pids, q_pids = pids[:5000], pids[5000:5300]
     # 6-bit codes keep training fast; PQ is coarse, so exact top-1 is judged within the top 100.
-    index = FeatureIndex(64, "ivfpq", nlist=32, m=16, nbits=6, nprobe=8, use_gpu=False)
-    index.add(gallery)
-    assert index.is_trained and index.ntotal == 5000
-    _, ids = index.search(queries, k=100, chunk=128)
+    index = VectorIndex(64, IndexParams(kind="ivfpq", nlist=32, m=16, nbits=6, nprobe=8, use_gpu=False))
+    index.add(gallery)  # trained on its first vectors
+    assert index.kind == "ivfpq" and index.ntotal == 5000
+    _, ids = index.search(queries, k=100)
     exact = np.argmax(queries @ gallery.T, axis=1)
     recall_1_at_100 = np.mean([exact[i] in ids[i] for i in range(len(queries))])
     same_id_at_10 = np.mean(g_pids[ids[:, :10]] == q_pids[:, None])
@@ -79,8 +85,8 @@ def test_ivfpq_recall_on_clustered_data() -> None:
 
 
 def test_ivfpq_needs_enough_training_data() -> None:
-    index = FeatureIndex(16, "ivfpq", nlist=64, m=4, nbits=8, use_gpu=False)
-    with pytest.raises(ValueError):
+    index = VectorIndex(16, IndexParams(kind="ivfpq", nlist=64, m=4, nbits=8))
+    with pytest.raises(ValueError, match="at least 256"):
         index.add(_normalize(np.random.default_rng(4).standard_normal((100, 16))))
 
 

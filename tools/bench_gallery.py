@@ -85,6 +85,7 @@ def main() -> None:
     from reid_lite.config import load_cfg
     from reid_lite.index.gallery import Gallery, IndexParams
     from reid_lite.index.store import CropRecord
+    from reid_lite.index.vector_index import VectorIndex
 
     res: dict = {"n": args.n, "dim": args.dim, "ids": args.ids, "cameras": args.cameras, "queries": args.queries,
                  "k": args.k, "threads": faiss.omp_get_max_threads(), "cpu_count": os.cpu_count(),
@@ -95,7 +96,7 @@ def main() -> None:
     res["generate_seconds"] = round(time.perf_counter() - t0, 1)
 
     t0 = time.perf_counter()
-    exact = faiss.IndexFlatIP(args.dim)
+    exact = VectorIndex.exact(args.dim)  # the same wrapper as evaluation and the gallery
     exact.add(x)
     _, gt = exact.search(q, args.k)
     res["exact_search_seconds_all_queries"] = round(time.perf_counter() - t0, 1)

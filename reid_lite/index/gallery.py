@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import torch
 
@@ -284,16 +283,12 @@ class Gallery(GallerySearch, GalleryWrites):
                 raise GalleryCorrupt(f"{exc}; `reid-gallery recover {root}` falls back to the newest complete "
                                      "generation (the previous one is kept until the next write)") from None
             raise
-        try:
-            faiss_index = faiss.read_index(str(gen_dir / "index.faiss"))
-        except RuntimeError as exc:
-            raise GalleryCorrupt(f"cannot read {gen_dir / 'index.faiss'}: {exc}") from None
         params = IndexParams(**manifest["index"]["params"])
         vectors = VectorSegments(root / SEGMENTS, manifest["segments"]) if manifest["segments"] else None
+        idx = VectorIndex.read(gen_dir / "index.faiss", int(manifest["index"]["dim"]), params, vectors)
         store = MetadataStore(gen_dir / "meta.sqlite", readonly=True)
-        if int(faiss_index.ntotal) != store.count():
-            raise GalleryCorrupt(f"{gen_dir}: index holds {faiss_index.ntotal} vectors, metadata {store.count()} rows")
-        idx = VectorIndex(int(manifest["index"]["dim"]), params, faiss_index, vectors)
+        if idx.ntotal != store.count():
+            raise GalleryCorrupt(f"{gen_dir}: index holds {idx.ntotal} vectors, metadata {store.count()} rows")
         return cls(root, gen, manifest, store, idx)
 
     @classmethod

@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import faiss
 import numpy as np
 
 if TYPE_CHECKING:
@@ -256,7 +255,7 @@ def publish_generation(root: Path, tmp: Path, gen: int, idx: VectorIndex, segmen
 
     `previous` is the generation CURRENT named before: it is kept (with the new one), everything else
     (older generations, a killed writer's unpublished debris) is garbage-collected afterwards."""
-    faiss.write_index(idx.index, str(tmp / "index.faiss"))
+    idx.write(tmp / "index.faiss")
     files = []
     for name in ("index.faiss", "meta.sqlite"):
         path = tmp / name

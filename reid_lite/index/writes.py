@@ -169,7 +169,7 @@ class GalleryWrites:
             names, entries = idx.prepare(feats, self.root / SEGMENTS, name)
             ids = store.insert(new, gen)
             if len(ids):
-                idx.add(ids, feats)
+                idx.add(feats, ids)
                 if idx.kind == "ivfpq":  # float16 copies for exact re-ranking of the shortlist
                     entries += write_segment(self.root / SEGMENTS, name, ids, feats)
                     names.append(name)
