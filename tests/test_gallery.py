@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gallery_writer import writer_paused_at
 
 from reid_lite.config import load_cfg
 from reid_lite.data.synthetic import generate_reid_dataset
 from reid_lite.index.gallery import (
-    TEST_SLEEP_ENV,
+    STAGES,
     FingerprintMismatch,
     Gallery,
     GalleryCorrupt,
@@ -55,7 +56,7 @@ def vectors(g: Gallery) -> tuple[np.ndarray, np.ndarray]:
     """(ids, vectors) of a flat gallery, sorted by id."""
     import faiss
 
-    idx = g._index.index
+    idx = g.index.index
     ids = faiss.vector_to_array(idx.id_map).astype(np.int64)
     x = idx.index.reconstruct_n(0, idx.ntotal)
     order = np.argsort(ids)
@@ -94,7 +95,7 @@ def test_duplicates_stored_once(tmp_path, data):
     n = g.store.count()
     rep = g.add([data / "bounding_box_test", copy])
     assert rep.added == 0 and len(rep.duplicates) == n + 1 and g.store.count() == n
-    assert g.generation == 2 and g._index.ntotal == n
+    assert g.generation == 2 and g.index.ntotal == n
 
 
 def test_fingerprint_mismatch_refused(tmp_path, data):
@@ -138,37 +139,81 @@ def _wait_for(cond, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("stage", ["batch", "publish"])
+@pytest.mark.parametrize("stage", ["batch embedded", "renamed"])
 def test_sigkill_mid_add_leaves_previous_gallery(tmp_path, data, stage):
     root = tmp_path / "g"
     g = new_gallery(root)
     g.add([data / "bounding_box_test"])
     before_gen, before_n = g.generation, g.store.count()
     before = g.search(np.asarray(vectors(g)[1][:2]), k=5)
-    # Test-only hook: sleep after every batch of 2 crops / just before the CURRENT swap, then SIGKILL.
-    env = {**os.environ, TEST_SLEEP_ENV: f"{stage}=30"}
-    proc = subprocess.Popen([sys.executable, "-m", "reid_lite.index.cli", "add", str(root), str(data / "query"),
-                             "--batch-size", "2"], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        if stage == "batch":  # the writer has the lock (its pid is in LOCK) and is embedding
-            _wait_for(lambda: (root / "LOCK").read_text().strip() == str(proc.pid))
-            time.sleep(3.0)
-        else:  # the new generation is fully written and renamed, CURRENT not yet swapped
-            _wait_for(lambda: (root / f"gen-{before_gen + 1:06d}").exists())
-        assert proc.poll() is None, proc.communicate()
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    # Killed after its first batch of 2 crops / with the new generation written and renamed, CURRENT not swapped.
+    proc = writer_paused_at(stage, tmp_path / "paused", "add", str(root), str(data / "query"), "--batch-size", "2")
+    if stage == "renamed":
+        assert (root / f"gen-{before_gen + 1:06d}").is_dir()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
     g2 = Gallery.open(root)  # verified: the previous generation is intact
     assert g2.generation == before_gen and g2.store.count() == before_n
     after = g2.search(np.asarray(vectors(g2)[1][:2]), k=5)
     assert [[h.id for h in r] for r in after] == [[h.id for h in r] for r in before]
     # the next writer works, is not blocked by a stale lock, and clears the debris
     rep = g2.add([data / "query"])
-    new_gen = before_gen + (2 if stage == "publish" else 1)  # the unpublished debris' number is not reused
+    new_gen = before_gen + (2 if stage == "renamed" else 1)  # the unpublished debris' number is not reused
     assert rep.added == len(list((data / "query").glob("*.jpg"))) and g2.generation == new_gen
     names = sorted(p.name for p in root.iterdir())
     assert names == ["CURRENT", "LOCK", f"gen-{before_gen:06d}", f"gen-{new_gen:06d}"]
+
+
+class Injected(Exception):
+    """A failure a test injects at one write stage."""
+
+
+def fail_at(stage: str):
+    def on_stage(reached: str) -> None:
+        if reached == stage:
+            raise Injected(stage)
+
+    return on_stage
+
+
+def test_write_stages_in_order_and_a_failure_at_each_keeps_a_published_generation(tmp_path, data):
+    root = tmp_path / "g"
+    seen: list[str] = []
+    g = new_gallery(root, on_stage=seen.append)
+    assert seen == ["locked", "staged", "index written", "renamed", "published"]  # create: nothing to embed
+    seen.clear()
+    crops = sorted((data / "bounding_box_test").glob("*.jpg"))
+    g.add(crops, batch_size=8)
+    batches = -(-len(crops) // 8)
+    assert seen == ["locked", *["batch embedded"] * batches, "embedded", "staged", "index written", "renamed",
+                    "published"]
+    assert set(seen) == set(STAGES)
+    probe = np.asarray(vectors(g)[1][:3])
+    queries = sorted((data / "query").glob("*.jpg"))
+    for stage in STAGES:
+        gen, n = Gallery.open(root).generation, g.store.count()
+        expected = [[h.id for h in r] for r in Gallery.open(root).search(probe, k=5)]
+        g.on_stage = fail_at(stage)
+        with pytest.raises(Injected):
+            g.add(queries[:2], batch_size=8)
+        g.on_stage = None
+        published = stage == "published"  # the failure came after the commit point: the add is whole
+        fresh = Gallery.open(root)  # checksums verified
+        assert fresh.generation == gen + published and fresh.store.count() == n + 2 * published, stage
+        assert not [p.name for p in root.iterdir() if p.name.startswith(".tmp")], stage  # no debris
+        if published:  # the new crops are found
+            assert [r[0].path for r in fresh.search(queries[:2], k=1)] == [str(q.resolve()) for q in queries[:2]]
+        else:  # searchable as before, and no unpublished generation left for `recover` to publish
+            assert [[h.id for h in r] for r in fresh.search(probe, k=5)] == expected, stage
+            assert sorted(p.name for p in root.iterdir() if p.name.startswith("gen-"))[-1] == f"gen-{gen:06d}"
+    # a failed overwriting build leaves the old gallery current and whole, at every stage before the commit
+    for stage in STAGES[:-1]:
+        with pytest.raises(Injected):
+            Gallery.build(root, tiny_cfg(), queries[2:4], camera_num=3, overwrite=True, on_stage=fail_at(stage))
+        assert Gallery.open(root).store.count() == len(crops) + 2, stage
+    rep = g.add(queries[2:4])  # the next write works and collects the garbage
+    assert rep.added == 2 and sorted(p.name for p in root.iterdir()) == [
+        "CURRENT", "LOCK", f"gen-{g.generation - 1:06d}", f"gen-{g.generation:06d}"]
 
 
 def test_filters_exact_for_flat(tmp_path, data):

@@ -130,7 +130,7 @@ def main() -> None:
     g = Gallery.open(g.root, verify=True)
     res["open_verify_seconds"] = round(time.perf_counter() - t0, 1)
 
-    idx = g._index
+    idx = g.index
     runs = []
     for refine in args.refine:
         for nprobe in args.nprobe:

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 from .gallery import Gallery
-from .storage import CURRENT, GalleryError
+from .storage import CURRENT, GalleryError, StageCallback
 
 logger = logging.getLogger(__name__)
 
@@ -28,11 +28,14 @@ class LiveGallery:
 
     verify: check every file's sha256 on each open (the first and every reopen). device: where the
     gallery's model runs. The model is built once, here, and shared by every later generation.
+    on_stage: the write-stage callback of the galleries that `writer()` opens (see `Gallery`).
     """
 
-    def __init__(self, root: str | os.PathLike, verify: bool = True, device: str | None = None) -> None:
+    def __init__(self, root: str | os.PathLike, verify: bool = True, device: str | None = None,
+                 on_stage: StageCallback | None = None) -> None:
         self.root = Path(root)
         self.verify = verify
+        self.on_stage = on_stage
         self._current_text = self._read_current()
         gallery = Gallery.open(self.root, verify=verify)
         gallery.device = device
@@ -40,6 +43,12 @@ class LiveGallery:
         self._gallery = gallery
         self._reopen_lock = threading.Lock()
         self.reopen_errors: list[str] = []
+
+    def writer(self) -> Gallery:
+        """A separate handle on the gallery for one write (close it after), sharing the served model."""
+        writer = Gallery.open(self.root, verify=False, on_stage=self.on_stage)
+        writer.share_model(self._gallery)
+        return writer
 
     def _read_current(self) -> str:
         try:
