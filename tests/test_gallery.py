@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -327,3 +328,30 @@ def test_torchrun_two_processes_equals_one(tmp_path, data):
     g2 = Gallery.open(two)
     assert vectors(g2)[0].tolist() == i2.tolist() and g2.generation == 0  # a build publishes once
     assert sorted(p.name for p in two.iterdir()) == ["CURRENT", "LOCK", "gen-000000"]
+
+
+OLD_GALLERIES = Path(__file__).parent / "data" / "galleries_v1"
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivfpq"])
+def test_galleries_written_before_the_wrapper_merge_still_load(tmp_path, kind):
+    """tests/data/galleries_v1/{flat,ivfpq} were written by the code of commit 7d46f5e (before the faiss
+    wrappers were merged): Gallery.create (a 32-wide random-init TransReID, 3 cameras), add_features of
+    40 / 300 unit vectors (`<kind>_vectors.npy`, kept as float16) for crops /synthetic/NNNN_cK.jpg, then
+    remove(ids=[1, 2], purge=True). They must open (checksums verified), search and take new writes."""
+    root = tmp_path / kind
+    shutil.copytree(OLD_GALLERIES / kind, root)
+    x = np.load(OLD_GALLERIES / f"{kind}_vectors.npy").astype(np.float32)
+    g = Gallery.open(root)
+    assert g.index.kind == kind and g.store.count() == g.index.ntotal == len(x) - 2
+    keep = np.array([i for i in range(len(x)) if i not in (1, 2)])
+    hits = g.search(x[keep[:20]], k=3)
+    assert [r[0].id for r in hits] == keep[:20].tolist()
+    assert all(h.path == f"/synthetic/{h.id:04d}_c{h.id % 3 + 1}.jpg" and h.camid == h.id % 3 for r in hits for h in r)
+    assert not {1, 2} & {h.id for r in g.search(x[:3], k=10) for h in r}
+    new = np.eye(32, dtype=np.float32)[:2]
+    rep = g.add_features([CropRecord(path=f"/new/{i}_c1.jpg", sha256=f"{i + 10_000:064x}", camid=0)
+                          for i in range(2)], new)
+    g2 = Gallery.open(root)
+    assert rep.added == 2 and g2.generation == g.generation and g2.store.count() == len(x)
+    assert [r[0].path for r in g2.search(new, k=1)] == ["/new/0_c1.jpg", "/new/1_c1.jpg"]

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from extras import torchreid_evaluate_rank
 
-from reid_lite.index import IndexParams, VectorIndex
+import reid_lite
+from reid_lite.index import Gallery, IndexParams, VectorIndex
 from reid_lite.metrics import evaluate_retrieval, re_ranking
+from reid_lite.utils.visualize import rank_gallery
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -88,6 +92,36 @@ def test_ivfpq_needs_enough_training_data() -> None:
     index = VectorIndex(16, IndexParams(kind="ivfpq", nlist=64, m=4, nbits=8))
     with pytest.raises(ValueError, match="at least 256"):
         index.add(_normalize(np.random.default_rng(4).standard_normal((100, 16))))
+
+
+def test_evaluation_and_the_gallery_search_through_the_one_wrapper(monkeypatch, tmp_path) -> None:
+    """Evaluation's exact ranking (tools/test.py --vis-queries) and a gallery's search both run
+    VectorIndex.search, and no other module of the package touches faiss."""
+    calls: list[tuple[str, str]] = []
+    search = VectorIndex.search
+
+    def spy(self, *args, **kwargs):
+        calls.append((self.kind, self.metric))
+        return search(self, *args, **kwargs)
+
+    monkeypatch.setattr(VectorIndex, "search", spy)
+    rng = np.random.default_rng(5)
+    g = torch.from_numpy(rng.standard_normal((60, 16)).astype(np.float32) * 2)  # not normalised
+    g_pids, g_cams = rng.integers(0, 6, 60), rng.integers(0, 3, 60)
+    q = g[7] + 0.1
+    order = rank_gallery(q, int(g_pids[7]), int(g_cams[7]), g, g_pids, g_cams, topk=10)
+    d = ((g - q) ** 2).sum(1).numpy()
+    junk = (g_pids == g_pids[7]) & (g_cams == g_cams[7])  # the query's own crop among them
+    np.testing.assert_array_equal(order, np.argsort(np.where(junk, np.inf, d), kind="stable")[:10])
+    assert calls == [("flat", "l2")]
+    root = tmp_path / "g"
+    shutil.copytree(Path(__file__).parent / "data" / "galleries_v1" / "flat", root)
+    x = np.load(Path(__file__).parent / "data" / "galleries_v1" / "flat_vectors.npy").astype(np.float32)
+    assert Gallery.open(root).search(x[:1], k=3)[0][0].id == 0
+    assert calls == [("flat", "l2"), ("flat", "ip")]
+    package = Path(reid_lite.__file__).parent
+    users = sorted(str(p.relative_to(package)) for p in package.rglob("*.py") if "import faiss" in p.read_text())
+    assert users == ["index/vector_index.py"]
 
 
 # ---------------------------------------------------------------------------- evaluate_retrieval
