@@ -109,7 +109,7 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory(prefix="bench-gallery-", dir=args.dir)
     cfg = load_cfg("configs/market1501_stm.yml", ["MODEL.DEVICE", "cpu", "MODEL.PRETRAIN_CHOICE", "none"])
     params = IndexParams(kind="ivfpq", nlist=args.nlist, m=args.m)
-    g = Gallery.create(Path(tmp.name) / "g", cfg, index=params)
+    g = Gallery.create(Path(tmp.name) / "g", cfg, index=params, camera_num=args.cameras)
     records = [CropRecord(path=f"/synthetic/{i:07d}_c{c + 1}.jpg", sha256=f"{i:064x}", camid=int(c),
                           timestamp=float(i), identity=int(p)) for i, (p, c) in enumerate(zip(pid, cam))]
     t0 = time.perf_counter()

@@ -7,8 +7,9 @@ from reid_lite.index.vector_index import IndexParams, VectorIndex, gpu_available
 
 __all__ = ["IndexParams", "VectorIndex", "gpu_available"]
 
-# Persisted gallery: gallery.py (build/open), writes.py, querying.py, storage.py (generations, lock),
-# vector_index.py (the faiss wrapper), store.py (SQLite), crops.py, fingerprint.py; CLI `reid-gallery` in cli.py.
+# Persisted gallery: gallery.py (build/open), writes.py, querying.py, embedding.py (the model), storage.py
+# (generations, lock, write stages), vector_index.py (the faiss wrapper), store.py (SQLite), crops.py,
+# fingerprint.py; live.py + server.py (`reid-gallery serve`); CLI `reid-gallery` in cli.py.
 from reid_lite.index.gallery import (  # noqa: E402
     AddReport,
     FingerprintMismatch,

@@ -216,6 +216,8 @@ class VectorIndex:
     def _convert(self, new_vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Train IVF-PQ on the stored and the new vectors and move the stored ones into it; returns the
         moved (ids, vectors)."""
+        if self.metric != "ip":
+            raise ValueError("IVF-PQ indexes inner products; a squared-Euclidean (l2) index stays exact (kind 'flat')")
         old_ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)
         old = self.index.index.reconstruct_n(0, self.ntotal) if self.ntotal else np.empty((0, self.dim), np.float32)
         ivf = self._train_ivfpq(np.concatenate([old, new_vectors]) if len(old) else new_vectors)
