@@ -221,7 +221,7 @@ def test_search_goes_on_while_an_upload_is_published(tmp_path, crops):
         assert r.status_code == 200, r.text
         added = r.json()
         assert added["added"] == 1 and added["generation"] == gen0 + 1
-        assert not failures and during[0] >= 2 and all(top for _, top in seen)
+        assert not failures and during and during[0] >= 2 and all(top for _, top in seen)
         gens = [g for g, _ in seen]
         assert gens == sorted(gens) and gens[0] == gen0 and set(gens) <= {gen0, gen0 + 1}
         assert (tmp_path / "gal" / UPLOADS).is_dir() and len(list((tmp_path / "gal" / UPLOADS).iterdir())) == 1
