@@ -69,6 +69,47 @@ def test_gpu_request_falls_back_to_cpu_without_error() -> None:
         assert index.search(np.eye(16, dtype=np.float32)[:3], 4)[1].shape == (3, 4)
 
 
+def test_gpu_path_maps_rows_back_to_ids_and_falls_back_on_failure(monkeypatch) -> None:
+    """The GPU copy holds the flat vectors by row; results must come back as the index's ids (here not
+    0..n-1, after a removal). faiss' GPU calls are stood in for by a CPU copy (no GPU on CI)."""
+    import faiss
+
+    import reid_lite.index.vector_index as vi
+
+    rng = np.random.default_rng(6)
+    x = _normalize(rng.standard_normal((40, 16)))
+    cpu = VectorIndex.exact(16, use_gpu=False)
+    cpu.add(x, ids=np.arange(100, 140))
+    cpu.remove(np.array([100, 105, 117]))
+    copies: list[int] = []
+
+    def to_gpu(res, device, index):
+        copies.append(device)
+        return faiss.clone_index(index)
+
+    monkeypatch.setattr(vi, "gpu_available", lambda: True)
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: None, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu, raising=False)
+    gpu = cpu.clone()
+    gpu.params.use_gpu = None  # auto: the GPU when there is one
+    expected = cpu.search(x, k=5)
+    for _ in range(2):
+        got = gpu.search(x, k=5)
+        np.testing.assert_array_equal(got[1], expected[1])
+        np.testing.assert_allclose(got[0], expected[0], atol=1e-6)
+    assert copies == [0]  # copied once, then reused
+    assert gpu.search(x, k=5, allowed=np.arange(120, 140))[1].min() >= 120  # filters: CPU, still exact
+
+    def fails(res, device, index):
+        raise RuntimeError("not supported on GPU")
+
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", fails, raising=False)
+    fallback = cpu.clone()
+    fallback.params.use_gpu = True
+    with pytest.warns(UserWarning, match="could not move the faiss index to GPU"):
+        np.testing.assert_array_equal(fallback.search(x, k=5)[1], expected[1])
+
+
 def test_ivfpq_recall_on_clustered_data() -> None:
     rng = np.random.default_rng(3)
     feats, pids = _clustered(rng, num_ids=200, n=6000, dim=64, noise=0.35)

@@ -43,7 +43,7 @@ class GalleryModel:
     fingerprint: dict[str, Any]
     device: str | None
     on_stage: StageCallback | None
-    _extractor: Any
+    _extractor: Any = None  # built on first use (`extractor()`), or shared
 
     def notify(self, stage: str) -> None:
         """Call the gallery's `on_stage` callback, if any, at `stage` of a write (see storage.STAGES)."""
@@ -87,6 +87,11 @@ class GalleryModel:
         check_fingerprint(self.fingerprint, model_fingerprint(cfg, ext.model, self.fingerprint["feature"]["kind"],
                                                               self.camera_num))
         return ext
+
+    def use_extractor(self, extractor: Any) -> None:
+        """Embed with `extractor`, a FeatureExtractor of this gallery's model (the caller vouches for that:
+        a build passes the one it fingerprinted)."""
+        self._extractor = extractor
 
     def share_model(self, other: GalleryModel) -> None:
         """Use `other`'s already built extractor (another generation of the same gallery, or one with

@@ -118,9 +118,7 @@ class Gallery(GallerySearch, GalleryWrites, GalleryModel):
         self.staged = staged
         if on_stage is not None:
             self.on_stage = on_stage
-        self._writing = False
         self.fingerprint: dict[str, Any] = store.get_meta("fingerprint")
-        self._extractor = None
         self._columns: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self.device: str | None = None
 
@@ -207,7 +205,7 @@ class Gallery(GallerySearch, GalleryWrites, GalleryModel):
             store.commit()
             g = cls(root, -1, {"segments": [], "segment_files": []}, store, VectorIndex(fp["feature"]["dim"], params),
                     stage, on_stage)
-            g._extractor = extractor
+            g.use_extractor(extractor)
             return g
 
         if root is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -127,6 +128,7 @@ class VectorIndex:
         self._gpu: faiss.Index | None = None
         self._gpu_ids: np.ndarray | None = None
         self._gpu_failed = False
+        self._gpu_lock = threading.Lock()
 
     @classmethod
     def exact(cls, dim: int, metric: str = "ip", use_gpu: bool | None = None) -> VectorIndex:
@@ -281,16 +283,18 @@ class VectorIndex:
                 warnings.warn("GPU faiss requested but unavailable; searching on CPU", stacklevel=3)
                 self._gpu_failed = True
             return None
-        if self._gpu is None:
-            try:
-                self._gpu_res = faiss.StandardGpuResources()
-                # The inner flat index goes to the GPU (IndexIDMap2 has no GPU version); ids map back here.
-                self._gpu = faiss.index_cpu_to_gpu(self._gpu_res, 0, self.index.index)
-                self._gpu_ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)
-            except (RuntimeError, AttributeError, MemoryError) as exc:
-                warnings.warn(f"could not move the faiss index to GPU ({exc}); searching on CPU", stacklevel=3)
-                self._gpu, self._gpu_failed = None, True
-                return None
+        with self._gpu_lock:  # concurrent searches (the server) build one GPU copy, not several
+            return self._gpu if self._gpu is not None else self._copy_to_gpu()
+
+    def _copy_to_gpu(self) -> faiss.Index | None:
+        try:
+            self._gpu_res = faiss.StandardGpuResources()
+            # The inner flat index goes to the GPU (IndexIDMap2 has no GPU version); ids map back here.
+            self._gpu_ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)
+            self._gpu = faiss.index_cpu_to_gpu(self._gpu_res, 0, self.index.index)
+        except (RuntimeError, AttributeError, MemoryError) as exc:
+            warnings.warn(f"could not move the faiss index to GPU ({exc}); searching on CPU", stacklevel=4)
+            self._gpu, self._gpu_failed = None, True
         return self._gpu
 
     def search(self, q: Any, k: int, allowed: np.ndarray | None = None, nprobe: int | None = None,

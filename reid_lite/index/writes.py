@@ -83,7 +83,7 @@ class GalleryWrites:
     index: VectorIndex
     staged: StagedGeneration | None
     on_stage: StageCallback | None
-    _writing: bool
+    _writing = False  # inside `writing()`: nested writes do not lock again
     _columns: Any
 
     @contextlib.contextmanager
