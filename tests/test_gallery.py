@@ -355,3 +355,24 @@ def test_galleries_written_before_the_wrapper_merge_still_load(tmp_path, kind):
     g2 = Gallery.open(root)
     assert rep.added == 2 and g2.generation == g.generation and g2.store.count() == len(x)
     assert [r[0].path for r in g2.search(new, k=1)] == ["/new/0_c1.jpg", "/new/1_c1.jpg"]
+
+
+def test_index_modules_use_only_each_others_public_names():
+    """No module of reid_lite/index imports a `_private` name, or reads or calls a `_private` attribute
+    that it does not define itself (the distributed build, the server and the gallery's halves talk
+    through public methods)."""
+    import ast
+
+    bad = []
+    for path in sorted((REPO / "reid_lite" / "index").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        own = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+        own |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store)}
+        own |= {n.target.id for n in ast.walk(tree) if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+        for n in ast.walk(tree):
+            if isinstance(n, ast.ImportFrom) and (n.level or (n.module or "").startswith("reid_lite")):
+                bad += [f"{path.name}:{n.lineno} imports {a.name}" for a in n.names if a.name.startswith("_")]
+            elif (isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Load) and n.attr.startswith("_")
+                  and not n.attr.startswith("__") and n.attr not in own):
+                bad.append(f"{path.name}:{n.lineno} uses .{n.attr}")
+    assert not bad, bad
