@@ -146,6 +146,8 @@ class VectorIndex:
             index = faiss.read_index(str(path))
         except RuntimeError as exc:
             raise GalleryCorrupt(f"cannot read {path}: {exc}") from None
+        if int(index.d) != dim:
+            raise GalleryCorrupt(f"{path} holds {index.d}-d vectors, its manifest says {dim}")
         return cls(dim, params, index, vectors)
 
     def write(self, path: str | Path) -> None:
