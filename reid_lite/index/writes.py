@@ -192,7 +192,7 @@ class GalleryWrites:
             return names, entries
 
         report.added = len(new)
-        report.generation = self._write(mutate)
+        report.generation = self.write_generation(mutate)
 
     def remove(self, paths: Sequence[str] | None = None, cameras: Sequence[int] | None = None,
                ids: Sequence[int] | None = None, lock_timeout: float | None = None, purge: bool = False) -> int:
@@ -224,7 +224,7 @@ class GalleryWrites:
                                              "disagree")
                     return [], []
 
-                self._write(mutate)
+                self.write_generation(mutate)
             if purge:
                 self.purge()
         return removed
@@ -248,13 +248,15 @@ class GalleryWrites:
                     name = f"seg-{gen:06d}-compact"
                     return [name], write_segment(self.root / SEGMENTS, name, live, kept)
 
-                self._write(compact, replace_segments=True)
+                self.write_generation(compact, replace_segments=True)
             return collect_garbage(self.root, {self.generation})
 
-    def _write(self, mutate: Mutation, replace_segments: bool = False) -> int:
-        """Build the next generation from the current one with `mutate` and publish it (lock held).
-        The segments `mutate` returns are added to the current ones, or replace them. A staged build
-        applies `mutate` to its own unpublished generation instead."""
+    def write_generation(self, mutate: Mutation, replace_segments: bool = False) -> int:
+        """Build the next generation from the current one with `mutate` and publish it; returns its number.
+        Call it inside :meth:`writing` (the lock held). `mutate(store, index, generation)` changes copies
+        of the metadata and the index and returns the segments it wrote (names, manifest entries), which
+        are added to the current ones, or replace them. A staged build applies `mutate` to its own
+        unpublished generation instead."""
         if self.staged is not None:
             if self.staged.tmp is None:
                 raise GalleryError("a detached gallery (directory None) embeds only; it cannot be written")
