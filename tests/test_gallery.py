@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gallery_writer import writer_paused_at
 
 from reid_lite.config import load_cfg
 from reid_lite.data.synthetic import generate_reid_dataset
 from reid_lite.index.gallery import (
-    TEST_SLEEP_ENV,
+    STAGES,
     FingerprintMismatch,
     Gallery,
     GalleryCorrupt,
@@ -55,7 +57,7 @@ def vectors(g: Gallery) -> tuple[np.ndarray, np.ndarray]:
     """(ids, vectors) of a flat gallery, sorted by id."""
     import faiss
 
-    idx = g._index.index
+    idx = g.index.index
     ids = faiss.vector_to_array(idx.id_map).astype(np.int64)
     x = idx.index.reconstruct_n(0, idx.ntotal)
     order = np.argsort(ids)
@@ -95,7 +97,7 @@ def test_duplicates_stored_once(tmp_path, data):
     rep = g.add([data / "bounding_box_test", copy])
     assert rep.added == 0 and len(rep.duplicates) == n + 1 and g.store.count() == n
     # Nothing new: no generation is published (none to garbage-collect, nothing for readers to reload).
-    assert rep.generation == g.generation == 1 and g._index.ntotal == n
+    assert rep.generation == g.generation == 1 and g.index.ntotal == n
     assert not (tmp_path / "g" / "gen-000002").exists() and Gallery.open(tmp_path / "g").generation == 1
 
 
@@ -140,37 +142,81 @@ def _wait_for(cond, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("stage", ["batch", "publish"])
+@pytest.mark.parametrize("stage", ["batch embedded", "renamed"])
 def test_sigkill_mid_add_leaves_previous_gallery(tmp_path, data, stage):
     root = tmp_path / "g"
     g = new_gallery(root)
     g.add([data / "bounding_box_test"])
     before_gen, before_n = g.generation, g.store.count()
     before = g.search(np.asarray(vectors(g)[1][:2]), k=5)
-    # Test-only hook: sleep after every batch of 2 crops / just before the CURRENT swap, then SIGKILL.
-    env = {**os.environ, TEST_SLEEP_ENV: f"{stage}=30"}
-    proc = subprocess.Popen([sys.executable, "-m", "reid_lite.index.cli", "add", str(root), str(data / "query"),
-                             "--batch-size", "2"], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        if stage == "batch":  # the writer has the lock (its pid is in LOCK) and is embedding
-            _wait_for(lambda: (root / "LOCK").read_text().strip() == str(proc.pid))
-            time.sleep(3.0)
-        else:  # the new generation is fully written and renamed, CURRENT not yet swapped
-            _wait_for(lambda: (root / f"gen-{before_gen + 1:06d}").exists())
-        assert proc.poll() is None, proc.communicate()
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    # Killed after its first batch of 2 crops / with the new generation written and renamed, CURRENT not swapped.
+    proc = writer_paused_at(stage, tmp_path / "paused", "add", str(root), str(data / "query"), "--batch-size", "2")
+    if stage == "renamed":
+        assert (root / f"gen-{before_gen + 1:06d}").is_dir()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
     g2 = Gallery.open(root)  # verified: the previous generation is intact
     assert g2.generation == before_gen and g2.store.count() == before_n
     after = g2.search(np.asarray(vectors(g2)[1][:2]), k=5)
     assert [[h.id for h in r] for r in after] == [[h.id for h in r] for r in before]
     # the next writer works, is not blocked by a stale lock, and clears the debris
     rep = g2.add([data / "query"])
-    new_gen = before_gen + (2 if stage == "publish" else 1)  # the unpublished debris' number is not reused
+    new_gen = before_gen + (2 if stage == "renamed" else 1)  # the unpublished debris' number is not reused
     assert rep.added == len(list((data / "query").glob("*.jpg"))) and g2.generation == new_gen
     names = sorted(p.name for p in root.iterdir())
     assert names == ["CURRENT", "LOCK", f"gen-{before_gen:06d}", f"gen-{new_gen:06d}"]
+
+
+class Injected(Exception):
+    """A failure a test injects at one write stage."""
+
+
+def fail_at(stage: str):
+    def on_stage(reached: str) -> None:
+        if reached == stage:
+            raise Injected(stage)
+
+    return on_stage
+
+
+def test_write_stages_in_order_and_a_failure_at_each_keeps_a_published_generation(tmp_path, data):
+    root = tmp_path / "g"
+    seen: list[str] = []
+    g = new_gallery(root, on_stage=seen.append)
+    assert seen == ["locked", "staged", "index written", "renamed", "published"]  # create: nothing to embed
+    seen.clear()
+    crops = sorted((data / "bounding_box_test").glob("*.jpg"))
+    g.add(crops, batch_size=8)
+    batches = -(-len(crops) // 8)
+    assert seen == ["locked", *["batch embedded"] * batches, "embedded", "staged", "index written", "renamed",
+                    "published"]
+    assert set(seen) == set(STAGES)
+    probe = np.asarray(vectors(g)[1][:3])
+    queries = sorted((data / "query").glob("*.jpg"))
+    for stage in STAGES:
+        gen, n = Gallery.open(root).generation, g.store.count()
+        expected = [[h.id for h in r] for r in Gallery.open(root).search(probe, k=5)]
+        g.on_stage = fail_at(stage)
+        with pytest.raises(Injected):
+            g.add(queries[:2], batch_size=8)
+        g.on_stage = None
+        published = stage == "published"  # the failure came after the commit point: the add is whole
+        fresh = Gallery.open(root)  # checksums verified
+        assert fresh.generation == gen + published and fresh.store.count() == n + 2 * published, stage
+        assert not [p.name for p in root.iterdir() if p.name.startswith(".tmp")], stage  # no debris
+        if published:  # the new crops are found
+            assert [r[0].path for r in fresh.search(queries[:2], k=1)] == [str(q.resolve()) for q in queries[:2]]
+        else:  # searchable as before, and no unpublished generation left for `recover` to publish
+            assert [[h.id for h in r] for r in fresh.search(probe, k=5)] == expected, stage
+            assert sorted(p.name for p in root.iterdir() if p.name.startswith("gen-"))[-1] == f"gen-{gen:06d}"
+    # a failed overwriting build leaves the old gallery current and whole, at every stage before the commit
+    for stage in STAGES[:-1]:
+        with pytest.raises(Injected):
+            Gallery.build(root, tiny_cfg(), queries[2:4], camera_num=3, overwrite=True, on_stage=fail_at(stage))
+        assert Gallery.open(root).store.count() == len(crops) + 2, stage
+    rep = g.add(queries[2:4])  # the next write works and collects the garbage
+    assert rep.added == 2 and sorted(p.name for p in root.iterdir()) == [
+        "CURRENT", "LOCK", f"gen-{g.generation - 1:06d}", f"gen-{g.generation:06d}"]
 
 
 def test_filters_exact_for_flat(tmp_path, data):
@@ -284,3 +330,51 @@ def test_torchrun_two_processes_equals_one(tmp_path, data):
     g2 = Gallery.open(two)
     assert vectors(g2)[0].tolist() == i2.tolist() and g2.generation == 0  # a build publishes once
     assert sorted(p.name for p in two.iterdir()) == ["CURRENT", "LOCK", "gen-000000"]
+
+
+OLD_GALLERIES = Path(__file__).parent / "data" / "galleries_v1"
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivfpq"])
+def test_galleries_written_before_the_wrapper_merge_still_load(tmp_path, kind):
+    """tests/data/galleries_v1/{flat,ivfpq} were written by the code of commit 7d46f5e (before the faiss
+    wrappers were merged): Gallery.create (a 32-wide random-init TransReID, 3 cameras), add_features of
+    40 / 300 unit vectors (`<kind>_vectors.npy`, kept as float16) for crops /synthetic/NNNN_cK.jpg, then
+    remove(ids=[1, 2], purge=True). They must open (checksums verified), search and take new writes."""
+    root = tmp_path / kind
+    shutil.copytree(OLD_GALLERIES / kind, root)
+    x = np.load(OLD_GALLERIES / f"{kind}_vectors.npy").astype(np.float32)
+    g = Gallery.open(root)
+    assert g.index.kind == kind and g.store.count() == g.index.ntotal == len(x) - 2
+    keep = np.array([i for i in range(len(x)) if i not in (1, 2)])
+    hits = g.search(x[keep[:20]], k=3)
+    assert [r[0].id for r in hits] == keep[:20].tolist()
+    assert all(h.path == f"/synthetic/{h.id:04d}_c{h.id % 3 + 1}.jpg" and h.camid == h.id % 3 for r in hits for h in r)
+    assert not {1, 2} & {h.id for r in g.search(x[:3], k=10) for h in r}
+    new = np.eye(32, dtype=np.float32)[:2]
+    rep = g.add_features([CropRecord(path=f"/new/{i}_c1.jpg", sha256=f"{i + 10_000:064x}", camid=0)
+                          for i in range(2)], new)
+    g2 = Gallery.open(root)
+    assert rep.added == 2 and g2.generation == g.generation and g2.store.count() == len(x)
+    assert [r[0].path for r in g2.search(new, k=1)] == ["/new/0_c1.jpg", "/new/1_c1.jpg"]
+
+
+def test_index_modules_use_only_each_others_public_names():
+    """No module of reid_lite/index imports a `_private` name, or reads or calls a `_private` attribute
+    that it does not define itself (the distributed build, the server and the gallery's halves talk
+    through public methods)."""
+    import ast
+
+    bad = []
+    for path in sorted((REPO / "reid_lite" / "index").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        own = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+        own |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store)}
+        own |= {n.target.id for n in ast.walk(tree) if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+        for n in ast.walk(tree):
+            if isinstance(n, ast.ImportFrom) and (n.level or (n.module or "").startswith("reid_lite")):
+                bad += [f"{path.name}:{n.lineno} imports {a.name}" for a in n.names if a.name.startswith("_")]
+            elif (isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Load) and n.attr.startswith("_")
+                  and not n.attr.startswith("__") and n.attr not in own):
+                bad.append(f"{path.name}:{n.lineno} uses .{n.attr}")
+    assert not bad, bad

@@ -9,20 +9,19 @@ import logging
 import os
 import pickle
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from gallery_writer import writer_paused_at
 
 from reid_lite.config import load_cfg
 from reid_lite.data.synthetic import generate_reid_dataset
 from reid_lite.index import storage
 from reid_lite.index.cli import main
-from reid_lite.index.gallery import TEST_SLEEP_ENV, Gallery, GalleryLocked, IndexParams
+from reid_lite.index.gallery import Gallery, GalleryLocked, IndexParams
 from reid_lite.index.storage import WriteLock
 from reid_lite.index.store import CropRecord
 from reid_lite.models import build_model
@@ -249,15 +248,10 @@ def test_missing_current_offers_recover(capsys, gallery, data):
 
 
 def test_ctrl_c_during_add(tmp_path, gallery, data):
-    env = {**os.environ, TEST_SLEEP_ENV: "batch=30"}
-    proc = subprocess.Popen([sys.executable, "-m", "reid_lite.index.cli", "add", str(gallery), str(data / "query"),
-                             "--batch-size", "2"], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    t0 = time.time()
-    while (gallery / "LOCK").read_text().strip() != str(proc.pid):  # the writer holds the lock
-        assert time.time() - t0 < 60 and proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    time.sleep(2.0)  # hashing done, embedding (sleeping after its first batch)
+    # Interrupted while embedding: after its first batch of 2 crops, with the lock held.
+    proc = writer_paused_at("batch embedded", tmp_path / "paused", "add", str(gallery), str(data / "query"),
+                            "--batch-size", "2")
+    assert (gallery / "LOCK").read_text().strip() == str(proc.pid)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130

@@ -1,16 +1,20 @@
-"""FeatureIndex (faiss), chunked evaluate_retrieval and blocked re-ranking."""
+"""The faiss wrapper (VectorIndex: exact and IVF-PQ search), chunked evaluate_retrieval, blocked re-ranking."""
 
 from __future__ import annotations
 
+import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from extras import torchreid_evaluate_rank
 
-from reid_lite.index import FeatureIndex, evaluate_retrieval
-from reid_lite.metrics import re_ranking
+import reid_lite
+from reid_lite.index import Gallery, IndexParams, VectorIndex
+from reid_lite.metrics import evaluate_retrieval, re_ranking
+from reid_lite.utils.visualize import rank_gallery
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -24,15 +28,15 @@ def _clustered(rng: np.random.Generator, num_ids: int, n: int, dim: int, noise: 
     return _normalize(feats), pids
 
 
-# ---------------------------------------------------------------------------- FeatureIndex
-def test_flat_ip_equals_brute_force() -> None:
+# ---------------------------------------------------------------------------- VectorIndex (exact, IVF-PQ)
+def test_exact_ip_equals_brute_force() -> None:
     rng = np.random.default_rng(0)
     gallery = _normalize(rng.standard_normal((2000, 48)))
     queries = _normalize(rng.standard_normal((300, 48)))
-    index = FeatureIndex(48, use_gpu=False)
-    index.add(gallery[:1200])
-    index.add(gallery[1200:])  # ids continue across add() calls
-    scores, ids = index.search(queries, k=10, chunk=64)
+    index = VectorIndex.exact(48, use_gpu=False)
+    assert index.add(gallery[:1200]).tolist() == list(range(1200))
+    index.add(torch.from_numpy(gallery[1200:]))  # ids continue across add() calls; tensors accepted
+    scores, ids = index.search(queries, k=10)
     sims = queries @ gallery.T
     ref_ids = np.argsort(-sims, axis=1, kind="stable")[:, :10]
     assert ids.dtype == np.int64 and scores.dtype == np.float32
@@ -40,23 +44,70 @@ def test_flat_ip_equals_brute_force() -> None:
     np.testing.assert_allclose(scores, np.take_along_axis(sims, ref_ids, axis=1), atol=1e-5)
 
 
-def test_search_clamps_k_and_normalizes() -> None:
+def test_exact_l2_ranks_as_squared_euclidean_and_pads_past_the_end() -> None:
     rng = np.random.default_rng(1)
-    gallery = rng.standard_normal((5, 8)).astype(np.float32) * 3
-    index = FeatureIndex(8, normalize=True, use_gpu=False)
+    gallery = rng.standard_normal((5, 8)).astype(np.float32) * 3  # not normalised
+    index = VectorIndex.exact(8, metric="l2", use_gpu=False)
     index.add(gallery)
-    scores, ids = index.search(gallery, k=50)
-    assert ids.shape == (5, 5)
+    scores, ids = index.search(gallery + 0.01, k=7)
+    assert ids.shape == (5, 7)
     np.testing.assert_array_equal(ids[:, 0], np.arange(5))
-    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
+    d = ((gallery[:, None] + 0.01 - gallery[None]) ** 2).sum(-1)
+    np.testing.assert_allclose(scores[:, :5], np.sort(d, axis=1), rtol=1e-4, atol=1e-4)
+    assert (ids[:, 5:] == -1).all() and np.isinf(scores[:, 5:]).all() and (scores[:, 5:] > 0).all()
+    with pytest.raises(ValueError, match=r"\(N, 8\)"):
+        index.search(np.zeros((2, 9), np.float32), 3)
+    with pytest.raises(ValueError, match="metric"):
+        VectorIndex.exact(8, metric="cosine")
 
 
 def test_gpu_request_falls_back_to_cpu_without_error() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "GPU faiss requested but unavailable" on CPU-only machines
-        index = FeatureIndex(16, use_gpu=True)
-    index.add(_normalize(np.random.default_rng(2).standard_normal((50, 16))))
-    assert index.search(np.eye(16, dtype=np.float32)[:3], 4)[1].shape == (3, 4)
+        index = VectorIndex.exact(16, use_gpu=True)
+        index.add(_normalize(np.random.default_rng(2).standard_normal((50, 16))))
+        assert index.search(np.eye(16, dtype=np.float32)[:3], 4)[1].shape == (3, 4)
+
+
+def test_gpu_path_maps_rows_back_to_ids_and_falls_back_on_failure(monkeypatch) -> None:
+    """The GPU copy holds the flat vectors by row; results must come back as the index's ids (here not
+    0..n-1, after a removal). faiss' GPU calls are stood in for by a CPU copy (no GPU on CI)."""
+    import faiss
+
+    import reid_lite.index.vector_index as vi
+
+    rng = np.random.default_rng(6)
+    x = _normalize(rng.standard_normal((40, 16)))
+    cpu = VectorIndex.exact(16, use_gpu=False)
+    cpu.add(x, ids=np.arange(100, 140))
+    cpu.remove(np.array([100, 105, 117]))
+    copies: list[int] = []
+
+    def to_gpu(res, device, index):
+        copies.append(device)
+        return faiss.clone_index(index)
+
+    monkeypatch.setattr(vi, "gpu_available", lambda: True)
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: None, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu, raising=False)
+    gpu = cpu.clone()
+    gpu.params.use_gpu = None  # auto: the GPU when there is one
+    expected = cpu.search(x, k=5)
+    for _ in range(2):
+        got = gpu.search(x, k=5)
+        np.testing.assert_array_equal(got[1], expected[1])
+        np.testing.assert_allclose(got[0], expected[0], atol=1e-6)
+    assert copies == [0]  # copied once, then reused
+    assert gpu.search(x, k=5, allowed=np.arange(120, 140))[1].min() >= 120  # filters: CPU, still exact
+
+    def fails(res, device, index):
+        raise RuntimeError("not supported on GPU")
+
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", fails, raising=False)
+    fallback = cpu.clone()
+    fallback.params.use_gpu = True
+    with pytest.warns(UserWarning, match="could not move the faiss index to GPU"):
+        np.testing.assert_array_equal(fallback.search(x, k=5)[1], expected[1])
 
 
 def test_ivfpq_recall_on_clustered_data() -> None:
@@ -65,10 +116,10 @@ def test_ivfpq_recall_on_clustered_data() -> None:
     gallery, queries = feats[:5000], feats[5000:5300]
     g_pids, q_pids = pids[:5000], pids[5000:5300]
     # 6-bit codes keep training fast; PQ is coarse, so exact top-1 is judged within the top 100.
-    index = FeatureIndex(64, "ivfpq", nlist=32, m=16, nbits=6, nprobe=8, use_gpu=False)
-    index.add(gallery)
-    assert index.is_trained and index.ntotal == 5000
-    _, ids = index.search(queries, k=100, chunk=128)
+    index = VectorIndex(64, IndexParams(kind="ivfpq", nlist=32, m=16, nbits=6, nprobe=8, use_gpu=False))
+    index.add(gallery)  # trained on its first vectors
+    assert index.kind == "ivfpq" and index.ntotal == 5000
+    _, ids = index.search(queries, k=100)
     exact = np.argmax(queries @ gallery.T, axis=1)
     recall_1_at_100 = np.mean([exact[i] in ids[i] for i in range(len(queries))])
     same_id_at_10 = np.mean(g_pids[ids[:, :10]] == q_pids[:, None])
@@ -79,9 +130,39 @@ def test_ivfpq_recall_on_clustered_data() -> None:
 
 
 def test_ivfpq_needs_enough_training_data() -> None:
-    index = FeatureIndex(16, "ivfpq", nlist=64, m=4, nbits=8, use_gpu=False)
-    with pytest.raises(ValueError):
+    index = VectorIndex(16, IndexParams(kind="ivfpq", nlist=64, m=4, nbits=8))
+    with pytest.raises(ValueError, match="at least 256"):
         index.add(_normalize(np.random.default_rng(4).standard_normal((100, 16))))
+
+
+def test_evaluation_and_the_gallery_search_through_the_one_wrapper(monkeypatch, tmp_path) -> None:
+    """Evaluation's exact ranking (tools/test.py --vis-queries) and a gallery's search both run
+    VectorIndex.search, and no other module of the package touches faiss."""
+    calls: list[tuple[str, str]] = []
+    search = VectorIndex.search
+
+    def spy(self, *args, **kwargs):
+        calls.append((self.kind, self.metric))
+        return search(self, *args, **kwargs)
+
+    monkeypatch.setattr(VectorIndex, "search", spy)
+    rng = np.random.default_rng(5)
+    g = torch.from_numpy(rng.standard_normal((60, 16)).astype(np.float32) * 2)  # not normalised
+    g_pids, g_cams = rng.integers(0, 6, 60), rng.integers(0, 3, 60)
+    q = g[7] + 0.1
+    order = rank_gallery(q, int(g_pids[7]), int(g_cams[7]), g, g_pids, g_cams, topk=10)
+    d = ((g - q) ** 2).sum(1).numpy()
+    junk = (g_pids == g_pids[7]) & (g_cams == g_cams[7])  # the query's own crop among them
+    np.testing.assert_array_equal(order, np.argsort(np.where(junk, np.inf, d), kind="stable")[:10])
+    assert calls == [("flat", "l2")]
+    root = tmp_path / "g"
+    shutil.copytree(Path(__file__).parent / "data" / "galleries_v1" / "flat", root)
+    x = np.load(Path(__file__).parent / "data" / "galleries_v1" / "flat_vectors.npy").astype(np.float32)
+    assert Gallery.open(root).search(x[:1], k=3)[0][0].id == 0
+    assert calls == [("flat", "l2"), ("flat", "ip")]
+    package = Path(reid_lite.__file__).parent
+    users = sorted(str(p.relative_to(package)) for p in package.rglob("*.py") if "import faiss" in p.read_text())
+    assert users == ["index/vector_index.py"]
 
 
 # ---------------------------------------------------------------------------- evaluate_retrieval

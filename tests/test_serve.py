@@ -16,7 +16,7 @@ import requests
 from PIL import Image
 from serve_util import build_gallery, make_crops
 
-from reid_lite.index.gallery import TEST_SLEEP_ENV, Gallery
+from reid_lite.index.gallery import Gallery
 from reid_lite.index.live import LiveGallery
 from reid_lite.index.server import UPLOADS, BackgroundServer, create_app
 
@@ -182,13 +182,25 @@ def test_info_and_openapi(server, crops):
     assert requests.get(f"{server.url}/docs", timeout=T).status_code == 404  # it would load a CDN
 
 
-def test_search_goes_on_while_an_upload_is_published(tmp_path, crops, monkeypatch):
+def test_search_goes_on_while_an_upload_is_published(tmp_path, crops):
     build_gallery(tmp_path / "gal", crops).close()
     new = sorted((crops / "query").glob("*.jpg"))[0]
     probe = gallery_files(crops)[3]
-    with BackgroundServer(create_app(tmp_path / "gal", allow_add=True)) as s:
+    seen: list[tuple[int, int]] = []
+    during: list[int] = []
+
+    def hold_before_publishing(stage: str) -> None:
+        """The writer waits between renaming its generation and swapping CURRENT until two searches
+        have been answered meanwhile (bounded: the test fails below if they were not); the first write only."""
+        if stage == "renamed" and not during:
+            t0, n0 = time.monotonic(), len(seen)
+            while len(seen) < n0 + 2 and time.monotonic() - t0 < T / 2:
+                time.sleep(0.02)
+            during.append(len(seen) - n0)
+
+    live = LiveGallery(tmp_path / "gal", on_stage=hold_before_publishing)
+    with BackgroundServer(create_app(live, allow_add=True)) as s:
         gen0 = requests.get(f"{s.url}/api/info", timeout=T).json()["generation"]
-        seen: list[tuple[int, int]] = []
         failures: list[str] = []
         stop = threading.Event()
 
@@ -200,21 +212,19 @@ def test_search_goes_on_while_an_upload_is_published(tmp_path, crops, monkeypatc
                 else:
                     seen.append((r.json()["generation"], r.json()["hits"][0]["name"] == probe.name))
 
-        monkeypatch.setenv(TEST_SLEEP_ENV, "publish=1.5")  # the writer waits between renaming and CURRENT
         t = threading.Thread(target=search_loop)
         t.start()
         try:
             r = requests.post(f"{s.url}/api/crops", data=new.read_bytes(),
                               params={"filename": new.name, "timestamp": "2024-05-01T08:00:00"}, timeout=T)
         finally:
-            monkeypatch.delenv(TEST_SLEEP_ENV)
             time.sleep(0.3)
             stop.set()
             t.join(T)
         assert r.status_code == 200, r.text
         added = r.json()
         assert added["added"] == 1 and added["generation"] == gen0 + 1
-        assert not failures and len(seen) >= 2 and all(top for _, top in seen)
+        assert not failures and during and during[0] >= 2 and all(top for _, top in seen)
         gens = [g for g, _ in seen]
         assert gens == sorted(gens) and gens[0] == gen0 and set(gens) <= {gen0, gen0 + 1}
         assert (tmp_path / "gal" / UPLOADS).is_dir() and len(list((tmp_path / "gal" / UPLOADS).iterdir())) == 1

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reid_lite.index import evaluate_retrieval
+from reid_lite.metrics import evaluate_retrieval
 
 
 def _rss_gib() -> float:

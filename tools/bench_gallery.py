@@ -85,6 +85,7 @@ def main() -> None:
     from reid_lite.config import load_cfg
     from reid_lite.index.gallery import Gallery, IndexParams
     from reid_lite.index.store import CropRecord
+    from reid_lite.index.vector_index import VectorIndex
 
     res: dict = {"n": args.n, "dim": args.dim, "ids": args.ids, "cameras": args.cameras, "queries": args.queries,
                  "k": args.k, "threads": faiss.omp_get_max_threads(), "cpu_count": os.cpu_count(),
@@ -95,7 +96,7 @@ def main() -> None:
     res["generate_seconds"] = round(time.perf_counter() - t0, 1)
 
     t0 = time.perf_counter()
-    exact = faiss.IndexFlatIP(args.dim)
+    exact = VectorIndex.exact(args.dim)  # the same wrapper as evaluation and the gallery
     exact.add(x)
     _, gt = exact.search(q, args.k)
     res["exact_search_seconds_all_queries"] = round(time.perf_counter() - t0, 1)
@@ -108,7 +109,7 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory(prefix="bench-gallery-", dir=args.dir)
     cfg = load_cfg("configs/market1501_stm.yml", ["MODEL.DEVICE", "cpu", "MODEL.PRETRAIN_CHOICE", "none"])
     params = IndexParams(kind="ivfpq", nlist=args.nlist, m=args.m)
-    g = Gallery.create(Path(tmp.name) / "g", cfg, index=params)
+    g = Gallery.create(Path(tmp.name) / "g", cfg, index=params, camera_num=args.cameras)
     records = [CropRecord(path=f"/synthetic/{i:07d}_c{c + 1}.jpg", sha256=f"{i:064x}", camid=int(c),
                           timestamp=float(i), identity=int(p)) for i, (p, c) in enumerate(zip(pid, cam))]
     t0 = time.perf_counter()
@@ -129,7 +130,7 @@ def main() -> None:
     g = Gallery.open(g.root, verify=True)
     res["open_verify_seconds"] = round(time.perf_counter() - t0, 1)
 
-    idx = g._index
+    idx = g.index
     runs = []
     for refine in args.refine:
         for nprobe in args.nprobe:

@@ -21,9 +21,9 @@ from torch import nn
 
 from ..data import build_test_loader
 from ..data.datasets import ReIDDataset
-from ..index.search import evaluate_retrieval
 from ..metrics.rank import evaluate_rank
 from ..metrics.rerank import re_ranking
+from ..metrics.retrieval import evaluate_retrieval
 from ..models import check_input_size
 from ..utils.device import autocast, resolve_device
 from .extractor import Features, _prepare_model, extract_features

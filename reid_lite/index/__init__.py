@@ -1,11 +1,15 @@
-"""Feature search (faiss) and chunked retrieval evaluation."""
+"""Nearest-neighbour search (one faiss wrapper, `VectorIndex`) and the persisted gallery of crops.
 
-from reid_lite.index.search import FeatureIndex, evaluate_retrieval, gpu_available
+Retrieval evaluation (Rank-k, mAP, mINP) lives in :mod:`reid_lite.metrics` (`evaluate_retrieval`).
+"""
 
-__all__ = ["FeatureIndex", "evaluate_retrieval", "gpu_available"]
+from reid_lite.index.vector_index import IndexParams, VectorIndex, gpu_available
 
-# Persisted gallery: gallery.py (build/open), writes.py, querying.py, storage.py (generations, lock),
-# vector_index.py (faiss), store.py (SQLite), crops.py, fingerprint.py; CLI `reid-gallery` in cli.py.
+__all__ = ["IndexParams", "VectorIndex", "gpu_available"]
+
+# Persisted gallery: gallery.py (build/open), writes.py, querying.py, embedding.py (the model), storage.py
+# (generations, lock, write stages), vector_index.py (the faiss wrapper), store.py (SQLite), crops.py,
+# fingerprint.py; live.py + server.py (`reid-gallery serve`); CLI `reid-gallery` in cli.py.
 from reid_lite.index.gallery import (  # noqa: E402
     AddReport,
     FingerprintMismatch,
@@ -13,12 +17,11 @@ from reid_lite.index.gallery import (  # noqa: E402
     GalleryCorrupt,
     GalleryError,
     GalleryLocked,
-    IndexParams,
     SearchHit,
     SearchResults,
 )
 from reid_lite.index.store import CropRecord, MetadataStore  # noqa: E402
 
 __all__ += ["AddReport", "CropRecord", "FingerprintMismatch", "Gallery", "GalleryCorrupt", "GalleryError",
-            "GalleryLocked", "IndexParams", "MetadataStore", "SearchHit",
+            "GalleryLocked", "MetadataStore", "SearchHit",
             "SearchResults"]

@@ -138,7 +138,7 @@ class GalleryCalibration:
                 store.set_meta("calibration", record)
                 return [], []
 
-            return self._write(mutate)  # type: ignore[attr-defined]
+            return self.write_generation(mutate)  # type: ignore[attr-defined]
 
 
 def calibrate_gallery(gallery: Any, query_feats: np.ndarray, query_pids: np.ndarray, query_camids: np.ndarray,

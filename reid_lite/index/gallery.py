@@ -25,22 +25,18 @@ import os
 import shutil
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import torch
 
 from .calibration import GalleryCalibration
 from .crops import collect_crops
+from .embedding import GalleryModel, build_extractor
 from .fingerprint import (
     accepts_merged_queries,
     allow_merged_queries,
-    check_fingerprint,
-    check_query_fingerprint,
-    gallery_space,
     model_digest,
     model_fingerprint,
     resolve_camera_num,
@@ -50,17 +46,17 @@ from .storage import (
     CURRENT,
     LOCK,
     SEGMENTS,
-    TEST_SLEEP_ENV,
+    STAGES,
     FingerprintMismatch,
     GalleryCorrupt,
     GalleryError,
     GalleryLocked,
+    StageCallback,
     WriteLock,
     all_generations,
     current_generation,
     discard_unpublished,
     generation_name,
-    maybe_test_sleep,
     publish_generation,
     read_current,
     recover_current,
@@ -69,12 +65,12 @@ from .storage import (
 )
 from .store import CropRecord, MetadataStore
 from .vector_index import IndexParams, VectorIndex, VectorSegments
-from .writes import AddReport, GalleryWrites
+from .writes import AddReport, GalleryWrites, StagedGeneration
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "TEST_SLEEP_ENV",
+    "STAGES",
     "AddReport",
     "FingerprintMismatch",
     "Gallery",
@@ -88,34 +84,6 @@ __all__ = [
     "model_fingerprint",
     "sha256_file",
 ]
-
-
-class _SlowLoader:
-    """Wraps a DataLoader to apply the test-only per-batch sleep (see TEST_SLEEP_ENV)."""
-
-    def __init__(self, loader: Any) -> None:
-        self.loader = loader
-        self.dataset = loader.dataset
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator[Any]:
-        for batch in self.loader:
-            yield batch
-            maybe_test_sleep("batch")
-
-
-@dataclass
-class _Stage:
-    """An unpublished build: its `.tmp-gen-N` (None for a detached, never-published gallery)."""
-
-    tmp: Path | None
-    gen: int
-    previous: int | None
-    broken: bool = False
-
-
 
 
 def _is_gallery(root: Path) -> bool:
@@ -135,22 +103,29 @@ def _check_target(root: Path, overwrite: bool) -> None:
                                   "generations)")
 
 
+class Gallery(GallerySearch, GalleryWrites, GalleryModel, GalleryCalibration):
+    """A gallery directory (see the module docstring). Use :meth:`build`, :meth:`create` or :meth:`open`.
 
+    `on_stage`: a callable called with the name of each stage a write of this gallery reaches (see
+    :data:`STAGES`); an exception it raises aborts the write there, which leaves the published generation
+    as it was (before "published") or the new one published whole. Tests pause and fail writers with it.
+    Without one, the class attribute applies (None: no callback).
+    """
 
-class Gallery(GallerySearch, GalleryWrites, GalleryCalibration):
-    """A gallery directory (see the module docstring). Use :meth:`build`, :meth:`create` or :meth:`open`."""
+    on_stage: StageCallback | None = None
 
     def __init__(self, root: Path | None, generation: int, manifest: dict[str, Any], store: MetadataStore,
-                 index: VectorIndex, stage: _Stage | None = None) -> None:
+                 index: VectorIndex, staged: StagedGeneration | None = None,
+                 on_stage: StageCallback | None = None) -> None:
         self.root = root
         self.generation = generation
         self.manifest = manifest
         self.store = store
-        self._index = index
-        self._stage = stage
-        self._writing = False
+        self.index = index
+        self.staged = staged
+        if on_stage is not None:
+            self.on_stage = on_stage
         self.fingerprint: dict[str, Any] = store.get_meta("fingerprint")
-        self._extractor = None
         self._columns: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self.device: str | None = None
 
@@ -161,7 +136,8 @@ class Gallery(GallerySearch, GalleryWrites, GalleryCalibration):
               feature: str = "global", index: str | IndexParams = "auto", camera_num: int = 0,
               overwrite: bool = False, device: str | None = None, model: torch.nn.Module | None = None,
               batch_size: int | None = None, workers: int = 0, progress: bool = False,
-              lock_timeout: float | None = None, accept_merged_queries: bool = False) -> tuple[Gallery, AddReport]:
+              lock_timeout: float | None = None, accept_merged_queries: bool = False,
+              on_stage: StageCallback | None = None) -> tuple[Gallery, AddReport]:
         """Embed crops (folders, image files or :class:`CropRecord`s) into a new gallery, published at once.
 
         All or nothing: on any error (an unreadable checkpoint, cameras the model lacks, every crop
@@ -177,8 +153,8 @@ class Gallery(GallerySearch, GalleryWrites, GalleryCalibration):
         with cls.staging(directory, cfg, feature=feature, index=index, camera_num=camera_num,
                          camids=[r.camid for r in records], overwrite=overwrite, device=device, model=model,
                          pattern=pattern, lock_timeout=lock_timeout,
-                         accept_merged_queries=accept_merged_queries) as g:
-            report = g._add_records(records, batch_size, workers, progress)
+                         accept_merged_queries=accept_merged_queries, on_stage=on_stage) as g:
+            report = g.add(records, batch_size=batch_size, workers=workers, progress=progress)
         report.seconds = time.perf_counter() - t0
         return g, report
 
@@ -187,11 +163,11 @@ class Gallery(GallerySearch, GalleryWrites, GalleryCalibration):
                index: str | IndexParams = "auto", camera_num: int = 0, overwrite: bool = False,
                device: str | None = None, model: torch.nn.Module | None = None,
                pattern: str | None = None, lock_timeout: float | None = None,
-               accept_merged_queries: bool = False) -> Gallery:
+               accept_merged_queries: bool = False, on_stage: StageCallback | None = None) -> Gallery:
         """Create an empty gallery bound to the model `cfg` describes and publish it (see :meth:`staging`)."""
         with cls.staging(directory, cfg, feature=feature, index=index, camera_num=camera_num, overwrite=overwrite,
                          device=device, model=model, pattern=pattern, lock_timeout=lock_timeout,
-                         accept_merged_queries=accept_merged_queries) as g:
+                         accept_merged_queries=accept_merged_queries, on_stage=on_stage) as g:
             pass
         return g
 
@@ -201,7 +177,7 @@ class Gallery(GallerySearch, GalleryWrites, GalleryCalibration):
                 index: str | IndexParams = "auto", camera_num: int = 0, camids: Iterable[int | None] = (),
                 overwrite: bool = False, device: str | None = None, model: torch.nn.Module | None = None,
                 pattern: str | None = None, lock_timeout: float | None = None,
-                accept_merged_queries: bool = False) -> Iterator[Gallery]:
+                accept_merged_queries: bool = False, on_stage: StageCallback | None = None) -> Iterator[Gallery]:
         """A new, unpublished gallery to `add` to; published atomically when the block ends without error.
 
         Weights: TEST.WEIGHT, else MODEL.PRETRAIN_*, else random init seeded with SOLVER.SEED.
@@ -217,6 +193,7 @@ class Gallery(GallerySearch, GalleryWrites, GalleryCalibration):
         The lock is held throughout. An existing gallery (`overwrite`) stays current until the new one
         is published; an exception discards everything the block wrote. `directory` None yields a
         detached in-memory gallery that can embed but is never written (distributed workers).
+        `on_stage`: the write-stage callback (see the class docstring).
         """
         if feature not in ("global", "full"):
             raise ValueError(f"feature must be 'global' or 'full', got {feature!r}")
@@ -231,12 +208,12 @@ class Gallery(GallerySearch, GalleryWrites, GalleryCalibration):
         root = None if directory is None else Path(directory)
         if root is not None:
             _check_target(root, overwrite)  # before the model is built: fail fast
-        extractor = _build_extractor(cfg, camera_num, device, model)  # a bad checkpoint fails before any write
+        extractor = build_extractor(cfg, camera_num, device, model)  # a bad checkpoint fails before any write
         fp = model_fingerprint(cfg, extractor.model, feature, camera_num)
         if accept_merged_queries:
             fp = allow_merged_queries(fp)
 
-        def staged(store_path: str | Path, stage: _Stage) -> Gallery:
+        def staged(store_path: str | Path, stage: StagedGeneration) -> Gallery:
             store = MetadataStore(store_path, readonly=False)
             for key, value in (("fingerprint", fp), ("config", cfg.dump()), ("feature", feature),
                                ("camera_num", camera_num), ("pattern", pattern or cfg.DATASETS.FOLDER_PATTERN),
@@ -244,12 +221,12 @@ class Gallery(GallerySearch, GalleryWrites, GalleryCalibration):
                 store.set_meta(key, value)
             store.commit()
             g = cls(root, -1, {"segments": [], "segment_files": []}, store, VectorIndex(fp["feature"]["dim"], params),
-                    stage)
-            g._extractor = extractor
+                    stage, on_stage)
+            g.use_extractor(extractor)
             return g
 
         if root is None:
-            g = staged(":memory:", _Stage(None, -1, None))
+            g = staged(":memory:", StagedGeneration(None, -1, None))
             try:
                 yield g
             finally:
@@ -258,27 +235,29 @@ class Gallery(GallerySearch, GalleryWrites, GalleryCalibration):
         created = next((d for d in [root, *root.parents][::-1] if not d.exists()), None)  # topmost new folder
         root.mkdir(parents=True, exist_ok=True)
         lock_existed = (root / LOCK).exists()
-        stage: _Stage | None = None
+        stage: StagedGeneration | None = None
         g: Gallery | None = None
         published = False
         try:
             with WriteLock(root, lock_timeout):
                 _check_target(root, overwrite)  # a concurrent build may have published meanwhile
                 gen = max(all_generations(root), default=-1) + 1
-                stage = _Stage(root / f".tmp-{generation_name(gen)}", gen, current_generation(root))
+                stage = StagedGeneration(root / f".tmp-{generation_name(gen)}", gen, current_generation(root))
                 shutil.rmtree(stage.tmp, ignore_errors=True)
                 stage.tmp.mkdir()
                 g = staged(stage.tmp / "meta.sqlite", stage)
+                g.notify("locked")
                 yield g
                 if stage.broken:
                     raise GalleryError("a write to this build failed earlier; nothing was published")
                 g.store.commit()
                 g.store.close()
-                publish_generation(root, stage.tmp, gen, g._index, g.manifest["segments"],
-                                   g.manifest["segment_files"], previous=stage.previous)
+                g.notify("staged")
+                publish_generation(root, stage.tmp, gen, g.index, g.manifest["segments"],
+                                   g.manifest["segment_files"], previous=stage.previous, on_stage=g.on_stage)
                 published = True
-                g._stage = None
-                g._reload()
+                g.staged = None
+                g.reload()
         except BaseException:
             if not published and not (stage is not None and current_generation(root) == stage.gen):
                 if g is not None:
@@ -293,9 +272,10 @@ class Gallery(GallerySearch, GalleryWrites, GalleryCalibration):
             raise
 
     @classmethod
-    def open(cls, directory: str | os.PathLike, verify: bool = True) -> Gallery:
+    def open(cls, directory: str | os.PathLike, verify: bool = True, on_stage: StageCallback | None = None) -> Gallery:
         """Open the published generation; with `verify` every file's sha256 is checked against the
-        manifest (a truncated or bit-flipped file raises :class:`GalleryCorrupt`, it is never used)."""
+        manifest (a truncated or bit-flipped file raises :class:`GalleryCorrupt`, it is never used).
+        `on_stage`: the write-stage callback of this gallery's writes (see the class docstring)."""
         root = Path(directory)
         gen, manifest = read_current(root)
         gen_dir = root / generation_name(gen)
@@ -306,17 +286,13 @@ class Gallery(GallerySearch, GalleryWrites, GalleryCalibration):
                 raise GalleryCorrupt(f"{exc}; `reid-gallery recover {root}` falls back to the newest complete "
                                      "generation (the previous one is kept until the next write)") from None
             raise
-        try:
-            faiss_index = faiss.read_index(str(gen_dir / "index.faiss"))
-        except RuntimeError as exc:
-            raise GalleryCorrupt(f"cannot read {gen_dir / 'index.faiss'}: {exc}") from None
         params = IndexParams(**manifest["index"]["params"])
         vectors = VectorSegments(root / SEGMENTS, manifest["segments"]) if manifest["segments"] else None
+        idx = VectorIndex.read(gen_dir / "index.faiss", int(manifest["index"]["dim"]), params, vectors)
         store = MetadataStore(gen_dir / "meta.sqlite", readonly=True)
-        if int(faiss_index.ntotal) != store.count():
-            raise GalleryCorrupt(f"{gen_dir}: index holds {faiss_index.ntotal} vectors, metadata {store.count()} rows")
-        idx = VectorIndex(int(manifest["index"]["dim"]), params, faiss_index, vectors)
-        return cls(root, gen, manifest, store, idx)
+        if idx.ntotal != store.count():
+            raise GalleryCorrupt(f"{gen_dir}: index holds {idx.ntotal} vectors, metadata {store.count()} rows")
+        return cls(root, gen, manifest, store, idx, on_stage=on_stage)
 
     @classmethod
     def recover(cls, directory: str | os.PathLike, lock_timeout: float | None = None) -> tuple[Gallery, int | None]:
@@ -340,110 +316,14 @@ class Gallery(GallerySearch, GalleryWrites, GalleryCalibration):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _reload(self) -> None:
+    def reload(self) -> None:
+        """Follow CURRENT to the newest published generation (checksums not verified: a writer calls it
+        after its own publish, or with the lock held)."""
         fresh = Gallery.open(self.root, verify=False)
         self.store.close()
-        self.generation, self.manifest, self.store, self._index = (fresh.generation, fresh.manifest,
-                                                                   fresh.store, fresh._index)
+        self.generation, self.manifest, self.store, self.index = (fresh.generation, fresh.manifest,
+                                                                  fresh.store, fresh.index)
         self._columns = None
-
-    # ------------------------------------------------------------------ model
-    @property
-    def cfg(self) -> Any:
-        """The configuration the gallery was built with (frozen)."""
-        from yacs.config import CfgNode
-
-        cfg = CfgNode.load_cfg(self.store.get_meta("config"))
-        cfg.freeze()
-        return cfg
-
-    @property
-    def pattern(self) -> str:
-        """Default file-name pattern (camid, optional pid and timestamp groups) of this gallery."""
-        return self.store.get_meta("pattern") or self.cfg.DATASETS.FOLDER_PATTERN
-
-    @property
-    def dim(self) -> int:
-        """Stored feature dimension."""
-        return int(self.fingerprint["feature"]["dim"])
-
-    @property
-    def camera_num(self) -> int:
-        """Cameras of the gallery model's SIE (fixed when the gallery was built)."""
-        return int(self.store.get_meta("camera_num", 1))
-
-    def extractor(self, cfg: Any | None = None, device: str | None = None) -> Any:
-        """The gallery's FeatureExtractor (built from its stored config), or one for the query model `cfg`
-        (see :meth:`query_model`)."""
-        if cfg is None:
-            if self._extractor is None:
-                self._extractor = _build_extractor(self.cfg, self.camera_num, device or self.device, None)
-                check_fingerprint(self.fingerprint, model_fingerprint(
-                    self.cfg, self._extractor.model, self.fingerprint["feature"]["kind"], self.camera_num))
-            return self._extractor
-        return self.query_model(cfg, device)[0]
-
-    def query_model(self, cfg: Any, device: str | None = None) -> tuple[Any, dict[str, Any]]:
-        """(FeatureExtractor, fingerprint) of the query model `cfg`, after checking that the gallery
-        accepts it: the gallery's own model, or (a gallery built with `accept_merged_queries`) the same
-        model with other token merging; anything else raises :class:`FingerprintMismatch`."""
-        ext = _build_extractor(cfg, self.camera_num, device or self.device, None)
-        fp = model_fingerprint(cfg, ext.model, self.fingerprint["feature"]["kind"], self.camera_num)
-        check_query_fingerprint(self.fingerprint, fp)
-        return ext, fp
-
-    def share_model(self, other: Gallery) -> None:
-        """Use `other`'s already built extractor (another generation of the same gallery, or one with
-        the same fingerprint), so that reopening a gallery does not build its model again."""
-        if other.fingerprint != self.fingerprint:
-            raise FingerprintMismatch("share_model: the two galleries were built with different models")
-        if other._extractor is not None:
-            self._extractor = other._extractor
-        self.device = other.device
-
-    def _post(self, feats: torch.Tensor | np.ndarray) -> np.ndarray:
-        return gallery_space(feats, self.fingerprint)
-
-    def check_cameras(self, records: Sequence[CropRecord], what: str = "crop") -> None:
-        """Raise ValueError (with the way out) when the model has a camera SIE and a record's camera is
-        missing or outside its table, which is fixed when the gallery is built."""
-        if not self.fingerprint["architecture"]["sie_camera"]:
-            return
-        bad = [r for r in records if r.camid is None or not 0 <= r.camid < self.camera_num]
-        if bad:
-            cams = sorted({r.camid for r in bad if r.camid is not None})
-            raise ValueError(
-                f"this gallery's model has a camera SIE over {self.camera_num} cameras (0-based ids 0.."
-                f"{self.camera_num - 1}), fixed when it was built; {len(bad)} {what}(s) have "
-                + (f"camera(s) {', '.join(map(str, cams[:5]))}" if cams else "no camera")
-                + f", e.g. {bad[0].path}. Map them onto its cameras (--sidecar / --query-camera) or build a new "
-                "gallery for more cameras (--camera-num N, or a checkpoint trained on them)")
-
-    def embed_records(self, records: Sequence[CropRecord], batch_size: int | None = None, workers: int = 0,
-                      progress: bool = False, *, extractor: Any | None = None, what: str = "crop"
-                      ) -> tuple[np.ndarray, list[int], list[str], float]:
-        """Embed crops: (features (n, D), positions in `records` of the n embedded crops, unreadable
-        paths, seconds). Uses the data package's loader (an unreadable image is skipped and reported,
-        never fatal) and the engine's `extract_features`. `extractor`: another model of the same
-        fingerprint (default: the gallery's)."""
-        from torch.utils.data import DataLoader
-
-        from ..data import ImageDataset, ReIDCollate, build_transforms
-        from ..engine.extractor import extract_features
-
-        ext = extractor or self.extractor()
-        cfg = ext.cfg
-        sie = bool(self.fingerprint["architecture"]["sie_camera"])
-        self.check_cameras(records, what)
-        ds = ImageDataset([(r.path, r.identity if r.identity is not None else -1, r.camid or 0, 0) for r in records],
-                          build_transforms(cfg, is_train=False))
-        loader = DataLoader(ds, batch_size=int(batch_size or cfg.TEST.IMS_PER_BATCH), shuffle=False,
-                            num_workers=workers, collate_fn=ReIDCollate(cfg.INPUT.SIZE_TEST))
-        out = extract_features(ext.model, _SlowLoader(loader), device=ext.device, amp=cfg.TEST.AMP,
-                               flip=bool(cfg.TEST.FLIP), feat_norm=True, use_camera=sie,
-                               progress=progress, desc="embed" if what == "crop" else what)
-        return self._post(out.feats), [int(i) for i in out.indices], list(out.failed), out.seconds
-
 
     # ------------------------------------------------------------------ info
     def info(self) -> dict[str, Any]:
@@ -455,7 +335,7 @@ class Gallery(GallerySearch, GalleryWrites, GalleryCalibration):
             "path": str(self.root.resolve()),
             "generation": self.generation,
             "size": self.store.count(),
-            "index": {"kind": self._index.kind, "ntotal": self._index.ntotal, "params": self._index.params.to_dict()},
+            "index": {"kind": self.index.kind, "ntotal": self.index.ntotal, "params": self.index.params.to_dict()},
             "model": self.fingerprint,
             "model_digest": model_digest(self.fingerprint),
             "accepts_merged_queries": accepts_merged_queries(self.fingerprint),
@@ -466,14 +346,3 @@ class Gallery(GallerySearch, GalleryWrites, GalleryCalibration):
             "manifest": str(gen_dir / "manifest.json"),
             "created": self.store.get_meta("created"),
         }
-
-
-def _build_extractor(cfg: Any, camera_num: int, device: str | None, model: torch.nn.Module | None) -> Any:
-    """FeatureExtractor for `cfg`; random initialisation is seeded (SOLVER.SEED) so that every process
-    building the same gallery model gets the same weights, without touching the global RNG."""
-    from ..engine.extractor import FeatureExtractor
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(cfg.SOLVER.SEED))
-        return FeatureExtractor(cfg, model=model, weights=cfg.TEST.WEIGHT or None,
-                                device=device or cfg.MODEL.DEVICE, camera_num=camera_num)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .gallery import Gallery
-from .storage import CURRENT, GalleryError
+from .storage import CURRENT, GalleryError, StageCallback
 
 logger = logging.getLogger(__name__)
 
@@ -32,12 +32,14 @@ class LiveGallery:
     query_cfg: the model that embeds query images, when not the gallery's own (the same model with
     token merging, for a gallery built with `accept_merged_queries`; refused otherwise, here);
     `query_model` is then its (extractor, fingerprint), built once, else None.
+    on_stage: the write-stage callback of the galleries that `writer()` opens (see `Gallery`).
     """
 
     def __init__(self, root: str | os.PathLike, verify: bool = True, device: str | None = None,
-                 query_cfg: Any | None = None) -> None:
+                 query_cfg: Any | None = None, on_stage: StageCallback | None = None) -> None:
         self.root = Path(root)
         self.verify = verify
+        self.on_stage = on_stage
         self._current_text = self._read_current()
         gallery = Gallery.open(self.root, verify=verify)
         gallery.device = device
@@ -46,6 +48,12 @@ class LiveGallery:
         self._gallery = gallery
         self._reopen_lock = threading.Lock()
         self.reopen_errors: list[str] = []
+
+    def writer(self) -> Gallery:
+        """A separate handle on the gallery for one write (close it after), sharing the served model."""
+        writer = Gallery.open(self.root, verify=False, on_stage=self.on_stage)
+        writer.share_model(self._gallery)
+        return writer
 
     def _read_current(self) -> str:
         try:

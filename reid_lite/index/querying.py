@@ -86,7 +86,7 @@ class GallerySearch:
     """Query methods of a gallery (mixed into :class:`reid_lite.index.Gallery`)."""
 
     store: MetadataStore
-    _index: VectorIndex
+    index: VectorIndex
     fingerprint: dict[str, Any]
     _columns: tuple[np.ndarray, np.ndarray, np.ndarray] | None
     query_model: Any
@@ -147,12 +147,12 @@ class GallerySearch:
         notes: list[str] = []
         for cam, members in groups.items():
             allowed = self._allowed(cameras, cam, t_from, t_to) if filtered else None
-            if (self._index.ntotal if allowed is None else len(allowed)) == 0:
+            if (self.index.ntotal if allowed is None else len(allowed)) == 0:
                 note = self._why_empty(cameras, cam, t_from, t_to)
                 if note not in notes:
                     notes.append(note)
                 continue
-            s, i = self._index.search(q[members], k, allowed, nprobe=nprobe)
+            s, i = self.index.search(q[members], k, allowed, nprobe=nprobe)
             scores[members], ids[members] = s, i
         meta = self.store.get(np.unique(ids[ids >= 0]).tolist())
         out: list[list[SearchHit]] = [[] for _ in range(len(qcams))]
@@ -172,7 +172,7 @@ class GallerySearch:
         missing = sorted(set(ids) - set(self.store.get(ids)))
         if missing:
             raise KeyError(f"no crop with id {', '.join(map(str, missing[:5]))} in this gallery")
-        return self._index.stored_vectors(np.asarray(ids, np.int64))
+        return self.index.stored_vectors(np.asarray(ids, np.int64))
 
     # ------------------------------------------------------------------ filters
     def _metadata_columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -259,7 +259,7 @@ class GallerySearch:
         if len(cams) != n:
             raise ValueError(f"got {len(cams)} camera ids for {n} queries")
         if is_feat:
-            return self._post(x), cams, list(range(n)), {}
+            return self.normalize_features(x), cams, list(range(n)), {}
         items = [str(x) if isinstance(x, os.PathLike) else x for x in queries]
         skipped = {i: "image not found" for i, x in enumerate(items) if isinstance(x, str) and not os.path.isfile(x)}
         paths = [x for x in items if isinstance(x, str)]
@@ -276,7 +276,7 @@ class GallerySearch:
             raise GalleryError(f"none of the {n} query image(s) could be read: " + _skip_summary(items, skipped))
         if len(paths) < n:  # in-memory images: nothing to fail reading, one call keeps their order
             feats = ext([items[i] for i in keep], camids=[cams[i] or 0 for i in keep] if sie else None)
-            return self._post(feats), cams, keep, skipped
+            return self.normalize_features(feats), cams, keep, skipped
         # Paths go through the gallery's loader, which skips (and reports) an unreadable image
         # instead of failing the whole batch, so the other queries are still answered.
         records = [CropRecord(path=items[i], sha256="", camid=cams[i]) for i in keep]

@@ -21,10 +21,10 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import faiss
 import numpy as np
 
 if TYPE_CHECKING:
@@ -33,11 +33,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "CURRENT", "FORMAT", "KEEP_GENERATIONS", "LOCK", "SEGMENTS", "TEST_SLEEP_ENV",
+    "CURRENT", "FORMAT", "KEEP_GENERATIONS", "LOCK", "SEGMENTS", "STAGES",
     "FingerprintMismatch", "GalleryCorrupt", "GalleryError", "GalleryLocked", "WriteLock",
     "LOCK_MESSAGE_SECONDS", "all_generations", "collect_garbage", "current_generation", "discard_unpublished",
-    "generation_name", "maybe_test_sleep", "publish_generation", "read_current", "recover_current", "sha256_file",
-    "verify_generation", "write_segment",
+    "generation_name", "publish_generation", "read_current", "recover_current", "sha256_file",
+    "StageCallback", "verify_generation", "write_segment",
 ]
 
 FORMAT = "reid-gallery/1"
@@ -45,9 +45,13 @@ CURRENT = "CURRENT"
 LOCK = "LOCK"
 SEGMENTS = "segments"
 KEEP_GENERATIONS = 2  # the current one and its predecessor (a reader that just followed CURRENT keeps working)
-#: Test-only hook: "batch=SECONDS,publish=SECONDS" sleeps after every embedded batch / right before
-#: CURRENT is swapped, so that tests can kill a writer deterministically mid-run. Never set it otherwise.
-TEST_SLEEP_ENV = "REID_LITE_GALLERY_TEST_SLEEP"
+#: The stages of a write, in order, at which a gallery's `on_stage` callback is called with the stage's
+#: name: the lock is held; after each embedded batch; all new crops embedded (nothing written yet); the
+#: next generation's metadata, index and segments staged in `.tmp-gen-N/`; its index, checksums and
+#: manifest written and fsynced; renamed to `gen-N/` (CURRENT still names the previous one); CURRENT
+#: swapped (garbage not yet collected). An exception raised by the callback aborts the write there.
+STAGES = ("locked", "batch embedded", "embedded", "staged", "index written", "renamed", "published")
+StageCallback = Callable[[str], None]
 #: While a writer waits for the lock, its warning repeats this often (seconds).
 LOCK_MESSAGE_SECONDS = 10.0
 _GEN_RE = re.compile(r"^gen-(\d{6,})$")
@@ -103,16 +107,6 @@ def _write_durable(path: Path, data: bytes) -> None:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def maybe_test_sleep(stage: str) -> None:
-    """Test-only: sleep at `stage` as TEST_SLEEP_ENV asks (no-op when it is unset)."""
-    spec = os.environ.get(TEST_SLEEP_ENV, "")
-    for part in spec.split(","):
-        name, _, seconds = part.partition("=")
-        if name.strip() == stage and seconds:
-            time.sleep(float(seconds))
-
 
 
 def write_segment(root: Path, name: str, ids: np.ndarray, vecs: np.ndarray) -> list[dict[str, Any]]:
@@ -250,13 +244,15 @@ def recover_current(root: Path) -> int | None:
 
 
 def publish_generation(root: Path, tmp: Path, gen: int, idx: VectorIndex, segments: list[str],
-                       segment_files: list[dict],
-                       previous: int | None = None) -> None:
+                       segment_files: list[dict], previous: int | None = None,
+                       on_stage: StageCallback | None = None) -> None:
     """Finish the generation in `tmp` (index + manifest, fsync), rename it into place, swap CURRENT.
 
     `previous` is the generation CURRENT named before: it is kept (with the new one), everything else
-    (older generations, a killed writer's unpublished debris) is garbage-collected afterwards."""
-    faiss.write_index(idx.index, str(tmp / "index.faiss"))
+    (older generations, a killed writer's unpublished debris) is garbage-collected afterwards.
+    `on_stage` is called at "index written", "renamed" and "published" (see STAGES)."""
+    notify = on_stage or (lambda stage: None)
+    idx.write(tmp / "index.faiss")
     files = []
     for name in ("index.faiss", "meta.sqlite"):
         path = tmp / name
@@ -270,13 +266,15 @@ def publish_generation(root: Path, tmp: Path, gen: int, idx: VectorIndex, segmen
     raw = json.dumps(manifest, indent=1, sort_keys=True).encode()
     _write_durable(tmp / "manifest.json", raw)
     _fsync_dir(tmp)
+    notify("index written")
     final = root / generation_name(gen)
     if final.exists():  # debris of a writer killed between this rename and the CURRENT swap
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync_dir(root)
-    maybe_test_sleep("publish")
+    notify("renamed")
     _swap_current(root, final.name, raw)
+    notify("published")
     collect_garbage(root, {gen} if previous is None else {gen, previous})
 
 
@@ -307,9 +305,12 @@ def collect_garbage(root: Path, keep: set[int]) -> list[str]:
 
 
 def discard_unpublished(root: Path, gen: int) -> None:
-    """Remove what an unpublished generation `gen` wrote: its `.tmp-gen-N/` and its segment files
-    (named `seg-N...`; no published generation uses that number)."""
+    """Remove what an unpublished generation `gen` wrote: its `.tmp-gen-N/` (or `gen-N/`, when the write
+    failed between the rename and the CURRENT swap: `recover` must not publish a write that failed) and
+    its segment files (named `seg-N...`; no published generation uses that number)."""
     shutil.rmtree(root / f".tmp-{generation_name(gen)}", ignore_errors=True)
+    if current_generation(root) != gen:
+        shutil.rmtree(root / generation_name(gen), ignore_errors=True)
     seg_root = root / SEGMENTS
     if seg_root.is_dir():
         for p in seg_root.glob(f"seg-{gen:06d}*"):

@@ -102,9 +102,8 @@ def add_upload(live: LiveGallery, data: bytes, fmt: str, camera: int | None, tim
         os.replace(tmp, path)
     record = CropRecord(path=str(path), sha256="", camid=camera, timestamp=to_seconds(timestamp),
                         timestamp_raw=timestamp, identity=identity)
-    writer = Gallery.open(live.root, verify=False)
+    writer = live.writer()
     try:
-        writer.share_model(g)
         report = writer.add([record], lock_timeout=60.0)
         row = writer.store.conn.execute("SELECT id FROM crops WHERE sha256 = ?", (sha,)).fetchone()
     except BaseException:

@@ -1,10 +1,21 @@
-"""The faiss index of one gallery generation: exact flat or IVF-PQ with float16 re-ranking, exact filters."""
+"""The one faiss wrapper: exact search for evaluation, flat / IVF-PQ with float16 re-ranking for galleries.
+
+    idx = VectorIndex.exact(dim)                  # evaluation: exact inner product (or metric="l2"), GPU when available
+    idx.add(gallery_feats); scores, ids = idx.search(query_feats, k=10)
+    idx = VectorIndex(dim, IndexParams(kind="auto"))  # a gallery's index: flat, then IVF-PQ past flat_max
+    idx.write(path); VectorIndex.read(path, dim, params, vectors)
+
+Every index is either `IndexIDMap2(IndexFlat*)` ("flat": exact, any ids) or `IndexIVFPQ` (inner product,
+trained on a sample, ids kept by the inverted lists): the on-disk format of a gallery's `index.faiss`.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,12 +24,21 @@ from typing import Any
 import faiss
 import numpy as np
 
-from .search import gpu_available
 from .storage import GalleryCorrupt, GalleryError, write_segment
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IndexParams", "VectorIndex", "VectorSegments"]
+__all__ = ["IndexParams", "VectorIndex", "VectorSegments", "gpu_available"]
+
+METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+
+
+def gpu_available() -> bool:
+    """True when the installed faiss has GPU support and sees at least one GPU."""
+    try:
+        return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    except (RuntimeError, AttributeError):  # a broken CUDA runtime must not break CPU search
+        return False
 
 
 @dataclass
@@ -57,7 +77,6 @@ def _auto_m(dim: int) -> int:
     return 1
 
 
-
 class VectorSegments:
     """float16 copies of IVF-PQ vectors in immutable segment files, for exact re-ranking."""
 
@@ -86,28 +105,81 @@ class VectorSegments:
         return out
 
 
-
 class VectorIndex:
-    """The faiss index of one generation plus what IVF-PQ needs (params, float16 vectors)."""
+    """One faiss index (see the module docstring): a gallery generation's, or an evaluation's gallery features.
 
-    def __init__(self, dim: int, params: IndexParams, index: faiss.Index | None = None,
+    Scores are inner products (cosine for L2-normalised features), best first; an exact index made with
+    ``metric="l2"`` scores squared Euclidean distances instead, smallest first. Result slots without a
+    hit hold id -1 (score -inf, +inf for l2).
+
+    GPU: an exact search without an ``allowed`` filter runs on GPU 0 when faiss has GPU support and
+    ``params.use_gpu`` is not False; otherwise, or when the copy to the GPU fails, on CPU, with a warning
+    only when the GPU was asked for (``use_gpu=True``). IVF-PQ searches run on CPU (selectors, re-ranking).
+    """
+
+    def __init__(self, dim: int, params: IndexParams | None = None, index: faiss.Index | None = None,
                  vectors: VectorSegments | None = None) -> None:
-        self.dim = dim
-        self.params = params
-        self.index = index if index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self.dim = int(dim)
+        self.params = params if params is not None else IndexParams(kind="flat")
+        self.index = index if index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        if int(self.index.d) != self.dim:
+            raise ValueError(f"the faiss index has dimension {self.index.d}, expected {self.dim}")
         self.vectors = vectors
-        self._gpu = None
+        self._gpu: faiss.Index | None = None
+        self._gpu_ids: np.ndarray | None = None
+        self._gpu_failed = False
+        self._gpu_lock = threading.Lock()
+
+    @classmethod
+    def exact(cls, dim: int, metric: str = "ip", use_gpu: bool | None = None) -> VectorIndex:
+        """An exact (flat) index: ``metric`` 'ip' (inner product) or 'l2' (squared Euclidean)."""
+        if metric not in METRICS:
+            raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
+        flat = faiss.IndexFlatIP(dim) if metric == "ip" else faiss.IndexFlatL2(dim)
+        return cls(dim, IndexParams(kind="flat", use_gpu=use_gpu), faiss.IndexIDMap2(flat))
+
+    @classmethod
+    def read(cls, path: str | Path, dim: int, params: IndexParams, vectors: VectorSegments | None = None
+             ) -> VectorIndex:
+        """Load an index written by :meth:`write` (a gallery's `index.faiss`); unreadable: GalleryCorrupt."""
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError as exc:
+            raise GalleryCorrupt(f"cannot read {path}: {exc}") from None
+        if int(index.d) != dim:
+            raise GalleryCorrupt(f"{path} holds {index.d}-d vectors, its manifest says {dim}")
+        return cls(dim, params, index, vectors)
+
+    def write(self, path: str | Path) -> None:
+        """Write the faiss index to `path` (faiss' own format; the float16 segments are written apart)."""
+        faiss.write_index(self.index, str(path))
 
     @property
     def kind(self) -> str:
+        """'flat' (exact) or 'ivfpq'."""
         return "flat" if isinstance(self.index, faiss.IndexIDMap2) else "ivfpq"
 
     @property
+    def metric(self) -> str:
+        """'ip' (inner product, higher is closer) or 'l2' (squared Euclidean, lower is closer)."""
+        return "l2" if self.index.metric_type == faiss.METRIC_L2 else "ip"
+
+    @property
     def ntotal(self) -> int:
+        """Number of indexed vectors."""
         return int(self.index.ntotal)
 
     def clone(self) -> VectorIndex:
+        """An independent copy (the float16 segments, immutable, are shared)."""
         return VectorIndex(self.dim, IndexParams(**self.params.to_dict()), faiss.clone_index(self.index), self.vectors)
+
+    def _as_f32(self, x: Any) -> np.ndarray:
+        if hasattr(x, "detach"):  # a torch tensor, on any device
+            x = x.detach().cpu().numpy()
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"expected an (N, {self.dim}) array of vectors, got shape {x.shape}")
+        return x
 
     # -- IVF-PQ -----------------------------------------------------------------------------------
     def _ivf(self) -> faiss.IndexIVFPQ:
@@ -139,19 +211,32 @@ class VectorIndex:
         p.nlist, p.m, p.nprobe = nlist, m, int(ivf.nprobe)
         return ivf
 
-    def prepare(self, new_vectors: np.ndarray, seg_root: Path, seg_name: str) -> tuple[list[str], list[dict]]:
-        """Before adding `new_vectors`: switch to IVF-PQ if the params ask for it now. Returns the
-        segments (names, manifest entries) that must exist after the conversion."""
+    def _conversion_due(self, n_new: int) -> bool:
+        """Whether adding `n_new` vectors must first switch this flat index to IVF-PQ (params.kind)."""
         want_ivf = self.params.kind == "ivfpq" or (
-            self.params.kind == "auto" and self.ntotal + len(new_vectors) > self.params.flat_max)
-        if self.kind == "ivfpq" or not want_ivf or self.ntotal + len(new_vectors) == 0:
-            return [], []
+            self.params.kind == "auto" and self.ntotal + n_new > self.params.flat_max)
+        return self.kind == "flat" and want_ivf and self.ntotal + n_new > 0
+
+    def _convert(self, new_vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Train IVF-PQ on the stored and the new vectors and move the stored ones into it; returns the
+        moved (ids, vectors)."""
+        if self.metric != "ip":
+            raise ValueError("IVF-PQ indexes inner products; a squared-Euclidean (l2) index stays exact (kind 'flat')")
         old_ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)
         old = self.index.index.reconstruct_n(0, self.ntotal) if self.ntotal else np.empty((0, self.dim), np.float32)
         ivf = self._train_ivfpq(np.concatenate([old, new_vectors]) if len(old) else new_vectors)
         if len(old_ids):
             ivf.add_with_ids(old, old_ids)
         self.index = ivf
+        self._gpu = None
+        return old_ids, old
+
+    def prepare(self, new_vectors: np.ndarray, seg_root: Path, seg_name: str) -> tuple[list[str], list[dict]]:
+        """Before a gallery adds `new_vectors`: switch to IVF-PQ if the params ask for it now. Returns the
+        segments (names, manifest entries) holding the float16 copies of the vectors moved over."""
+        if not self._conversion_due(len(new_vectors)):
+            return [], []
+        old_ids, old = self._convert(self._as_f32(new_vectors))
         if not len(old_ids):
             return [], []
         name = f"{seg_name}-conv"
@@ -159,13 +244,26 @@ class VectorIndex:
         return [name], entries
 
     # -- data -------------------------------------------------------------------------------------
-    def add(self, ids: np.ndarray, x: np.ndarray) -> None:
-        self.index.add_with_ids(np.ascontiguousarray(x, dtype=np.float32), ids.astype(np.int64))
+    def add(self, x: Any, ids: np.ndarray | None = None) -> np.ndarray:
+        """Append vectors (N, dim) (numpy or torch) under `ids` (default: ntotal, ntotal + 1, ..., the row
+        numbers of an index without removals); returns the ids. An index whose params ask for IVF-PQ
+        is trained on its first vectors (a gallery calls :meth:`prepare` first, to keep float16 copies)."""
+        x = self._as_f32(x)
+        ids = np.arange(self.ntotal, self.ntotal + len(x), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
+        if ids.shape != (len(x),):
+            raise ValueError(f"{len(x)} vectors need {len(x)} ids, got shape {ids.shape}")
+        if self._conversion_due(len(x)):
+            self._convert(x)
+        self.index.add_with_ids(x, ids)
+        self._gpu = None
+        return ids
 
     def remove(self, ids: np.ndarray) -> int:
+        """Remove `ids`; returns how many were indexed."""
         if not len(ids):
             return 0
-        return int(self.index.remove_ids(faiss.IDSelectorBatch(ids.astype(np.int64))))
+        self._gpu = None
+        return int(self.index.remove_ids(faiss.IDSelectorBatch(np.asarray(ids, np.int64))))
 
     def stored_vectors(self, ids: np.ndarray) -> np.ndarray:
         """float32 (len(ids), D) vectors of stored `ids`: exact for a flat index, the float16 re-ranking
@@ -177,32 +275,44 @@ class VectorIndex:
             raise GalleryError("this IVF-PQ gallery keeps no float16 copies of its vectors to search from")
         return self.vectors.get(ids)
 
-    def _maybe_gpu(self) -> faiss.Index | None:
-        if self.params.use_gpu is False or not gpu_available():
+    def _gpu_flat(self) -> faiss.Index | None:
+        """The flat index's vectors on GPU 0 (ids mapped back on the host), or None to search on CPU."""
+        asked = self.params.use_gpu
+        if asked is False or self._gpu_failed:
             return None
-        if self._gpu is None:
-            try:
-                self._gpu_res = faiss.StandardGpuResources()
-                self._gpu = faiss.index_cpu_to_gpu(self._gpu_res, 0, self.index)
-            except (RuntimeError, AttributeError) as exc:  # e.g. an IDMap2 or PQ size the GPU lacks
-                logger.warning("GPU faiss unavailable for this index (%s); searching on CPU", exc)
-                self.params.use_gpu = False
-                return None
+        if not gpu_available():
+            if asked:
+                warnings.warn("GPU faiss requested but unavailable; searching on CPU", stacklevel=3)
+                self._gpu_failed = True
+            return None
+        with self._gpu_lock:  # concurrent searches (the server) build one GPU copy, not several
+            return self._gpu if self._gpu is not None else self._copy_to_gpu()
+
+    def _copy_to_gpu(self) -> faiss.Index | None:
+        try:
+            self._gpu_res = faiss.StandardGpuResources()
+            # The inner flat index goes to the GPU (IndexIDMap2 has no GPU version); ids map back here.
+            self._gpu_ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)
+            self._gpu = faiss.index_cpu_to_gpu(self._gpu_res, 0, self.index.index)
+        except (RuntimeError, AttributeError, MemoryError) as exc:
+            warnings.warn(f"could not move the faiss index to GPU ({exc}); searching on CPU", stacklevel=4)
+            self._gpu, self._gpu_failed = None, True
         return self._gpu
 
-    def search(self, q: np.ndarray, k: int, allowed: np.ndarray | None, nprobe: int | None = None,
+    def search(self, q: Any, k: int, allowed: np.ndarray | None = None, nprobe: int | None = None,
                refine: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, ids) (Q, k), -1 ids pad. `allowed`: sorted ids a result may have (None: all).
+        """(scores, ids), each (Q, k), best first; -1 ids pad. `allowed`: sorted ids a result may have (None: all).
 
         Filters go into faiss as an IDSelectorBitmap, so an exact (flat) search returns k results
-        whenever k allowed crops exist. IVF-PQ additionally widens nprobe (doubling up to nlist, i.e. an
+        whenever k allowed vectors exist. IVF-PQ additionally widens nprobe (doubling up to nlist, i.e. an
         exhaustive scan) until k allowed results come back or none are left, so it also never returns
-        fewer than k when k exist.
+        fewer than k when k exist; its shortlist of ``refine * k`` is re-ranked exactly from the float16
+        copies when the index has them.
         """
-        q = np.ascontiguousarray(q, dtype=np.float32)
+        q = self._as_f32(q)
         n_valid = self.ntotal if allowed is None else len(allowed)
         k_eff = min(k, n_valid)
-        scores = np.full((len(q), k), -np.inf, np.float32)
+        scores = np.full((len(q), k), np.inf if self.metric == "l2" else -np.inf, np.float32)
         ids = np.full((len(q), k), -1, np.int64)
         if k_eff <= 0 or not len(q):
             return scores, ids
@@ -214,9 +324,10 @@ class VectorIndex:
             bitmap = np.packbits(bits, bitorder="little")  # faiss: bit (id & 7) of byte id >> 3
             sel = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
         if self.kind == "flat":
-            gpu = self._maybe_gpu() if sel is None else None  # selectors: CPU (GPU support varies)
+            gpu = self._gpu_flat() if sel is None else None  # selectors: CPU (GPU support varies)
             if gpu is not None:
-                s, i = gpu.search(q, k_eff)
+                s, rows = gpu.search(q, k_eff)
+                i = np.where(rows >= 0, self._gpu_ids[np.maximum(rows, 0)], -1)
             elif sel is None:
                 s, i = self.index.search(q, k_eff)
             else:

@@ -24,6 +24,7 @@ from .storage import (
     SEGMENTS,
     GalleryCorrupt,
     GalleryError,
+    StageCallback,
     WriteLock,
     all_generations,
     collect_garbage,
@@ -36,7 +37,7 @@ from .storage import (
 from .store import CropRecord, MetadataStore
 from .vector_index import VectorIndex
 
-__all__ = ["AddReport", "GalleryWrites", "Mutation"]
+__all__ = ["AddReport", "GalleryWrites", "Mutation", "StagedGeneration"]
 
 
 @dataclass
@@ -60,6 +61,18 @@ class AddReport:
 Mutation = Callable[[MetadataStore, VectorIndex, int], tuple[list[str], list[dict]]]
 
 
+@dataclass
+class StagedGeneration:
+    """The unpublished generation of a staged build: its `.tmp-gen-N` (None for a detached gallery that
+    is never published), its number, the generation CURRENT named when it began, and whether a write to
+    it failed (then it is never published)."""
+
+    tmp: Path | None
+    gen: int
+    previous: int | None
+    broken: bool = False
+
+
 class GalleryWrites:
     """Write methods of a gallery (mixed into :class:`reid_lite.index.Gallery`)."""
 
@@ -67,9 +80,10 @@ class GalleryWrites:
     generation: int
     manifest: dict[str, Any]
     store: MetadataStore
-    _index: VectorIndex
-    _stage: Any
-    _writing: bool
+    index: VectorIndex
+    staged: StagedGeneration | None
+    on_stage: StageCallback | None
+    _writing = False  # inside `writing()`: nested writes do not lock again
     _columns: Any
 
     @contextlib.contextmanager
@@ -79,13 +93,14 @@ class GalleryWrites:
         Writes inside the block (add, add_features, remove, purge) do not lock again; several writes
         then run without another writer in between. `lock_timeout`: seconds to wait for another
         writer (None: forever, with a repeating message), then :class:`GalleryLocked`."""
-        if self._stage is not None or self._writing:
+        if self.staged is not None or self._writing:
             yield self
             return
         with WriteLock(self.root, lock_timeout):
             self._writing = True
             try:
-                self._reload()  # another writer may have published since we opened
+                self.reload()  # another writer may have published since we opened
+                self.notify("locked")
                 yield self
             finally:
                 self._writing = False
@@ -125,6 +140,7 @@ class GalleryWrites:
             report.embed_seconds = secs
             report.images_per_second = len(pos) / secs if secs > 0 else 0.0
             new = [new[i] for i in pos]
+        self.notify("embedded")
         if report.failed and not new and len(report.failed) == len(records) - len(dups):
             raise GalleryError(f"none of the {len(report.failed)} new crop(s) could be read (e.g. "
                                f"{', '.join(report.failed[:3])}); nothing was written")
@@ -165,21 +181,21 @@ class GalleryWrites:
     def _publish_add(self, new: Sequence[CropRecord], feats: np.ndarray, report: AddReport) -> None:
         def mutate(store: MetadataStore, idx: VectorIndex, gen: int) -> tuple[list[str], list[dict]]:
             # A staged build may add several times before it publishes: number its segments apart.
-            name = f"seg-{gen:06d}" + (f"-{len(self.manifest['segments'])}" if self._stage is not None else "")
+            name = f"seg-{gen:06d}" + (f"-{len(self.manifest['segments'])}" if self.staged is not None else "")
             names, entries = idx.prepare(feats, self.root / SEGMENTS, name)
             ids = store.insert(new, gen)
             if len(ids):
-                idx.add(ids, feats)
+                idx.add(feats, ids)
                 if idx.kind == "ivfpq":  # float16 copies for exact re-ranking of the shortlist
                     entries += write_segment(self.root / SEGMENTS, name, ids, feats)
                     names.append(name)
             return names, entries
 
         report.added = len(new)
-        if not new and self._stage is None:  # nothing new (all duplicates): the current generation stands
+        if not new and self.staged is None:  # nothing new (all duplicates): the current generation stands
             report.generation = self.generation
             return
-        report.generation = self._write(mutate)
+        report.generation = self.write_generation(mutate)
 
     def remove(self, paths: Sequence[str] | None = None, cameras: Sequence[int] | None = None,
                ids: Sequence[int] | None = None, lock_timeout: float | None = None, purge: bool = False) -> int:
@@ -211,7 +227,7 @@ class GalleryWrites:
                                              "disagree")
                     return [], []
 
-                self._write(mutate)
+                self.write_generation(mutate)
             if purge:
                 self.purge()
         return removed
@@ -224,10 +240,10 @@ class GalleryWrites:
         An IVF-PQ gallery whose float16 re-ranking segments still hold removed crops first publishes
         a generation with one compacted segment of the live crops, so that those copies go too."""
         with self.writing(lock_timeout):
-            if self._stage is not None:
+            if self.staged is not None:
                 return []
-            vectors = self._index.vectors
-            if vectors is not None and len(vectors.ids) != self._index.ntotal:
+            vectors = self.index.vectors
+            if vectors is not None and len(vectors.ids) != self.index.ntotal:
                 live = self.store.all_ids()
                 kept = vectors.get(live)  # float16 -> float32 -> float16 is exact
 
@@ -235,26 +251,28 @@ class GalleryWrites:
                     name = f"seg-{gen:06d}-compact"
                     return [name], write_segment(self.root / SEGMENTS, name, live, kept)
 
-                self._write(compact, replace_segments=True)
+                self.write_generation(compact, replace_segments=True)
             return collect_garbage(self.root, {self.generation})
 
-    def _write(self, mutate: Mutation, replace_segments: bool = False) -> int:
-        """Build the next generation from the current one with `mutate` and publish it (lock held).
-        The segments `mutate` returns are added to the current ones, or replace them. A staged build
-        applies `mutate` to its own unpublished generation instead."""
-        if self._stage is not None:
-            if self._stage.tmp is None:
+    def write_generation(self, mutate: Mutation, replace_segments: bool = False) -> int:
+        """Build the next generation from the current one with `mutate` and publish it; returns its number.
+        Call it inside :meth:`writing` (the lock held). `mutate(store, index, generation)` changes copies
+        of the metadata and the index and returns the segments it wrote (names, manifest entries), which
+        are added to the current ones, or replace them. A staged build applies `mutate` to its own
+        unpublished generation instead."""
+        if self.staged is not None:
+            if self.staged.tmp is None:
                 raise GalleryError("a detached gallery (directory None) embeds only; it cannot be written")
             try:
-                names, entries = mutate(self.store, self._index, self._stage.gen)
+                names, entries = mutate(self.store, self.index, self.staged.gen)
                 self.store.commit()
             except BaseException:
-                self._stage.broken = True  # store and index may disagree now: never publish this build
+                self.staged.broken = True  # store and index may disagree now: never publish this build
                 raise
             self.manifest["segments"] += names
             self.manifest["segment_files"] += entries
             self._columns = None
-            return self._stage.gen
+            return self.staged.gen
         gen = max([self.generation, *all_generations(self.root)]) + 1
         tmp = self.root / f".tmp-{generation_name(gen)}"
         store = None
@@ -263,13 +281,15 @@ class GalleryWrites:
             tmp.mkdir()
             shutil.copyfile(self.root / generation_name(self.generation) / "meta.sqlite", tmp / "meta.sqlite")
             store = MetadataStore(tmp / "meta.sqlite", readonly=False)
-            idx = self._index.clone()  # the open gallery stays usable if anything below fails
+            idx = self.index.clone()  # the open gallery stays usable if anything below fails
             names, entries = mutate(store, idx, gen)
             store.commit()
             store.close()
+            self.notify("staged")
             keep = not replace_segments
             publish_generation(self.root, tmp, gen, idx, list(self.manifest["segments"]) * keep + names,
-                               list(self.manifest["segment_files"]) * keep + entries, previous=self.generation)
+                               list(self.manifest["segment_files"]) * keep + entries, previous=self.generation,
+                               on_stage=self.on_stage)
         except BaseException:
             if current_generation(self.root) != gen:  # not published: leave no debris behind
                 if store is not None:
@@ -277,5 +297,5 @@ class GalleryWrites:
                         store.close()
                 discard_unpublished(self.root, gen)
             raise
-        self._reload()
+        self.reload()
         return gen

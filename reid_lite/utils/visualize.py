@@ -37,15 +37,18 @@ def canvas_size(num_queries: int, topk: int, cell_hw: tuple[int, int] = CELL_HW)
 def rank_gallery(query_feat: torch.Tensor, q_pid: int, q_camid: int, gallery_feats: torch.Tensor,
                  g_pids: np.ndarray, g_camids: np.ndarray, topk: int = 10) -> np.ndarray:
     """Indices of the `topk` nearest gallery features (squared Euclidean, as the evaluator ranks),
-    excluding same-identity same-camera images (junk in the Market-1501 protocol)."""
-    q = query_feat.reshape(1, -1).float()
+    excluding same-identity same-camera images (junk in the Market-1501 protocol). An exact search of the
+    one faiss wrapper (`reid_lite.index.VectorIndex`, the gallery's own; on GPU when faiss has one): the
+    top `topk` + (number of junk images) without a filter, then the junk dropped, which is still exact."""
+    from ..index.vector_index import VectorIndex
+
     g = gallery_feats.float()
-    dist = (g.pow(2).sum(1) - 2 * (g @ q.t()).squeeze(1)).numpy()  # ||q||^2 is constant per query
     junk = (np.asarray(g_pids) == q_pid) & (np.asarray(g_camids) == q_camid)
-    dist = np.where(junk, np.inf, dist)
-    order = np.argsort(dist, kind="stable")
-    order = order[np.isfinite(dist[order])]
-    return order[:topk]
+    index = VectorIndex.exact(g.shape[1], metric="l2")
+    index.add(g)
+    _, ids = index.search(query_feat.reshape(1, -1).float(), topk + int(junk.sum()))
+    ids = ids[0][ids[0] >= 0]
+    return ids[~junk[ids]][:topk]
 
 
 def _read_cell(path: str, cell_hw: tuple[int, int]) -> np.ndarray:

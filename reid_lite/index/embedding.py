@@ -1,0 +1,167 @@
+"""The model half of a gallery: its stored configuration, the feature extractor, embedding crops.
+
+`GalleryModel` is mixed into :class:`reid_lite.index.Gallery`; `build_extractor` builds the model a
+gallery is bound to (seeded, so that every process building the same gallery gets the same weights).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .fingerprint import check_fingerprint, check_query_fingerprint, gallery_space, model_fingerprint
+from .storage import FingerprintMismatch, StageCallback
+from .store import CropRecord, MetadataStore
+
+__all__ = ["GalleryModel", "build_extractor"]
+
+
+class _EachBatch:
+    """A DataLoader that reports "batch embedded" to a write's stage callback after every batch."""
+
+    def __init__(self, loader: Any, notify: Callable[[str], None]) -> None:
+        self.loader = loader
+        self.dataset = loader.dataset
+        self.notify = notify
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.loader:
+            yield batch
+            self.notify("batch embedded")
+
+
+class GalleryModel:
+    """Model methods of a gallery (mixed into :class:`reid_lite.index.Gallery`)."""
+
+    store: MetadataStore
+    fingerprint: dict[str, Any]
+    device: str | None
+    on_stage: StageCallback | None
+    _extractor: Any = None  # built on first use (`extractor()`), or shared
+
+    def notify(self, stage: str) -> None:
+        """Call the gallery's `on_stage` callback, if any, at `stage` of a write (see storage.STAGES)."""
+        if self.on_stage is not None:
+            self.on_stage(stage)
+
+    @property
+    def cfg(self) -> Any:
+        """The configuration the gallery was built with (frozen)."""
+        from yacs.config import CfgNode
+
+        cfg = CfgNode.load_cfg(self.store.get_meta("config"))
+        cfg.freeze()
+        return cfg
+
+    @property
+    def pattern(self) -> str:
+        """Default file-name pattern (camid, optional pid and timestamp groups) of this gallery."""
+        return self.store.get_meta("pattern") or self.cfg.DATASETS.FOLDER_PATTERN
+
+    @property
+    def dim(self) -> int:
+        """Stored feature dimension."""
+        return int(self.fingerprint["feature"]["dim"])
+
+    @property
+    def camera_num(self) -> int:
+        """Cameras of the gallery model's SIE (fixed when the gallery was built)."""
+        return int(self.store.get_meta("camera_num", 1))
+
+    def extractor(self, cfg: Any | None = None, device: str | None = None) -> Any:
+        """The gallery's FeatureExtractor (built from its stored config), or one for the query model `cfg`
+        (see :meth:`query_model`)."""
+        if cfg is None:
+            if self._extractor is None:
+                self._extractor = build_extractor(self.cfg, self.camera_num, device or self.device, None)
+                check_fingerprint(self.fingerprint, model_fingerprint(
+                    self.cfg, self._extractor.model, self.fingerprint["feature"]["kind"], self.camera_num))
+            return self._extractor
+        return self.query_model(cfg, device)[0]
+
+    def query_model(self, cfg: Any, device: str | None = None) -> tuple[Any, dict[str, Any]]:
+        """(FeatureExtractor, fingerprint) of the query model `cfg`, after checking that the gallery
+        accepts it: the gallery's own model, or (a gallery built with `accept_merged_queries`) the same
+        model with other token merging; anything else raises :class:`FingerprintMismatch`."""
+        ext = build_extractor(cfg, self.camera_num, device or self.device, None)
+        fp = model_fingerprint(cfg, ext.model, self.fingerprint["feature"]["kind"], self.camera_num)
+        check_query_fingerprint(self.fingerprint, fp)
+        return ext, fp
+
+    def use_extractor(self, extractor: Any) -> None:
+        """Embed with `extractor`, a FeatureExtractor of this gallery's model (the caller vouches for that:
+        a build passes the one it fingerprinted)."""
+        self._extractor = extractor
+
+    def share_model(self, other: GalleryModel) -> None:
+        """Use `other`'s already built extractor (another generation of the same gallery, or one with
+        the same fingerprint), so that reopening a gallery does not build its model again."""
+        if other.fingerprint != self.fingerprint:
+            raise FingerprintMismatch("share_model: the two galleries were built with different models")
+        if other._extractor is not None:
+            self._extractor = other._extractor
+        self.device = other.device
+
+    def normalize_features(self, feats: torch.Tensor | np.ndarray) -> np.ndarray:
+        """What the gallery stores of extracted features: float32, the global part for feature 'global',
+        L2-normalised rows."""
+        return gallery_space(feats, self.fingerprint)
+
+    def check_cameras(self, records: Sequence[CropRecord], what: str = "crop") -> None:
+        """Raise ValueError (with the way out) when the model has a camera SIE and a record's camera is
+        missing or outside its table, which is fixed when the gallery is built."""
+        if not self.fingerprint["architecture"]["sie_camera"]:
+            return
+        bad = [r for r in records if r.camid is None or not 0 <= r.camid < self.camera_num]
+        if bad:
+            cams = sorted({r.camid for r in bad if r.camid is not None})
+            raise ValueError(
+                f"this gallery's model has a camera SIE over {self.camera_num} cameras (0-based ids 0.."
+                f"{self.camera_num - 1}), fixed when it was built; {len(bad)} {what}(s) have "
+                + (f"camera(s) {', '.join(map(str, cams[:5]))}" if cams else "no camera")
+                + f", e.g. {bad[0].path}. Map them onto its cameras (--sidecar / --query-camera) or build a new "
+                "gallery for more cameras (--camera-num N, or a checkpoint trained on them)")
+
+    def embed_records(self, records: Sequence[CropRecord], batch_size: int | None = None, workers: int = 0,
+                      progress: bool = False, *, extractor: Any | None = None, what: str = "crop"
+                      ) -> tuple[np.ndarray, list[int], list[str], float]:
+        """Embed crops: (features (n, D), positions in `records` of the n embedded crops, unreadable
+        paths, seconds). Uses the data package's loader (an unreadable image is skipped and reported,
+        never fatal) and the engine's `extract_features`. `extractor`: another model of the same
+        fingerprint (default: the gallery's)."""
+        from torch.utils.data import DataLoader
+
+        from ..data import ImageDataset, ReIDCollate, build_transforms
+        from ..engine.extractor import extract_features
+
+        ext = extractor or self.extractor()
+        cfg = ext.cfg
+        sie = bool(self.fingerprint["architecture"]["sie_camera"])
+        self.check_cameras(records, what)
+        ds = ImageDataset([(r.path, r.identity if r.identity is not None else -1, r.camid or 0, 0) for r in records],
+                          build_transforms(cfg, is_train=False))
+        loader = DataLoader(ds, batch_size=int(batch_size or cfg.TEST.IMS_PER_BATCH), shuffle=False,
+                            num_workers=workers, collate_fn=ReIDCollate(cfg.INPUT.SIZE_TEST))
+        if self.on_stage is not None and what == "crop":  # a write: its stage callback sees every batch
+            loader = _EachBatch(loader, self.notify)
+        out = extract_features(ext.model, loader, device=ext.device, amp=cfg.TEST.AMP,
+                               flip=bool(cfg.TEST.FLIP), feat_norm=True, use_camera=sie,
+                               progress=progress, desc="embed" if what == "crop" else what)
+        return self.normalize_features(out.feats), [int(i) for i in out.indices], list(out.failed), out.seconds
+
+
+def build_extractor(cfg: Any, camera_num: int, device: str | None, model: torch.nn.Module | None) -> Any:
+    """FeatureExtractor for `cfg`; random initialisation is seeded (SOLVER.SEED) so that every process
+    building the same gallery model gets the same weights, without touching the global RNG."""
+    from ..engine.extractor import FeatureExtractor
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(cfg.SOLVER.SEED))
+        return FeatureExtractor(cfg, model=model, weights=cfg.TEST.WEIGHT or None,
+                                device=device or cfg.MODEL.DEVICE, camera_num=camera_num)
