@@ -203,13 +203,14 @@ class BipartiteMerge:
         b = t[:, 1::2] if self.b_pos is None else take_tokens(t, self.b_pos)
         return take_tokens(t, self.unm_pos), take_tokens(t, self.src_pos), b
 
-    def _dst_index(self, channels: int) -> Tensor:
+    def dst_index(self, channels: int) -> Tensor:
+        """`dst_idx` expanded over `channels`: (B, r, channels), the index of a scatter into the B tokens."""
         return self.dst_idx[..., None].expand(-1, -1, channels)
 
     def __call__(self, t: Tensor, mode: str = "sum") -> Tensor:
         """Merge a per-token tensor (B, T, C): sources are reduced into destinations with `mode`."""
         unm, src, b = self.parts(t)
-        return torch.cat([unm, b.scatter_reduce(1, self._dst_index(t.shape[-1]), src, reduce=mode)], dim=1)
+        return torch.cat([unm, b.scatter_reduce(1, self.dst_index(t.shape[-1]), src, reduce=mode)], dim=1)
 
     @property
     def dst_pos(self) -> Tensor:
@@ -231,7 +232,7 @@ class BipartiteMerge:
         if self.may_empty:  # an empty source merged into an empty destination: 0 / 0
             den = den.clamp_min(torch.finfo(den.dtype).tiny)
         contrib = w_src * (src - take_tokens(t, self.dst_pos)) / take_tokens(den, self.dst_idx)
-        return b.scatter_add(1, self._dst_index(t.shape[-1]), contrib.to(t.dtype))
+        return b.scatter_add(1, self.dst_index(t.shape[-1]), contrib.to(t.dtype))
 
 
 def take_tokens(t: Tensor, idx: Tensor) -> Tensor:

@@ -96,7 +96,7 @@ def prn_fuse(merge: BipartiteMerge, x: Tensor, score: Tensor, state: TokenState)
     max_norm = torch.maximum(src_max, take_tokens(x, merge.dst_pos).norm(dim=-1, keepdim=True))
     fused_dst = take_tokens(fused, merge.dst_idx)
     rescaled = fused_dst / fused_dst.norm(dim=-1, keepdim=True).clamp_min(_EPS) * max_norm
-    fused = fused.scatter(1, merge._dst_index(x.shape[-1]), rescaled.to(x.dtype))
+    fused = fused.scatter(1, merge.dst_index(x.shape[-1]), rescaled.to(x.dtype))
     merge_state(merge, state)
     return torch.cat([unm, fused], dim=1)
 
