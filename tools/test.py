@@ -2,6 +2,7 @@
 
     python tools/test.py --config configs/msmt17_stm.yml TEST.WEIGHT path/to/transformer_120.pth
     python tools/test.py --config market1501_stm.yml --compare none,tome,evit,stm DATASETS.ROOT_DIR data
+    python tools/test.py --config demo_synthetic.yml --compare all --budget 75%    # every method at equal GFLOPs
     python tools/test.py --config demo_synthetic.yml --vis-queries 0,5,9
     python tools/test.py --config demo_synthetic.yml MODEL.BACKEND onnxruntime MODEL.ONNX_PATH stm.onnx  # exported
 
@@ -32,8 +33,9 @@ import torch
 from reid_lite.config import load_cfg
 from reid_lite.data import build_dataset_from_cfg, sie_counts
 from reid_lite.deploy import load_runtime_model
-from reid_lite.engine.evaluator import check_methods, evaluate, format_table
+from reid_lite.engine.evaluator import check_methods, evaluate, format_table, gallery_calibration
 from reid_lite.merging import parse_methods
+from reid_lite.merging.budget import resolve_budget
 from reid_lite.models import build_model, build_model_for_checkpoint, check_checkpoint_file, check_input_size
 from reid_lite.utils.cli import USER_ERRORS, cli_error
 from reid_lite.utils.device import resolve_device
@@ -59,6 +61,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compare", default="",
                    help="comma-separated merging methods evaluated with the same weights, e.g. none,tome,evit,stm "
                         "(any registered method; your own through MERGE.PLUGINS)")
+    p.add_argument("--budget", default="",
+                   help="GFLOPs per image every method is set to (within 1%%, through its knob: r, keep rate, ATM "
+                        "offset, K), e.g. 15.53 (the paper's, for ViT-B) or a share of the unmerged model, e.g. 75%%; "
+                        "sets MERGE.TARGET_GFLOPS")
     p.add_argument("--vis-queries", default="",
                    help="comma-separated query indices (positions in the query list) to draw with their top-10")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -145,8 +151,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             model = build_model(cfg, max(dataset.num_train_pids, 1), camera_num, view_num)
         check_input_size(cfg, model)
-        if methods:
-            check_methods(cfg, model, methods)
+        if args.budget:
+            if backend != "torch":
+                return cli_error(f"--budget sets each method's merging on a PyTorch model; MODEL.BACKEND is {backend}")
+            cfg.defrost()
+            cfg.MERGE.TARGET_GFLOPS = resolve_budget(args.budget, model)
+            cfg.freeze()
+        if methods or args.budget:
+            check_methods(cfg, model, methods or [cfg.MERGE.METHOD], lambda: gallery_calibration(cfg, dataset))
     except USER_ERRORS as err:  # checkpoint, model, merging settings or backend: user errors
         return cli_error(err)
     if backend == "torch":
@@ -172,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config_file": args.config,
         "overrides": list(args.opts),
+        "budget": {"spec": args.budget, "target_gflops": float(cfg.MERGE.TARGET_GFLOPS),
+                   "calibration": results["calibration"]} if args.budget else None,
         "weights": cfg.TEST.WEIGHT or None,
         "backend": backend,
         "onnx_path": cfg.MODEL.ONNX_PATH or None,

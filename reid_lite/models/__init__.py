@@ -51,7 +51,11 @@ def build_model(cfg, num_classes: int, camera_num: int = 0, view_num: int = 0) -
         load_transreid_checkpoint(model, m.PRETRAIN_PATH, trust=m.TRUST_CHECKPOINT)
     elif choice not in ("imagenet", "none"):
         raise ValueError(f"MODEL.PRETRAIN_CHOICE must be 'imagenet', 'self' or 'none', got {m.PRETRAIN_CHOICE!r}")
-    apply_merging(model, cfg.MERGE)
+    from ..merging.budget import synthetic_calibration
+
+    # Image-dependent budgets (ATM) need images; without a dataset here, seeded synthetic pedestrians.
+    apply_merging(model, cfg.MERGE, lambda: synthetic_calibration(cfg, int(cfg.MERGE.CALIBRATION_IMAGES),
+                                                                  int(model.base.cam_num)))
     if cfg.MERGE.TARGET_LATENCY_MS > 0 and str(m.BACKEND).lower() == "torch":
         from ..deploy.latency import apply_latency_budget
 
