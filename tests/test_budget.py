@@ -196,3 +196,25 @@ OUTPUT_DIR: '{out}'
     rc = tool.main(["--config", str(cfg), "--no-progress", "--compare", "none,dhtm", "--budget", "40%"])
     err = capsys.readouterr().err
     assert rc == 2 and "dhtm (k knob) cannot meet" in err and "its settings reach" in err
+
+
+def test_latency_budget_turns_the_same_knob():
+    from reid_lite.deploy.latency import choose_setting
+
+    def rising(keep):  # a real knob whose latency rises with the value (EViT's keep rate)
+        return 10.0 + 90.0 * keep
+
+    choice = choose_setting(rising, 55.0, 1.0, 0.001, integer=False, label="keep={:.3f}".format,
+                            setting=lambda v: {"MERGE.EVIT.KEEP_RATE": v})
+    assert 0.95 * 55.0 <= rising(choice.value) <= 55.0 and len(choice.measured) <= 14
+    assert choice.r is None and choice.setting == {"MERGE.EVIT.KEEP_RATE": choice.value}
+    # On a model: EViT's keep rate through MERGE.TARGET_LATENCY_MS; merging off when the unmerged model fits.
+    cfg = tiny_cfg(depth=3, METHOD="evit", EVIT__LAYERS=[1, 2])
+    cfg.merge_from_list(["MERGE.TARGET_LATENCY_MS", 1e9, "TEST.IMS_PER_BATCH", 2, "MODEL.DEVICE", "cpu"])
+    model = build_model(cfg, 10, 3, 0)
+    assert model.merge_setting == {"MERGE.EVIT.KEEP_RATE": 1.0} and model.merge_r is None
+    assert transreid_gflops(model) == pytest.approx(transreid_gflops(model, {}))
+    cfg.MERGE.TARGET_LATENCY_MS = 1e-6
+    with pytest.raises(ValueError, match=r"no merging setting meets MERGE.TARGET_LATENCY_MS 1e-06: the fastest "
+                                         r"measured is EVIT.KEEP_RATE"):
+        build_model(cfg, 10, 3, 0)

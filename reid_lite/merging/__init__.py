@@ -38,7 +38,6 @@ from .schedule import (
     per_layer_r,
     reduction_schedule,
     search_knob,
-    solve_r,
     token_counts,
 )
 from .stm import STM
@@ -75,7 +74,8 @@ def apply_merging(model: nn.Module, cfg: CfgNode, calibration: CalibrationSource
 
     Works on reid_lite's `TransReID` and on timm `VisionTransformer`s. With MERGE.TARGET_GFLOPS > 0
     (TransReID only, methods that declare a `gflops_knob`) the method's knob is set to meet that budget
-    (`budget.solve_budget`): the solution is `model.merge_budget`, and a constant r also `model.merge_r`.
+    (`budget.solve_budget`): the solution is `model.merge_budget`, its MERGE keys `model.merge_setting`, and
+    a constant r also `model.merge_r`.
     `calibration` (a `budget.Calibration` or a function returning one) is needed only when the method's
     cost depends on the image (effective GFLOPs); `build_model` passes synthetic pedestrians. `solution`:
     the budget already solved for this model and section (`solve_budget`), so the search is not repeated.
@@ -90,10 +90,6 @@ def apply_merging(model: nn.Module, cfg: CfgNode, calibration: CalibrationSource
     else:
         if not is_transreid:
             raise ValueError("MERGE.TARGET_GFLOPS is supported for TransReID models")
-        if method.budget_knob is None:
-            solvable = [m for m in method_names() if get_method(m).budget_knob]
-            raise ValueError(f"MERGE.TARGET_GFLOPS needs a method that declares a budget knob "
-                             f"({', '.join(solvable)}); {method.name!r} does not")
         if solution is None:
             solution = solve_budget(model, cfg, float(cfg.TARGET_GFLOPS), calibration)
         cfg = budget_merge(cfg, solution)
@@ -106,6 +102,7 @@ def apply_merging(model: nn.Module, cfg: CfgNode, calibration: CalibrationSource
         model.trace_source = bool(cfg.TRACE_SOURCE)
         model.merge_budget = solution
         model.merge_r = solution.constant_r if solution is not None else None
+        model.merge_setting = solution.setting if solution is not None else None  # the gallery fingerprint's
         return model
     from .timm_vit import patch_timm_vit
 
@@ -147,7 +144,6 @@ __all__ = [
     "per_layer_r",
     "reduction_schedule",
     "register_method",
-    "solve_r",
     "token_counts",
     "unregister_method",
 ]

@@ -13,6 +13,8 @@ pedestrians when a model is built without data), which the solution records.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,8 +24,10 @@ from torch import nn
 from yacs.config import CfgNode
 
 from .knobs import set_overrides
-from .registry import get_method
+from .registry import get_method, method_names
 from .schedule import build_reducers, first_fit, search_knob
+
+logger = logging.getLogger(__name__)
 
 #: Default tolerance of a budget: the achieved GFLOPs lie in [budget (1 - TOLERANCE), budget].
 TOLERANCE = 0.01
@@ -133,6 +137,67 @@ def resolve_budget(spec: str | float, model: nn.Module) -> float:
     return parse_budget(spec, transreid_gflops(model, {}))
 
 
+class KnobSpace:
+    """A method's budget knob on one TransReID model: the value range it can build, the MERGE section and the
+    reducers of a value, and the setting (MERGE keys) a value stands for. Shared by the GFLOPs budget and the
+    latency budget (`reid_lite.deploy.latency`). `what` names the budget in the error for a knob-less method.
+    """
+
+    def __init__(self, model: nn.Module, merge: CfgNode, what: str = "MERGE.TARGET_GFLOPS"):
+        from . import input_tokens
+
+        self.method = get_method(merge.METHOD)
+        knob = self.method.budget_knob
+        if knob is None:
+            solvable = [m for m in method_names() if get_method(m).budget_knob]
+            raise ValueError(f"{what} needs a method that declares a budget knob ({', '.join(solvable)}); "
+                             f"{self.method.name!r} does not (MergeMethod.gflops_knob)")
+        self.knob, self.merge, self.model = knob, merge, model
+        self.depth, self.num_tokens = len(model.reducible_blocks), input_tokens(model)
+        self.prop_attn = bool(merge.PROP_ATTN) and self.method.prop_attn
+        self.stride = knob.stride(merge) if knob.stride else 1
+        self.mildest = knob.mildest
+        self.reducers_for(self.mildest)  # a configuration error (e.g. MERGE.LOTM.LAYERS) surfaces here, as itself
+        self.strongest = knob.strongest if knob.strongest is not None else self._largest_that_builds()
+
+    def _largest_that_builds(self) -> float:
+        """The largest integer value whose schedule builds on the model (building fails monotonically)."""
+        def fails(step: int) -> bool:
+            try:
+                self.reducers_for(self.mildest + step + 1)
+            except ValueError:
+                return True
+            return False
+
+        return self.mildest + first_fit(fails, 0, self.num_tokens * self.stride)
+
+    def value(self, value: float) -> float:
+        """`value` as the knob's type (int for integer knobs)."""
+        return int(value) if self.knob.integer else float(value)
+
+    def merge_for(self, value: float) -> CfgNode:
+        """A copy of the MERGE section with the value's setting written in and the budgets cleared."""
+        node = self.merge.clone()
+        node.defrost()
+        node.TARGET_GFLOPS = 0.0
+        node.TARGET_LATENCY_MS = 0.0
+        set_overrides(node, self.knob.overrides(node, self.value(value)))
+        return node
+
+    def reducers_for(self, value: float) -> dict:
+        """The reducers the value builds on the model (ValueError when it cannot run as stated)."""
+        return build_reducers(self.merge_for(value), self.depth, num_tokens=self.num_tokens,
+                              cls_head=not self.model.jpm)
+
+    def setting(self, value: float) -> dict[str, Any]:
+        """{'MERGE.R': 8, 'MERGE.R_LIST': []}: the MERGE keys a value sets, ready to pin in a config."""
+        return {f"MERGE.{k}": v for k, v in self.knob.overrides(self.merge, self.value(value)).items()}
+
+    def describe(self, value: float) -> str:
+        """'MERGE.DHTM.K_LIST [53, 53, 52]': the setting of a value, for messages."""
+        return ", ".join(f"{k} {v}" for k, v in self.setting(value).items() if v != [])
+
+
 def solve_budget(model: nn.Module, merge: CfgNode, target: float, calibration: CalibrationSource = None,
                  tol: float = TOLERANCE) -> BudgetSolution:
     """The setting of MERGE.METHOD's knob whose GFLOPs on `model` (a TransReID) meet `target` within `tol`.
@@ -143,43 +208,26 @@ def solve_budget(model: nn.Module, merge: CfgNode, target: float, calibration: C
     without a knob and `schedule.BudgetError` (naming the reachable range) for a budget out of reach.
     """
     from ..utils.flops import effective_gflops, transreid_gflops
-    from . import input_tokens
 
-    method = get_method(merge.METHOD)
-    knob = method.budget_knob
-    if knob is None:
-        raise ValueError(f"MERGE.TARGET_GFLOPS: method {method.name!r} declares no budget knob "
-                         "(MergeMethod.gflops_knob); compare it without a budget")
-    depth, num_tokens = len(model.reducible_blocks), input_tokens(model)
-    prop_attn = bool(merge.PROP_ATTN) and method.prop_attn
+    space = KnobSpace(model, merge)
+    name = space.method.name
     saved, saved_prop = model.reducers, getattr(model, "prop_attn", True)
     calib: list[Calibration] = []
-
-    def node_for(value: float) -> CfgNode:
-        node = merge.clone()
-        node.defrost()
-        node.TARGET_GFLOPS = 0.0
-        set_overrides(node, knob.overrides(node, value))
-        return node
-
-    def reducers_for(value: float) -> dict:
-        return build_reducers(node_for(value), depth, num_tokens=num_tokens, cls_head=not model.jpm)
-
     costs: dict[float, tuple[float, float, bool]] = {}
 
     def cost(value: float) -> float:
         if value not in costs:
-            reducers = reducers_for(value)
+            reducers = space.reducers_for(value)
             capacity = transreid_gflops(model, reducers)
             effective = capacity
             image_dependent = any(r.may_empty for r in reducers.values())
             if image_dependent:
                 if not calib:
                     if calibration is None:
-                        raise ValueError(f"MERGE.TARGET_GFLOPS for {method.name!r} matches effective GFLOPs, "
+                        raise ValueError(f"MERGE.TARGET_GFLOPS for {name!r} matches effective GFLOPs, "
                                          "which depend on the images: pass calibration images")
                     calib.append(calibration() if callable(calibration) else calibration)
-                model.set_reducers(reducers, prop_attn)
+                model.set_reducers(reducers, space.prop_attn)
                 c = calib[0]
                 dev = next(model.parameters()).device
                 cams = c.cams.to(dev) if c.cams is not None else None
@@ -188,34 +236,20 @@ def solve_budget(model: nn.Module, merge: CfgNode, target: float, calibration: C
             costs[value] = (capacity, effective, image_dependent)
         return costs[value][1]
 
-    reducers_for(knob.mildest)  # a configuration error (e.g. MERGE.LOTM.LAYERS) surfaces here, as itself
-    def describe(value: float) -> str:
-        value = int(value) if knob.integer else value
-        return ", ".join(f"MERGE.{k} {v}" for k, v in knob.overrides(node_for(value), value).items() if v != [])
-
-    strongest = knob.strongest
+    t0 = time.perf_counter()
     try:
-        if strongest is None:  # the largest integer value whose schedule builds on this model
-            def builds(step: int) -> bool:
-                try:
-                    reducers_for(knob.mildest + step)
-                except ValueError:
-                    return False
-                return True
-
-            limit = num_tokens * (knob.stride(merge) if knob.stride else 1)
-            strongest = knob.mildest + first_fit(lambda s: not builds(s + 1), 0, limit)
-        stride = knob.stride(merge) if knob.stride else 1
-        value, _ = search_knob(cost, target, knob.mildest, strongest, knob.integer, stride, tol, knob.digits,
-                               what=f"{method.name} ({knob.name} knob)", describe=describe)
+        value, _ = search_knob(cost, target, space.mildest, space.strongest, space.knob.integer, space.stride, tol,
+                               space.knob.digits, what=f"{name} ({space.knob.name} knob)", describe=space.describe)
     finally:
         model.set_reducers(saved, saved_prop)
     capacity, effective, image_dependent = costs[value]
-    value = int(value) if knob.integer else float(value)
-    setting = {f"MERGE.{k}": v for k, v in knob.overrides(node_for(value), value).items()}
-    return BudgetSolution(method.name, knob.name, value, setting, float(target), capacity, effective,
-                          "effective" if image_dependent else "capacity",
-                          calib[0].record() if calib and image_dependent else None, len(costs))
+    solution = BudgetSolution(name, space.knob.name, space.value(value), space.setting(value), float(target),
+                              capacity, effective, "effective" if image_dependent else "capacity",
+                              calib[0].record() if calib and image_dependent else None, len(costs))
+    logger.info("budget %.4g GFLOPs: %s %s -> %.4g %s GFLOPs (%+.2f%%, %d settings tried in %.1f s)", target, name,
+                solution.label(), solution.achieved, solution.matched, 100 * solution.error, len(costs),
+                time.perf_counter() - t0)
+    return solution
 
 
 def budget_merge(merge: CfgNode, solution: BudgetSolution) -> CfgNode:

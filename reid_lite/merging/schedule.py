@@ -1,4 +1,4 @@
-"""Reduction schedules: which blocks reduce, by how much, and a solver for a GFLOPs budget."""
+"""Reduction schedules: which blocks reduce, by how much, and the monotone search that meets a budget."""
 
 from __future__ import annotations
 
@@ -144,20 +144,14 @@ def first_fit(fits: Callable[[int], bool], lo: int, hi: int) -> int:
     return lo
 
 
-def solve_r(gflops_of_r: Callable[[int], float], target: float, r_max: int) -> int:
-    """Smallest constant r whose GFLOPs are at most `target` (GFLOPs fall as r grows)."""
-    if gflops_of_r(r_max) > target:
-        raise ValueError(f"no r <= {r_max} reaches {target} GFLOPs (r={r_max} gives {gflops_of_r(r_max):.2f})")
-    return first_fit(lambda r: gflops_of_r(r) <= target, 0, r_max)
-
-
 class BudgetError(ValueError):
     """A budget no setting of the knob meets within the tolerance; the message names the reachable range."""
 
 
 def search_knob(cost: Callable[[float], float], target: float, mildest: float, strongest: float,
                 integer: bool = False, stride: int = 1, tol: float = 0.01, digits: int = 4,
-                what: str = "the method", describe: Callable[[float], str] = "{:g}".format) -> tuple[float, float]:
+                what: str = "the method", describe: Callable[[float], str] = "{:g}".format, unit: str = "GFLOPs",
+                max_halvings: int = 60) -> tuple[float, float]:
     """The mildest knob value whose cost is at most `target` and within `tol` of it: (value, its cost).
 
     One monotone search for every method's knob: `cost` must not rise from `mildest` (the least reduction)
@@ -165,8 +159,9 @@ def search_knob(cost: Callable[[float], float], target: float, mildest: float, s
     and the value returned is the most accurate setting under it (cost in [target (1 - tol), target]).
     Integer knobs: binary search, first over every `stride`-th value (the preferred settings: constant
     r), then between the two preferred values around the target when the preferred one is off by more
-    than `tol`. Real knobs: bisection until the cost is within `tol`, the value rounded to `digits` decimals
-    where the rounded value still meets the budget.
+    than `tol`. Real knobs: bisection (at most `max_halvings` steps) until the cost is within `tol`, the
+    value rounded to `digits` decimals where the rounded value still meets the budget. `unit` names the
+    cost in messages (GFLOPs; ms for the latency budget).
     Raises BudgetError naming the reachable range when the target lies outside it, or the two
     neighbouring settings when the knob's steps jump over the tolerance window (`describe` names a value).
     """
@@ -180,8 +175,8 @@ def search_knob(cost: Callable[[float], float], target: float, mildest: float, s
     low = target * (1 - tol)
     top, bottom = c(mildest), c(strongest)
     if bottom > target or top < low:
-        raise BudgetError(f"{what} cannot meet {target:.4g} GFLOPs within {tol:.0%}: its settings reach "
-                          f"{bottom:.4g} GFLOPs ({describe(strongest)}) to {top:.4g} ({describe(mildest)})")
+        raise BudgetError(f"{what} cannot meet {target:.4g} {unit} within {tol:.0%}: its settings reach "
+                          f"{bottom:.4g} {unit} ({describe(strongest)}) to {top:.4g} ({describe(mildest)})")
     if top <= target:
         return mildest, top
     sign = 1 if strongest > mildest else -1
@@ -201,7 +196,7 @@ def search_knob(cost: Callable[[float], float], target: float, mildest: float, s
         v, prev = value(s), value(s - 1)
     else:
         mild, strong = float(mildest), float(strongest)
-        for _ in range(60):
+        for _ in range(max_halvings):
             if c(strong) >= low or abs(mild - strong) < 1e-9:
                 break
             mid = (mild + strong) / 2
@@ -209,6 +204,6 @@ def search_knob(cost: Callable[[float], float], target: float, mildest: float, s
         rounded = round(strong, digits)
         v, prev = (rounded if low <= c(rounded) <= target else strong), mild
     if c(v) < low:
-        raise BudgetError(f"{what} cannot meet {target:.4g} GFLOPs within {tol:.0%}: its settings jump from "
-                          f"{c(prev):.4g} GFLOPs ({describe(prev)}) to {c(v):.4g} ({describe(v)})")
+        raise BudgetError(f"{what} cannot meet {target:.4g} {unit} within {tol:.0%}: its settings jump from "
+                          f"{c(prev):.4g} {unit} ({describe(prev)}) to {c(v):.4g} ({describe(v)})")
     return v, c(v)
