@@ -34,7 +34,7 @@ from reid_lite.config import load_cfg
 from reid_lite.data import build_dataset_from_cfg, sie_counts
 from reid_lite.deploy import load_runtime_model
 from reid_lite.engine.evaluator import check_methods, evaluate, format_table, gallery_calibration
-from reid_lite.merging import parse_methods
+from reid_lite.merging import BudgetError, parse_methods
 from reid_lite.merging.budget import resolve_budget
 from reid_lite.models import build_model, build_model_for_checkpoint, check_checkpoint_file, check_input_size
 from reid_lite.utils.cli import USER_ERRORS, cli_error
@@ -151,14 +151,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             model = build_model(cfg, max(dataset.num_train_pids, 1), camera_num, view_num)
         check_input_size(cfg, model)
-        if args.budget:
+        if methods:
+            check_methods(cfg, model, methods, lambda: gallery_calibration(cfg, dataset))
+        if args.budget:  # solved by evaluate() before any extraction; a budget out of reach is a BudgetError
             if backend != "torch":
                 return cli_error(f"--budget sets each method's merging on a PyTorch model; MODEL.BACKEND is {backend}")
             cfg.defrost()
             cfg.MERGE.TARGET_GFLOPS = resolve_budget(args.budget, model)
             cfg.freeze()
-        if methods or args.budget:
-            check_methods(cfg, model, methods or [cfg.MERGE.METHOD], lambda: gallery_calibration(cfg, dataset))
     except USER_ERRORS as err:  # checkpoint, model, merging settings or backend: user errors
         return cli_error(err)
     if backend == "torch":
@@ -168,8 +168,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if random_weights:
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr, flush=True)
 
-    results = evaluate(cfg, model, dataset, device=device, methods=methods, progress=not args.no_progress,
-                       keep_features=bool(vis_ids))
+    try:
+        results = evaluate(cfg, model, dataset, device=device, methods=methods, progress=not args.no_progress,
+                           keep_features=bool(vis_ids))
+    except BudgetError as err:  # raised while the budgets are solved, before any image is embedded
+        return cli_error(err)
     table = format_table(results)
     if random_weights:
         table += "\nWARNING: random weights (no TEST.WEIGHT) -- accuracy is chance level"

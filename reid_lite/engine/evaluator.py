@@ -354,7 +354,8 @@ def format_table(results: dict[str, Any]) -> str:
     if budgets:
         calib = results.get("calibration")
         footer += (f"\nbudget: {budgets[0]['target_gflops']:.4g} GFLOPs per image, each method's knob set to meet it "
-                   "within 1%" + (f"; effective GFLOPs over the {calib['source']}" if calib else ""))
+                   f"within {budgets[0]['tolerance']:.0%}" + (f"; effective GFLOPs over the {calib['source']}"
+                                                             if calib else ""))
     if results["skipped"]:
         footer += "\nskipped (unreadable): " + ", ".join(results["skipped_paths"][:5])
         if results["skipped"] > 5:

@@ -25,7 +25,7 @@ from yacs.config import CfgNode
 
 from .knobs import set_overrides
 from .registry import get_method, method_names
-from .schedule import build_reducers, first_fit, search_knob
+from .schedule import BudgetError, build_reducers, first_fit, search_knob
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class BudgetSolution:
     matched: str
     calibration: dict[str, Any] | None = None
     evaluations: int = 0
+    tolerance: float = TOLERANCE
 
     @property
     def achieved(self) -> float:
@@ -92,7 +93,7 @@ class BudgetSolution:
         return {"method": self.method, "knob": self.knob, "value": self.value, "setting": dict(self.setting),
                 "target_gflops": self.target, "gflops": self.gflops, "effective_gflops": self.effective_gflops,
                 "matched": self.matched, "achieved_gflops": self.achieved, "error": self.error,
-                "calibration": self.calibration, "evaluations": self.evaluations}
+                "tolerance": self.tolerance, "calibration": self.calibration, "evaluations": self.evaluations}
 
 
 def setting_label(setting: dict[str, Any]) -> str:
@@ -150,7 +151,7 @@ class KnobSpace:
         knob = self.method.budget_knob
         if knob is None:
             solvable = [m for m in method_names() if get_method(m).budget_knob]
-            raise ValueError(f"{what} needs a method that declares a budget knob ({', '.join(solvable)}); "
+            raise BudgetError(f"{what} needs a method that declares a budget knob ({', '.join(solvable)}); "
                              f"{self.method.name!r} does not (MergeMethod.gflops_knob)")
         self.knob, self.merge, self.model = knob, merge, model
         self.depth, self.num_tokens = len(model.reducible_blocks), input_tokens(model)
@@ -195,12 +196,14 @@ class KnobSpace:
 
     def describe(self, value: float) -> str:
         """'MERGE.DHTM.K_LIST [53, 53, 52]': the setting of a value, for messages."""
-        return ", ".join(f"{k} {v}" for k, v in self.setting(value).items() if v != [])
+        return ", ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}"
+                         for k, v in self.setting(value).items() if v != [])
 
 
 def solve_budget(model: nn.Module, merge: CfgNode, target: float, calibration: CalibrationSource = None,
-                 tol: float = TOLERANCE) -> BudgetSolution:
-    """The setting of MERGE.METHOD's knob whose GFLOPs on `model` (a TransReID) meet `target` within `tol`.
+                 tol: float | None = None) -> BudgetSolution:
+    """The setting of MERGE.METHOD's knob whose GFLOPs on `model` (a TransReID) meet `target` within `tol`
+    (default MERGE.BUDGET_TOLERANCE, 1%).
 
     `merge` is a MERGE section (not changed); the knob's other options come from it. `calibration`
     (a `Calibration` or a function returning one, called only when needed) is required when the cost
@@ -211,6 +214,9 @@ def solve_budget(model: nn.Module, merge: CfgNode, target: float, calibration: C
 
     space = KnobSpace(model, merge)
     name = space.method.name
+    tol = float(merge.get("BUDGET_TOLERANCE", TOLERANCE) if tol is None else tol)
+    if not 0 < tol < 1:
+        raise BudgetError(f"MERGE.BUDGET_TOLERANCE must lie in (0, 1), got {tol}")
     saved, saved_prop = model.reducers, getattr(model, "prop_attn", True)
     calib: list[Calibration] = []
     costs: dict[float, tuple[float, float, bool]] = {}
@@ -245,7 +251,7 @@ def solve_budget(model: nn.Module, merge: CfgNode, target: float, calibration: C
     capacity, effective, image_dependent = costs[value]
     solution = BudgetSolution(name, space.knob.name, space.value(value), space.setting(value), float(target),
                               capacity, effective, "effective" if image_dependent else "capacity",
-                              calib[0].record() if calib and image_dependent else None, len(costs))
+                              calib[0].record() if calib and image_dependent else None, len(costs), tol)
     logger.info("budget %.4g GFLOPs: %s %s -> %.4g %s GFLOPs (%+.2f%%, %d settings tried in %.1f s)", target, name,
                 solution.label(), solution.achieved, solution.matched, 100 * solution.error, len(costs),
                 time.perf_counter() - t0)
