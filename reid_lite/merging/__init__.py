@@ -17,7 +17,7 @@ from . import registry, tome, evit, stm, atm, lotm, dhtm  # noqa: F401
 from .base import BipartiteMerge, TokenReducer, TokenState, bipartite_match, mask_invalid
 from .budget import BudgetSolution, Calibration, CalibrationSource, budget_merge, parse_budget, solve_budget
 from .evit import EViT
-from .knobs import BudgetKnob, option_knob
+from .knobs import BudgetKnob, count_knob, option_knob
 from .registry import (
     MergeMethod,
     get_method,
@@ -116,6 +116,7 @@ __all__ = [
     "BudgetSolution",
     "Calibration",
     "budget_merge",
+    "count_knob",
     "option_knob",
     "parse_budget",
     "search_knob",

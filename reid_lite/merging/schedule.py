@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 from .base import TokenReducer, bipartite_r
@@ -160,8 +161,8 @@ def search_knob(cost: Callable[[float], float], target: float, mildest: float, s
     Integer knobs: binary search, first over every `stride`-th value (the preferred settings: constant
     r), then between the two preferred values around the target when the preferred one is off by more
     than `tol`. Real knobs: bisection (at most `max_halvings` steps) until the cost is within `tol`, the
-    value rounded to `digits` decimals where the rounded value still meets the budget. `unit` names the
-    cost in messages (GFLOPs; ms for the latency budget).
+    value rounded to `digits` decimals (towards the stronger end) where the rounded value still meets the
+    budget. `unit` names the cost in messages (GFLOPs; ms for the latency budget).
     Raises BudgetError naming the reachable range when the target lies outside it, or the two
     neighbouring settings when the knob's steps jump over the tolerance window (`describe` names a value).
     """
@@ -201,7 +202,8 @@ def search_knob(cost: Callable[[float], float], target: float, mildest: float, s
                 break
             mid = (mild + strong) / 2
             mild, strong = (mild, mid) if c(mid) <= target else (mid, strong)
-        rounded = round(strong, digits)
+        scale = 10**digits  # round towards the stronger end, where the cost stays under the budget
+        rounded = (math.ceil(strong * scale) if sign > 0 else math.floor(strong * scale)) / scale
         v, prev = (rounded if low <= c(rounded) <= target else strong), mild
     if c(v) < low:
         raise BudgetError(f"{what} cannot meet {target:.4g} {unit} within {tol:.0%}: its settings jump from "
