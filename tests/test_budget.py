@@ -218,3 +218,20 @@ def test_latency_budget_turns_the_same_knob():
     with pytest.raises(ValueError, match=r"no merging setting meets MERGE.TARGET_LATENCY_MS 1e-06: the fastest "
                                          r"measured is EVIT.KEEP_RATE"):
         build_model(cfg, 10, 3, 0)
+
+
+def test_the_gallery_fingerprint_records_a_solved_setting(base):
+    from reid_lite.index.fingerprint import model_fingerprint
+
+    # Same config but for the number of calibration images: ATM's solved offset differs, and so must the
+    # fingerprint (a gallery must refuse queries embedded with the other setting).
+    models = [_model("atm", TARGET_GFLOPS=0.85 * base, CALIBRATION_IMAGES=n) for n in (4, 2)]
+    offsets = [m.merge_budget.value for m in models]
+    assert offsets[0] != offsets[1]
+    prints = [model_fingerprint(tiny_cfg(METHOD="atm", TARGET_GFLOPS=0.85 * base, **LAYERS), m, "global", 3)
+              for m in models]
+    assert [p["merging"]["solved"] for p in prints] == [{"MERGE.ATM.OFFSET": v} for v in offsets]
+    # A constant r stays where galleries always had it (r_solved), with no 'solved' entry.
+    tome = _model("tome", TARGET_GFLOPS=transreid_gflops(_model("tome", R=20)))
+    fp = model_fingerprint(tiny_cfg(METHOD="tome", **LAYERS), tome, "global", 3)["merging"]
+    assert fp["r_solved"] == 20 and "solved" not in fp
