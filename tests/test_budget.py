@@ -235,3 +235,15 @@ def test_the_gallery_fingerprint_records_a_solved_setting(base):
     tome = _model("tome", TARGET_GFLOPS=transreid_gflops(_model("tome", R=20)))
     fp = model_fingerprint(tiny_cfg(METHOD="tome", **LAYERS), tome, "global", 3)["merging"]
     assert fp["r_solved"] == 20 and "solved" not in fp
+
+
+def test_an_effective_budget_is_solved_again_when_a_checkpoint_replaces_the_weights(base):
+    from reid_lite.models import load_transreid_state
+
+    model = _model("atm", TARGET_GFLOPS=0.85 * base)
+    torch.manual_seed(1)
+    other = build_model(tiny_cfg(METHOD="atm", TARGET_GFLOPS=0.85 * base, **LAYERS), 10, 3, 1).eval()
+    assert other.merge_budget.value != model.merge_budget.value  # the offset depends on the weights
+    load_transreid_state(model, other.state_dict())
+    assert model.merge_budget.value == other.merge_budget.value
+    assert model.merge_budget.effective_gflops == pytest.approx(other.merge_budget.effective_gflops)

@@ -77,11 +77,13 @@ def apply_merging(model: nn.Module, cfg: CfgNode, calibration: CalibrationSource
     (`budget.solve_budget`): the solution is `model.merge_budget`, its MERGE keys `model.merge_setting`, and
     a constant r also `model.merge_r`.
     `calibration` (a `budget.Calibration` or a function returning one) is needed only when the method's
-    cost depends on the image (effective GFLOPs); `build_model` passes synthetic pedestrians. `solution`:
+    cost depends on the image (effective GFLOPs); `build_model` passes synthetic pedestrians, and loading a
+    checkpoint solves such a budget again for the new weights (`budget.refresh_budget`). `solution`:
     the budget already solved for this model and section (`solve_budget`), so the search is not repeated.
     """
     load_plugins(list(cfg.get("PLUGINS", [])))
     method = get_method(cfg.METHOD)
+    cfg_in = cfg
     is_transreid = hasattr(model, "reducible_blocks")
     depth = len(model.reducible_blocks) if is_transreid else len(model.blocks)
     num_tokens = input_tokens(model)
@@ -103,6 +105,8 @@ def apply_merging(model: nn.Module, cfg: CfgNode, calibration: CalibrationSource
         model.merge_budget = solution
         model.merge_r = solution.constant_r if solution is not None else None
         model.merge_setting = solution.setting if solution is not None else None  # the gallery fingerprint's
+        # What an effective-GFLOPs budget is solved from, to solve it again for new weights (`refresh_budget`).
+        model.merge_budget_inputs = (cfg_in, calibration) if solution is not None else None
         return model
     from .timm_vit import patch_timm_vit
 

@@ -258,6 +258,19 @@ def solve_budget(model: nn.Module, merge: CfgNode, target: float, calibration: C
     return solution
 
 
+def refresh_budget(model: nn.Module) -> BudgetSolution | None:
+    """Solve `model`'s GFLOPs budget again when it was matched on effective GFLOPs (they depend on the weights
+    as much as on the images), e.g. after a checkpoint replaced the weights it was solved with; returns the
+    new solution (None, and nothing done, for capacity-matched or unbudgeted models)."""
+    solution, redo = getattr(model, "merge_budget", None), getattr(model, "merge_budget_inputs", None)
+    if solution is None or solution.matched != "effective" or redo is None:
+        return None
+    from . import apply_merging
+
+    apply_merging(model, *redo)
+    return model.merge_budget
+
+
 def budget_merge(merge: CfgNode, solution: BudgetSolution) -> CfgNode:
     """A copy of the MERGE section with the solved setting written in and the budget cleared."""
     node = merge.clone()

@@ -158,6 +158,9 @@ def load_transreid_state(model: nn.Module, state: dict[str, torch.Tensor], sourc
         state = {k: v for k, v in state.items() if not k.startswith("classifier")}
         state.update({k: v for k, v in model.state_dict().items() if k.startswith("classifier")})
     check_and_load(model, state, source)
+    from ..merging.budget import refresh_budget
+
+    refresh_budget(model)  # an image-dependent budget was solved on the previous weights
 
 
 def load_transreid_checkpoint(model: nn.Module, path: str | Path, trust: bool = False,
