@@ -137,9 +137,13 @@ _C.MERGE.METHOD = "none"  # a registered method: reid_lite.merging.method_names(
 _C.MERGE.R = 8  # tokens removed per merging block
 _C.MERGE.R_LIST = []  # per-layer r (same length as LAYERS); overrides R when set
 _C.MERGE.LAYERS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]  # 1-based block indices
-_C.MERGE.TARGET_GFLOPS = 0.0  # > 0: choose a constant r over LAYERS that meets this budget
-# > 0: the smallest constant r (0: merging off) whose measured latency per batch of TEST.IMS_PER_BATCH
-# fits this budget on MODEL.DEVICE (reid_lite.deploy.latency; tools/export.py for the ONNX runtimes)
+# > 0: set the method's budget knob (r, EViT's keep rate, ATM's offset, LoTM's/DHTM's K) to meet this budget
+# within BUDGET_TOLERANCE (reid_lite.merging.budget); image-dependent costs are averaged over CALIBRATION_IMAGES images
+_C.MERGE.TARGET_GFLOPS = 0.0
+_C.MERGE.BUDGET_TOLERANCE = 0.01  # the solved GFLOPs lie in [TARGET (1 - this), TARGET]
+_C.MERGE.CALIBRATION_IMAGES = 32
+# > 0: the mildest setting of the same knob (r: the smallest constant r, 0 = merging off) whose measured latency
+# per batch of TEST.IMS_PER_BATCH fits this budget on MODEL.DEVICE (reid_lite.deploy.latency; tools/export.py)
 _C.MERGE.TARGET_LATENCY_MS = 0.0
 _C.MERGE.PROP_ATTN = True  # proportional attention (+log size on the keys) after a merge
 _C.MERGE.TRACE_SOURCE = False  # keep the patch -> token source map (visualisation)

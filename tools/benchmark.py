@@ -5,6 +5,12 @@
         --batch-size 1 8 32 --out output/bench.json
     python tools/benchmark.py --device cuda --dtype bf16 --backend torch compile --batch-size 256
     python tools/benchmark.py --methods none,stm,mine MERGE.PLUGINS "['my_method.py']"
+    python tools/benchmark.py --methods all --budget 15.53 --fvcore --batch-size 8 --out output/budget_vitb.json
+
+--budget GFLOPS (or a share of the unmerged model, 75%) sets every method's knob to that budget within
+1% (MERGE.TARGET_GFLOPS; reid_lite.merging.budget): the solved setting is recorded per row. Image-dependent
+methods (ATM) are matched on effective GFLOPs over MERGE.CALIBRATION_IMAGES seeded synthetic pedestrians,
+the same in every child process. --fvcore adds fvcore's count beside the analytic one (they must agree).
 
 --methods takes any registered method (default: all of them, plugins included) and the named STM
 variants below. GFLOPs are the capacity count (what runs); methods that may leave slots empty also
@@ -35,9 +41,10 @@ import torch
 
 from reid_lite import build_model, load_cfg
 from reid_lite.deploy.latency import measure_latency
-from reid_lite.merging import method_names
+from reid_lite.merging import get_method, method_names
+from reid_lite.merging.budget import resolve_budget, setting_label
 from reid_lite.utils.cli import USER_ERRORS, error_text
-from reid_lite.utils.flops import effective_gflops, transreid_gflops
+from reid_lite.utils.flops import effective_gflops, fvcore_gflops, transreid_gflops
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 BACKENDS = ("torch", "compile", "onnxruntime", "openvino")
@@ -51,9 +58,13 @@ VARIANTS = {
 CAMERAS = 2
 
 
-def method_overrides(name: str) -> list[str]:
-    """MERGE overrides of a --methods entry: a registered method or a named variant."""
-    return VARIANTS.get(name, ["MERGE.METHOD", name])
+def method_overrides(name: str, target_gflops: float = 0.0) -> list[str]:
+    """MERGE overrides of a --methods entry (a registered method or a named variant), with a GFLOPs budget
+    for the methods that declare a knob (the others, 'none', run as they are: the reference)."""
+    opts = VARIANTS.get(name, ["MERGE.METHOD", name])
+    if target_gflops > 0 and get_method(opts[1]).budget_knob is not None:
+        opts = [*opts, "MERGE.TARGET_GFLOPS", target_gflops]
+    return opts
 
 
 def _rss_mb() -> float:
@@ -63,7 +74,7 @@ def _rss_mb() -> float:
 def _model(args: argparse.Namespace, method: str):
     # Timing needs no trained weights: every method gets the same seeded random ones (and the
     # exported file's fingerprint says so, rather than naming a checkpoint that was not loaded).
-    cfg = load_cfg(args.config, [*args.opts, *method_overrides(method), "TEST.WEIGHT", ""])
+    cfg = load_cfg(args.config, [*args.opts, *method_overrides(method, args.target_gflops), "TEST.WEIGHT", ""])
     torch.manual_seed(0)
     return cfg, build_model(cfg, num_classes=1, camera_num=CAMERAS, view_num=0).eval()
 
@@ -93,12 +104,16 @@ def measure(args: argparse.Namespace, method: str, backend: str, batch: int) -> 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     cfg, model = _model(args, method)
     gflops = transreid_gflops(model)
+    budget = model.merge_budget.to_dict() if model.merge_budget is not None else None
+    fvcore = fvcore_gflops(model) if args.fvcore else None
     device = torch.device(args.device if backend in ("torch", "compile") else "cpu")
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, *cfg.INPUT.SIZE_TEST, generator=g)
     cams = torch.randint(0, CAMERAS, (batch,), generator=g)
     effective = gflops  # equal unless a reducer may leave slots empty
-    if any(r.may_empty for r in model.reducers.values()):
+    if budget is not None and budget["matched"] == "effective":
+        effective = budget["effective_gflops"]  # over the calibration images the budget was matched on
+    elif any(r.may_empty for r in model.reducers.values()):
         effective = effective_gflops(model, x, cam_label=cams)[0]
     dtype = DTYPES[args.dtype] if backend in ("torch", "compile") else None
     if backend in ONNX_BACKENDS:
@@ -129,6 +144,7 @@ def measure(args: argparse.Namespace, method: str, backend: str, batch: int) -> 
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _rss_mb() - rss_before
     return {
         "method": method, "backend": backend, "batch_size": batch, "gflops": gflops, "effective_gflops": effective,
+        "fvcore_gflops": fvcore, "budget": budget,
         "images_per_s": 1e3 * batch / lat["p50_ms"], **lat, "peak_memory_mb": peak,
         "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "CPU peak RSS growth",
         "device": str(device), "dtype": args.dtype if dtype is not None else "fp32",
@@ -153,18 +169,22 @@ def _in_child(ctx, fn, *a) -> dict:
 
 def table(results: list[dict]) -> str:
     """Markdown table: method x backend x batch with p50/p90 latency, img/s and speed-up vs none."""
-    lines = ["| method | backend | batch | GFLOPs | p50 ms | p90 ms | img/s | vs none |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | backend | batch | GFLOPs | fvcore | p50 ms | p90 ms | img/s | vs none | setting (error) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r or "refused" in r:
             why = f"error: {r['error'][:60]}" if "error" in r else "export refused"
-            lines.append(f"| {r['method']} | {r['backend']} | {r['batch_size']} | {why} | | | | |")
+            lines.append(f"| {r['method']} | {r['backend']} | {r['batch_size']} | {why} | | | | | | |")
             continue
         gflops = f"{r['gflops']:.2f}"
         if r["effective_gflops"] != r["gflops"]:
             gflops += f" (eff. {r['effective_gflops']:.2f})"
-        lines.append(f"| {r['method']} | {r['backend']} | {r['batch_size']} | {gflops} | {r['p50_ms']:.1f} | "
-                     f"{r['p90_ms']:.1f} | {r['images_per_s']:.1f} | {r.get('speedup_vs_none', float('nan')):.2f}x |")
+        fvcore = "-" if r.get("fvcore_gflops") is None else f"{r['fvcore_gflops']:.2f}"
+        b = r.get("budget")
+        setting = f"{setting_label(b['setting'])} ({b['error']:+.2%})" if b else "-"
+        lines.append(f"| {r['method']} | {r['backend']} | {r['batch_size']} | {gflops} | {fvcore} | "
+                     f"{r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['images_per_s']:.1f} | "
+                     f"{r.get('speedup_vs_none', float('nan')):.2f}x | {setting} |")
     return "\n".join(lines)
 
 
@@ -185,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="CPU threads of torch and the runtimes (0: default)")
     p.add_argument("--onnx-dir", default="output/bench_onnx", help="where the ONNX files are exported")
     p.add_argument("--out", default="output/benchmark.json")
+    p.add_argument("--budget", default="", help="GFLOPs per image for every method (within 1%%, through its knob), "
+                   "e.g. 15.53 (the paper's, ViT-B) or 75%% of the unmerged model")
+    p.add_argument("--fvcore", action="store_true", help="also count each model's GFLOPs with fvcore")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = p.parse_args(argv)
     batches = args.batch_size or [256 if args.device.startswith("cuda") else 32]
@@ -195,9 +218,19 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         p.error(error_text(err))
     methods = [m.strip().lower() for m in args.methods.split(",") if m.strip()] or method_names()
+    if "all" in methods:
+        methods = list(dict.fromkeys(n for m in methods for n in (method_names() if m == "all" else [m])))
     unknown = [m for m in methods if m not in method_names() and m not in VARIANTS]
     if unknown:
-        p.error(f"unknown methods {unknown}; choose from {', '.join([*method_names(), *VARIANTS])}")
+        p.error(f"unknown methods {unknown}; choose from all, {', '.join([*method_names(), *VARIANTS])}")
+    args.target_gflops = 0.0
+    if args.budget:
+        try:
+            _, unmerged = _model(args, "none")
+            args.target_gflops = resolve_budget(args.budget, unmerged)
+        except USER_ERRORS as err:
+            p.error(error_text(err))
+        print(f"budget: {args.target_gflops:.4g} GFLOPs per image ({args.budget})", flush=True)
 
     ctx = mp.get_context("spawn")
     exports, results = {}, []
@@ -224,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"{method} {backend} b{batch}: {res['error']}", file=sys.stderr)
                     continue
                 eff = f" (effective {res['effective_gflops']:.2f})" if res["effective_gflops"] != res["gflops"] else ""
+                if res.get("fvcore_gflops") is not None:
+                    eff += f" fvcore {res['fvcore_gflops']:.2f}"
                 print(f"{method:14s} {backend:11s} b{batch:<4d} {res['gflops']:6.2f} GFLOPs{eff}  "
                       f"p50 {res['p50_ms']:9.1f} ms  p90 {res['p90_ms']:9.1f} ms  {res['images_per_s']:9.1f} img/s",
                       flush=True)
@@ -237,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": args.config, "opts": args.opts, "device": args.device, "device_name": device_name,
         "cpu_count": mp.cpu_count(), "threads": args.threads or torch.get_num_threads(), "dtype": args.dtype,
         "backends": args.backend, "batch_sizes": batches, "iters": args.iters, "warmup": args.warmup,
+        "budget": {"spec": args.budget, "target_gflops": args.target_gflops} if args.budget else None,
         "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "exports": exports,
         "results": results,
     }

@@ -2,6 +2,7 @@
 
     python tools/test.py --config configs/msmt17_stm.yml TEST.WEIGHT path/to/transformer_120.pth
     python tools/test.py --config market1501_stm.yml --compare none,tome,evit,stm DATASETS.ROOT_DIR data
+    python tools/test.py --config demo_synthetic.yml --compare all --budget 75%    # every method at equal GFLOPs
     python tools/test.py --config demo_synthetic.yml --vis-queries 0,5,9
     python tools/test.py --config demo_synthetic.yml MODEL.BACKEND onnxruntime MODEL.ONNX_PATH stm.onnx  # exported
     python tools/test.py --config demo_synthetic.yml --asymmetric --compare none,tome,stm  # unmerged gallery
@@ -38,10 +39,11 @@ from reid_lite.config import load_cfg
 from reid_lite.data import build_dataset_from_cfg, sie_counts
 from reid_lite.deploy import load_runtime_model
 from reid_lite.engine.asymmetric import asymmetric_methods, evaluate_pairings, format_pairings
-from reid_lite.engine.evaluator import check_methods, evaluate, format_table
+from reid_lite.engine.evaluator import check_methods, evaluate, format_table, gallery_calibration
 from reid_lite.index import Gallery, GalleryError
 from reid_lite.index.calibration import calibrate_gallery, query_fingerprint
-from reid_lite.merging import parse_methods
+from reid_lite.merging import BudgetError, parse_methods
+from reid_lite.merging.budget import resolve_budget
 from reid_lite.models import build_model, build_model_for_checkpoint, check_checkpoint_file, check_input_size
 from reid_lite.utils.cli import USER_ERRORS, cli_error
 from reid_lite.utils.device import resolve_device
@@ -67,6 +69,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compare", default="",
                    help="comma-separated merging methods evaluated with the same weights, e.g. none,tome,evit,stm "
                         "(any registered method; your own through MERGE.PLUGINS)")
+    p.add_argument("--budget", default="",
+                   help="GFLOPs per image every method is set to (within 1%%, through its knob: r, keep rate, ATM "
+                        "offset, K), e.g. 15.53 (the paper's, for ViT-B) or a share of the unmerged model, e.g. 75%%; "
+                        "sets MERGE.TARGET_GFLOPS")
     p.add_argument("--vis-queries", default="",
                    help="comma-separated query indices (positions in the query list) to draw with their top-10")
     p.add_argument("--asymmetric", action="store_true",
@@ -208,7 +214,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ValueError("calibrating merged queries of an unmerged gallery re-attaches merging to a "
                                  "PyTorch model: use MODEL.BACKEND torch")
         if methods:
-            check_methods(cfg, model, methods)
+            check_methods(cfg, model, methods, lambda: gallery_calibration(cfg, dataset))
+        if args.budget:  # solved by evaluate() before any extraction; a budget out of reach is a BudgetError
+            if backend != "torch":
+                return cli_error(f"--budget sets each method's merging on a PyTorch model; MODEL.BACKEND is {backend}")
+            cfg.defrost()
+            cfg.MERGE.TARGET_GFLOPS = resolve_budget(args.budget, model)
+            cfg.freeze()
     except (*USER_ERRORS, GalleryError) as err:  # checkpoint, model, merging, backend, gallery: user errors
         return cli_error(err)
     if backend == "torch":
@@ -218,8 +230,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if random_weights:
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr, flush=True)
 
-    results = evaluate(cfg, model, dataset, device=device, methods=methods, progress=not args.no_progress,
-                       keep_features=bool(vis_ids) or args.asymmetric or bool(args.calibrate))
+    try:
+        results = evaluate(cfg, model, dataset, device=device, methods=methods, progress=not args.no_progress,
+                           keep_features=bool(vis_ids) or args.asymmetric or bool(args.calibrate))
+    except BudgetError as err:  # raised while the budgets are solved, before any image is embedded
+        return cli_error(err)
     table = format_table(results)
     if random_weights:
         table += "\nWARNING: random weights (no TEST.WEIGHT) -- accuracy is chance level"
@@ -247,6 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config_file": args.config,
         "overrides": list(args.opts),
+        "budget": {"spec": args.budget, "target_gflops": float(cfg.MERGE.TARGET_GFLOPS),
+                   "calibration": results["calibration"]} if args.budget else None,
         "weights": cfg.TEST.WEIGHT or None,
         "backend": backend,
         "onnx_path": cfg.MODEL.ONNX_PATH or None,

@@ -1,8 +1,10 @@
 """Latency measurement and the MERGE.TARGET_LATENCY_MS schedule chooser.
 
-`measure_latency` times a forward pass (p50/p90 over timed passes after warm-up). `choose_r` picks
-the mildest merging (the smallest r, i.e. the most accurate setting) whose measured latency fits a
-budget, with r = 0 (merging off) whenever the unmerged model fits. Latency is measured, never
+`measure_latency` times a forward pass (p50/p90 over timed passes after warm-up). `choose_setting` picks
+the mildest setting of the method's budget knob (the registry's `gflops_knob`, the same one GFLOPs budgets
+turn: the smallest constant r for ToMe/STM-ReID, as before; EViT's keep rate, ATM's offset, LoTM's and
+DHTM's K) whose measured latency fits a budget, with merging off whenever the unmerged model fits
+(r = 0). Latency is measured, never
 assumed: at batch 1 merging can be slower than none (its sorting and gathers cost more than the
 tokens it saves), and then merging only ever gets chosen where it really is faster.
 """
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..merging.schedule import solve_r
+from ..merging.schedule import BudgetError, search_knob
 
 logger = logging.getLogger(__name__)
 
@@ -50,75 +52,108 @@ def measure_latency(forward: Callable[[], Any], iters: int = 10, warmup: int = 3
 
 @dataclass
 class LatencyChoice:
-    """The chooser's result: the chosen r (0 = merging off) and every latency it measured (ms, p50)."""
+    """The chooser's result: the knob value chosen, the MERGE keys it sets (`setting`), and every latency
+    it measured (ms, p50) with the setting each value stands for (`labels`)."""
 
-    r: int
+    value: float
     budget_ms: float
-    measured: dict[int, float] = field(default_factory=dict)
+    measured: dict[float, float] = field(default_factory=dict)
+    labels: dict[float, str] = field(default_factory=dict)
+    setting: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def r(self) -> int | None:
+        """The constant r chosen (MERGE.R; 0 = merging off), None for another kind of setting."""
+        if "MERGE.R" in self.setting and not self.setting.get("MERGE.R_LIST"):
+            return int(self.setting["MERGE.R"])
+        return None
 
     def describe(self) -> str:
         """One line for the log."""
-        got = ", ".join(f"r={r}: {ms:.1f} ms" for r, ms in sorted(self.measured.items()))
-        what = "merging off" if self.r == 0 else f"r={self.r}"
+        got = ", ".join(f"{self.labels[v]}: {ms:.1f} ms" for v, ms in sorted(self.measured.items()))
+        what = "merging off" if self.r == 0 else self.labels[self.value]
         return f"MERGE.TARGET_LATENCY_MS {self.budget_ms:g}: {what} ({got})"
 
 
-def choose_r(latency_of: Callable[[int], float], budget_ms: float, r_max: int) -> LatencyChoice:
-    """Smallest r in [0, r_max] whose latency (ms, from `latency_of`) is within `budget_ms`.
+def choose_setting(latency_of: Callable[[float], float], budget_ms: float, mildest: float, strongest: float,
+                   integer: bool = True, stride: int = 1, label: Callable[[float], str] = "r={:g}".format,
+                   setting: Callable[[float], dict[str, Any]] | None = None) -> LatencyChoice:
+    """The mildest knob value in [mildest, strongest] whose latency (ms, from `latency_of`) is within `budget_ms`.
 
-    r = 0 is measured first and wins when it fits. Otherwise a binary search over 1..r_max, which
-    assumes latency does not rise with r once merging is on (fewer tokens). When even r_max does not
-    fit (e.g. at batch 1, where merging can cost more than it saves), ValueError names the fastest
+    The mildest value (r = 0: merging off) is measured first and wins when it fits. Otherwise the GFLOPs
+    budget's monotone search (`search_knob`), which assumes latency does not rise as the reduction grows:
+    for integer knobs the first of every `stride`-th value that fits (a constant r, as before), for real
+    knobs a bisection until within 5% under the budget (at most 12 measurements). When even the strongest
+    setting does not fit (at batch 1, merging can cost more than it saves), ValueError names the fastest
     setting measured.
     """
-    measured: dict[int, float] = {}
+    setting = setting or (lambda v: {"MERGE.R": int(v)})
+    measured: dict[float, float] = {}
+    labels: dict[float, str] = {}
 
-    def lat(r: int) -> float:
-        if r not in measured:
-            measured[r] = float(latency_of(r))
-        return measured[r]
+    def lat(v: float) -> float:
+        if v not in measured:
+            measured[v], labels[v] = float(latency_of(v)), label(v)
+        return measured[v]
 
-    if lat(0) <= budget_ms:
-        return LatencyChoice(0, budget_ms, measured)
-    if r_max < 1 or lat(r_max) > budget_ms:
+    def choice(v: float) -> LatencyChoice:
+        return LatencyChoice(v, budget_ms, measured, labels, setting(v))
+
+    if lat(mildest) <= budget_ms:
+        return choice(mildest)
+    try:
+        value, _ = search_knob(lat, budget_ms, mildest, strongest, integer, stride, tol=1.0 if integer else 0.05,
+                               unit="ms", max_halvings=12)
+    except BudgetError:
         fastest = min(measured, key=measured.get)
         raise ValueError(f"no merging setting meets MERGE.TARGET_LATENCY_MS {budget_ms:g}: the fastest measured is "
-                         f"r={fastest} at {measured[fastest]:.1f} ms (measured: "
-                         + ", ".join(f"r={r}: {ms:.1f} ms" for r, ms in sorted(measured.items())) + ")")
-    # The same monotone search as the GFLOPs solver; lat(0) and lat(r_max) are cached, so nothing is re-measured.
-    return LatencyChoice(solve_r(lat, budget_ms, r_max), budget_ms, measured)
+                         f"{labels[fastest]} at {measured[fastest]:.1f} ms (measured: "
+                         + ", ".join(f"{labels[v]}: {ms:.1f} ms" for v, ms in sorted(measured.items())) + ")") from None
+    return choice(value)
 
 
-def latency_r_max(model: nn.Module, cfg: Any) -> int:
-    """The largest constant r over MERGE.LAYERS that every block can merge; ValueError when MERGE.METHOD is
-    not a registered method whose schedule is solved through r (its declaration's `gflops_knob`)."""
-    from ..merging import get_method, input_tokens, largest_r, method_names
+def choose_r(latency_of: Callable[[int], float], budget_ms: float, r_max: int) -> LatencyChoice:
+    """Smallest constant r in [0, r_max] whose latency (ms, from `latency_of`) is within `budget_ms`
+    (`choose_setting` over r: r = 0 first, then a binary search)."""
+    return choose_setting(lambda r: latency_of(int(r)), budget_ms, 0, r_max)
 
-    method = get_method(cfg.MERGE.METHOD)
-    if method.gflops_knob != "r":
-        solvable = [m for m in method_names() if get_method(m).gflops_knob == "r"]
-        raise ValueError(f"MERGE.TARGET_LATENCY_MS needs a method whose schedule is solved through r "
-                         f"({', '.join(solvable)}); {method.name!r} is not")
-    return largest_r([i - 1 for i in cfg.MERGE.LAYERS], input_tokens(model))
+
+def _choose_on(model: nn.Module, cfg: Any, measure: Callable[[], float]) -> tuple[LatencyChoice, Any]:
+    """Choose MERGE.METHOD's knob for MERGE.TARGET_LATENCY_MS, `measure()` timing the model as its reducers
+    stand; attaches the choice to `model` (`merge_r`, `merge_setting`, `latency_choice`)."""
+    from ..merging.budget import KnobSpace
+
+    if cfg.MERGE.TARGET_GFLOPS > 0:
+        raise ValueError("set MERGE.TARGET_LATENCY_MS or MERGE.TARGET_GFLOPS, not both")
+    space = KnobSpace(model, cfg.MERGE, "MERGE.TARGET_LATENCY_MS")
+
+    def latency_of(value: float) -> float:
+        model.set_reducers(space.reducers_for(value), space.prop_attn)
+        return measure()
+
+    choice = choose_setting(latency_of, float(cfg.MERGE.TARGET_LATENCY_MS), space.mildest, space.strongest,
+                            space.knob.integer, space.stride, lambda v: space.describe(v).removeprefix("MERGE."),
+                            space.setting)
+    model.set_reducers(space.reducers_for(choice.value), space.prop_attn)
+    model.merge_r = choice.r
+    model.merge_setting = choice.setting
+    model.latency_choice = choice
+    return choice, space
 
 
 def apply_latency_budget(model: nn.Module, cfg: Any, batch_size: int | None = None,
                          device: torch.device | str | None = None) -> LatencyChoice:
-    """Choose MERGE's r for MERGE.TARGET_LATENCY_MS on this machine and attach it to `model` (PyTorch).
+    """Choose MERGE.METHOD's budget knob for MERGE.TARGET_LATENCY_MS on this machine and attach it to `model`.
 
     Latency is measured with the model's own forward at `batch_size` (default TEST.IMS_PER_BATCH) on
-    `device` (default MODEL.DEVICE), p50 of a few passes per candidate; the chosen r is recorded as
-    `model.merge_r` (as the GFLOPs solver does) and `model.latency_choice`.
+    `device` (default MODEL.DEVICE), p50 of a few passes per candidate; the chosen setting is recorded as
+    `model.merge_setting` (a constant r also as `model.merge_r`, as the GFLOPs solver does) and
+    `model.latency_choice`. Any method that declares a knob (r, EViT's keep rate, ATM's offset, K).
     """
-    from ..merging import build_reducers
     from ..utils.device import resolve_device
 
-    r_max = latency_r_max(model, cfg)
-    if cfg.MERGE.TARGET_GFLOPS > 0:
-        raise ValueError("set MERGE.TARGET_LATENCY_MS or MERGE.TARGET_GFLOPS, not both")
     dev = resolve_device(device if device is not None else cfg.MODEL.DEVICE)
     bs = int(batch_size or cfg.TEST.IMS_PER_BATCH)
-    depth = len(model.reducible_blocks)
     was_training = model.training
     model.to(dev).eval()
     x = torch.randn(bs, 3, *cfg.INPUT.SIZE_TEST, device=dev)
@@ -128,17 +163,12 @@ def apply_latency_budget(model: nn.Module, cfg: Any, batch_size: int | None = No
     if model.base.view_num:
         kwargs["view_label"] = torch.zeros(bs, dtype=torch.long, device=dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else None
-    prop_attn = bool(cfg.MERGE.PROP_ATTN)
 
-    def latency_of(r: int) -> float:
-        model.set_reducers(build_reducers(cfg.MERGE, depth, r), prop_attn)
+    def measure() -> float:
         with torch.inference_mode():
             return measure_latency(lambda: model(x, **kwargs), iters=5, warmup=1, sync=sync)["p50_ms"]
 
-    choice = choose_r(latency_of, float(cfg.MERGE.TARGET_LATENCY_MS), r_max)
-    model.set_reducers(build_reducers(cfg.MERGE, depth, choice.r), prop_attn)
-    model.merge_r = choice.r
-    model.latency_choice = choice
+    choice, _ = _choose_on(model, cfg, measure)
     model.train(was_training)
     logger.info("%s at batch %d on %s", choice.describe(), bs, dev)
     return choice
@@ -146,31 +176,28 @@ def apply_latency_budget(model: nn.Module, cfg: Any, batch_size: int | None = No
 
 def choose_r_on_runtime(model: nn.Module, cfg: Any, backend: str, workdir: str | Path,
                         batch_size: int | None = None, threads: int = 0) -> LatencyChoice:
-    """MERGE.TARGET_LATENCY_MS for an ONNX runtime: each candidate r is exported to `workdir` and timed
-    on `backend` ('onnxruntime' or 'openvino') at `batch_size` (default TEST.IMS_PER_BATCH).
+    """MERGE.TARGET_LATENCY_MS for an ONNX runtime: each candidate setting of the method's knob is exported to
+    `workdir` and timed on `backend` ('onnxruntime' or 'openvino') at `batch_size` (default TEST.IMS_PER_BATCH).
 
     An export takes a while (about a minute for ViT-B on two cores) and the search needs a handful;
-    the chosen schedule is attached to `model` (`merge_r`), ready for `export_onnx`.
+    the chosen schedule is attached to `model` (`merge_setting`, `merge_r`), ready for `export_onnx`.
     """
-    from ..merging import build_reducers
     from .export import FeatureGraph, build_metadata, example_inputs, trace_to_onnx, write_metadata
     from .runtime import open_runtime
 
-    r_max = latency_r_max(model, cfg)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    depth = len(model.reducible_blocks)
-    prop_attn = bool(cfg.MERGE.PROP_ATTN)
     bs = int(batch_size or cfg.TEST.IMS_PER_BATCH)
     model = model.cpu().eval()
+    count = [0]
 
-    def latency_of(r: int) -> float:
-        model.set_reducers(build_reducers(cfg.MERGE, depth, r), prop_attn)
+    def measure() -> float:
         graph = FeatureGraph(model)
         example = example_inputs(graph, cfg)
         with torch.inference_mode():
             graph(*example)  # eager first: fills the merging caches with real tensors
-        path = workdir / f"latency_r{r}.onnx"
+        count[0] += 1
+        path = workdir / f"latency_{count[0]}.onnx"
         with torch.no_grad():
             trace_to_onnx(graph, example, path)
         write_metadata(path, build_metadata(model, cfg, int(model.base.cam_num)))
@@ -178,12 +205,9 @@ def choose_r_on_runtime(model: nn.Module, cfg: Any, backend: str, workdir: str |
         images, *ids = example_inputs(graph, cfg, bs)
         labels = dict(zip([{"camera": "cam_label", "view": "view_label"}[n] for n in graph.inputs[1:]], ids))
         ms = measure_latency(lambda: runtime(images, **labels), iters=5, warmup=1)["p50_ms"]
-        logger.info("r=%d on %s at batch %d: %.1f ms", r, backend, bs, ms)
+        logger.info("candidate %d on %s at batch %d: %.1f ms", count[0], backend, bs, ms)
         return ms
 
-    choice = choose_r(latency_of, float(cfg.MERGE.TARGET_LATENCY_MS), r_max)
-    model.set_reducers(build_reducers(cfg.MERGE, depth, choice.r), prop_attn)
-    model.merge_r = choice.r
-    model.latency_choice = choice
+    choice, _ = _choose_on(model, cfg, measure)
     logger.info("%s at batch %d on %s", choice.describe(), bs, backend)
     return choice

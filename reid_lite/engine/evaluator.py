@@ -7,12 +7,17 @@
 Each method re-attaches its reducers to the same model (`apply_merging`) and extracts the same
 loader's images itself (merging changes the features); the query/gallery split comes from
 `Batch.indices < num_query`, so unreadable images never shift it.
+
+With MERGE.TARGET_GFLOPS every compared method is set to that budget through its declared knob before
+any extraction starts (`reid_lite.merging.budget`); methods whose cost depends on the image are matched
+on effective GFLOPs averaged over the first MERGE.CALIBRATION_IMAGES gallery images (`gallery_calibration`),
+which also give every row's effective GFLOPs.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +26,7 @@ from torch import nn
 
 from ..data import build_test_loader
 from ..data.datasets import ReIDDataset
+from ..merging.budget import Calibration, CalibrationSource, setting_label
 from ..metrics.rank import evaluate_rank
 from ..metrics.rerank import re_ranking
 from ..metrics.retrieval import evaluate_retrieval
@@ -30,13 +36,14 @@ from .extractor import Features, _prepare_model, extract_features
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["check_methods", "evaluate", "evaluate_features", "format_table", "model_gflops", "model_schedule",
-           "split_query_gallery"]
+__all__ = ["check_methods", "evaluate", "evaluate_features", "format_table", "gallery_calibration", "model_gflops",
+           "model_schedule", "split_query_gallery"]
 
 #: Rows of `format_table`: (header, row key, format); percentages are printed x100 as in the paper.
 _COLUMNS = (
     ("method", "method", "{}"),
     ("GFLOPs", "gflops", "gflops"),
+    ("eff. GFLOPs", "effective_gflops", "gflops"),
     ("img/s", "images_per_second", "{:.1f}"),
     ("model img/s", "model_images_per_second", "{:.1f}"),
     ("Rank-1", "rank1", "{:.1%}"),
@@ -118,34 +125,99 @@ def _warmup(model: nn.Module, cfg: Any, device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _merge_section(cfg: Any, method: str) -> Any:
-    from ..merging import get_method
+def gallery_calibration(cfg: Any, dataset: ReIDDataset, count: int | None = None) -> Calibration:
+    """The first `count` (default MERGE.CALIBRATION_IMAGES) readable gallery images through the test transform,
+    with their cameras: what image-dependent GFLOPs are averaged over (recorded with their paths)."""
+    from ..data.loader import ImageDataset
+    from ..data.transforms import build_transforms
+    from ..merging import Calibration
+
+    count = int(cfg.MERGE.CALIBRATION_IMAGES if count is None else count)
+    if count < 1:
+        raise ValueError(f"MERGE.CALIBRATION_IMAGES must be >= 1, got {count}")
+    images = ImageDataset(dataset.gallery, build_transforms(cfg, is_train=False))
+    samples = []
+    for i in range(len(images)):
+        sample = images[i]
+        if sample.image is not None:
+            samples.append(sample)
+        if len(samples) == count:
+            break
+    if not samples:
+        raise ValueError("no readable gallery image to calibrate the effective GFLOPs with")
+    return Calibration(torch.stack([s.image for s in samples]), torch.tensor([s.camid for s in samples]),
+                       f"first {len(samples)} gallery images", [s.path for s in samples])
+
+
+def _merge_section(cfg: Any, method: str, depth: int) -> Any:
+    """cfg.MERGE for `method`: a budget stays set when the method declares a knob or reduces nothing (the
+    unmerged reference, then run without it); a reducing method without a knob keeps it and is refused."""
+    from ..merging import build_reducers, get_method
 
     node = cfg.MERGE.clone()
     node.defrost()
     node.METHOD = method
-    if not get_method(method).gflops_knob:
-        node.TARGET_GFLOPS = 0.0  # a GFLOPs budget only applies to methods whose schedule can be solved
     node.TRACE_SOURCE = False
+    if node.TARGET_GFLOPS > 0 and get_method(method).budget_knob is None:
+        plain = node.clone()
+        plain.TARGET_GFLOPS = 0.0
+        if not build_reducers(plain, depth):  # no reducer in any block: nothing a budget could change
+            return plain
     return node
 
 
-def check_methods(cfg: Any, model: nn.Module, methods: Sequence[str]) -> list[str]:
+def _depth(model: nn.Module) -> int:
+    return len(model.reducible_blocks) if hasattr(model, "reducible_blocks") else len(model.blocks)
+
+
+def _solve(cfg: Any, model: nn.Module, names: Sequence[str], calibration: CalibrationSource = None) -> dict[str, Any]:
+    """{method: its budget solution (None without a budget)}, every method validated against cfg.MERGE and
+    the model's depth (and its budget solved) before any extraction starts."""
+    from ..merging import build_reducers, input_tokens, solve_budget
+
+    depth = _depth(model)
+    solutions = {}
+    for name in names:
+        node = _merge_section(cfg, name, depth)
+        solutions[name] = None
+        if node.TARGET_GFLOPS > 0 and hasattr(model, "reducible_blocks"):
+            solutions[name] = solve_budget(model, node, float(node.TARGET_GFLOPS), calibration)
+        else:
+            build_reducers(node, depth, num_tokens=input_tokens(model))
+    return solutions
+
+
+def check_methods(cfg: Any, model: nn.Module, methods: Sequence[str],
+                  calibration: CalibrationSource = None) -> list[str]:
     """Validate merging methods against cfg.MERGE and the model's depth before any extraction starts
-    (a bad MERGE.LAYERS for the third method must not surface after minutes of work); returns the names.
+    (a bad MERGE.LAYERS for the third method must not surface after minutes of work), solving each one's
+    budget when MERGE.TARGET_GFLOPS is set (`calibration`: for image-dependent costs); returns the names.
 
     Each method's reducers are built afresh, so a learned method (DTEM) compared on trained weights
     (TEST.WEIGHT) must name its own weights file (MERGE.DTEM.WEIGHTS): ValueError otherwise.
     """
-    from ..merging import build_reducers, check_learned_ready, input_tokens, parse_methods
+    from ..merging import build_reducers, check_learned_ready, parse_methods
 
     names = parse_methods(list(methods))
-    depth = len(model.reducible_blocks) if hasattr(model, "reducible_blocks") else len(model.blocks)
-    for name in names:
-        reducers = build_reducers(_merge_section(cfg, name), depth, num_tokens=input_tokens(model))
-        if cfg.TEST.WEIGHT:
-            check_learned_ready(reducers)
+    _solve(cfg, model, names, calibration)
+    if cfg.TEST.WEIGHT:
+        depth = _depth(model)
+        for name in names:
+            check_learned_ready(build_reducers(_merge_section(cfg, name, depth), depth))
     return names
+
+
+def _effective(model: nn.Module, calibration: Callable[[], Calibration], gflops: float | None) -> float | None:
+    """Mean effective GFLOPs per calibration image when a reducer may leave slots empty, else `gflops`."""
+    if not hasattr(model, "reducible_blocks") or not any(r.may_empty for r in model.reducers.values()):
+        return gflops
+    from ..utils.flops import effective_gflops
+
+    c = calibration()
+    dev = next(model.parameters()).device
+    views = torch.zeros(len(c.images), dtype=torch.long, device=dev) if model.base.view_num else None
+    return effective_gflops(model, c.images.to(dev), None if c.cams is None or not model.base.cam_num
+                            else c.cams.to(dev), views)[0]
 
 
 def evaluate(cfg: Any, model: nn.Module, dataset: ReIDDataset, device: torch.device | str | None = None,
@@ -165,16 +237,30 @@ def evaluate(cfg: Any, model: nn.Module, dataset: ReIDDataset, device: torch.dev
     Returns:
         dict with 'rows' (one dict per method: method, gflops, images_per_second (whole pass),
         model_images_per_second, seconds, model_seconds, rank1, rank5, rank10, mAP, mINP, cmc (list),
-        feature_dim, num_query, num_gallery, skipped, re_ranking, merge_r (the r a GFLOPs budget chose),
+        feature_dim, num_query, num_gallery, skipped, re_ranking, merge_r (the constant r a GFLOPs budget chose),
+        effective_gflops (valid tokens only, mean over the calibration images; = gflops for fixed counts),
+        budget (the solved setting: knob, value, MERGE keys, GFLOPs, error; None without a budget),
         schedule: the reducing blocks with their token counts in and out, as run), 'device', 'skipped' (count),
-        'skipped_paths', 'num_query', 'num_gallery', and 'features' ({method: (query, gallery)}) on request.
+        'skipped_paths', 'num_query', 'num_gallery', 'calibration' (the images effective GFLOPs were averaged
+        over, when any were needed), and 'features' ({method: (query, gallery)}) on request.
     """
-    from ..merging import apply_merging
+    from ..merging import apply_merging, parse_methods
 
     check_input_size(cfg, model)
     dev = resolve_device(device if device is not None else cfg.MODEL.DEVICE, cfg.MODEL.DEVICE_ID)
     loader, num_query = build_test_loader(cfg, dataset)
-    names: list[str | None] = list(check_methods(cfg, model, methods)) if methods else [None]
+    calib: list[Calibration] = []
+
+    def calibration() -> Calibration:  # loaded once, when a method first needs it
+        if not calib:
+            calib.append(gallery_calibration(cfg, dataset))
+        return calib[0]
+
+    names: list[str | None] = list(parse_methods(list(methods))) if methods else [None]
+    own = str(cfg.MERGE.METHOD).lower()
+    # Without --compare the model runs as built; a budget is re-solved here on this dataset's gallery images.
+    again = cfg.MERGE.TARGET_GFLOPS > 0 and hasattr(model, "reducible_blocks")
+    solutions = _solve(cfg, model, [n or own for n in names if n or again], calibration)
     flip = bool(cfg.TEST.FLIP)
     feat_norm = str(cfg.TEST.FEAT_NORM).lower() == "yes"
     rows: list[dict[str, Any]] = []
@@ -183,9 +269,9 @@ def evaluate(cfg: Any, model: nn.Module, dataset: ReIDDataset, device: torch.dev
     _prepare_model(model, dev)  # device, eval mode and channels-last before the warm-up
     try:
         for name in names:
-            if name is not None:
-                apply_merging(model, _merge_section(cfg, name))
-            label = name or str(cfg.MERGE.METHOD).lower()
+            label = name or own
+            if name is not None or solutions.get(label) is not None:
+                apply_merging(model, _merge_section(cfg, label, _depth(model)), calibration, solutions.get(label))
             _warmup(model, cfg, dev)
             feats = extract_features(model, loader, device=dev, amp=cfg.TEST.AMP, flip=flip, feat_norm=feat_norm,
                                      progress=progress, desc=f"extract [{label}]")
@@ -193,9 +279,13 @@ def evaluate(cfg: Any, model: nn.Module, dataset: ReIDDataset, device: torch.dev
             metrics = evaluate_features(query, gallery, re_rank=bool(cfg.TEST.RE_RANKING),
                                         query_chunk=int(cfg.TEST.QUERY_CHUNK))
             skipped_paths = list(feats.failed)  # same loader for every method, so the same files
+            gflops = model_gflops(model)
+            budget = getattr(model, "merge_budget", None)
             rows.append({
                 "method": label,
-                "gflops": model_gflops(model),
+                "gflops": gflops,
+                "effective_gflops": _effective(model, calibration, gflops),
+                "budget": budget.to_dict() if budget is not None else None,
                 "images_per_second": feats.images_per_second,
                 "model_images_per_second": feats.model_images_per_second,
                 "seconds": feats.seconds,
@@ -216,7 +306,7 @@ def evaluate(cfg: Any, model: nn.Module, dataset: ReIDDataset, device: torch.dev
                 kept[label] = (query, gallery)
     finally:
         if methods:
-            apply_merging(model, _merge_section(cfg, str(cfg.MERGE.METHOD).lower()))
+            apply_merging(model, _merge_section(cfg, own, _depth(model)), calibration, solutions.get(own))
     out: dict[str, Any] = {
         "rows": rows,
         "device": str(dev),
@@ -225,6 +315,7 @@ def evaluate(cfg: Any, model: nn.Module, dataset: ReIDDataset, device: torch.dev
         "skipped_paths": skipped_paths,
         "num_query": num_query,
         "num_gallery": len(dataset.gallery),
+        "calibration": calib[0].record() if calib else None,
     }
     if keep_features:
         out["features"] = kept
@@ -237,9 +328,11 @@ def format_table(results: dict[str, Any]) -> str:
     img/s is the whole pass (decoding, transfer, model); model img/s counts forward time only, which
     is what the paper's throughput column measures.
     """
-    head = [h for h, _, _ in _COLUMNS]
+    rows = results["rows"]
+    budgeted = any(r.get("budget") for r in rows)
+    head = [h for h, _, _ in _COLUMNS] + (["setting (error)"] if budgeted else [])
     body = []
-    for row in results["rows"]:
+    for row in rows:
         cells = []
         for _, key, fmt in _COLUMNS:
             value = row.get(key)
@@ -249,19 +342,28 @@ def format_table(results: dict[str, Any]) -> str:
                 cells.append(f"{value:.2f}" if value >= 1 else f"{value:.4f}")
             else:
                 cells.append(fmt.format(value))
+        if budgeted:
+            b = row.get("budget")
+            cells.append("-" if not b else f"{setting_label(b['setting'])} ({b['error']:+.2%})")
         body.append(cells)
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
 
     def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+        return "| " + " | ".join(c.rjust(w) if 0 < i < len(_COLUMNS) else c.ljust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
 
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    rows = results["rows"]
     dims = sorted({r["feature_dim"] for r in rows})
     footer = (f"device: {results['device']} ({results.get('device_name', '')}) | "
               f"query {rows[0]['num_query'] if rows else 0}, gallery {rows[0]['num_gallery'] if rows else 0} | "
               f"skipped images: {results['skipped']} | feature dim {','.join(map(str, dims))} | "
               f"re-ranking: {'on' if rows and rows[0]['re_ranking'] else 'off'}")
+    budgets = [r["budget"] for r in rows if r.get("budget")]
+    if budgets:
+        calib = results.get("calibration")
+        footer += (f"\nbudget: {budgets[0]['target_gflops']:.4g} GFLOPs per image, each method's knob set to meet it "
+                   f"within {budgets[0]['tolerance']:.0%}" + (f"; effective GFLOPs over the {calib['source']}"
+                                                             if calib else ""))
     if results["skipped"]:
         footer += "\nskipped (unreadable): " + ", ".join(results["skipped_paths"][:5])
         if results["skipped"] > 5:

@@ -59,7 +59,9 @@ def model_fingerprint(cfg: Any, model: torch.nn.Module, feature: str, camera_num
     from ..merging import learned_state_dict, method_fingerprint
 
     # The registry knows every method's identifying options, plugins' included: any difference refuses.
-    merging = method_fingerprint(cfg.MERGE, getattr(model, "merge_r", None))
+    r_solved = getattr(model, "merge_r", None)
+    solved = getattr(model, "merge_setting", None)  # what a budget chose, when it is not a constant r
+    merging = method_fingerprint(cfg.MERGE, r_solved, solved if r_solved is None else None)
     learned = learned_state_dict(model)
     if learned:  # a learned merging (DTEM's embedding): its values, wherever they came from
         merging["learned_sha256"] = tensors_digest(learned)

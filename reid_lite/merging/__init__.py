@@ -15,8 +15,10 @@ from yacs.config import CfgNode
 from . import registry, tome, evit, stm, atm, lotm, dhtm, dtem  # noqa: F401
 # isort: on
 from .base import BipartiteMerge, TokenReducer, TokenState, bipartite_match, mask_invalid
+from .budget import BudgetSolution, Calibration, CalibrationSource, budget_merge, parse_budget, solve_budget
 from .dtem import DTEM
 from .evit import EViT
+from .knobs import BudgetKnob, count_knob, option_knob
 from .learned import check_learned_ready, learned_state_dict
 from .registry import (
     MergeMethod,
@@ -31,12 +33,13 @@ from .registry import (
     unregister_method,
 )
 from .schedule import (
+    BudgetError,
     build_reducers,
     check_layers,
     largest_r,
     per_layer_r,
     reduction_schedule,
-    solve_r,
+    search_knob,
     token_counts,
 )
 from .stm import STM
@@ -67,38 +70,45 @@ def input_tokens(model: nn.Module) -> int:
     return int(embed.num_patches) + int(getattr(model, "num_prefix_tokens", 1))
 
 
-def apply_merging(model: nn.Module, cfg: CfgNode) -> nn.Module:
+def apply_merging(model: nn.Module, cfg: CfgNode, calibration: CalibrationSource = None,
+                  solution: BudgetSolution | None = None) -> nn.Module:
     """Attach the token reduction that `cfg` (a MERGE section) describes; returns `model`.
 
     Works on reid_lite's `TransReID` and on timm `VisionTransformer`s. With MERGE.TARGET_GFLOPS > 0
-    (TransReID only, methods whose `gflops_knob` is 'r') a constant r over MERGE.LAYERS is chosen to
-    meet that budget.
+    (TransReID only, methods that declare a `gflops_knob`) the method's knob is set to meet that budget
+    (`budget.solve_budget`): the solution is `model.merge_budget`, its MERGE keys `model.merge_setting`, and
+    a constant r also `model.merge_r`.
+    `calibration` (a `budget.Calibration` or a function returning one) is needed only when the method's
+    cost depends on the image (effective GFLOPs); `build_model` passes synthetic pedestrians, and loading a
+    checkpoint solves such a budget again for the new weights (`budget.refresh_budget`). `solution`:
+    the budget already solved for this model and section (`solve_budget`), so the search is not repeated.
     """
-    from ..utils.flops import transreid_gflops
-
     load_plugins(list(cfg.get("PLUGINS", [])))
     method = get_method(cfg.METHOD)
+    cfg_in = cfg
     is_transreid = hasattr(model, "reducible_blocks")
     depth = len(model.reducible_blocks) if is_transreid else len(model.blocks)
     num_tokens = input_tokens(model)
-    r_override = None
-    if cfg.TARGET_GFLOPS > 0:
+    if cfg.TARGET_GFLOPS <= 0:
+        solution = None
+    else:
         if not is_transreid:
             raise ValueError("MERGE.TARGET_GFLOPS is supported for TransReID models")
-        if method.gflops_knob != "r":
-            solvable = [m for m in method_names() if get_method(m).gflops_knob]
-            raise ValueError(f"MERGE.TARGET_GFLOPS needs a method whose schedule is solved through r "
-                             f"({', '.join(solvable)}); {method.name!r} is not")
-        r_max = largest_r([i - 1 for i in cfg.LAYERS], num_tokens)
-        r_override = solve_r(lambda r: transreid_gflops(model, build_reducers(cfg, depth, r)), cfg.TARGET_GFLOPS, r_max)
+        if solution is None:
+            solution = solve_budget(model, cfg, float(cfg.TARGET_GFLOPS), calibration)
+        cfg = budget_merge(cfg, solution)
     # Only a head that reads the class token alone allows a class-token-only last block (never JPM).
     cls_head = not is_transreid or not model.jpm
-    reducers = build_reducers(cfg, depth, r_override, num_tokens, cls_head=cls_head)
+    reducers = build_reducers(cfg, depth, None, num_tokens, cls_head=cls_head)
     prop_attn = bool(cfg.PROP_ATTN) and method.prop_attn
     if is_transreid:
         model.set_reducers(reducers, prop_attn)
         model.trace_source = bool(cfg.TRACE_SOURCE)
-        model.merge_r = r_override
+        model.merge_budget = solution
+        model.merge_r = solution.constant_r if solution is not None else None
+        model.merge_setting = solution.setting if solution is not None else None  # the gallery fingerprint's
+        # What an effective-GFLOPs budget is solved from, to solve it again for new weights (`refresh_budget`).
+        model.merge_budget_inputs = (cfg_in, calibration) if solution is not None else None
         return model
     from .timm_vit import patch_timm_vit
 
@@ -107,7 +117,17 @@ def apply_merging(model: nn.Module, cfg: CfgNode) -> nn.Module:
 
 __all__ = [
     "BipartiteMerge",
+    "BudgetError",
+    "BudgetKnob",
+    "BudgetSolution",
+    "Calibration",
     "DTEM",
+    "budget_merge",
+    "count_knob",
+    "option_knob",
+    "parse_budget",
+    "search_knob",
+    "solve_budget",
     "EViT",
     "MergeMethod",
     "STM",
@@ -134,7 +154,6 @@ __all__ = [
     "per_layer_r",
     "reduction_schedule",
     "register_method",
-    "solve_r",
     "token_counts",
     "unregister_method",
 ]

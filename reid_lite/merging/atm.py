@@ -31,6 +31,7 @@ from torch import Tensor
 
 from .base import TokenReducer, TokenState, bipartite_split, mask_invalid, take_tokens
 from .exportable import stable_argsort, stable_ranks, top_and_rest
+from .knobs import option_knob
 from .ops import bipartite_flops, cosine_scores
 from .registry import MergeMethod, register_method
 from .schedule import check_layers
@@ -198,13 +199,14 @@ class ClsOnly(TokenReducer):
 
 
 def build_atm(merge, depth: int, rs: dict[int, int] | None) -> dict[int, TokenReducer]:
-    """ATM reducers in MERGE.ATM.LAYERS (empty: every block), thresholds by Eq. 1 for each block."""
+    """ATM reducers in MERGE.ATM.LAYERS (empty: every block), thresholds by Eq. 1 for each block plus OFFSET."""
     o = merge.ATM
     if str(o.MODE) not in MODES:
         raise ValueError(f"MERGE.ATM.MODE must be one of {MODES}, got {o.MODE!r}")
     layers = check_layers(o.LAYERS, depth, "MERGE.ATM.LAYERS") if len(o.LAYERS) else list(range(1, depth + 1))
     reducers: dict[int, TokenReducer] = {
-        layer - 1: ATM(atm_threshold(layer, o.ALPHA, o.BETA, o.THETA_MIN), layer > o.SPLIT_DEPTH, o.MODE, o.MIN_R)
+        layer - 1: ATM(atm_threshold(layer, o.ALPHA, o.BETA, o.THETA_MIN) + o.OFFSET, layer > o.SPLIT_DEPTH, o.MODE,
+                       o.MIN_R)
         for layer in layers
     }
     if o.CLS_ONLY_LAST:
@@ -223,5 +225,9 @@ register_method(MergeMethod(
         "MIN_R": 0,  # every image merges at least this many pairs per block (capacity shrinks); 0: the paper
         "LAYERS": [],  # 1-based blocks that merge; empty: every block that can reduce
         "CLS_ONLY_LAST": True,  # last block keeps the class token alone where the head reads only it (never JPM)
+        "OFFSET": 0.0,  # not in the paper: added to every block's threshold (after THETA_MIN); the budget knob
     },
+    # A budget shifts every threshold by MERGE.ATM.OFFSET: cosines lie in [-1, 1], so +2 merges nothing and
+    # -3 merges every valid source; matched on effective GFLOPs (per-image counts).
+    gflops_knob=option_knob("offset", "ATM.OFFSET", 2.0, -3.0, doc="MERGE.ATM.OFFSET, added to every threshold"),
     summary="ATM: layer-wise thresholds, size-distinctive matching after l_s, per-image counts (MERGE.ATM)"))

@@ -33,9 +33,10 @@ from torch import Tensor
 from .base import TokenReducer, TokenState
 from .exportable import group_first, stable_ranks
 from .groups import check_weighting, compact_slots, fold_groups
+from .knobs import count_knob
 from .ops import cosine_scores
 from .registry import MergeMethod, register_method
-from .schedule import check_layers
+from .schedule import per_layer_k
 
 
 def grid_neighbours(pos: Tensor, size: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -124,16 +125,19 @@ class DHTM(TokenReducer):
 
 
 def build_dhtm(merge, depth: int, rs: dict[int, int] | None) -> dict[int, TokenReducer]:
-    """DHTM reducers in the blocks of MERGE.DHTM.LAYERS."""
+    """DHTM reducers in the blocks of MERGE.DHTM.LAYERS, K merges each (or K_LIST's, one per layer)."""
     o = merge.DHTM
-    return {i - 1: DHTM(o.K, o.ROUNDS, o.WEIGHTING) for i in check_layers(o.LAYERS, depth, "MERGE.DHTM.LAYERS")}
+    return {i: DHTM(k, o.ROUNDS, o.WEIGHTING) for i, k in per_layer_k(o, depth, "MERGE.DHTM").items()}
 
 
 register_method(MergeMethod(
     "dhtm", build_dhtm, prop_attn=False,  # the paper has no size bias
+    # A budget sets K in MERGE.DHTM.LAYERS (a K_LIST where no constant K fits), up to what the blocks can merge.
+    gflops_knob=count_knob("k", "DHTM.K", "DHTM.K_LIST", "DHTM.LAYERS", "merges over MERGE.DHTM.LAYERS"),
     options={
         "K": 48,  # merges per selected block (the paper's DeiT-B comparison, about 30% fewer GFLOPs)
         "LAYERS": [4, 7, 11],  # 1-based blocks; 11 is the trunk's last with JPM
+        "K_LIST": [],  # per-layer K (one per LAYERS entry), overrides K when set (a budget may choose one)
         "ROUNDS": 4,  # vectorised rounds per block; ROUNDS = K is the paper's one merge per iteration
         "WEIGHTING": "size",  # size: mean over the patches held (Eq. 5) | mean: plain mean of the tokens merged
     },

@@ -10,6 +10,7 @@ from torch import Tensor
 from .base import TokenReducer, TokenState
 from .base import take_tokens as _take
 from .exportable import stable_argsort
+from .knobs import option_knob
 from .registry import MergeMethod, register_method
 from .schedule import check_layers
 
@@ -77,6 +78,8 @@ def build_evit(merge, depth: int, rs: dict[int, int] | None) -> dict[int, TokenR
 
 register_method(MergeMethod(
     "evit", build_evit, prop_attn=False,  # EViT's paper has no size bias
+    # A budget sets the keep rate in MERGE.EVIT.LAYERS: 1 keeps everything, 0.001 keeps one patch per block.
+    gflops_knob=option_knob("keep_rate", "EVIT.KEEP_RATE", 1.0, 0.001, doc="MERGE.EVIT.KEEP_RATE"),
     options={
         "KEEP_RATE": 0.9,  # patch tokens kept: ceil(KEEP_RATE * (N - 1))
         "LAYERS": [4, 7, 10],  # 1-based blocks that reduce

@@ -22,8 +22,9 @@ from torch import Tensor
 from .base import TokenReducer, TokenState
 from .exportable import stable_ranks
 from .groups import check_weighting, compact_slots, fold_groups
+from .knobs import count_knob
 from .registry import MergeMethod, register_method
-from .schedule import check_layers
+from .schedule import per_layer_k
 
 
 def lotm_pairs(x: Tensor, k: int) -> Tensor:
@@ -66,16 +67,19 @@ class LoTM(TokenReducer):
 
 
 def build_lotm(merge, depth: int, rs: dict[int, int] | None) -> dict[int, TokenReducer]:
-    """LoTM reducers in the blocks of MERGE.LOTM.LAYERS."""
+    """LoTM reducers in the blocks of MERGE.LOTM.LAYERS, K merges each (or K_LIST's, one per layer)."""
     o = merge.LOTM
-    return {i - 1: LoTM(o.K, o.WEIGHTING) for i in check_layers(o.LAYERS, depth, "MERGE.LOTM.LAYERS")}
+    return {i: LoTM(k, o.WEIGHTING) for i, k in per_layer_k(o, depth, "MERGE.LOTM").items()}
 
 
 register_method(MergeMethod(
     "lotm", build_lotm, prop_attn=False,  # the paper has no size bias
+    # A budget sets K in MERGE.LOTM.LAYERS (a K_LIST where no constant K fits), up to what the blocks can merge.
+    gflops_knob=count_knob("k", "LOTM.K", "LOTM.K_LIST", "LOTM.LAYERS", "merges over MERGE.LOTM.LAYERS"),
     options={
         "K": 48,  # pairs merged per selected block (the paper's ViT-B/DeiT-B setting, about 30% fewer GFLOPs)
         "LAYERS": [4, 7, 11],  # 1-based blocks; 11 is the trunk's last with JPM
+        "K_LIST": [],  # per-layer K (one per LAYERS entry), overrides K when set (a budget may choose one)
         "WEIGHTING": "mean",  # mean: the pair's plain mean (Eq. 15) | size: size-weighted
     },
     summary="LoTM: merge the K most similar fixed raster-adjacent pairs in MERGE.LOTM.LAYERS"))

@@ -23,6 +23,7 @@ from typing import Any
 from yacs.config import CfgNode
 
 from .base import TokenReducer
+from .knobs import R_KNOB, BudgetKnob
 
 #: builder(MERGE section, reducible depth, {0-based block: r} or None) -> {0-based block: reducer}
 Builder = Callable[[CfgNode, int, "dict[int, int] | None"], "dict[int, TokenReducer]"]
@@ -35,7 +36,8 @@ class MergeMethod:
     name: the MERGE.METHOD value (lower case). build: MERGE section, depth, r schedule -> reducers.
     options: defaults of the method's own config node MERGE.<NAME> (empty: no node).
     uses_r: the method reads MERGE.R / R_LIST / LAYERS (the builder then gets the per-block r).
-    gflops_knob: 'r' when MERGE.TARGET_GFLOPS can be met by choosing a constant r (needs uses_r), else None.
+    gflops_knob: the knob MERGE.TARGET_GFLOPS (and `--budget`) turns to meet a GFLOPs budget: 'r' (merges
+        over MERGE.LAYERS, needs uses_r), a `BudgetKnob` of the method's own options, or None (no budget).
     prop_attn: whether MERGE.PROP_ATTN applies (EViT's paper has no size bias).
     identity: the options that change features, for the gallery fingerprint (None: all of them).
     learned: the reducers hold learned parameters (nn.Modules saved in the model's state dict) that must be
@@ -47,11 +49,16 @@ class MergeMethod:
     build: Builder
     options: Mapping[str, Any] = field(default_factory=dict)
     uses_r: bool = False
-    gflops_knob: str | None = None
+    gflops_knob: str | BudgetKnob | None = None
     prop_attn: bool = True
     identity: tuple[str, ...] | None = None
     learned: bool = False
     summary: str = ""
+
+    @property
+    def budget_knob(self) -> BudgetKnob | None:
+        """The declared knob as a `BudgetKnob` ('r' is `knobs.R_KNOB`), or None."""
+        return R_KNOB if self.gflops_knob == "r" else self.gflops_knob
 
     @property
     def node(self) -> str:
@@ -82,9 +89,9 @@ def register_method(method: MergeMethod, replace: bool = False) -> MergeMethod:
         raise ValueError(f"method name {name!r} must be lower case letters, digits and '_', starting with a letter")
     if name in _METHODS and not replace:
         raise ValueError(f"merging method {name!r} is already registered")
-    if method.gflops_knob not in (None, "r"):
-        raise ValueError(f"{name}: gflops_knob must be 'r' or None, got {method.gflops_knob!r}")
-    if method.gflops_knob and not method.uses_r:
+    if method.gflops_knob not in (None, "r") and not isinstance(method.gflops_knob, BudgetKnob):
+        raise ValueError(f"{name}: gflops_knob must be 'r', a BudgetKnob or None, got {method.gflops_knob!r}")
+    if method.gflops_knob == "r" and not method.uses_r:
         raise ValueError(f"{name}: a GFLOPs target is met through r, so gflops_knob='r' needs uses_r=True")
     bad = [k for k in method.options if k != k.upper()]
     if bad:
@@ -120,8 +127,10 @@ def method_names() -> list[str]:
 
 
 def parse_methods(spec: str | Sequence[str]) -> list[str]:
-    """'none,tome,stm' -> ['none', 'tome', 'stm'], each checked against the registry."""
+    """'none,tome,stm' -> ['none', 'tome', 'stm'], each checked against the registry; 'all': every method."""
     names = [m.strip().lower() for m in (spec.split(",") if isinstance(spec, str) else spec) if m.strip()]
+    if "all" in names and "all" not in _METHODS:
+        names = list(dict.fromkeys(n for m in names for n in (method_names() if m == "all" else [m])))
     bad = [m for m in names if m not in _METHODS]
     if bad:
         raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(method_names())} "
@@ -153,10 +162,13 @@ def option_names(merge: CfgNode) -> list[str]:
     return names
 
 
-def method_fingerprint(merge: CfgNode, r_solved: int | None = None) -> dict[str, Any]:
+def method_fingerprint(merge: CfgNode, r_solved: int | None = None,
+                       solved: dict[str, Any] | None = None) -> dict[str, Any]:
     """What about the MERGE section changes features: the method, its schedule, all its identifying options.
 
     Built-in methods keep the layout galleries already store (schedule keys for every method but 'none').
+    `solved`: the setting a GFLOPs budget chose when it is not a constant r (`r_solved`), e.g.
+    {'MERGE.EVIT.KEEP_RATE': 0.73}; recorded under 'solved' only then.
     """
     load_plugins(list(merge.get("PLUGINS", [])))
     method = get_method(merge.METHOD)
@@ -167,6 +179,8 @@ def method_fingerprint(merge: CfgNode, r_solved: int | None = None) -> dict[str,
                target_gflops=float(merge.TARGET_GFLOPS), prop_attn=bool(merge.PROP_ATTN), r_solved=r_solved)
     if method.options:
         out[method.name] = method.identifying_options(merge)
+    if solved is not None:
+        out["solved"] = {k: _plain(v) for k, v in solved.items()}
     return out
 
 

@@ -1,7 +1,8 @@
-"""Reduction schedules: which blocks reduce, by how much, and a solver for a GFLOPs budget."""
+"""Reduction schedules: which blocks reduce, by how much, and the monotone search that meets a budget."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 from .base import TokenReducer, bipartite_r
@@ -29,6 +30,16 @@ def per_layer_r(merge_cfg, depth: int) -> dict[int, int]:
     if any(r < 0 for r in rs):
         raise ValueError(f"r must be >= 0, got {rs}")
     return {i - 1: r for i, r in zip(layers, rs)}
+
+
+def per_layer_k(node, depth: int, prefix: str) -> dict[int, int]:
+    """{0-based block: K} from a method node's K / K_LIST / LAYERS (`prefix` names it in errors, e.g.
+    'MERGE.LOTM'): K_LIST, one count per layer, overrides K when set."""
+    layers = check_layers(node.LAYERS, depth, f"{prefix}.LAYERS")
+    ks = [int(k) for k in node.K_LIST] if len(node.K_LIST) else [int(node.K)] * len(layers)
+    if len(ks) != len(layers):
+        raise ValueError(f"{prefix}.K_LIST has {len(ks)} entries for {len(layers)} {prefix}.LAYERS")
+    return {i - 1: k for i, k in zip(layers, ks)}
 
 
 def _overflow(rs: dict[int, int], num_tokens: int) -> tuple[int, int, int] | None:
@@ -122,15 +133,79 @@ def reduction_schedule(reducers: dict[int, TokenReducer], num_tokens: int, depth
     return [{"block": i + 1, "tokens_in": counts[i][0], "tokens_out": counts[i][1]} for i in sorted(reducers)]
 
 
-def solve_r(gflops_of_r: Callable[[int], float], target: float, r_max: int) -> int:
-    """Smallest constant r whose GFLOPs are at most `target` (GFLOPs fall as r grows)."""
-    lo, hi = 0, r_max
-    if gflops_of_r(hi) > target:
-        raise ValueError(f"no r <= {r_max} reaches {target} GFLOPs (r={r_max} gives {gflops_of_r(hi):.2f})")
+def first_fit(fits: Callable[[int], bool], lo: int, hi: int) -> int:
+    """Smallest step s in [lo, hi] with fits(s), for a monotone `fits` (False ... False True ... True) that holds
+    at `hi`; binary search, so each step is evaluated at most once per halving."""
     while lo < hi:
         mid = (lo + hi) // 2
-        if gflops_of_r(mid) <= target:
+        if fits(mid):
             hi = mid
         else:
             lo = mid + 1
     return lo
+
+
+class BudgetError(ValueError):
+    """A budget no setting of the knob meets within the tolerance; the message names the reachable range."""
+
+
+def search_knob(cost: Callable[[float], float], target: float, mildest: float, strongest: float,
+                integer: bool = False, stride: int = 1, tol: float = 0.01, digits: int = 4,
+                what: str = "the method", describe: Callable[[float], str] = "{:g}".format, unit: str = "GFLOPs",
+                max_halvings: int = 60) -> tuple[float, float]:
+    """The mildest knob value whose cost is at most `target` and within `tol` of it: (value, its cost).
+
+    One monotone search for every method's knob: `cost` must not rise from `mildest` (the least reduction)
+    towards `strongest` (the most), whichever of the two is the larger number, so the budget is a ceiling
+    and the value returned is the most accurate setting under it (cost in [target (1 - tol), target]).
+    Integer knobs: binary search, first over every `stride`-th value (the preferred settings: constant
+    r), then between the two preferred values around the target when the preferred one is off by more
+    than `tol`. Real knobs: bisection (at most `max_halvings` steps) until the cost is within `tol`, the
+    value rounded to `digits` decimals (towards the stronger end) where the rounded value still meets the
+    budget. `unit` names the cost in messages (GFLOPs; ms for the latency budget).
+    Raises BudgetError naming the reachable range when the target lies outside it, or the two
+    neighbouring settings when the knob's steps jump over the tolerance window (`describe` names a value).
+    """
+    memo: dict[float, float] = {}
+
+    def c(v: float) -> float:
+        if v not in memo:
+            memo[v] = float(cost(v))
+        return memo[v]
+
+    low = target * (1 - tol)
+    top, bottom = c(mildest), c(strongest)
+    if bottom > target or top < low:
+        raise BudgetError(f"{what} cannot meet {target:.4g} {unit} within {tol:.0%}: its settings reach "
+                          f"{bottom:.4g} {unit} ({describe(strongest)}) to {top:.4g} ({describe(mildest)})")
+    if top <= target:
+        return mildest, top
+    sign = 1 if strongest > mildest else -1
+    if integer:
+        steps = int(round(abs(strongest - mildest)))
+
+        def value(s: int) -> float:
+            return mildest + sign * min(s, steps)
+
+        def fits(s: int) -> bool:
+            return c(value(s)) <= target
+
+        coarse = first_fit(lambda k: fits(k * stride), 1, -(-steps // stride))  # a multiple of stride, or the end
+        s = min(coarse * stride, steps)
+        if c(value(s)) < low and stride > 1:
+            s = first_fit(fits, (coarse - 1) * stride + 1, s)
+        v, prev = value(s), value(s - 1)
+    else:
+        mild, strong = float(mildest), float(strongest)
+        for _ in range(max_halvings):
+            if c(strong) >= low or abs(mild - strong) < 1e-9:
+                break
+            mid = (mild + strong) / 2
+            mild, strong = (mild, mid) if c(mid) <= target else (mid, strong)
+        scale = 10**digits  # round towards the stronger end, where the cost stays under the budget
+        rounded = (math.ceil(strong * scale) if sign > 0 else math.floor(strong * scale)) / scale
+        v, prev = (rounded if low <= c(rounded) <= target else strong), mild
+    if c(v) < low:
+        raise BudgetError(f"{what} cannot meet {target:.4g} {unit} within {tol:.0%}: its settings jump from "
+                          f"{c(prev):.4g} {unit} ({describe(prev)}) to {c(v):.4g} ({describe(v)})")
+    return v, c(v)

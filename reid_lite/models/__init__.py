@@ -50,7 +50,11 @@ def build_model(cfg, num_classes: int, camera_num: int = 0, view_num: int = 0) -
             raise CheckpointError("MODEL.PRETRAIN_CHOICE 'self' needs MODEL.PRETRAIN_PATH (a TransReID checkpoint)")
     elif choice not in ("imagenet", "none"):
         raise ValueError(f"MODEL.PRETRAIN_CHOICE must be 'imagenet', 'self' or 'none', got {m.PRETRAIN_CHOICE!r}")
-    apply_merging(model, cfg.MERGE)
+    from ..merging.budget import synthetic_calibration
+
+    # Image-dependent budgets (ATM) need images; without a dataset here, seeded synthetic pedestrians.
+    apply_merging(model, cfg.MERGE, lambda: synthetic_calibration(cfg, int(cfg.MERGE.CALIBRATION_IMAGES),
+                                                                  int(model.base.cam_num)))
     if choice == "self":  # after the merging: a learned one (DTEM) loads its weights with the checkpoint's
         load_transreid_checkpoint(model, m.PRETRAIN_PATH, trust=m.TRUST_CHECKPOINT)
     if cfg.MERGE.TARGET_LATENCY_MS > 0 and str(m.BACKEND).lower() == "torch":

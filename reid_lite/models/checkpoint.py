@@ -164,6 +164,9 @@ def load_transreid_state(model: nn.Module, state: dict[str, torch.Tensor], sourc
     check_and_load(model, state, source)
     if learned:
         mark_loaded(model)
+    from ..merging.budget import refresh_budget
+
+    refresh_budget(model)  # an image-dependent budget was solved on the previous weights
 
 
 def load_transreid_checkpoint(model: nn.Module, path: str | Path, trust: bool = False,
