@@ -32,7 +32,7 @@ from ..metrics.rerank import re_ranking
 from ..metrics.retrieval import evaluate_retrieval
 from ..models import check_input_size
 from ..utils.device import autocast, resolve_device
-from .extractor import Features, _prepare_model, extract_features
+from .extractor import Features, extract_features, prepare_model
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ def evaluate(cfg: Any, model: nn.Module, dataset: ReIDDataset, device: torch.dev
     rows: list[dict[str, Any]] = []
     kept: dict[str, tuple[Features, Features]] = {}
     skipped_paths: list[str] = []
-    _prepare_model(model, dev)  # device, eval mode and channels-last before the warm-up
+    prepare_model(model, dev)  # device, eval mode and channels-last before the warm-up
     try:
         for name in names:
             label = name or own

@@ -87,7 +87,9 @@ def _sie_needs(model: nn.Module) -> tuple[int, int]:
     return int(getattr(base, "cam_num", 0) or 0), int(getattr(base, "view_num", 0) or 0)
 
 
-def _prepare_model(model: nn.Module, device: torch.device | str | None) -> torch.device:
+def prepare_model(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    """Move `model` to `device` (None: where its parameters are), channels-last on CUDA, eval mode; returns
+    the device."""
     dev = _model_device(model) if device is None else resolve_device(device)
     model.to(dev)
     if dev.type == "cuda":
@@ -197,7 +199,7 @@ def extract_features(model: nn.Module, loader: Iterable, device: torch.device | 
     """
     # Outside inference mode: parameters moved to the GPU inside it would become inference tensors,
     # and a training loop that evaluates between epochs could no longer backpropagate through them.
-    dev = _prepare_model(model, device)
+    dev = prepare_model(model, device)
     with torch.inference_mode():
         return _extract(model, loader, dev, amp, flip, feat_norm, use_camera, progress, desc)
 
@@ -303,7 +305,7 @@ class FeatureExtractor:
 
         check_input_size(cfg, model)  # images are resized to INPUT.SIZE_TEST below
         self.model = model
-        self.device = _prepare_model(model, device if device is not None else cfg.MODEL.DEVICE)
+        self.device = prepare_model(model, device if device is not None else cfg.MODEL.DEVICE)
         self.transform = build_transforms(cfg, is_train=False)
         self.amp = cfg.TEST.AMP
         self.flip = bool(cfg.TEST.FLIP)
