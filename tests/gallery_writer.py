@@ -11,6 +11,7 @@ here, as every `Gallery`'s default `on_stage`; production code has no test hook 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -55,5 +56,8 @@ def writer_paused_at(stage: str, marker: Path, *cli_args: str, timeout: float = 
 
 if __name__ == "__main__":
     stage, marker, *argv = sys.argv[1:]
+    # A shell's background job starts with SIGINT ignored, and Python keeps an inherited SIG_IGN: restore
+    # Ctrl-C as an interactive user has it, so that the tests' SIGINT reaches the CLI.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     Gallery.on_stage = staticmethod(pause_at(stage, Path(marker)))
     sys.exit(main(argv))

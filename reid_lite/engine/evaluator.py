@@ -175,6 +175,8 @@ def _solve(cfg: Any, model: nn.Module, names: Sequence[str], calibration: Calibr
     the model's depth (and its budget solved) before any extraction starts."""
     from ..merging import build_reducers, input_tokens, solve_budget
 
+    if not names:  # nothing to set up (an exported model runs the merging baked into its file)
+        return {}
     depth = _depth(model)
     solutions = {}
     for name in names:

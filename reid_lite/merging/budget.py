@@ -97,8 +97,10 @@ class BudgetSolution:
 
 
 def setting_label(setting: dict[str, Any]) -> str:
-    """{'MERGE.EVIT.KEEP_RATE': 0.73} -> 'EVIT.KEEP_RATE=0.73' (empty lists left out)."""
-    return ", ".join(f"{k.removeprefix('MERGE.')}={v}" for k, v in setting.items() if v != [])
+    """{'MERGE.EVIT.KEEP_RATE': 0.73} -> 'EVIT.KEEP_RATE=0.73' (empty lists left out; reals to 4 digits, the
+    exact value is in the record)."""
+    return ", ".join(f"{k.removeprefix('MERGE.')}={f'{v:.4g}' if isinstance(v, float) else v}"
+                     for k, v in setting.items() if v != [])
 
 
 CalibrationSource = Calibration | Callable[[], Calibration] | None
