@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..merging.budget import constant_r
 from ..merging.schedule import BudgetError, search_knob
 
 logger = logging.getLogger(__name__)
@@ -64,9 +65,7 @@ class LatencyChoice:
     @property
     def r(self) -> int | None:
         """The constant r chosen (MERGE.R; 0 = merging off), None for another kind of setting."""
-        if "MERGE.R" in self.setting and not self.setting.get("MERGE.R_LIST"):
-            return int(self.setting["MERGE.R"])
-        return None
+        return constant_r(self.setting)
 
     def describe(self) -> str:
         """One line for the log."""

@@ -80,9 +80,7 @@ class BudgetSolution:
     @property
     def constant_r(self) -> int | None:
         """The constant MERGE.R an r knob chose (None for a per-layer list or another knob)."""
-        if "MERGE.R" in self.setting and not self.setting.get("MERGE.R_LIST"):
-            return int(self.setting["MERGE.R"])
-        return None
+        return constant_r(self.setting)
 
     def label(self) -> str:
         """Short text for tables: 'R=8', 'EVIT.KEEP_RATE=0.7312', 'R_LIST=[9, 8, 8]'."""
@@ -94,6 +92,13 @@ class BudgetSolution:
                 "target_gflops": self.target, "gflops": self.gflops, "effective_gflops": self.effective_gflops,
                 "matched": self.matched, "achieved_gflops": self.achieved, "error": self.error,
                 "tolerance": self.tolerance, "calibration": self.calibration, "evaluations": self.evaluations}
+
+
+def constant_r(setting: dict[str, Any]) -> int | None:
+    """The constant MERGE.R of a solved setting, or None (a per-layer R_LIST, or another knob)."""
+    if "MERGE.R" in setting and not setting.get("MERGE.R_LIST"):
+        return int(setting["MERGE.R"])
+    return None
 
 
 def setting_label(setting: dict[str, Any]) -> str:
