@@ -26,6 +26,7 @@ import_extra("torchreid", "torchreid")
 from reid_lite.data.synthetic import generate_reid_dataset  # noqa: E402
 from reid_lite.data.transforms import build_transforms  # noqa: E402
 from reid_lite.integrations import torchreid as rt  # noqa: E402
+from reid_lite.integrations.torchreid import layout as torchreid_layout  # noqa: E402
 from reid_lite.models.checkpoint import CheckpointError  # noqa: E402
 
 TINY = ["MODEL.EMBED_DIM", 64, "MODEL.DEPTH", 3, "MODEL.NUM_HEADS", 4, "INPUT.SIZE_TRAIN", [64, 32],
@@ -81,7 +82,7 @@ def test_source_layout_is_resolved(tr, monkeypatch):
     for name in [n for n in sys.modules if n == "torchreid" or n.startswith("torchreid.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "torchreid", fake)
-    for sub in rt._SUBMODULES:
+    for sub in torchreid_layout.SUBMODULES:
         monkeypatch.setitem(sys.modules, f"torchreid.{sub}", getattr(tr, sub))
         setattr(fake, sub, getattr(tr, sub))
     src = rt.torchreid_modules()
@@ -93,7 +94,7 @@ def test_source_layout_is_resolved(tr, monkeypatch):
 
 # ------------------------------------------------------------------------------------------ factory
 def test_registered_names_use_the_paper_setting(tr):
-    factory = rt._model_factory(tr)
+    factory = torchreid_layout.model_factory(tr)
     assert set(rt.model_names()) <= set(factory)
     assert rt.register_models() == list(rt.model_names())  # idempotent
     model = tr.models.build_model("transreid_stm", num_classes=751, loss="softmax", pretrained=False, use_gpu=False)
