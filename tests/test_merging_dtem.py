@@ -227,3 +227,24 @@ def test_analytic_flops_count_the_embedding_as_fvcore_does(hidden):
     tome = build_model(tiny_cfg(depth=3, method="tome", r=4), 5, 3).eval()
     assert transreid_gflops(model) == pytest.approx(fvcore_gflops(model), rel=1e-9)
     assert transreid_gflops(model) > transreid_gflops(tome)  # same schedule plus the embedding
+
+
+def test_compare_gives_the_model_back_with_its_own_learned_embedding(data_root):
+    """`evaluate(..., methods=...)` rebuilds the model's own method at the end; an embedding that came with a
+    checkpoint (not from the config) must come back with its values, not as a fresh one."""
+    from reid_lite.data import build_dataset
+    from reid_lite.engine.evaluator import evaluate
+
+    cfg = _dtem_cfg(FRESH=True)  # what each compared method is rebuilt from: a fresh seeded embedding
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg, 4, 2)
+    with torch.no_grad():
+        for p in learned_state_dict(model).values():
+            p.add_(1.0)  # as trained: unlike the fresh values the config would rebuild
+    trained = {k: v.clone() for k, v in learned_state_dict(model).items()}
+    dataset = build_dataset("market1501", data_root.parent, dataset_dir=data_root.name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ImageReadWarning)
+        evaluate(cfg, model, dataset, device="cpu", methods=["none", "dtem"], progress=False)
+    after = learned_state_dict(model)
+    assert set(after) == set(trained) and all(torch.equal(after[k], v) for k, v in trained.items())

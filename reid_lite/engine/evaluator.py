@@ -27,6 +27,7 @@ from torch import nn
 from ..data import build_test_loader
 from ..data.datasets import ReIDDataset
 from ..merging.budget import Calibration, CalibrationSource, setting_label
+from ..merging.learned import learned_reducers, learned_state_dict
 from ..metrics.rank import evaluate_rank
 from ..metrics.rerank import re_ranking
 from ..metrics.retrieval import evaluate_retrieval
@@ -269,6 +270,10 @@ def evaluate(cfg: Any, model: nn.Module, dataset: ReIDDataset, device: torch.dev
     kept: dict[str, tuple[Features, Features]] = {}
     skipped_paths: list[str] = []
     prepare_model(model, dev)  # device, eval mode and channels-last before the warm-up
+    # A learned merging loaded with a checkpoint (DTEM's embedding) is not in the config: --compare rebuilds the
+    # model's own method at the end, so its learned values are kept here and put back then.
+    own_learned = {k: v.detach().clone() for k, v in learned_state_dict(model).items()} if methods else {}
+    own_sources = {k: (r.weights_missing, r.weights_source) for k, r in learned_reducers(model).items()}
     try:
         for name in names:
             label = name or own
@@ -309,6 +314,10 @@ def evaluate(cfg: Any, model: nn.Module, dataset: ReIDDataset, device: torch.dev
     finally:
         if methods:
             apply_merging(model, _merge_section(cfg, own, _depth(model)), calibration, solutions.get(own))
+            if own_learned:
+                model.load_state_dict(own_learned, strict=False)
+                for key, reducer in learned_reducers(model).items():
+                    reducer.weights_missing, reducer.weights_source = own_sources[key]
     out: dict[str, Any] = {
         "rows": rows,
         "device": str(dev),
