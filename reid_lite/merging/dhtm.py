@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .base import TokenReducer, TokenState
 from .exportable import group_first, stable_ranks
-from .groups import check_weighting, compact_slots, fold_groups
+from .groups import LocalMerge, check_weighting, compact_slots, fold_groups
 from .knobs import count_knob
 from .ops import cosine_scores
 from .registry import MergeMethod, register_method
@@ -87,8 +87,10 @@ def dhtm_round(x: Tensor, state: TokenState, budget: Tensor) -> tuple[Tensor, Te
     return root, take.sum(dim=1)
 
 
-class DHTM(TokenReducer):
+class DHTM(LocalMerge):
     """DHTM for one block: `k` hierarchical merges of adjacent tokens in `rounds` vectorised rounds."""
+
+    k_key, unit = "MERGE.DHTM.K", "merges"
 
     needs_pos = True
 
@@ -97,15 +99,6 @@ class DHTM(TokenReducer):
             raise ValueError(f"MERGE.DHTM.K must be >= 0 and ROUNDS >= 1, got {k} and {rounds}")
         self.k, self.rounds = int(k), int(rounds)
         self.weighting = check_weighting(weighting, "MERGE.DHTM.WEIGHTING")
-
-    def num_out(self, num_tokens: int) -> int:
-        return num_tokens - min(self.k, (num_tokens - 1) // 2)
-
-    def check_tokens(self, num_tokens: int, block: int) -> None:
-        most = (num_tokens - 1) // 2
-        if self.k > most:
-            raise ValueError(f"MERGE.DHTM.K {self.k} is too large: block {block} receives {num_tokens} tokens "
-                             f"(the class token and {num_tokens - 1} patches) and can merge at most {most} merges")
 
     def matching_flops(self, num_tokens: int, dim: int, heads: int) -> int:
         k = num_tokens - self.num_out(num_tokens)

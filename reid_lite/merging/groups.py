@@ -12,10 +12,29 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import TokenState, take_tokens
+from .base import TokenReducer, TokenState, take_tokens
 from .exportable import stable_argsort
 
 WEIGHTINGS = ("mean", "size")
+
+
+class LocalMerge(TokenReducer):
+    """What LoTM and DHTM share: `k` merges per block, at most half of the patch tokens (each merge joins two
+    tokens), so the capacity is T - min(k, (T - 1) // 2); a larger `k` is an error naming `k_key`."""
+
+    k: int
+    k_key: str = "K"  # the config option named in errors, e.g. MERGE.LOTM.K
+    unit: str = "merges"  # what one merge is called in errors
+
+    def num_out(self, num_tokens: int) -> int:
+        return num_tokens - min(self.k, (num_tokens - 1) // 2)
+
+    def check_tokens(self, num_tokens: int, block: int) -> None:
+        most = (num_tokens - 1) // 2
+        if self.k > most:
+            raise ValueError(f"{self.k_key} {self.k} is too large: block {block} receives {num_tokens} tokens "
+                             f"(the class token and {num_tokens - 1} patches) and can merge at most {most} "
+                             f"{self.unit}")
 
 
 def fold_groups(x: Tensor, state: TokenState, root: Tensor, weighting: str = "size") -> Tensor:

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .base import TokenReducer, TokenState
 from .exportable import stable_ranks
-from .groups import check_weighting, compact_slots, fold_groups
+from .groups import LocalMerge, check_weighting, compact_slots, fold_groups
 from .knobs import count_knob
 from .registry import MergeMethod, register_method
 from .schedule import per_layer_k
@@ -43,22 +43,15 @@ def lotm_pairs(x: Tensor, k: int) -> Tensor:
     return root
 
 
-class LoTM(TokenReducer):
+class LoTM(LocalMerge):
     """LoTM for one block: merge `k` of the fixed adjacent pairs."""
+
+    k_key, unit = "MERGE.LOTM.K", "pairs"
 
     def __init__(self, k: int, weighting: str = "mean"):
         if k < 0:
             raise ValueError(f"MERGE.LOTM.K must be >= 0, got {k}")
         self.k, self.weighting = int(k), check_weighting(weighting, "MERGE.LOTM.WEIGHTING")
-
-    def num_out(self, num_tokens: int) -> int:
-        return num_tokens - min(self.k, (num_tokens - 1) // 2)
-
-    def check_tokens(self, num_tokens: int, block: int) -> None:
-        most = (num_tokens - 1) // 2
-        if self.k > most:
-            raise ValueError(f"MERGE.LOTM.K {self.k} is too large: block {block} receives {num_tokens} tokens "
-                             f"(the class token and {num_tokens - 1} patches) and can merge at most {most} pairs")
 
     def reduce(self, x: Tensor, keys: Tensor, cls_attn: Tensor | None, state: TokenState) -> Tensor:
         T = x.shape[1]
