@@ -26,6 +26,7 @@ from torch import nn
 
 from ..data import build_test_loader
 from ..data.datasets import ReIDDataset
+from ..merging import reducible_depth
 from ..merging.budget import Calibration, CalibrationSource, setting_label
 from ..merging.learned import learned_reducers, learned_state_dict
 from ..metrics.rank import evaluate_rank
@@ -167,10 +168,6 @@ def _merge_section(cfg: Any, method: str, depth: int) -> Any:
     return node
 
 
-def _depth(model: nn.Module) -> int:
-    return len(model.reducible_blocks) if hasattr(model, "reducible_blocks") else len(model.blocks)
-
-
 def _solve(cfg: Any, model: nn.Module, names: Sequence[str], calibration: CalibrationSource = None) -> dict[str, Any]:
     """{method: its budget solution (None without a budget)}, every method validated against cfg.MERGE and
     the model's depth (and its budget solved) before any extraction starts."""
@@ -178,7 +175,7 @@ def _solve(cfg: Any, model: nn.Module, names: Sequence[str], calibration: Calibr
 
     if not names:  # nothing to set up (an exported model runs the merging baked into its file)
         return {}
-    depth = _depth(model)
+    depth = reducible_depth(model)
     solutions = {}
     for name in names:
         node = _merge_section(cfg, name, depth)
@@ -204,7 +201,7 @@ def check_methods(cfg: Any, model: nn.Module, methods: Sequence[str],
     names = parse_methods(list(methods))
     _solve(cfg, model, names, calibration)
     if cfg.TEST.WEIGHT:
-        depth = _depth(model)
+        depth = reducible_depth(model)
         for name in names:
             check_learned_ready(build_reducers(_merge_section(cfg, name, depth), depth))
     return names
@@ -214,13 +211,7 @@ def _effective(model: nn.Module, calibration: Callable[[], Calibration], gflops:
     """Mean effective GFLOPs per calibration image when a reducer may leave slots empty, else `gflops`."""
     if not hasattr(model, "reducible_blocks") or not any(r.may_empty for r in model.reducers.values()):
         return gflops
-    from ..utils.flops import effective_gflops
-
-    c = calibration()
-    dev = next(model.parameters()).device
-    views = torch.zeros(len(c.images), dtype=torch.long, device=dev) if model.base.view_num else None
-    return effective_gflops(model, c.images.to(dev), None if c.cams is None or not model.base.cam_num
-                            else c.cams.to(dev), views)[0]
+    return calibration().effective_gflops(model)
 
 
 def evaluate(cfg: Any, model: nn.Module, dataset: ReIDDataset, device: torch.device | str | None = None,
@@ -278,7 +269,8 @@ def evaluate(cfg: Any, model: nn.Module, dataset: ReIDDataset, device: torch.dev
         for name in names:
             label = name or own
             if name is not None or solutions.get(label) is not None:
-                apply_merging(model, _merge_section(cfg, label, _depth(model)), calibration, solutions.get(label))
+                section = _merge_section(cfg, label, reducible_depth(model))
+                apply_merging(model, section, calibration, solutions.get(label))
             _warmup(model, cfg, dev)
             feats = extract_features(model, loader, device=dev, amp=cfg.TEST.AMP, flip=flip, feat_norm=feat_norm,
                                      progress=progress, desc=f"extract [{label}]")
@@ -313,7 +305,7 @@ def evaluate(cfg: Any, model: nn.Module, dataset: ReIDDataset, device: torch.dev
                 kept[label] = (query, gallery)
     finally:
         if methods:
-            apply_merging(model, _merge_section(cfg, own, _depth(model)), calibration, solutions.get(own))
+            apply_merging(model, _merge_section(cfg, own, reducible_depth(model)), calibration, solutions.get(own))
             if own_learned:
                 model.load_state_dict(own_learned, strict=False)
                 for key, reducer in learned_reducers(model).items():

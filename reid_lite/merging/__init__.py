@@ -70,6 +70,11 @@ def input_tokens(model: nn.Module) -> int:
     return int(embed.num_patches) + int(getattr(model, "num_prefix_tokens", 1))
 
 
+def reducible_depth(model: nn.Module) -> int:
+    """Blocks whose tokens may be reduced: a TransReID's own blocks (JPM's last block excluded), a timm ViT's."""
+    return len(model.reducible_blocks) if hasattr(model, "reducible_blocks") else len(model.blocks)
+
+
 def apply_merging(model: nn.Module, cfg: CfgNode, calibration: CalibrationSource = None,
                   solution: BudgetSolution | None = None) -> nn.Module:
     """Attach the token reduction that `cfg` (a MERGE section) describes; returns `model`.
@@ -87,7 +92,7 @@ def apply_merging(model: nn.Module, cfg: CfgNode, calibration: CalibrationSource
     method = get_method(cfg.METHOD)
     cfg_in = cfg
     is_transreid = hasattr(model, "reducible_blocks")
-    depth = len(model.reducible_blocks) if is_transreid else len(model.blocks)
+    depth = reducible_depth(model)
     num_tokens = input_tokens(model)
     if cfg.TARGET_GFLOPS <= 0:
         solution = None
@@ -152,6 +157,7 @@ __all__ = [
     "option_names",
     "parse_methods",
     "per_layer_r",
+    "reducible_depth",
     "reduction_schedule",
     "register_method",
     "token_counts",

@@ -49,6 +49,16 @@ class Calibration:
         """JSON-ready: the source, the number of images and their paths (when they are files)."""
         return {"source": self.source, "images": int(self.images.shape[0]), "paths": list(self.paths)}
 
+    def effective_gflops(self, model: nn.Module) -> float:
+        """Mean effective GFLOPs per image of `model` (a TransReID, with the reducers it has now) over these
+        images, on the model's device (cameras only where its SIE uses them, view 0 for view SIE)."""
+        from ..utils.flops import effective_gflops
+
+        dev = next(model.parameters()).device
+        cams = self.cams.to(dev) if self.cams is not None and model.base.cam_num else None
+        views = torch.zeros(len(self.images), dtype=torch.long, device=dev) if model.base.view_num else None
+        return effective_gflops(model, self.images.to(dev), cam_label=cams, view_label=views)[0]
+
 
 @dataclass
 class BudgetSolution:
@@ -217,7 +227,7 @@ def solve_budget(model: nn.Module, merge: CfgNode, target: float, calibration: C
     depends on the image. The model's reducers are restored afterwards. Raises ValueError for a method
     without a knob and `schedule.BudgetError` (naming the reachable range) for a budget out of reach.
     """
-    from ..utils.flops import effective_gflops, transreid_gflops
+    from ..utils.flops import transreid_gflops
 
     space = KnobSpace(model, merge)
     name = space.method.name
@@ -241,11 +251,7 @@ def solve_budget(model: nn.Module, merge: CfgNode, target: float, calibration: C
                                          "which depend on the images: pass calibration images")
                     calib.append(calibration() if callable(calibration) else calibration)
                 model.set_reducers(reducers, space.prop_attn)
-                c = calib[0]
-                dev = next(model.parameters()).device
-                cams = c.cams.to(dev) if c.cams is not None else None
-                views = torch.zeros(len(c.images), dtype=torch.long, device=dev) if model.base.view_num else None
-                effective = effective_gflops(model, c.images.to(dev), cam_label=cams, view_label=views)[0]
+                effective = calib[0].effective_gflops(model)
             costs[value] = (capacity, effective, image_dependent)
         return costs[value][1]
 
