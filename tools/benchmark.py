@@ -42,7 +42,7 @@ import torch
 from reid_lite import build_model, load_cfg
 from reid_lite.deploy.latency import measure_latency
 from reid_lite.merging import get_method, method_names
-from reid_lite.merging.budget import resolve_budget, setting_label
+from reid_lite.merging.budget import budget_label, resolve_budget
 from reid_lite.utils.cli import USER_ERRORS, error_text
 from reid_lite.utils.flops import effective_gflops, fvcore_gflops, transreid_gflops
 
@@ -180,8 +180,7 @@ def table(results: list[dict]) -> str:
         if r["effective_gflops"] != r["gflops"]:
             gflops += f" (eff. {r['effective_gflops']:.2f})"
         fvcore = "-" if r.get("fvcore_gflops") is None else f"{r['fvcore_gflops']:.2f}"
-        b = r.get("budget")
-        setting = f"{setting_label(b['setting'])} ({b['error']:+.2%})" if b else "-"
+        setting = budget_label(r.get("budget"))
         lines.append(f"| {r['method']} | {r['backend']} | {r['batch_size']} | {gflops} | {fvcore} | "
                      f"{r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['images_per_s']:.1f} | "
                      f"{r.get('speedup_vs_none', float('nan')):.2f}x | {setting} |")

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ..utils.table import markdown_table
 from .evaluator import evaluate_features
 from .extractor import Features
 
@@ -63,11 +64,4 @@ def format_pairings(rows: Sequence[dict[str, Any]]) -> str:
         d1 = "-" if base is None or r is base else f"{(r['rank1'] - base['rank1']) * 100:+.1f}"
         dm = "-" if base is None or r is base else f"{(r['mAP'] - base['mAP']) * 100:+.1f}"
         body.append([r["gallery"], r["query"], *(f"{r[k]:.1%}" for k in ("rank1", "rank5", "mAP", "mINP")), d1, dm])
-    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) if i < 2 else c.rjust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
-
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(head), rule, *(line(b) for b in body)])
+    return markdown_table(head, body, left=(0, 1))

@@ -27,13 +27,14 @@ from torch import nn
 from ..data import build_test_loader
 from ..data.datasets import ReIDDataset
 from ..merging import reducible_depth
-from ..merging.budget import Calibration, CalibrationSource, setting_label
+from ..merging.budget import Calibration, CalibrationSource, budget_label
 from ..merging.learned import learned_reducers, learned_state_dict
 from ..metrics.rank import evaluate_rank
 from ..metrics.rerank import re_ranking
 from ..metrics.retrieval import evaluate_retrieval
 from ..models import check_input_size
 from ..utils.device import autocast, resolve_device
+from ..utils.table import markdown_table
 from .extractor import Features, extract_features, prepare_model
 
 logger = logging.getLogger(__name__)
@@ -347,15 +348,9 @@ def format_table(results: dict[str, Any]) -> str:
                 cells.append(fmt.format(value))
         if budgeted:
             b = row.get("budget")
-            cells.append("-" if not b else f"{setting_label(b['setting'])} ({b['error']:+.2%})")
+            cells.append(budget_label(b))
         body.append(cells)
-    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.rjust(w) if 0 < i < len(_COLUMNS) else c.ljust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
-
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    table = markdown_table(head, body, left=(0, len(_COLUMNS)))  # the method and the setting; numbers right
     dims = sorted({r["feature_dim"] for r in rows})
     footer = (f"device: {results['device']} ({results.get('device_name', '')}) | "
               f"query {rows[0]['num_query'] if rows else 0}, gallery {rows[0]['num_gallery'] if rows else 0} | "
@@ -371,4 +366,4 @@ def format_table(results: dict[str, Any]) -> str:
         footer += "\nskipped (unreadable): " + ", ".join(results["skipped_paths"][:5])
         if results["skipped"] > 5:
             footer += f", ... ({results['skipped'] - 5} more)"
-    return "\n".join([line(head), rule, *(line(r) for r in body), footer])
+    return table + "\n" + footer

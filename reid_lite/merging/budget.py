@@ -118,6 +118,11 @@ def setting_label(setting: dict[str, Any]) -> str:
                      for k, v in setting.items() if v != [])
 
 
+def budget_label(record: dict[str, Any] | None) -> str:
+    """A solved budget's table cell from its record (`BudgetSolution.to_dict`): 'R=8 (-0.31%)'; '-' for None."""
+    return "-" if not record else f"{setting_label(record['setting'])} ({record['error']:+.2%})"
+
+
 CalibrationSource = Calibration | Callable[[], Calibration] | None
 
 
