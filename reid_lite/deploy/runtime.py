@@ -11,7 +11,6 @@ features, so feature extraction, `tools/test.py` and the gallery use it unchange
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from ..utils.files import sha256_file
 
 #: MODEL.BACKEND values.
 BACKENDS = ("torch", "onnxruntime", "openvino")
@@ -28,15 +29,6 @@ METADATA_KEY = "reid_lite"
 
 class DeployError(RuntimeError):
     """An exported model cannot be used as configured (missing file, foreign file, config mismatch)."""
-
-
-def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -62,7 +54,7 @@ class RuntimeModel(nn.Module):
         super().__init__()
         self.path = Path(path)
         self.meta = read_metadata(self.path)
-        self.digest = sha256_of(self.path)
+        self.digest = sha256_file(self.path)
         self.threads = int(threads)
         cam = self.meta["inputs"].get("camera")
         view = self.meta["inputs"].get("view")
@@ -205,7 +197,7 @@ def load_runtime_model(cfg: Any, threads: int = 0) -> RuntimeModel:
     meta = read_metadata(cfg.MODEL.ONNX_PATH)
     problems = config_mismatches(meta, cfg)
     if cfg.TEST.WEIGHT:
-        weights = "sha256:" + sha256_of(cfg.TEST.WEIGHT)
+        weights = "sha256:" + sha256_file(cfg.TEST.WEIGHT)
         if meta["fingerprint"]["weights"] != weights:
             problems.append(f"TEST.WEIGHT {cfg.TEST.WEIGHT} is not the checkpoint the file was exported from "
                             f"({meta['fingerprint']['weights']})")

@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .storage import FingerprintMismatch, sha256_file
+from ..utils.files import sha256_file
+from .storage import FingerprintMismatch
 
 __all__ = ["QUERY_COMPAT", "accepts_merged_queries", "allow_merged_queries", "check_fingerprint",
            "check_query_fingerprint", "checkpoint_path", "fingerprint_digest", "gallery_space", "model_digest",

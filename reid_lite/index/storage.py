@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..utils.files import sha256_file
+
 if TYPE_CHECKING:
     from .vector_index import VectorIndex
 
@@ -36,7 +38,7 @@ __all__ = [
     "CURRENT", "FORMAT", "KEEP_GENERATIONS", "LOCK", "SEGMENTS", "STAGES",
     "FingerprintMismatch", "GalleryCorrupt", "GalleryError", "GalleryLocked", "WriteLock",
     "LOCK_MESSAGE_SECONDS", "all_generations", "collect_garbage", "current_generation", "discard_unpublished",
-    "generation_name", "publish_generation", "read_current", "recover_current", "sha256_file",
+    "generation_name", "publish_generation", "read_current", "recover_current",
     "StageCallback", "verify_generation", "write_segment",
 ]
 
@@ -77,15 +79,6 @@ class FingerprintMismatch(GalleryError):
 
 
 # ============================================================================ files
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_file(path: Path) -> None:
