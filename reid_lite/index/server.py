@@ -67,9 +67,7 @@ def _error(status: int, message: str) -> JSONResponse:
 
 def _hit(h: SearchHit) -> dict[str, Any]:
     # The file's location on the server is not part of the answer: a crop is its id (and its base name).
-    return {"rank": h.rank, "id": h.id, "score": h.score, "camid": h.camid, "timestamp": h.timestamp,
-            "timestamp_raw": h.timestamp_raw, "identity": h.identity, "track": h.track, "name": Path(h.path).name,
-            "thumbnail": f"/api/crops/{h.id}/thumbnail", "likely": h.likely}
+    return {"rank": h.rank, "id": h.id, "score": h.score, **_hit_meta(h), "likely": h.likely}
 
 
 def _calibration(entry: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -255,7 +253,9 @@ def create_app(gallery: str | os.PathLike | LiveGallery, *, allow_add: bool = Fa
     return app
 
 
-def _hit_meta(rec: CropRecord) -> dict[str, Any]:
+def _hit_meta(rec: CropRecord | SearchHit) -> dict[str, Any]:
+    """What the API tells of a stored crop (a record or a search hit): camera, time, identity, track, base
+    name and thumbnail URL."""
     return {"camid": rec.camid, "timestamp": rec.timestamp, "timestamp_raw": rec.timestamp_raw,
             "identity": rec.identity, "track": rec.track, "name": Path(rec.path).name,
             "thumbnail": f"/api/crops/{rec.id}/thumbnail"}
