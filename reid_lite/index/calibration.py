@@ -65,9 +65,8 @@ def validate_calibration(record: Any) -> list[dict[str, Any]]:
             if not isinstance(e.get(key), str) or not _DIGEST.match(e[key]):
                 raise ValueError(f"entry {i}: {key} is not a sha256 digest")
         for key in _UNIT_FIELDS:
-            v = e.get(key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
-                raise ValueError(f"entry {i}: {key} {v!r} is not in [0, 1]")
+            if not _unit_or_none(e.get(key), allow_none=False):
+                raise ValueError(f"entry {i}: {key} {e.get(key)!r} is not in [0, 1]")
         for key in _COUNT_FIELDS:
             if isinstance(e.get(key), bool) or not isinstance(e.get(key), int) or e[key] < 0:
                 raise ValueError(f"entry {i}: {key} is not a count")
@@ -81,6 +80,7 @@ def validate_calibration(record: Any) -> list[dict[str, Any]]:
 
 
 def _unit_or_none(v: Any, allow_none: bool = True) -> bool:
+    """Whether `v` is a number in [0, 1] (or None, when `allow_none`)."""
     if v is None:
         return allow_none
     return not isinstance(v, bool) and isinstance(v, (int, float)) and 0.0 <= v <= 1.0
