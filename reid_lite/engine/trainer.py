@@ -33,6 +33,7 @@ from ..config import get_cfg
 from ..data import ReIDDataset, build_dataset_from_cfg, build_train_loader, sie_counts
 from ..merging import check_learned_ready, learned_state_dict
 from ..merging.dtem import trains_embedding_only
+from ..merging.learned import learned_reducers
 from ..models import build_model
 from ..utils.device import AMP_CHOICES, resolve_device
 from .distributed import (
@@ -301,12 +302,11 @@ def train(cfg: Any, dataset: ReIDDataset | None = None, device: torch.device | s
     return result
 
 
-
 def freeze_all_but_learned_reducers(model: nn.Module) -> None:
     """DTEM's modular training: only the learned reducers' parameters train; every other parameter is frozen
     and every other module stays in eval mode while training (`TransReID.reducers_only`). ValueError when
     the model has no learned reducer or its embedding is pending (say MERGE.DTEM.FRESH or WEIGHTS)."""
-    reducers = {i: r for i, r in model.reducers.items() if isinstance(r, nn.Module)}
+    reducers = learned_reducers(model)
     if not reducers:
         raise ValueError("MERGE.DTEM.TRAIN_EMBEDDING_ONLY: the model has no DTEM reducers (MERGE.LAYERS empty?)")
     check_learned_ready(reducers)
