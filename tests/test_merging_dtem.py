@@ -11,11 +11,12 @@ import pytest
 import torch
 from conftest import load_tool, small_tool_yaml, tiny_cfg, tiny_train_cfg
 
+from reid_lite.build import build_model, build_model_for_checkpoint
 from reid_lite.config import load_cfg
 from reid_lite.data import ImageReadWarning
 from reid_lite.merging import DTEM, TokenState, learned_state_dict
 from reid_lite.merging.dtem import hard_assignment, soft_bipartite_assignment, soft_merge
-from reid_lite.models import CheckpointError, build_model, build_model_for_checkpoint
+from reid_lite.models import CheckpointError
 from reid_lite.models.vit import Block
 
 NEG = -math.inf
@@ -221,7 +222,7 @@ def test_a_timm_vit_takes_dtem_and_gives_it_back():
 
 @pytest.mark.parametrize("hidden", [0, 8])
 def test_analytic_flops_count_the_embedding_as_fvcore_does(hidden):
-    from reid_lite.utils.flops import fvcore_gflops, transreid_gflops
+    from reid_lite.compress.flops import fvcore_gflops, transreid_gflops
 
     model = build_model(_dtem_cfg(FRESH=True, DIM=16, HIDDEN=hidden), 5, 3).eval()
     tome = build_model(tiny_cfg(depth=3, method="tome", r=4), 5, 3).eval()

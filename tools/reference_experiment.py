@@ -41,12 +41,12 @@ from typing import Any
 
 import torch
 
+from reid_lite.cli import USER_ERRORS, cli_error
 from reid_lite.config import get_cfg
 from reid_lite.data import ReIDDataset, build_dataset_from_cfg
 from reid_lite.engine.evaluator import evaluate, format_table, model_gflops
 from reid_lite.engine.trainer import check_training_cfg, train
 from reid_lite.merging import get_method, method_names
-from reid_lite.utils.cli import USER_ERRORS, cli_error
 
 REPO = Path(__file__).resolve().parents[1]
 # ../shared/data/cuhk03 beside the checkout (or beside the folder of worktrees that holds it).

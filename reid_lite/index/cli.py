@@ -23,7 +23,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..config import load_cfg
+from ..utils.checkpoint_file import CheckpointError
 from .gallery import Gallery, GalleryError, IndexParams
+from .server import serve
 from .sheet import write_sheet
 from .storage import read_current
 
@@ -66,8 +69,6 @@ def _read_list(path: str | None) -> list[str]:
 
 def config_from_args(args: argparse.Namespace) -> Any:
     """The config of `--config` with `--opts`, `--weights` and `--device` applied (frozen)."""
-    from ..config import load_cfg
-
     opts = list(args.opts or [])
     if getattr(args, "weights", None):
         opts += ["TEST.WEIGHT", args.weights]
@@ -352,8 +353,6 @@ def _cmd_recover(args: argparse.Namespace) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
-    from .server import serve
-
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         warnings.warn(f"listening on {args.host}: anyone who can reach it can search the gallery and see its crops "
                       "(there is no authentication)", stacklevel=1)
@@ -379,8 +378,6 @@ def _interrupted(args: argparse.Namespace) -> str:
 def run_command(prefix: str, command: Callable[[], None], interrupted: Callable[[], str]) -> int:
     """Run `command`: an ordinary mistake becomes one line on stderr and exit status 2, Ctrl-C the line
     `interrupted()` and 130, a warning one line (not Python's file:line and source echo)."""
-    from ..models.checkpoint import CheckpointError
-
     with warnings.catch_warnings():
         warnings.showwarning = lambda message, category, *a, **k: print(f"{prefix}: warning: {message}",
                                                                          file=sys.stderr)

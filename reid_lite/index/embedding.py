@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data import ImageDataset, ReIDCollate, build_transforms
+from ..engine.extractor import FeatureExtractor, extract_features
 from .fingerprint import check_fingerprint, check_query_fingerprint, gallery_space, model_fingerprint
 from .storage import FingerprintMismatch, StageCallback
 from .store import CropRecord, MetadataStore
@@ -137,9 +139,6 @@ class GalleryModel:
         fingerprint (default: the gallery's)."""
         from torch.utils.data import DataLoader
 
-        from ..data import ImageDataset, ReIDCollate, build_transforms
-        from ..engine.extractor import extract_features
-
         ext = extractor or self.extractor()
         cfg = ext.cfg
         sie = bool(self.fingerprint["architecture"]["sie_camera"])
@@ -159,8 +158,6 @@ class GalleryModel:
 def build_extractor(cfg: Any, camera_num: int, device: str | None, model: torch.nn.Module | None) -> Any:
     """FeatureExtractor for `cfg`; random initialisation is seeded (SOLVER.SEED) so that every process
     building the same gallery model gets the same weights, without touching the global RNG."""
-    from ..engine.extractor import FeatureExtractor
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(cfg.SOLVER.SEED))
         return FeatureExtractor(cfg, model=model, weights=cfg.TEST.WEIGHT or None,

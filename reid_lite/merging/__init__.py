@@ -15,7 +15,6 @@ from yacs.config import CfgNode
 from . import registry, tome, evit, stm, atm, lotm, dhtm, dtem  # noqa: F401
 # isort: on
 from .base import BipartiteMerge, TokenReducer, TokenState, bipartite_match, mask_invalid
-from .budget import BudgetSolution, Calibration, CalibrationSource, budget_merge, parse_budget, solve_budget
 from .dtem import DTEM
 from .evit import EViT
 from .knobs import BudgetKnob, count_knob, option_knob
@@ -24,6 +23,7 @@ from .registry import (
     MergeMethod,
     get_method,
     load_plugins,
+    merge_section,
     method_fingerprint,
     method_names,
     option_key,
@@ -43,6 +43,7 @@ from .schedule import (
     token_counts,
 )
 from .stm import STM
+from .timm_vit import patch_timm_vit
 from .tome import ToMe
 
 
@@ -53,10 +54,8 @@ def merge_cfg(method: str = "stm", r: int = 8, **options) -> CfgNode:
     `plugins`); method options as `<method>_<key>` (e.g. `stm_alpha=0.1`, `stm_coords='tracked'`,
     `evit_keep_rate=0.7`).
     """
-    from ..config import get_cfg
-
     load_plugins(list(options.get("plugins", [])))
-    cfg = get_cfg().MERGE
+    cfg = merge_section()
     cfg.METHOD, cfg.R = get_method(method).name, r
     for key, value in options.items():
         node, name = option_key(cfg, key)
@@ -75,33 +74,22 @@ def reducible_depth(model: nn.Module) -> int:
     return len(model.reducible_blocks) if hasattr(model, "reducible_blocks") else len(model.blocks)
 
 
-def apply_merging(model: nn.Module, cfg: CfgNode, calibration: CalibrationSource = None,
-                  solution: BudgetSolution | None = None) -> nn.Module:
+def apply_merging(model: nn.Module, cfg: CfgNode) -> nn.Module:
     """Attach the token reduction that `cfg` (a MERGE section) describes; returns `model`.
 
-    Works on reid_lite's `TransReID` and on timm `VisionTransformer`s. With MERGE.TARGET_GFLOPS > 0
-    (TransReID only, methods that declare a `gflops_knob`) the method's knob is set to meet that budget
-    (`budget.solve_budget`): the solution is `model.merge_budget`, its MERGE keys `model.merge_setting`, and
-    a constant r also `model.merge_r`.
-    `calibration` (a `budget.Calibration` or a function returning one) is needed only when the method's
-    cost depends on the image (effective GFLOPs); `build_model` passes synthetic pedestrians, and loading a
-    checkpoint solves such a budget again for the new weights (`budget.refresh_budget`). `solution`:
-    the budget already solved for this model and section (`solve_budget`), so the search is not repeated.
+    Works on reid_lite's `TransReID` and on timm `VisionTransformer`s. A GFLOPs budget (MERGE.TARGET_GFLOPS > 0)
+    is solved above the models: `reid_lite.compress.merge_with_budget` solves it and calls this with the
+    solved setting; here it is refused. On a TransReID the budget records (`merge_budget`, `merge_r`,
+    `merge_setting`) are cleared: the reducers attached are exactly the section's.
     """
     load_plugins(list(cfg.get("PLUGINS", [])))
     method = get_method(cfg.METHOD)
-    cfg_in = cfg
+    if cfg.TARGET_GFLOPS > 0:
+        raise ValueError("MERGE.TARGET_GFLOPS is solved by reid_lite.compress.merge_with_budget (or build_model), "
+                         "not by reid_lite.merging.apply_merging")
     is_transreid = hasattr(model, "reducible_blocks")
     depth = reducible_depth(model)
     num_tokens = input_tokens(model)
-    if cfg.TARGET_GFLOPS <= 0:
-        solution = None
-    else:
-        if not is_transreid:
-            raise ValueError("MERGE.TARGET_GFLOPS is supported for TransReID models")
-        if solution is None:
-            solution = solve_budget(model, cfg, float(cfg.TARGET_GFLOPS), calibration)
-        cfg = budget_merge(cfg, solution)
     # Only a head that reads the class token alone allows a class-token-only last block (never JPM).
     cls_head = not is_transreid or not model.jpm
     reducers = build_reducers(cfg, depth, None, num_tokens, cls_head=cls_head)
@@ -109,14 +97,8 @@ def apply_merging(model: nn.Module, cfg: CfgNode, calibration: CalibrationSource
     if is_transreid:
         model.set_reducers(reducers, prop_attn)
         model.trace_source = bool(cfg.TRACE_SOURCE)
-        model.merge_budget = solution
-        model.merge_r = solution.constant_r if solution is not None else None
-        model.merge_setting = solution.setting if solution is not None else None  # the gallery fingerprint's
-        # What an effective-GFLOPs budget is solved from, to solve it again for new weights (`refresh_budget`).
-        model.merge_budget_inputs = (cfg_in, calibration) if solution is not None else None
+        model.merge_budget = model.merge_r = model.merge_setting = model.merge_budget_inputs = None
         return model
-    from .timm_vit import patch_timm_vit
-
     return patch_timm_vit(model, reducers, prop_attn)
 
 
@@ -124,15 +106,10 @@ __all__ = [
     "BipartiteMerge",
     "BudgetError",
     "BudgetKnob",
-    "BudgetSolution",
-    "Calibration",
     "DTEM",
-    "budget_merge",
     "count_knob",
     "option_knob",
-    "parse_budget",
     "search_knob",
-    "solve_budget",
     "EViT",
     "MergeMethod",
     "STM",
@@ -149,6 +126,7 @@ __all__ = [
     "learned_state_dict",
     "largest_r",
     "load_plugins",
+    "merge_section",
     "mask_invalid",
     "merge_cfg",
     "method_fingerprint",

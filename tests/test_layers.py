@@ -1,0 +1,151 @@
+"""The package's dependency order, checked on the source (every import statement, wherever it stands).
+
+    utils < merging < config < models < data | metrics < compress < build < deploy < engine < index
+          < integrations | cli                                     (tools/ and tests/ sit on top)
+
+A module imports its own package and the layers below it; packages that share a layer do not import
+each other. Imports of the package's own modules stand at the top of a module, never inside a function,
+so that this order is the whole truth (a function-local import hid a cycle through 31 modules once).
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "reid_lite"
+
+#: Bottom to top; the names in one entry share a layer.
+LAYERS: list[tuple[str, ...]] = [
+    ("utils",),
+    ("merging",),
+    ("config",),
+    ("models",),
+    ("data", "metrics"),
+    ("compress",),
+    ("build",),
+    ("deploy",),
+    ("engine",),
+    ("index",),
+    ("integrations", "cli"),
+]
+RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
+
+#: Project modules that need an optional extra (a dependency outside install_requires) and so may be imported
+#: inside the function that needs them. Each entry names the extra.
+OPTIONAL_EXTRA_MODULES: dict[str, str] = {
+    "reid_lite.integrations.torchreid": "torchreid",
+}
+
+
+def module_name(path: Path, root: Path = ROOT) -> str:
+    """'reid_lite.merging.stm' for reid_lite/merging/stm.py ('reid_lite.merging' for its __init__.py)."""
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path, node: ast.Import | ast.ImportFrom, root: Path = ROOT) -> list[str]:
+    """The reid_lite modules an import statement of `path` names (relative imports resolved)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names if a.name.split(".")[0] == "reid_lite"]
+    if node.level:
+        base = module_name(path, root).split(".")
+        if path.name != "__init__.py":
+            base = base[:-1]
+        base = base[: len(base) - (node.level - 1)]
+        target = ".".join(base + ([node.module] if node.module else []))
+    else:
+        target = node.module or ""
+    return [target] if target.split(".")[0] == "reid_lite" else []
+
+
+def layer_of(module: str) -> str | None:
+    """The layer name of a reid_lite module ('merging' for reid_lite.merging.stm); None for the package root."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def package_files() -> list[Path]:
+    return sorted(PACKAGE.rglob("*.py"))
+
+
+def layer_violations(files: list[Path], root: Path = ROOT) -> list[str]:
+    """'a -> b' for every import of a higher layer or of a package sharing the importer's layer."""
+    bad = []
+    for path in files:
+        own = layer_of(module_name(path, root))
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            for target in imported_modules(path, node, root):
+                other = layer_of(target)
+                if own is None or other is None or other == own:
+                    continue
+                if RANK[other] >= RANK[own]:
+                    bad.append(f"{path.relative_to(root)}:{node.lineno}: {own} imports {target} ({other} is not below)")
+    return bad
+
+
+def function_local_imports(files: list[Path], root: Path = ROOT) -> list[str]:
+    """Imports of the project's own modules inside a function body (optional extras excepted)."""
+    bad = []
+    for path in files:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for func in ast.walk(tree):
+            if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(func):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    bad += [f"{path.relative_to(root)}:{node.lineno}: {target} inside {func.name}()"
+                            for target in imported_modules(path, node, root)
+                            if not any(target == m or target.startswith(m + ".") for m in OPTIONAL_EXTRA_MODULES)]
+    return sorted(set(bad))
+
+
+def test_every_package_has_a_layer():
+    packages = {layer_of(module_name(p)) for p in package_files()} - {None}
+    assert packages == set(RANK), f"packages without a layer: {packages - set(RANK)}; layers without a package: " \
+                                  f"{set(RANK) - packages}"
+
+
+def test_modules_import_only_lower_layers():
+    assert not layer_violations(package_files())
+
+
+def test_no_function_local_imports_of_the_project():
+    files = [*package_files(), *sorted((ROOT / "tools").glob("*.py"))]
+    assert not function_local_imports(files)
+
+
+def test_the_checks_see_a_violation(tmp_path):
+    """The two checks fail on a module that breaks them (guards against a check that passes vacuously)."""
+    fake = tmp_path / "reid_lite" / "merging" / "probe.py"
+    fake.parent.mkdir(parents=True)
+    source = "from ..engine import evaluator\n\n\ndef late():\n    from ..utils import device\n    return device\n"
+    fake.write_text(source, encoding="utf-8")
+    assert layer_violations([fake], tmp_path) == [
+        "reid_lite/merging/probe.py:1: merging imports reid_lite.engine (engine is not below)"]
+    assert function_local_imports([fake], tmp_path) == ["reid_lite/merging/probe.py:5: reid_lite.utils inside late()"]
+
+
+def loaded_project_modules(statement: str) -> list[str]:
+    """The reid_lite modules a fresh interpreter has loaded after `statement`."""
+    code = f"{statement}\nimport sys\nprint('\\n'.join(sorted(m for m in sys.modules if m.startswith('reid_lite'))))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+@pytest.mark.parametrize("package, allowed", [
+    ("reid_lite.metrics", {"metrics"}),
+    ("reid_lite.merging", {"merging", "utils"}),
+])
+def test_a_library_import_loads_its_own_layers_only(package, allowed):
+    loaded = loaded_project_modules(f"import {package}")
+    layers = {layer_of(m) for m in loaded} - {None}
+    assert layers == allowed, loaded
+    assert not [m for m in loaded if layer_of(m) in ("index", "deploy", "engine", "build", "config")]
