@@ -149,3 +149,38 @@ def test_a_library_import_loads_its_own_layers_only(package, allowed):
     layers = {layer_of(m) for m in loaded} - {None}
     assert layers == allowed, loaded
     assert not [m for m in loaded if layer_of(m) in ("index", "deploy", "engine", "build", "config")]
+
+
+def test_the_vector_index_imports_nothing_of_the_project():
+    """`index/vector_index.py` is a generic faiss wrapper (evaluation uses it too): no gallery errors, no gallery
+    files; the gallery's storage reads and writes its segments and turns its errors into gallery errors."""
+    path = PACKAGE / "index" / "vector_index.py"
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    nodes = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert not [t for n in nodes for t in imported_modules(path, n)]
+
+
+def test_no_private_attribute_is_shared_across_files():
+    """A `_name` attribute is read or written in one file only: what another file needs gets a public face
+    (the gallery's search columns are `MetadataStore.columns()`, not a `_columns` three mixins share)."""
+    files_of: dict[str, set[str]] = {}
+    for path in package_files():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                files_of.setdefault(node.attr, set()).add(str(path.relative_to(ROOT)))
+    assert not {name: sorted(files) for name, files in files_of.items() if len(files) > 1}
+
+
+#: What the gallery's operations may take from `index/storage.py`: its errors and the types of the storage
+#: interface; the directory layout itself (CURRENT, gen-N folders, segments, the lock) stays behind
+#: `DirectoryStorage`, so that another backend is another `GalleryStorage` class.
+STORAGE_NAMES_FOR_OPERATIONS = {"FingerprintMismatch", "GalleryCorrupt", "GalleryError", "GalleryLocked",
+                                "StageCallback", "StagedGeneration"}
+
+
+@pytest.mark.parametrize("module", ["writes.py", "querying.py", "calibration.py", "embedding.py"])
+def test_gallery_operations_reach_the_directory_through_the_storage_interface(module):
+    path = PACKAGE / "index" / module
+    taken = {a.name for n in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+             if isinstance(n, ast.ImportFrom) and n.module == "storage" and n.level == 1 for a in n.names}
+    assert taken <= STORAGE_NAMES_FOR_OPERATIONS, taken - STORAGE_NAMES_FOR_OPERATIONS
