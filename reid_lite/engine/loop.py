@@ -121,6 +121,7 @@ def do_train(
     state_every_steps: int = 0,
     progress: bool = False,
     tensorboard: bool = True,
+    distill: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Run the epochs of SOLVER.MAX_EPOCHS not yet done and return what was saved.
 
@@ -141,6 +142,11 @@ def do_train(
     `resume` is a state from `load_train_state`: training continues at its position with its random
     states, bit-identical to a run that was never interrupted (same process count). `stop_after_steps`
     > 0 stops after that many steps of this call, leaving a resumable state (preemptible jobs, tests).
+    `distill(features, indices)`, when given, adds a distillation term (`teacher.similarity_distillation`)
+    computed from the batch's features and its images' record indices.
+
+    The learning rate is set per step during warm-up (`scheduler.step_within`): a one-epoch warm-up then
+    ramps over that epoch's iterations instead of running the whole epoch at the initial rate.
     """
     from tqdm.auto import tqdm
 
@@ -227,6 +233,8 @@ def do_train(
             img = batch.images.to(dev, non_blocking=True)
             target = batch.pids.to(dev, non_blocking=True)
             cams, views = batch.camids.to(dev, non_blocking=True), batch.viewids.to(dev, non_blocking=True)
+            if scheduler.in_warmup(epoch):
+                scheduler.step_within(epoch, n_iter / max(n_iters, 1))
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type=dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 score, feat = net(img, target, cam_label=cams, view_label=views)
@@ -235,6 +243,8 @@ def do_train(
             score = [s.float() for s in score] if isinstance(score, list) else score.float()
             feat = [f.float() for f in feat] if isinstance(feat, list) else feat.float()
             loss = loss_fn(score, feat, target)
+            if distill is not None:
+                loss = loss + distill(feat, gather_labels(batch.indices.to(dev, non_blocking=True)))
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
