@@ -296,6 +296,9 @@ STM_ABLATION: list[tuple[str, dict[str, Any]]] = [
     ("d2 = 1/10", {"DELTA2": 0.1}),
     ("d2 = 1/5", {"DELTA2": 0.2}),
 ]
+#: Methods merging in a few chosen layers (MERGE.<NAME>.LAYERS); at a budget those cannot meet, they merge in
+#: every block that ToMe and STM-ReID merge in, and the row says so.
+LAYERED_METHODS = ("LOTM", "DHTM")
 #: Epochs of DTEM's modular training (backbone frozen) per preset, and its learning rate (the demo's).
 DTEM_EPOCHS = {"gpu": 5, "cpu": 1, "tiny": 1}
 DTEM_LR = 5e-3
@@ -401,7 +404,8 @@ def result_row(row: dict[str, Any], per_q: dict[str, Any], draws: Any, ratio: fl
     target = None if ratio is None else ratio * base
     cost = row.get("effective_gflops") or row["gflops"]
     return {
-        "method": row["method"], "budget_ratio": ratio, "target_gflops": target, "gflops": row["gflops"],
+        "method": row["method"], **({"layers": row["layers"]} if "layers" in row else {}),
+        "budget_ratio": ratio, "target_gflops": target, "gflops": row["gflops"],
         "effective_gflops": row.get("effective_gflops"),
         "matched": target is None or abs(cost - target) <= tol * target + 1e-9,
         "setting": budget_label(row.get("budget")) if row.get("budget") else None,
@@ -469,7 +473,8 @@ def markdown_summary(rows: list[dict[str, Any]], ablation: list[dict[str, Any]])
         cost = r.get("effective_gflops") or r["gflops"]
         body.append([r["method"], "-" if r["budget_ratio"] is None else f"{r['budget_ratio']:.0%}", f"{cost:.3f}",
                      f"{r['images_per_second']:.1f}", f"{pct(r['rank1'])} {ci(r['rank1_ci95'])}",
-                     f"{pct(r['mAP'])} {ci(r['mAP_ci95'])}", pct(r["mINP"]), r.get("setting") or "-",
+                     f"{pct(r['mAP'])} {ci(r['mAP_ci95'])}", pct(r["mINP"]),
+                     (r.get("setting") or "-") + (" (every block)" if "layers" in r else ""),
                      diff(r.get("vs_tome"), "rank1"), diff(r.get("vs_tome"), "mAP"), diff(r.get("vs_none"), "mAP")])
     text = markdown_table(head, body, left=(0, 7)) + "\n"
     if ablation:
@@ -505,6 +510,12 @@ def evaluate_stage(args: argparse.Namespace, cfg: Any, dataset: ReIDDataset, spl
         for name in [m for m in methods if m != "none"]:
             extra = {"DTEM": {"WEIGHTS": dtem["weights"]}} if name == "dtem" and dtem else {}
             row, per_q = run_method(method_cfg(cfg, ratio, base, **extra), model, test, name, progress)
+            if per_q is None and name.upper() in LAYERED_METHODS:
+                # The paper's three layers cannot remove that much: its all-layers variant (DHTM's paper has one).
+                every = {name.upper(): {"LAYERS": list(cfg.MERGE.LAYERS)}}
+                row, per_q = run_method(method_cfg(cfg, ratio, base, **every), model, test, name, progress)
+                if per_q is not None:
+                    row["layers"] = f"every merging block {list(cfg.MERGE.LAYERS)} (the paper's 4/7/11 cannot reach it)"
             if per_q is None:
                 rows.append({**row, "budget_ratio": ratio, "target_gflops": ratio * base})
                 continue
