@@ -249,7 +249,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
         ax.set_xlabel("GFLOPs per image (effective for ATM)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8)
+    axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle(title + "\n(bars: 95% bootstrap intervals over queries; grey band: the unmerged model's)",
                  fontsize=10)
     fig.tight_layout()
