@@ -123,7 +123,11 @@ def test_global_batches_are_split_over_processes_with_per_sample_seeds(tiny_data
 
 
 def test_torchrun_two_gloo_processes_match_one_process(tiny_data, tmp_path, one_thread):
-    cfg = tiny_train_cfg(tiny_data, tmp_path / "one", 1, "SOLVER.EVAL_PERIOD", 1, "MERGE.METHOD", "none")
+    # SGD: Adam divides each gradient by its own running scale, so the last-bit differences of a two-process
+    # reduction become lr-sized steps on parameters whose gradients are ~0 (a one-epoch run now trains at the
+    # full lr; it used to run at lr_min, which hid this). SGD keeps them proportional to the gradient.
+    cfg = tiny_train_cfg(tiny_data, tmp_path / "one", 1, "SOLVER.EVAL_PERIOD", 1, "MERGE.METHOD", "none",
+                         "SOLVER.OPTIMIZER_NAME", "SGD", "SOLVER.BASE_LR", 0.05)
     single = train(cfg, save_features=True, tensorboard=False)
     assert single.global_step >= 3
     # yacs re-reads a dumped '0' as the int 0, which its own type check then refuses: leave DEVICE_ID out.
