@@ -60,11 +60,13 @@ _C.MODEL.TRUST_CHECKPOINT = False
 _C.MODEL.BACKEND = "torch"
 _C.MODEL.ONNX_PATH = ""
 # Distillation while training (engine/teacher.py): a frozen re-identification model, an OpenVINO IR (.xml) or
-# ONNX file, whose pairwise similarities the student learns to match (TEACHER_WEIGHT times the mean squared
-# difference of cosine similarities in a batch); TEACHER_INPUT: bgr255 (Open Model Zoo) | rgb255 | rgb01.
+# ONNX file, whose embeddings the student learns: TEACHER_LOSS similarity (pairwise cosines in a batch) | feature
+# (each image's, through a learned projection) | both, times TEACHER_WEIGHT; TEACHER_INPUT: bgr255 (Open Model
+# Zoo) | rgb255 | rgb01.
 _C.MODEL.TEACHER = ""
 _C.MODEL.TEACHER_WEIGHT = 1.0
 _C.MODEL.TEACHER_INPUT = "bgr255"
+_C.MODEL.TEACHER_LOSS = "similarity"
 
 # ----------------------------------------------------------------------------- INPUT
 _C.INPUT = CN()

@@ -12,7 +12,7 @@ from conftest import tiny_train_cfg
 from PIL import Image
 
 from reid_lite.data import build_dataset, validation_split
-from reid_lite.engine.teacher import TeacherModel, similarity_distillation, teacher_targets
+from reid_lite.engine.teacher import Distillation, TeacherModel, similarity_distillation, teacher_targets
 from reid_lite.engine.trainer import TEACHER_TARGETS_FILE, check_training_cfg, train
 from reid_lite.metrics import bootstrap_draws, evaluate_rank, metric_intervals, paired_difference, per_query_metrics
 
@@ -101,14 +101,40 @@ def test_similarity_distillation_is_zero_when_the_student_copies_the_teacher():
     assert student.grad.abs().sum() > 0
 
 
+def test_feature_distillation_trains_its_projection_towards_the_teacher():
+    g = torch.Generator().manual_seed(1)
+    targets = torch.nn.functional.normalize(torch.randn(16, 6, generator=g), dim=1)
+    student = torch.randn(8, 10, generator=g)  # fixed student features; only the projection learns
+    distill = Distillation(targets, 10, weight=1.0, kind="feature")
+    idx = torch.arange(8)
+    first = distill(student, idx).item()
+    opt = torch.optim.Adam(distill.parameters(), lr=0.05)
+    for _ in range(200):
+        opt.zero_grad()
+        distill(student, idx).backward()
+        opt.step()
+    assert first > 0.5 and distill(student, idx).item() < 0.05  # 8 features of width 10 map onto their targets exactly
+    both = Distillation(targets, 10, weight=2.0, kind="both")
+    both.projection.load_state_dict(distill.projection.state_dict())
+    expected = 2.0 * (similarity_distillation(targets)(student, idx) + distill(student, idx))
+    assert both(student, idx).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert "targets" not in both.state_dict()  # the teacher's table is rebuilt, never saved
+    with pytest.raises(ValueError, match="TEACHER_LOSS"):
+        Distillation(targets, 10, kind="l2")
+
+
 def test_training_with_a_teacher_adds_its_loss_and_caches_its_targets(tiny_data, tmp_path, onnx_teacher, one_thread):
     cfg = tiny_train_cfg(tiny_data, tmp_path / "out", 2, "MODEL.TEACHER", str(onnx_teacher),
-                         "MODEL.TEACHER_INPUT", "rgb01", "MODEL.TEACHER_WEIGHT", 5.0, "MERGE.METHOD", "none")
+                         "MODEL.TEACHER_INPUT", "rgb01", "MODEL.TEACHER_WEIGHT", 5.0, "MODEL.TEACHER_LOSS", "both",
+                         "MERGE.METHOD", "none")
     check_training_cfg(cfg)
     result = train(cfg, evaluate=False, tensorboard=False)
     cache = torch.load(tmp_path / "out" / TEACHER_TARGETS_FILE, weights_only=True)
     assert cache["targets"].shape[1] == 6 and len(cache["paths"]) == cache["targets"].shape[0]
     assert len(result.history) == 2 and all(np.isfinite(h["loss"]) for h in result.history)
+    state = torch.load(tmp_path / "out" / "last_checkpoint.pth", weights_only=True)
+    assert state["distill"]["projection.weight"].shape == (6, 32)  # the projection resumes with the run
+    assert not any("projection" in k for k in result.model.state_dict())  # and never enters the model
     # Same seed without the teacher: the first step is identical but for the (non-negative) distillation term.
     plain = train(tiny_train_cfg(tiny_data, tmp_path / "plain", 1, "MERGE.METHOD", "none"), evaluate=False,
                   tensorboard=False)

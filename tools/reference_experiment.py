@@ -97,7 +97,7 @@ PRESETS: dict[str, list[Any]] = {
         "DATALOADER.NUM_WORKERS", 0, "SOLVER.MAX_EPOCHS", 8, "SOLVER.IMS_PER_BATCH", 64,
         "SOLVER.BASE_LR", 5e-4, "SOLVER.WARMUP_EPOCHS", 1, "SOLVER.EVAL_PERIOD", 1, "SOLVER.CHECKPOINT_PERIOD", 8,
         "SOLVER.LOG_PERIOD", 20, "TEST.IMS_PER_BATCH", 128, "MODEL.TEACHER_WEIGHT", 10.0,
-        "MODEL.TRIPLET_LOSS_WEIGHT", 0.0,
+        "MODEL.TEACHER_LOSS", "both", "MODEL.TRIPLET_LOSS_WEIGHT", 0.0,
     ],
     # The same pipeline in miniature: 4 blocks of width 48 at 128x64, stride 16 (8 x 4 patches), one epoch
     # on at most 150 identities.

@@ -2,20 +2,18 @@
 
     teacher = TeacherModel("person-reid.xml")            # OpenVINO IR (.xml) or ONNX (.onnx)
     targets = teacher_targets(teacher, dataset.train)    # (N, D_t), L2-normalised, one row per training record
-    loss_fn = similarity_distillation(targets, weight=cfg.MODEL.TEACHER_WEIGHT)
-    loss = loss_fn(feat, batch.indices)                  # added to the ID + triplet loss by the loop
+    distill = Distillation(targets, model.in_planes, cfg.MODEL.TEACHER_WEIGHT, cfg.MODEL.TEACHER_LOSS)
+    loss = distill(feat, batch.indices)                  # added to the ID + triplet loss by the loop
 
 The teacher runs once per training image, on the un-augmented crop, before training starts: its targets
 are then a lookup, so distillation costs the training loop nothing. Augmentations are mild (flip, pad and
 crop, erasing) and the teacher's embedding of a person barely moves under them, so the clean target
 stands for the augmented view.
 
-The loss is relational (similarity-preserving, in the spirit of Tung & Mori 2019 and Park et al. 2019):
-    L_kd = w * mean_{i != j} (cos(f_i, f_j) - cos(t_i, t_j))^2
-over the pairs of a batch, with f the student's global feature before the BNNeck (the first of JPM's
-five) and t the teacher's. It compares similarities, not features, so it needs no projection layer (the
-student's width and the teacher's may differ, and nothing extra enters the checkpoint), and it teaches
-exactly what retrieval uses: which crops are near which.
+Two losses (`Distillation`), on the student's global feature before the BNNeck (the first of JPM's five), f:
+relational, `w * mean_{i != j} (cos(f_i, f_j) - cos(t_i, t_j))^2` over a batch's pairs (similarity-preserving,
+in the spirit of Tung & Mori 2019 and Park et al. 2019: no parameters, teaches which crops are near which),
+and per image, `w * mean_i (1 - cos(P f_i, t_i))` through a learned projection P (FitNets-style), or both.
 """
 
 from __future__ import annotations
@@ -28,11 +26,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..data.loader import read_image
 
-__all__ = ["TEACHER_INPUTS", "DistillFn", "TeacherModel", "similarity_distillation", "teacher_targets"]
+__all__ = [
+    "TEACHER_INPUTS", "TEACHER_LOSSES", "Distillation", "TeacherModel", "similarity_distillation", "teacher_targets",
+]
 
 logger = logging.getLogger("reid_lite.train")
 
@@ -158,26 +158,45 @@ def teacher_targets(teacher: TeacherModel, records: Sequence[Sequence], batch_si
     return table
 
 
-DistillFn = Callable[[Tensor | Sequence[Tensor], Tensor], Tensor]
+#: MODEL.TEACHER_LOSS: 'similarity' (pairwise cosines, no parameters), 'feature' (each image's embedding through a
+#: learned linear projection, cosine to the teacher's) or 'both' (their sum).
+TEACHER_LOSSES = ("similarity", "feature", "both")
 
 
-def similarity_distillation(targets: Tensor, weight: float = 1.0) -> DistillFn:
-    """`loss(features, indices)`: `weight` times the mean squared difference between the student's and the
-    teacher's pairwise cosine similarities over the batch's distinct pairs.
+class Distillation(nn.Module):
+    """`loss(features, indices)`: the teacher's embeddings of the batch's images (`targets[indices]`) taught to
+    the student's training feature (or JPM's list: the first, global one), `weight` times
 
-    `features` is the model's training feature (or JPM's list: the first, global one is used), `indices`
-    the rows of `targets` (the training records) of the batch's images."""
-    table = targets.float()
+    * 'similarity': the mean squared difference between the student's and the teacher's pairwise cosine
+      similarities over the batch's distinct pairs (scale-free, needs no parameters);
+    * 'feature': the mean of `1 - cos(P f_i, t_i)` with P a learned linear map from the student's width to the
+      teacher's (FitNets-style: a target per image, a much richer signal than the pairs' similarities, whose
+      spread among different people is small); P trains with the model and is kept in the training state, not
+      in the model's checkpoint (inference never uses it);
+    * 'both': their sum.
+    """
 
-    def loss(features: Tensor | Sequence[Tensor], indices: Tensor) -> Tensor:
-        f = features if isinstance(features, Tensor) else features[0]
-        f = F.normalize(f.float(), dim=1)
-        t = table.to(f.device)[indices.to(f.device)]
-        n = f.shape[0]
-        if n < 2:
-            return f.sum() * 0.0
-        off_diagonal = ~torch.eye(n, dtype=torch.bool, device=f.device)
-        diff = (f @ f.t() - t @ t.t())[off_diagonal]
-        return weight * diff.pow(2).mean()
+    def __init__(self, targets: Tensor, student_dim: int, weight: float = 1.0, kind: str = "similarity") -> None:
+        super().__init__()
+        if kind not in TEACHER_LOSSES:
+            raise ValueError(f"MODEL.TEACHER_LOSS must be one of {TEACHER_LOSSES}, got {kind!r}")
+        self.register_buffer("targets", targets.float(), persistent=False)
+        self.weight, self.kind = float(weight), kind
+        self.projection = nn.Linear(student_dim, targets.shape[1], bias=False) if kind != "similarity" else None
 
-    return loss
+    def forward(self, features: Tensor | Sequence[Tensor], indices: Tensor) -> Tensor:
+        f = (features if isinstance(features, Tensor) else features[0]).float()
+        t = self.targets[indices.to(self.targets.device)].to(f.device)
+        loss = f.new_zeros(())
+        if self.kind in ("similarity", "both") and f.shape[0] > 1:
+            s = F.normalize(f, dim=1)
+            off_diagonal = ~torch.eye(f.shape[0], dtype=torch.bool, device=f.device)
+            loss = loss + (s @ s.t() - t @ t.t())[off_diagonal].pow(2).mean()
+        if self.projection is not None:
+            loss = loss + (1 - F.cosine_similarity(self.projection(f), t, dim=1)).mean()
+        return self.weight * loss
+
+
+def similarity_distillation(targets: Tensor, weight: float = 1.0) -> Distillation:
+    """The parameter-free 'similarity' distillation of `targets` (see `Distillation`)."""
+    return Distillation(targets, 1, weight, "similarity")

@@ -49,7 +49,7 @@ from .evaluator import evaluate_features, split_query_gallery
 from .loop import EvaluateFn, TrainResult, do_train, save_state_dict
 from .losses import make_loss
 from .lr_scheduler import SCHEDULERS, WARMUP_METHODS, create_scheduler
-from .teacher import TEACHER_INPUTS, TeacherModel, similarity_distillation, teacher_targets
+from .teacher import TEACHER_INPUTS, TEACHER_LOSSES, Distillation, TeacherModel, teacher_targets
 from .train_state import find_resume_state, load_train_state
 
 logger = logging.getLogger("reid_lite.train")
@@ -153,6 +153,8 @@ def check_training_cfg(cfg: Any) -> None:
             refuse(f"MODEL.TEACHER: no such file: {m.TEACHER}")
         if m.TEACHER_INPUT not in TEACHER_INPUTS:
             refuse(f"MODEL.TEACHER_INPUT must be one of {TEACHER_INPUTS}, got {m.TEACHER_INPUT!r}")
+        if m.TEACHER_LOSS not in TEACHER_LOSSES:
+            refuse(f"MODEL.TEACHER_LOSS must be one of {TEACHER_LOSSES}, got {m.TEACHER_LOSS!r}")
         if not float(m.TEACHER_WEIGHT) > 0:
             refuse(f"MODEL.TEACHER_WEIGHT must be > 0, got {m.TEACHER_WEIGHT}")
     if cfg.MERGE.DTEM.TRAIN_EMBEDDING_ONLY and str(cfg.MERGE.METHOD).lower() != "dtem":
@@ -328,8 +330,10 @@ def train(cfg: Any, dataset: ReIDDataset | None = None, device: torch.device | s
     distill = None
     if cfg.MODEL.TEACHER:
         targets = distillation_targets(cfg, dataset, out_dir, write=ctx.is_main, progress=progress)
-        distill = similarity_distillation(targets, float(cfg.MODEL.TEACHER_WEIGHT))
+        distill = Distillation(targets, model.in_planes, float(cfg.MODEL.TEACHER_WEIGHT), str(cfg.MODEL.TEACHER_LOSS))
     optimizer = make_optimizer(cfg, model)
+    if distill is not None and distill.projection is not None:  # trains with the model, at BASE_LR, no decay
+        optimizer.add_param_group({"params": list(distill.parameters()), "lr": cfg.SOLVER.BASE_LR, "weight_decay": 0.0})
     scheduler = create_scheduler(cfg, optimizer)
     evaluate_fn = (make_evaluator(cfg, dataset, ctx, out_dir, save_features, progress)
                    if evaluate and dataset.query and dataset.gallery else None)
