@@ -38,7 +38,8 @@ setup(
         "numpy>=1.24",
         "tqdm>=4.60",
         "tensorboard>=2.10",  # torch.utils.tensorboard: training logs
-        "matplotlib>=3.5",  # tools/reference_experiment.py's plot
+        "matplotlib>=3.5",  # tools/reference_experiment.py's plots
+        "scikit-learn>=1.2",  # tools/reference_experiment.py's precision-recall curve of the calibrated threshold
     ],
     extras_require={
         # ONNX export (torch's dynamo exporter needs onnxscript) and the CPU runtimes of MODEL.BACKEND.

@@ -61,6 +61,14 @@ _C.MODEL.TRUST_CHECKPOINT = False
 # made by tools/export.py; it carries its weights and merging schedule).
 _C.MODEL.BACKEND = "torch"
 _C.MODEL.ONNX_PATH = ""
+# Distillation while training (engine/teacher.py): a frozen re-identification model, an OpenVINO IR (.xml) or
+# ONNX file, whose embeddings the student learns: TEACHER_LOSS similarity (pairwise cosines in a batch) | feature
+# (each image's, through a learned projection) | both, times TEACHER_WEIGHT; TEACHER_INPUT: bgr255 (Open Model
+# Zoo) | rgb255 | rgb01.
+_C.MODEL.TEACHER = ""
+_C.MODEL.TEACHER_WEIGHT = 1.0
+_C.MODEL.TEACHER_INPUT = "bgr255"
+_C.MODEL.TEACHER_LOSS = "similarity"
 
 # ----------------------------------------------------------------------------- INPUT
 _C.INPUT = CN()

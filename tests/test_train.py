@@ -130,12 +130,13 @@ def test_optimizer_groups_and_cosine_warmup_schedule():
         return weight_group["lr"]
 
     base = 0.008
-    assert lr_at(0) == pytest.approx(0.01 * base)  # warmup_lr_init
-    assert lr_at(1) == pytest.approx(0.01 * base + (base - 0.01 * base) / 5)  # linear warmup
+    # Epochs count from 1 and epoch e starts at t = e - 1: epoch 1 is the first warm-up epoch.
+    assert lr_at(1) == pytest.approx(0.01 * base)  # warmup_lr_init
+    assert lr_at(2) == pytest.approx(0.01 * base + (base - 0.01 * base) / 5)  # linear warmup
     # After warmup, timm's cosine runs over t in [0, MAX_EPOCHS) from BASE_LR down to 0.002 * BASE_LR.
     lr_min = 0.002 * base
-    assert lr_at(50) == pytest.approx(lr_min + 0.5 * (base - lr_min) * (1 + math.cos(math.pi * 50 / 100)))
-    assert lr_at(99) < 0.01 * base
+    assert lr_at(51) == pytest.approx(lr_min + 0.5 * (base - lr_min) * (1 + math.cos(math.pi * 50 / 100)))
+    assert lr_min < lr_at(100) < 0.01 * base  # the last epoch still above lr_min
     for name in ("Adam", "AdamW"):
         cfg.SOLVER.OPTIMIZER_NAME = name
         assert type(make_optimizer(cfg, model)).__name__ == name

@@ -124,7 +124,11 @@ def test_global_batches_are_split_over_processes_with_per_sample_seeds(tiny_data
 
 
 def test_torchrun_two_gloo_processes_match_one_process(tiny_data, tmp_path, one_thread):
-    cfg = tiny_train_cfg(tiny_data, tmp_path / "one", 1, "SOLVER.EVAL_PERIOD", 1, "MERGE.METHOD", "none")
+    # SGD: Adam divides each gradient by its own running scale, so the last-bit differences of a two-process
+    # reduction become lr-sized steps on parameters whose gradients are ~0 (a one-epoch run now trains at the
+    # full lr; it used to run at lr_min, which hid this). SGD keeps them proportional to the gradient.
+    cfg = tiny_train_cfg(tiny_data, tmp_path / "one", 1, "SOLVER.EVAL_PERIOD", 1, "MERGE.METHOD", "none",
+                         "SOLVER.OPTIMIZER_NAME", "SGD", "SOLVER.BASE_LR", 0.05)
     single = train(cfg, save_features=True, tensorboard=False)
     assert single.global_step >= 3
     # yacs re-reads a dumped '0' as the int 0, which its own type check then refuses: leave DEVICE_ID out.
@@ -213,8 +217,28 @@ def test_multistep_and_constant_warmup_schedules():
     sched = create_scheduler(cfg, opt)
     assert sched.lr_at(1)[0] == pytest.approx(0.1)  # constant warm-up at WARMUP_FACTOR * BASE_LR
     assert sched.lr_at(5)[0] == pytest.approx(0.002 + 0.5 * 0.998 * (1 + math.cos(math.pi * 5 / 10)))
-    sched.step(5)
-    assert opt.param_groups[0]["lr"] == sched.lr_at(5)[0] and sched.state_dict() == {"last_epoch": 5}
+    sched.step(6)  # epoch 6 starts at t = 5
+    assert opt.param_groups[0]["lr"] == sched.lr_at(5)[0] and sched.state_dict() == {"last_epoch": 6}
+
+
+def test_one_warmup_epoch_ramps_per_step_and_the_last_epoch_is_above_lr_min():
+    """WARMUP_EPOCHS 1 warms up (epochs count from 1), linearly over the first epoch's steps, and a short
+    cosine schedule does not spend its last epoch at lr_min."""
+    cfg = get_cfg()
+    cfg.merge_from_list(["SOLVER.WARMUP_EPOCHS", 1, "SOLVER.WARMUP_FACTOR", 0.01, "SOLVER.BASE_LR", 1.0,
+                         "SOLVER.MAX_EPOCHS", 4])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = create_scheduler(cfg, opt)
+    assert sched.in_warmup(1) and not sched.in_warmup(2)
+    seen = []
+    for i in range(4):
+        sched.step_within(1, i / 4)
+        seen.append(opt.param_groups[0]["lr"])
+    assert seen == pytest.approx([0.01, 0.01 + 0.99 / 4, 0.01 + 0.99 / 2, 0.01 + 0.99 * 3 / 4])
+    sched.step(2)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.002 + 0.5 * 0.998 * (1 + math.cos(math.pi / 4)))
+    sched.step(4)
+    assert opt.param_groups[0]["lr"] > 0.1  # cos(3 pi / 4): about 0.15, not lr_min (0.002)
 
 
 # ------------------------------------------------------------------------------ reference experiment
@@ -224,28 +248,53 @@ def test_multistep_and_constant_warmup_schedules():
 
 def test_reference_experiment_tiny_writes_json_and_png(tmp_path, one_thread):
     from reid_lite.data.synthetic import generate_reid_dataset
+    from reid_lite.merging import method_names
 
     # Generated crops in the Market-1501 layout stand in for CUHK03, so that this never skips.
     root = generate_reid_dataset(tmp_path / "data", num_train_ids=12, num_test_ids=6, num_cameras=2,
                                  images_per_id_per_camera=2, size=(128, 64), num_distractors=2, progress=False)
     tool = load_tool("reference_experiment")
     out = tmp_path / "ref"
-    code = tool.main(["--tiny", "--data-root", str(root), "--output", str(out), "SOLVER.IMS_PER_BATCH", "8"])
+    code = tool.main(["--tiny", "--data-root", str(root), "--output", str(out), "--bootstrap", "50",
+                      "SOLVER.IMS_PER_BATCH", "8"])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert results["seed"] == 1234 and results["commit"] and results["preset"] == "tiny"
-    rows = {r["method"]: r for r in results["rows"]}
-    assert set(rows) == set(tool.compared_methods())
+    assert results["num_validation_ids"] == 3 and results["num_train_ids"] == 9  # validation held out of training
+    assert results["train_seconds"] > 0 and results["dtem_train_seconds"] > 0
+    rows = results["rows"]
+    assert {r["method"] for r in rows} == set(method_names())  # every registered method
     base = results["unmerged_gflops"]
-    assert rows["none"]["gflops"] == pytest.approx(base)
-    for name, row in rows.items():
+    none = next(r for r in rows if r["method"] == "none")
+    assert none["gflops"] == pytest.approx(base) and none["budget_ratio"] is None
+    for row in rows:
+        if "error" in row:  # a budget the tiny model cannot meet is reported, never silently dropped
+            assert row["budget_ratio"] == 0.76 and "GFLOPs" in row["error"], row
+            continue
         assert {"rank1", "mAP", "mINP", "gflops", "images_per_second"} <= set(row)
-        assert 0 <= row["rank1"] <= 1 and 0 < row["mAP"] <= 1 and row["images_per_second"] > 0
-        if name != "none":  # matched budgets: every method within 3% of 0.76 x the unmerged GFLOPs
-            assert row["matched"] and row["gflops"] == pytest.approx(0.76 * base, rel=0.03), name
-    png = (out / "accuracy_vs_gflops.png").read_bytes()
-    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+        for key in ("rank1", "mAP"):  # the interval brackets the point estimate
+            lo, hi = row[f"{key}_ci95"]
+            assert 0 <= lo <= row[key] <= hi <= 1, (row["method"], key)
+        if row["method"] != "none":  # matched budgets: within 3% of 0.76 x the unmerged GFLOPs
+            cost = row["effective_gflops"] or row["gflops"]
+            assert row["matched"] and cost == pytest.approx(0.76 * base, rel=0.03), row["method"]
+            assert row["vs_none"]["mAP"]["ci95"][0] <= row["vs_none"]["mAP"]["diff"] <= row["vs_none"]["mAP"]["ci95"][1]
+            assert "vs_tome" in row
+    assert sum("error" not in r for r in rows) >= 6
+    tome = next(r for r in rows if r["method"] == "tome")
+    assert tome["vs_tome"]["rank1"] == {"diff": 0.0, "ci95": [0.0, 0.0], "significant": False}
+    ablation = results["stm_ablation"]
+    assert len(ablation) == len(tool.STM_ABLATION) and ablation[0]["vs_default"]["mAP"]["diff"] == 0.0
+    assert {c["method"] for c in results["calibration"]} == {"none", "stm"}
+    for name in ("accuracy_vs_gflops.png",):
+        png = (out / name).read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert "Rank-1 [95% CI]" in (out / "summary.md").read_text()
     assert (out / "train" / "transformer_1.pth").is_file()
+    # The training stage is reused by a second run (only MERGE/TEST may differ); the evaluation runs again.
+    assert tool.main(["--tiny", "--data-root", str(root), "--output", str(out), "--stage", "evaluate",
+                      "--methods", "none,tome", "--no-ablation", "--bootstrap", "20", "SOLVER.IMS_PER_BATCH", "8"]) == 0
+    assert json.loads((out / "results.json").read_text())["train_seconds"] == results["train_seconds"]
     # Without the dataset: a clear error, exit code 2, nothing trained.
     assert tool.main(["--tiny", "--data-root", str(tmp_path / "absent"), "--output", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()

@@ -8,6 +8,7 @@
 No dataset is downloaded; see datasets/README.md for the expected layouts.
 """
 
+from .base import validation_split
 from .datasets import (
     MSMT17,
     DatasetLayoutError,
@@ -48,6 +49,7 @@ __all__ = [
     "RandomIdentitySampler",
     "ReIDCollate",
     "ReIDDataset",
+    "validation_split",
     "Record",
     "Sample",
     "SidecarError",

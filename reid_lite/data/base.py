@@ -6,6 +6,7 @@ datasets without view labels.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 Record = tuple[str, int, int, int]
@@ -74,6 +75,33 @@ class ReIDDataset:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(train={self.num_train_imgs}, query={self.num_query_imgs}, "
                 f"gallery={self.num_gallery_imgs})")
+
+
+def validation_split(dataset: ReIDDataset, num_ids: int, seed: int = 0) -> ReIDDataset:
+    """Hold out `num_ids` training identities as a validation retrieval split, for choices that must never
+    see the test split (the epoch to keep, a calibration threshold).
+
+    The held-out identities are drawn with `seed` among those seen by at least two cameras. Each one's
+    images from its lowest camera become queries, the rest its gallery (so every query has a true match
+    on another camera). The returned dataset trains on the remaining identities (relabelled 0..P-1) and
+    has the validation split as its query and gallery; its `test_query`/`test_gallery` keep the original
+    test split. ValueError when fewer than `num_ids` identities have two cameras, or none would be left.
+    """
+    cams: dict[int, set[int]] = {}
+    for _, pid, camid, _ in dataset.train:
+        cams.setdefault(pid, set()).add(camid)
+    eligible = sorted(pid for pid, c in cams.items() if len(c) >= 2)
+    if num_ids < 1 or num_ids > len(eligible) or num_ids >= len(cams):
+        raise ValueError(f"a validation split of {num_ids} identities needs that many training identities seen "
+                         f"by two cameras and some left to train on: {len(eligible)} of {len(cams)} have two")
+    held = set(random.Random(seed).sample(eligible, num_ids))
+    first_cam = {pid: min(cams[pid]) for pid in held}
+    query = [r for r in dataset.train if r[1] in held and r[2] == first_cam[r[1]]]
+    gallery = [r for r in dataset.train if r[1] in held and r[2] != first_cam[r[1]]]
+    split = ReIDDataset(relabel_train([r for r in dataset.train if r[1] not in held]), query, gallery)
+    split.name = f"{dataset.name} (validation: {num_ids} training identities held out)"
+    split.test_query, split.test_gallery = dataset.query, dataset.gallery
+    return split
 
 
 def sie_counts(dataset: ReIDDataset) -> tuple[int, int]:

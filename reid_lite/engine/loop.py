@@ -121,6 +121,7 @@ def do_train(
     state_every_steps: int = 0,
     progress: bool = False,
     tensorboard: bool = True,
+    distill: nn.Module | None = None,
 ) -> TrainResult:
     """Run the epochs of SOLVER.MAX_EPOCHS not yet done and return what was saved.
 
@@ -141,6 +142,12 @@ def do_train(
     `resume` is a state from `load_train_state`: training continues at its position with its random
     states, bit-identical to a run that was never interrupted (same process count). `stop_after_steps`
     > 0 stops after that many steps of this call, leaving a resumable state (preemptible jobs, tests).
+    `distill(features, indices)`, when given (`teacher.Distillation`), adds a distillation term computed from the
+    batch's features and its images' record indices; its parameters (a projection), when it has any, must be in
+    `optimizer` and are saved in and restored from the training state.
+
+    The learning rate is set per step during warm-up (`scheduler.step_within`): a one-epoch warm-up then
+    ramps over that epoch's iterations instead of running the whole epoch at the initial rate.
     """
     from tqdm.auto import tqdm
 
@@ -169,8 +176,12 @@ def do_train(
     name = cfg.MODEL.NAME
     result = TrainResult(final_checkpoint=out_dir / f"{name}_{epochs}.pth")
     epoch, start_batch, meter_state = 1, 0, None
+    if distill is not None:
+        distill.to(dev)
     if resume is not None:
         model.load_state_dict(resume["model"])
+        if distill is not None and resume.get("distill"):
+            distill.load_state_dict(resume["distill"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         scaler.load_state_dict(resume["scaler"])
@@ -195,6 +206,7 @@ def do_train(
         if ctx.is_main:
             save_train_state(out_dir / STATE_FILE, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "distill": distill.state_dict() if distill is not None else {},
                 "scaler": scaler.state_dict(), "epoch": at_epoch, "batch": at_batch,
                 "meters": [*meters.sums.tolist(), meters.images], "history": result.history, "evals": result.evals,
                 "best": result.best, "global_step": result.global_step, "rng": rngs, "world_size": ctx.world_size,
@@ -227,6 +239,8 @@ def do_train(
             img = batch.images.to(dev, non_blocking=True)
             target = batch.pids.to(dev, non_blocking=True)
             cams, views = batch.camids.to(dev, non_blocking=True), batch.viewids.to(dev, non_blocking=True)
+            if scheduler.in_warmup(epoch):
+                scheduler.step_within(epoch, n_iter / max(n_iters, 1))
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type=dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 score, feat = net(img, target, cam_label=cams, view_label=views)
@@ -235,6 +249,8 @@ def do_train(
             score = [s.float() for s in score] if isinstance(score, list) else score.float()
             feat = [f.float() for f in feat] if isinstance(feat, list) else feat.float()
             loss = loss_fn(score, feat, target)
+            if distill is not None:
+                loss = loss + distill(feat, gather_labels(batch.indices.to(dev, non_blocking=True)))
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()

@@ -36,6 +36,7 @@ from ..merging import check_learned_ready, learned_state_dict
 from ..merging.dtem import trains_embedding_only
 from ..merging.learned import learned_reducers
 from ..utils.device import AMP_CHOICES, resolve_device
+from ..utils.files import sha256_file
 from .distributed import (
     DistContext,
     broadcast_object,
@@ -48,17 +49,21 @@ from .evaluator import evaluate_features, split_query_gallery
 from .loop import EvaluateFn, TrainResult, do_train, save_state_dict
 from .losses import make_loss
 from .lr_scheduler import SCHEDULERS, WARMUP_METHODS, create_scheduler
+from .teacher import TEACHER_INPUTS, TEACHER_LOSSES, Distillation, TeacherModel, teacher_targets
 from .train_state import find_resume_state, load_train_state
 
 logger = logging.getLogger("reid_lite.train")
 
 #: The embedding-only file DTEM's modular training writes to OUTPUT_DIR (load it with MERGE.DTEM.WEIGHTS).
 EMBEDDING_FILE = "dtem_embedding.pth"
+#: MODEL.TEACHER's embeddings of the training images, cached in OUTPUT_DIR (a resumed run reuses them).
+TEACHER_TARGETS_FILE = "teacher_targets.pt"
 
 __all__ = [
     "TrainResult",
     "check_training_cfg",
     "create_scheduler",
+    "distillation_targets",
     "do_train",
     "freeze_all_but_learned_reducers",
     "make_evaluator",
@@ -143,6 +148,15 @@ def check_training_cfg(cfg: Any) -> None:
                "run `torchrun --nproc_per_node N tools/train.py ...` to use N")
     if int(s.IMS_PER_BATCH) < 1:
         refuse(f"SOLVER.IMS_PER_BATCH must be >= 1, got {s.IMS_PER_BATCH}")
+    if m.TEACHER:
+        if not Path(m.TEACHER).is_file():
+            refuse(f"MODEL.TEACHER: no such file: {m.TEACHER}")
+        if m.TEACHER_INPUT not in TEACHER_INPUTS:
+            refuse(f"MODEL.TEACHER_INPUT must be one of {TEACHER_INPUTS}, got {m.TEACHER_INPUT!r}")
+        if m.TEACHER_LOSS not in TEACHER_LOSSES:
+            refuse(f"MODEL.TEACHER_LOSS must be one of {TEACHER_LOSSES}, got {m.TEACHER_LOSS!r}")
+        if not float(m.TEACHER_WEIGHT) > 0:
+            refuse(f"MODEL.TEACHER_WEIGHT must be > 0, got {m.TEACHER_WEIGHT}")
     if cfg.MERGE.DTEM.TRAIN_EMBEDDING_ONLY and str(cfg.MERGE.METHOD).lower() != "dtem":
         refuse(f"MERGE.DTEM.TRAIN_EMBEDDING_ONLY trains DTEM's embedding: set MERGE.METHOD dtem (got "
                f"{cfg.MERGE.METHOD!r})")
@@ -208,6 +222,30 @@ def prepare_dataset(cfg: Any) -> ReIDDataset:
     return build_dataset_from_cfg(cfg)
 
 
+
+
+def distillation_targets(cfg: Any, dataset: ReIDDataset, output_dir: str | Path, write: bool = True,
+                         progress: bool = False) -> torch.Tensor:
+    """MODEL.TEACHER's normalised embeddings of `dataset.train`'s images (N, D_t), one row per record.
+
+    Read from OUTPUT_DIR/teacher_targets.pt when it was made by the same teacher file for the same images,
+    otherwise computed (`teacher_targets`) and, with `write`, cached there."""
+    path = Path(output_dir) / TEACHER_TARGETS_FILE
+    key = {"teacher_sha256": sha256_file(cfg.MODEL.TEACHER), "input": str(cfg.MODEL.TEACHER_INPUT),
+           "paths": [str(r[0]) for r in dataset.train]}
+    if path.is_file():
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        if all(cached.get(k) == v for k, v in key.items()):
+            logger.info("teacher targets read from %s", path)
+            return cached["targets"]
+    teacher = TeacherModel(cfg.MODEL.TEACHER, str(cfg.MODEL.TEACHER_INPUT))
+    logger.info("teacher %s: embedding %d training images once (input %dx%d, %s)", cfg.MODEL.TEACHER,
+                len(dataset.train), *teacher.size, cfg.MODEL.TEACHER_INPUT)
+    targets = teacher_targets(teacher, dataset.train, progress=progress)
+    if write:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({**key, "targets": targets}, path)
+    return targets
 
 
 def make_evaluator(cfg: Any, dataset: ReIDDataset, ctx: DistContext, output_dir: str | Path | None = None,
@@ -289,13 +327,20 @@ def train(cfg: Any, dataset: ReIDDataset | None = None, device: torch.device | s
     logger.info("model: %s, %d identities, %d cameras, %.2f M parameters", cfg.MODEL.TRANSFORMER_TYPE, num_classes,
                 camera_num, sum(p.numel() for p in model.parameters()) / 1e6)
     loss_fn = make_loss(cfg, num_classes)
+    distill = None
+    if cfg.MODEL.TEACHER:
+        targets = distillation_targets(cfg, dataset, out_dir, write=ctx.is_main, progress=progress)
+        distill = Distillation(targets, model.in_planes, float(cfg.MODEL.TEACHER_WEIGHT), str(cfg.MODEL.TEACHER_LOSS))
     optimizer = make_optimizer(cfg, model)
+    if distill is not None and distill.projection is not None:  # trains with the model, at BASE_LR, no decay
+        optimizer.add_param_group({"params": list(distill.parameters()), "lr": cfg.SOLVER.BASE_LR, "weight_decay": 0.0})
     scheduler = create_scheduler(cfg, optimizer)
     evaluate_fn = (make_evaluator(cfg, dataset, ctx, out_dir, save_features, progress)
                    if evaluate and dataset.query and dataset.gallery else None)
     result = do_train(cfg, model, loader, optimizer, scheduler, loss_fn, ctx.device, out_dir, epoch_callback,
                       ctx=ctx, evaluate_fn=evaluate_fn, resume=state, stop_after_steps=stop_after_steps,
-                      state_every_steps=state_every_steps, progress=progress, tensorboard=tensorboard)
+                      state_every_steps=state_every_steps, progress=progress, tensorboard=tensorboard,
+                      distill=distill)
     if trains_embedding_only(cfg) and ctx.is_main and not result.stopped:
         path = save_state_dict(learned_state_dict(result.model), out_dir / EMBEDDING_FILE)
         logger.info("DTEM embedding written to %s (MERGE.DTEM.WEIGHTS)", path)

@@ -82,6 +82,7 @@ class RankAccumulator:
         self._first_hit_hist = np.zeros(self.max_rank, dtype=np.int64)
         self._aps: list[np.ndarray] = []
         self._inps: list[np.ndarray] = []
+        self._firsts: list[np.ndarray] = []
         self._num_queries = 0
         self._min_kept_len = self.num_gallery  # shortest junk-removed gallery of a valid query
 
@@ -124,6 +125,7 @@ class RankAccumulator:
             self._first_hit_hist += np.bincount(first[first < self.max_rank], minlength=self.max_rank)
             self._aps.append(ap[valid])
             self._inps.append(inp[valid])
+            self._firsts.append(first)
         self._num_queries += num_q
 
     @property
@@ -149,6 +151,16 @@ class RankAccumulator:
         mAP = float(np.mean(np.concatenate(self._aps)))
         mINP = float(np.mean(np.concatenate(self._inps)))
         return RankResult(cmc=cmc, mAP=mAP, mINP=mINP, num_valid=num_valid, num_queries=self._num_queries)
+
+    def per_query(self) -> dict[str, np.ndarray]:
+        """Each valid query's own figures, in the order added: 'first_hit' (0-based rank of its first true
+        match after junk removal; Rank-k is the mean of `first_hit < k`), 'ap' and 'inp'. Their means are the
+        CMC, mAP and mINP of `result()`: what a bootstrap over queries resamples."""
+        if not self._aps:
+            empty = np.zeros(0)
+            return {"first_hit": empty.astype(np.int64), "ap": empty, "inp": empty}
+        return {"first_hit": np.concatenate(self._firsts), "ap": np.concatenate(self._aps),
+                "inp": np.concatenate(self._inps)}
 
     # ------------------------------------------------------------------ internals
     def _block_stats(
