@@ -160,15 +160,55 @@ def test_the_vector_index_imports_nothing_of_the_project():
     assert not [t for n in nodes for t in imported_modules(path, n)]
 
 
-def test_no_private_attribute_is_shared_across_files():
-    """A `_name` attribute is read or written in one file only: what another file needs gets a public face
-    (the gallery's search columns are `MetadataStore.columns()`, not a `_columns` three mixins share)."""
-    files_of: dict[str, set[str]] = {}
-    for path in package_files():
+def private_attributes_shared_across_files(files: list[Path], root: Path = ROOT) -> dict[str, list[str]]:
+    """{class: [attribute (files)]} for every `self._name` that a class and its package-defined bases or mixins
+    (resolved by name) touch in more than one file: state one half of a class reads that another file writes."""
+    classes: dict[str, tuple[str, list[str], set[str]]] = {}  # name -> (file, base names, private self attributes)
+    for path in files:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
-                files_of.setdefault(node.attr, set()).add(str(path.relative_to(ROOT)))
-    assert not {name: sorted(files) for name, files in files_of.items() if len(files) > 1}
+            if isinstance(node, ast.ClassDef):
+                attrs = {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)
+                         and isinstance(n.value, ast.Name) and n.value.id == "self"
+                         and n.attr.startswith("_") and not n.attr.startswith("__")}
+                attrs |= {n.target.id for n in node.body if isinstance(n, ast.AnnAssign)
+                          and isinstance(n.target, ast.Name) and n.target.id.startswith("_")}
+                bases = [b.id for b in node.bases if isinstance(b, ast.Name)]
+                classes[node.name] = (str(path.relative_to(root)), bases, attrs)
+
+    def lineage(name: str) -> list[str]:
+        out, todo = [], [name]
+        while todo:
+            current = todo.pop()
+            if current in classes and current not in out:
+                out.append(current)
+                todo += classes[current][1]
+        return out
+
+    shared: dict[str, list[str]] = {}
+    for name in classes:
+        files_of: dict[str, set[str]] = {}
+        for cls in lineage(name):
+            for attr in classes[cls][2]:
+                files_of.setdefault(attr, set()).add(classes[cls][0])
+        bad = [f"{attr} ({', '.join(sorted(f))})" for attr, f in sorted(files_of.items()) if len(f) > 1]
+        if bad:
+            shared[name] = bad
+    return shared
+
+
+def test_no_private_attribute_is_shared_across_files():
+    """A class's `_name` state lives in one file: what a mixin or base in another file needs gets a public face
+    (the gallery's search columns are `MetadataStore.columns()`, not a `_columns` three mixins shared)."""
+    assert not private_attributes_shared_across_files(package_files())
+
+
+def test_the_private_attribute_check_sees_mixins_sharing_state(tmp_path):
+    (tmp_path / "reid_lite").mkdir()
+    (tmp_path / "reid_lite" / "a.py").write_text("class Search:\n    def f(self):\n        return self._cache\n")
+    (tmp_path / "reid_lite" / "b.py").write_text("class Gallery(Search):\n    def g(self):\n        self._cache = 1\n")
+    files = sorted((tmp_path / "reid_lite").glob("*.py"))
+    assert private_attributes_shared_across_files(files, tmp_path) == {
+        "Gallery": ["_cache (reid_lite/a.py, reid_lite/b.py)"]}
 
 
 #: What the gallery's operations may take from `index/storage.py`: its errors and the types of the storage
