@@ -4,9 +4,10 @@
     results = evaluate(cfg, model, dataset, methods=["none", "tome", "stm"])  # same weights, per method
     print(format_table(results))
 
-Each method re-attaches its reducers to the same model (`merge_with_budget`) and extracts the same
-loader's images itself (merging changes the features); the query/gallery split comes from
-`Batch.indices < num_query`, so unreadable images never shift it.
+Each method runs on its own copy of the model, with its reducers attached (`merge_with_budget`): the
+caller's model is never changed. Each extracts the same loader's images itself (merging changes the
+features); the query/gallery split comes from `Batch.indices < num_query`, so unreadable images never
+shift it.
 
 With MERGE.TARGET_GFLOPS every compared method is set to that budget through its declared knob before
 any extraction starts (`reid_lite.compress.budget`); methods whose cost depends on the image are matched
@@ -16,6 +17,7 @@ which also give every row's effective GFLOPs.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -39,7 +41,6 @@ from ..merging import (
     reducible_depth,
     reduction_schedule,
 )
-from ..merging.learned import learned_reducers, learned_state_dict
 from ..metrics.rank import evaluate_rank
 from ..metrics.rerank import re_ranking
 from ..metrics.retrieval import evaluate_retrieval
@@ -257,55 +258,47 @@ def evaluate(cfg: Any, model: nn.Module, dataset: ReIDDataset, device: torch.dev
     kept: dict[str, tuple[Features, Features]] = {}
     skipped_paths: list[str] = []
     prepare_model(model, dev)  # device, eval mode and channels-last before the warm-up
-    # A learned merging loaded with a checkpoint (DTEM's embedding) is not in the config: --compare rebuilds the
-    # model's own method at the end, so its learned values are kept here and put back then.
-    own_learned = {k: v.detach().clone() for k, v in learned_state_dict(model).items()} if methods else {}
-    own_sources = {k: (r.weights_missing, r.weights_source) for k, r in learned_reducers(model).items()}
-    try:
-        for name in names:
-            label = name or own
-            if name is not None or solutions.get(label) is not None:
-                section = _merge_section(cfg, label, reducible_depth(model))
-                merge_with_budget(model, section, calibration, solutions.get(label))
-            _warmup(model, cfg, dev)
-            feats = extract_features(model, loader, device=dev, amp=cfg.TEST.AMP, flip=flip, feat_norm=feat_norm,
-                                     progress=progress, desc=f"extract [{label}]")
-            query, gallery = split_query_gallery(feats, num_query)
-            metrics = evaluate_features(query, gallery, re_rank=bool(cfg.TEST.RE_RANKING),
-                                        query_chunk=int(cfg.TEST.QUERY_CHUNK))
-            skipped_paths = list(feats.failed)  # same loader for every method, so the same files
-            gflops = model_gflops(model)
-            budget = getattr(model, "merge_budget", None)
-            rows.append({
-                "method": label,
-                "gflops": gflops,
-                "effective_gflops": _effective(model, calibration, gflops),
-                "budget": budget.to_dict() if budget is not None else None,
-                "images_per_second": feats.images_per_second,
-                "model_images_per_second": feats.model_images_per_second,
-                "seconds": feats.seconds,
-                "model_seconds": feats.model_seconds,
-                **{k: metrics[k] for k in ("rank1", "rank5", "rank10", "mAP", "mINP")},
-                "cmc": [float(v) for v in metrics["cmc"]],
-                "feature_dim": int(feats.feats.shape[1]),
-                "num_query": len(query),
-                "num_gallery": len(gallery),
-                "skipped": len(feats.failed),
-                "re_ranking": bool(cfg.TEST.RE_RANKING),
-                "merge_r": getattr(model, "merge_r", None),
-                "schedule": model_schedule(model),
-            })
-            logger.info("%s: rank1 %.4f mAP %.4f (%.1f img/s)", label, metrics["rank1"], metrics["mAP"],
-                        feats.images_per_second)
-            if keep_features:
-                kept[label] = (query, gallery)
-    finally:
-        if methods:
-            merge_with_budget(model, _merge_section(cfg, own, reducible_depth(model)), calibration, solutions.get(own))
-            if own_learned:
-                model.load_state_dict(own_learned, strict=False)
-                for key, reducer in learned_reducers(model).items():
-                    reducer.weights_missing, reducer.weights_source = own_sources[key]
+    for name in names:
+        label = name or own
+        run = model
+        if name is not None or solutions.get(label) is not None:
+            # A model per compared method (or per budget solved on this data): the caller's model is not changed.
+            run = copy.deepcopy(model)
+            section = _merge_section(cfg, label, reducible_depth(model))
+            merge_with_budget(run, section, calibration, solutions.get(label))
+        _warmup(run, cfg, dev)
+        feats = extract_features(run, loader, device=dev, amp=cfg.TEST.AMP, flip=flip, feat_norm=feat_norm,
+                                 progress=progress, desc=f"extract [{label}]")
+        query, gallery = split_query_gallery(feats, num_query)
+        metrics = evaluate_features(query, gallery, re_rank=bool(cfg.TEST.RE_RANKING),
+                                    query_chunk=int(cfg.TEST.QUERY_CHUNK))
+        skipped_paths = list(feats.failed)  # same loader for every method, so the same files
+        gflops = model_gflops(run)
+        budget = getattr(run, "merge_budget", None)
+        rows.append({
+            "method": label,
+            "gflops": gflops,
+            "effective_gflops": _effective(run, calibration, gflops),
+            "budget": budget.to_dict() if budget is not None else None,
+            "images_per_second": feats.images_per_second,
+            "model_images_per_second": feats.model_images_per_second,
+            "seconds": feats.seconds,
+            "model_seconds": feats.model_seconds,
+            **{k: metrics[k] for k in ("rank1", "rank5", "rank10", "mAP", "mINP")},
+            "cmc": [float(v) for v in metrics["cmc"]],
+            "feature_dim": int(feats.feats.shape[1]),
+            "num_query": len(query),
+            "num_gallery": len(gallery),
+            "skipped": len(feats.failed),
+            "re_ranking": bool(cfg.TEST.RE_RANKING),
+            "merge_r": getattr(run, "merge_r", None),
+            "schedule": model_schedule(run),
+        })
+        logger.info("%s: rank1 %.4f mAP %.4f (%.1f img/s)", label, metrics["rank1"], metrics["mAP"],
+                    feats.images_per_second)
+        if keep_features:
+            kept[label] = (query, gallery)
+        del run
     out: dict[str, Any] = {
         "rows": rows,
         "device": str(dev),
