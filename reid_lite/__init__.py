@@ -16,12 +16,19 @@ __all__ = ["__version__", "build_model", "get_cfg", "load_cfg"]
 _CONVENIENCE = {"build_model": "reid_lite.build", "get_cfg": "reid_lite.config", "load_cfg": "reid_lite.config"}
 
 
+#: The package's modules, reachable as attributes (`reid_lite.models`) without importing them first.
+_MODULES = ("build", "cli", "compress", "config", "data", "deploy", "engine", "index", "integrations", "merging",
+            "metrics", "models", "utils")
+
+
 def __getattr__(name: str) -> Any:
-    """`reid_lite.build_model` and friends, imported on first use (PEP 562)."""
+    """`reid_lite.build_model` and friends, and the package's modules, imported on first use (PEP 562)."""
     if name in _CONVENIENCE:
         return getattr(importlib.import_module(_CONVENIENCE[name]), name)
+    if name in _MODULES:
+        return importlib.import_module(f"reid_lite.{name}")
     raise AttributeError(f"module 'reid_lite' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_CONVENIENCE])
+    return sorted([*globals(), *_CONVENIENCE, *_MODULES])
