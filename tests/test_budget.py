@@ -143,7 +143,7 @@ def test_atm_is_matched_on_effective_gflops_over_its_calibration_images(base):
     # the budget; the effective count (valid tokens only) is what meets it.
     assert s.gflops > base > target >= s.effective_gflops >= 0.99 * target
     assert s.calibration == {"source": "4 synthetic pedestrians (seed 0)", "images": 4, "paths": []}
-    from reid_lite.data.synthetic import synthetic_test_batch
+    from reid_lite.data.synthetic_batch import synthetic_test_batch
 
     images, cams = synthetic_test_batch(tiny_cfg(), 4, num_cameras=3)
     assert effective_gflops(model, images, cam_label=cams)[0] == pytest.approx(s.effective_gflops)

@@ -18,7 +18,7 @@ from conftest import tiny_cfg
 
 from reid_lite import build_model, load_cfg
 from reid_lite.compress.flops import effective_gflops
-from reid_lite.data.synthetic import synthetic_test_batch
+from reid_lite.data.synthetic_batch import synthetic_test_batch
 from reid_lite.deploy import (
     DeployError,
     ExportError,

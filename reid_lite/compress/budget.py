@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from yacs.config import CfgNode
 
-from ..data.synthetic import synthetic_test_batch
+from ..data.synthetic_batch import synthetic_test_batch
 from ..merging import apply_merging, input_tokens, load_plugins
 from ..merging.knobs import set_overrides
 from ..merging.registry import get_method, method_names

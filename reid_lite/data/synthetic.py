@@ -42,10 +42,6 @@ from typing import Any
 
 import cv2
 import numpy as np
-import torch
-from PIL import Image
-
-from .transforms import build_transforms
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -58,7 +54,6 @@ __all__ = [
     "make_camera",
     "make_identity",
     "render_person",
-    "synthetic_test_batch",
 ]
 
 # Bump when the drawing changes: the marker then no longer matches and old data is not reused.
@@ -818,22 +813,3 @@ def dataset_summary(path: str | Path) -> dict[str, dict[str, int]]:
         summary[sub] = {"images": len(files), "ids": len(pids), "cameras": len(cams)}
     return summary
 
-
-def synthetic_test_batch(cfg: Any, count: int = 12, num_cameras: int = 1,
-                         seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """`count` preprocessed synthetic pedestrians (count/2 identities, two views each) and their cameras.
-
-    Rendered at INPUT.SIZE_TEST and passed through the test transform, so an export's parity check and a
-    budget's calibration need no dataset. Cameras cycle through 0..num_cameras-1 (several in one batch).
-    """
-    transform = build_transforms(cfg, is_train=False)
-    size = tuple(int(s) for s in cfg.INPUT.SIZE_TEST)
-    rng = np.random.default_rng(seed)
-    images, cams = [], []
-    for i in range(count):
-        cam = i % max(1, num_cameras)
-        person = make_identity(i // 2, seed=seed)
-        arr = render_person(person, make_camera(cam + (i % 2) * 7, seed=seed), rng, size)
-        images.append(transform(Image.fromarray(arr)))
-        cams.append(cam)
-    return torch.stack(images), torch.tensor(cams, dtype=torch.long)

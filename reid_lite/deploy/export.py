@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..compress.flops import transreid_gflops
-from ..data.synthetic import synthetic_test_batch
+from ..data.synthetic_batch import synthetic_test_batch
 from ..merging import token_counts
 from ..models.fingerprint import model_fingerprint
 from .parity import MIN_COSINE, ParityReport, compare_features, self_flips
