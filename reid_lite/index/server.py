@@ -90,10 +90,12 @@ def _thumbnail(path: str, sha256: str, height: int, mtime_ns: int, size: int) ->
     per file version: the key holds its mtime and size)."""
     from PIL import Image
 
+    from ..data.loader import to_rgb
+
     data = Path(path).read_bytes()
     if hashlib.sha256(data).hexdigest() != sha256:
         raise HTTPException(410, "the crop's file changed on disk since it was added; it is not served")
-    img = Image.open(io.BytesIO(data)).convert("RGB")
+    img = to_rgb(Image.open(io.BytesIO(data)))  # a 16-bit crop scaled, not clipped to white
     img.thumbnail((height, height), Image.Resampling.BILINEAR)  # person crops are tall: height binds
     out = io.BytesIO()
     img.save(out, "JPEG", quality=85)

@@ -47,18 +47,23 @@ def decode_upload(data: bytes) -> tuple[Any, str]:
     """(RGB PIL image, format) of uploaded bytes; 400/415 for what is not a readable crop."""
     from PIL import Image
 
+    from ..data.loader import CropShapeError, check_crop_shape, to_rgb
+
     try:
         img = Image.open(io.BytesIO(data))
         if img.width * img.height > _MAX_PIXELS:
             raise HTTPException(400, f"image of {img.width}x{img.height} pixels is too large for a person crop")
+        check_crop_shape(img.width, img.height, "the upload")  # the rule every reader of crops applies
         img.load()
+    except CropShapeError as exc:
+        raise HTTPException(400, str(exc)) from None
     except HTTPException:
         raise
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
         raise HTTPException(400, f"the upload is not a readable image ({exc})") from None
     if img.format not in FORMATS:
         raise HTTPException(415, f"unsupported image format {img.format}: send JPEG, PNG or BMP")
-    return img.convert("RGB"), img.format
+    return to_rgb(img), img.format  # 16-bit and palette PNGs are scaled to 8-bit RGB, as files are
 
 
 def camera_from_name(g: Gallery, data: bytes, filename: str | None, fmt: str) -> int | None:
