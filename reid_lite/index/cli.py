@@ -354,6 +354,8 @@ def _cmd_recover(args: argparse.Namespace) -> None:
 def _cmd_serve(args: argparse.Namespace) -> None:
     from .server import serve
 
+    if not 0 <= args.port <= 65535:  # before the gallery is opened and the model built
+        raise ValueError(f"--port {args.port} is not a TCP port: use 1-65535 (or 0 for any free port)")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         warnings.warn(f"listening on {args.host}: anyone who can reach it can search the gallery and see its crops "
                       "(there is no authentication)", stacklevel=1)
@@ -379,6 +381,7 @@ def _interrupted(args: argparse.Namespace) -> str:
 def run_command(prefix: str, command: Callable[[], None], interrupted: Callable[[], str]) -> int:
     """Run `command`: an ordinary mistake becomes one line on stderr and exit status 2, Ctrl-C the line
     `interrupted()` and 130, a warning one line (not Python's file:line and source echo)."""
+    from ..deploy.runtime import DeployError
     from ..models.checkpoint import CheckpointError
 
     with warnings.catch_warnings():
@@ -389,7 +392,7 @@ def run_command(prefix: str, command: Callable[[], None], interrupted: Callable[
         except KeyboardInterrupt:
             print(f"{prefix}: {interrupted()}", file=sys.stderr)
             return 130
-        except (GalleryError, CheckpointError, OSError, ValueError, KeyError) as exc:
+        except (GalleryError, CheckpointError, DeployError, OSError, ValueError, KeyError) as exc:
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
             print(f"{prefix}: error: {msg}".replace("\n", " "), file=sys.stderr)
             return 2
