@@ -24,6 +24,8 @@ __all__ = ["FORMATS", "UPLOADS", "add_upload", "camera_from_name", "check_query_
 #: Folder of the gallery where crops added through the API are kept (named by their sha256).
 UPLOADS = "uploads"
 FORMATS = {"JPEG": ".jpg", "PNG": ".png", "BMP": ".bmp"}  # uploads the gallery's crop reader accepts
+#: The longest file name the file systems take (bytes): a longer `filename=` cannot name a crop.
+MAX_NAME_BYTES = 255
 _MAX_PIXELS = 40_000_000  # a person crop is far smaller; refuses decompression bombs before decoding
 
 
@@ -71,6 +73,12 @@ def camera_from_name(g: Gallery, data: bytes, filename: str | None, fmt: str) ->
     name = Path(filename or "").name
     if not name or name in (".", ".."):
         return None
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > MAX_NAME_BYTES:  # writing it below would fail with ENAMETOOLONG (a 500)
+        raise HTTPException(400, f"filename of {size} bytes is longer than a file name can be "
+                                 f"({MAX_NAME_BYTES} bytes)")
+    if "\0" in name:
+        raise HTTPException(400, "filename contains a NUL character")
     with tempfile.TemporaryDirectory(prefix="reid-serve-") as tmp:
         path = Path(tmp) / (name if Path(name).suffix.lower() in FORMATS.values() else name + FORMATS[fmt])
         path.write_bytes(data)
