@@ -157,6 +157,30 @@ class Payload:
     """Not a tensor: weights-only loading refuses a checkpoint holding it."""
 
 
+class RunsCode:
+    """Unpickling this calls os.system: a checkpoint built to run code when it is loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_code_running_pickle_is_refused_as_unsafe(capsys, tmp_path, data):
+    """Not "not a readable checkpoint": the file was read and refused, and it is refused even when trusted."""
+    evil, marker = tmp_path / "evil.pth", tmp_path / "it-ran"
+    torch.save({"model": RunsCode(marker)}, evil)
+    for trust in ("False", "True"):
+        rc, _, err = cli(capsys, "build", str(tmp_path / "g"), str(data / "query"), "--weights", str(evil),
+                         "--opts", *TINY, "MODEL.TRUST_CHECKPOINT", trust)
+        assert rc == 2 and not (tmp_path / "g").exists()
+        one_error_line(err, f"{evil} was refused as unsafe: loading it would call posix.system (code execution")
+    assert not marker.exists()
+
+
 def test_refused_or_unreadable_checkpoint_one_line(capsys, tmp_path, data):
     evil = tmp_path / "evil.pth"
     torch.save({"model": Payload()}, evil, pickle_protocol=pickle.DEFAULT_PROTOCOL)

@@ -127,7 +127,8 @@ def test_weights_that_are_no_checkpoint_exit_2_with_one_line(tool, data_root, tm
     expect = {"yaml": f"error: {cfg} is not a PyTorch checkpoint (a text file, ",
               "empty": f"error: {weights} is empty (0 bytes): not a checkpoint",
               "directory": f"error: {weights} is a directory, not a checkpoint file",
-              "forbidden object": f"error: {weights} contains objects that weights-only loading refuses "
+              "forbidden object": f"error: {weights} was refused as unsafe: it contains objects that weights-only "
+                                  "loading refuses "
                                   "(Unsupported global: GLOBAL argparse.Namespace"}[kind]
     assert line.startswith(expect), line
     # trusting the file is suggested only where unpickling is what stands in the way
