@@ -283,14 +283,33 @@ def test_folder_json_sidecar(tmp_path, as_dict):
     ("path,camid\ncam1/missing.jpg,0\n", "line 2", "does not exist"),
     ("path,pid\ncam1/a.jpg,0\n", "line 1", r"required column\(s\) \['camid'\]"),
     ("path,camid\nc.jpg,0\nc.jpg,1\n", "line 3", "duplicate"),
+    (b"path,camid\ncam1/a.jpg,0\nc\xe9.jpg,1\n", "line 3", r"not UTF-8 text \(byte b'\\xe9'\)"),
+    ("path,camid\ncam1/a.jpg,0\nc.jpg,1,2\n", "line 3", r"3 fields, but the header has 2 \(extra \['2'\]\)"),
+    ("path,camid,timestamp\ncam1/a.jpg,0,nan\n", "line 2", "timestamp 'nan' is not a finite number"),
+    ("path,camid,timestamp\ncam1/a.jpg,0,1e400\n", "line 2", "timestamp '1e400' is not a finite number"),
 ])
 def test_folder_bad_sidecar(tmp_path, content, where, what):
     folder = tmp_path / "crops"
     make_crops(folder)
     write_image(tmp_path / "outside.jpg")  # exists, so only the escape check can reject it
-    (folder / "bad.csv").write_text(content)
+    if isinstance(content, bytes):
+        (folder / "bad.csv").write_bytes(content)
+    else:
+        (folder / "bad.csv").write_text(content)
     with pytest.raises(SidecarError, match=rf"bad\.csv: {where}: .*{what}"):
         build_dataset("folder", root=folder, sidecar="bad.csv")
+
+
+def test_folder_sidecar_with_a_byte_order_mark(tmp_path):
+    """Excel and Notepad save UTF-8 with a BOM: the header's first column is still `path`."""
+    folder = tmp_path / "crops"
+    make_crops(folder)
+    (folder / "bom.csv").write_bytes(b"\xef\xbb\xbfpath,camid\ncam1/a.jpg,0\nc.jpg,2\n")
+    (folder / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([{"path": "c.jpg", "camid": 1}]).encode())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the unlisted crops
+        assert [cam for _, _, cam, _ in FolderDataset(folder, sidecar="bom.csv").gallery] == [0, 2]
+        assert [cam for _, _, cam, _ in FolderDataset(folder, sidecar="bom.json").gallery] == [1]
 
 
 def test_folder_json_escape_is_rejected(tmp_path):
