@@ -42,6 +42,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from ..utils.text import count
 from .crops import to_seconds
 from .gallery import Gallery
 from .live import LiveGallery
@@ -336,7 +337,7 @@ def serve(gallery: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
                          query_cfg=query_cfg)
         g = app.state.live.current()
         merged = "" if query_cfg is None else f", queries embedded with merging {str(query_cfg.MERGE.METHOD)}"
-        print(f"reid-gallery serve: {gallery} (generation {g.generation}, {g.store.count()} crops, "
+        print(f"reid-gallery serve: {gallery} (generation {g.generation}, {count(g.store.count(), 'crop')}, "
               f"{'uploads add crops' if allow_add else 'read-only'}{merged}) on "
               f"http://{host}:{sock.getsockname()[1]}/", flush=True)
         uvicorn.Server(uvicorn.Config(app, log_level="info", lifespan="off")).run(sockets=[sock])
