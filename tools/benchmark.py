@@ -239,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         return cli_error(f"unknown methods {unknown}; choose from all, {', '.join([*method_names(), *VARIANTS])}")
     args.target_gflops = 0.0
     if args.budget:
+        knobs = [m for m in methods if get_method(method_overrides(m)[1]).budget_knob is not None]
+        if not knobs:  # the report would name a budget that no row ran under
+            return cli_error(f"--budget {args.budget}: none of the methods ({', '.join(methods)}) has a GFLOPs "
+                             "knob (MERGE.METHOD none merges nothing): add merging methods to --methods")
         try:
             _, unmerged = _model(args, "none")
             args.target_gflops = resolve_budget(args.budget, unmerged)
