@@ -107,7 +107,7 @@ def check_images(x: object, size: tuple[int, int], training: bool = False) -> No
                          "(build_transforms, or x.float() / 255 then the config's PIXEL_MEAN/STD)")
     if shape[2:] != tuple(size):
         raise ValueError(f"the model takes {want}, got size {shape[2:]}: resize to INPUT.SIZE_TEST {list(size)}")
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
         return  # the batch is symbolic in compiled and exported graphs: a guard on it would specialise them
     if shape[0] == 0:
         raise ValueError(f"the model takes {want}, got an empty batch {shape}")
