@@ -185,3 +185,16 @@ def test_analytic_flops_agree_with_fvcore(jpm, min_r):
 
     model = _model(jpm, min_r=min_r)
     assert transreid_gflops(model) == pytest.approx(fvcore_gflops(model), rel=1e-9)
+
+
+def test_merging_every_source_in_twelve_blocks_leaves_jpm_a_valid_input(cams):
+    """Cut to the batch's valid tokens, an ATM that merges every source halves the sequence per block, down to
+    the class token and one patch before JPM: its parts then get one empty slot each, not a zero length."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(depth=12, METHOD="atm", ATM__OFFSET=-3.0), 10, 3, 0).eval()
+    images = torch.randn(3, 3, 256, 128)
+    model.count_tokens = True
+    with torch.no_grad():
+        out = model(images, cam_label=cams[:3])
+    assert out.shape == (3, model.feature_dim) and torch.isfinite(out).all()
+    assert model.last_state.counts[-1].tolist() == [2, 2, 2]
