@@ -146,7 +146,8 @@ class ATM(TokenReducer):
             a_pos = b_pos = None
             if self.size_split:
                 a_pos, b_pos = size_distinctive_split(state.size[..., 0], valid)
-            k_a, k_b = bipartite_split(keys.float().mean(dim=1), a_pos, b_pos)  # fp32 decisions
+            # fp32 decisions; accumulated in fp32 from the keys as they are (no fp32 copy of every key)
+            k_a, k_b = bipartite_split(keys.mean(dim=1, dtype=torch.float32), a_pos, b_pos)
             scores = cosine_scores(k_a, k_b)
             if valid is not None:
                 v_a, v_b = bipartite_split(valid[..., None], a_pos, b_pos)
