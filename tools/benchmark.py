@@ -147,8 +147,8 @@ def prepare(args: argparse.Namespace, method: str, backend: str, batch: int,
         del model
         run = open_runtime(backend, _onnx_path(args, method), threads=args.threads)
     else:
-        model = to_device(model, device, pure_dtype=DTYPES[args.dtype] if args.pure else None)
-        x = to_device(x, device)
+        pure = DTYPES[args.dtype] if args.pure else None
+        model, x = to_device(model, device, pure_dtype=pure), to_device(x, device, pure_dtype=pure)
         run = torch.compile(model) if backend == "compile" else model
     # Camera ids stay on the CPU, as the extractor passes them: the model range-checks them there and copies
     # them over without waiting on the device (ids already on a GPU are checked by an asynchronous assert).
@@ -169,10 +169,10 @@ def prepare(args: argparse.Namespace, method: str, backend: str, batch: int,
 
 def to_device(obj, device: torch.device, pure_dtype: torch.dtype | None = None):
     """A model or an image batch on `device`; on CUDA in channels-last memory layout (the patch-embedding
-    convolution's fast path there), with `pure_dtype` the model's floating-point weights cast to it
-    (no autocast: every op runs in that dtype, the merge decisions included)."""
+    convolution's fast path there); with `pure_dtype` the model's floating-point weights and the images cast to
+    it (no autocast: every op runs in that dtype; the merge decisions still take fp32)."""
     obj = obj.to(device)
-    if pure_dtype is not None and isinstance(obj, torch.nn.Module):
+    if pure_dtype is not None:
         obj = obj.to(dtype=pure_dtype)
     if device.type == "cuda":
         if isinstance(obj, torch.nn.Module):
