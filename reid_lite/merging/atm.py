@@ -153,9 +153,14 @@ class ATM(TokenReducer):
                 v_a, v_b = bipartite_split(valid[..., None], a_pos, b_pos)
                 scores = mask_invalid(scores, v_a[..., 0], v_b[..., 0])
             node_max, node_idx = scores[:, 1:].max(dim=-1)  # sources: the A patch tokens (class token aside)
-            count = self.merge_counts(node_max)
-            rank = stable_ranks(node_max, descending=True)
-            merging = (rank < count[:, None]) & torch.isfinite(node_max)
+            if self.mode == "image" and not self.min_r:
+                # Each image merges exactly its sources above the threshold: the top-`count` by rank are those, so
+                # the ranks (a sort per block) are not needed. Empty sources score -inf and never pass.
+                merging = node_max > self.theta
+            else:
+                count = self.merge_counts(node_max)
+                rank = stable_ranks(node_max, descending=True)
+                merging = (rank < count[:, None]) & torch.isfinite(node_max)
             merging = torch.cat([merging.new_zeros(merging.shape[0], 1), merging], dim=1)  # (B, Na)
             dst = torch.cat([node_idx.new_zeros(node_idx.shape[0], 1), node_idx], dim=1)
             forced = self.forced(T)
