@@ -311,9 +311,32 @@ DTEM_LR = 5e-3
 TRAINING_NODES = ("MODEL", "INPUT", "DATASETS", "DATALOADER", "SOLVER")
 
 
-def training_dump(cfg: Any) -> str:
-    """The config nodes training depends on, as YAML (MERGE and TEST are test-time settings)."""
-    return "\n".join(CfgNode({k: cfg[k]}).dump() for k in TRAINING_NODES)
+def training_settings(cfg: Any) -> dict[str, Any]:
+    """The config keys training depends on (TRAINING_NODES), flattened to 'NODE.KEY' -> value; the teacher's
+    options drop out when there is no teacher."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, CfgNode):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = list(value) if isinstance(value, (list, tuple)) else value
+
+    for name in TRAINING_NODES:
+        walk(cfg[name], f"{name}.")
+    if not flat.get("MODEL.TEACHER"):
+        flat = {k: v for k, v in flat.items() if not k.startswith("MODEL.TEACHER")}
+    flat.pop("MODEL.DEVICE_ID", None)  # where it ran, not what it learned
+    return flat
+
+
+def training_mismatches(stored: Any, cfg: Any) -> list[str]:
+    """Every training setting where a finished stage's config `stored` differs from `cfg`; a key the stored
+    config predates counts as its default."""
+    old, new, default = training_settings(stored), training_settings(cfg), training_settings(get_cfg())
+    return [f"{k}: {old.get(k, default.get(k))!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if old.get(k, default.get(k)) != new.get(k)]
 
 
 def train_stage(cfg: Any, split: ReIDDataset, progress: bool) -> dict[str, Any]:
@@ -323,12 +346,13 @@ def train_stage(cfg: Any, split: ReIDDataset, progress: bool) -> dict[str, Any]:
     summary_path = out / TRAIN_SUMMARY
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
-        stored = CfgNode.load_cfg(summary.get("config", ""))
-        if training_dump(stored) == training_dump(cfg) and Path(summary["weights"]).is_file():
+        mismatches = training_mismatches(CfgNode.load_cfg(summary.get("config", "")), cfg)
+        if not mismatches and Path(summary["weights"]).is_file():
             logger.info("training stage already done: %s", summary_path)
             return summary
-        raise ValueError(f"{summary_path} is from another configuration or its weights are gone: "
-                         "use another --output (or delete that folder)")
+        problem = (f"was trained with other settings ({'; '.join(mismatches)})" if mismatches
+                   else f"lost its weights ({summary['weights']})")
+        raise ValueError(f"{summary_path} {problem}: use another --output (or delete that folder)")
     t0 = time.perf_counter()
     result = train(cfg, split, progress=progress, resume=True)
     train_seconds = time.perf_counter() - t0
