@@ -121,6 +121,24 @@ def labelled_split(g: Gallery, crops: Path) -> tuple[tuple, tuple, int]:
     return (q, q_pids, q_cams), (stored, pids, cams), len(pos)
 
 
+def test_calibration_on_one_identity_is_refused_with_the_minimum(tmp_path, crops):
+    """One query of one identity (or many queries of one): refused before anything is written, naming the
+    minimum; the gallery keeps its generation."""
+    g = build_gallery(tmp_path / "gal", crops)
+    query, gallery, _ = labelled_split(g, crops)
+    gen = g.generation
+    one = [np.asarray(a)[:1] for a in query]
+    with pytest.raises(ValueError, match=r"too few identities to calibrate on: 1 labelled query of 1 identity; "
+                                         r"at least 2 query identities are needed"):
+        calibrate_gallery(g, *one, *gallery)
+    same = np.asarray(query[1]).copy()
+    same[:] = same[0]
+    with pytest.raises(ValueError, match=rf"{len(same)} labelled queries of 1 identity; at least 2"):
+        calibrate_gallery(g, query[0], same, query[2], *gallery)
+    assert g.generation == gen and g.calibration_for(None) is None
+    g.close()
+
+
 def test_calibrate_writes_the_gallery_and_search_flags_hits(tmp_path, crops):
     g = build_gallery(tmp_path / "gal", crops)
     query, gallery, n_strangers = labelled_split(g, crops)

@@ -35,6 +35,7 @@ from reid_lite.data import (
     build_test_loader,
     build_train_loader,
     build_transforms,
+    read_image,
 )
 
 CUHK03 = Path("/work/shared/data/cuhk03")
@@ -282,14 +283,33 @@ def test_folder_json_sidecar(tmp_path, as_dict):
     ("path,camid\ncam1/missing.jpg,0\n", "line 2", "does not exist"),
     ("path,pid\ncam1/a.jpg,0\n", "line 1", r"required column\(s\) \['camid'\]"),
     ("path,camid\nc.jpg,0\nc.jpg,1\n", "line 3", "duplicate"),
+    (b"path,camid\ncam1/a.jpg,0\nc\xe9.jpg,1\n", "line 3", r"not UTF-8 text \(byte b'\\xe9'\)"),
+    ("path,camid\ncam1/a.jpg,0\nc.jpg,1,2\n", "line 3", r"3 fields, but the header has 2 \(extra \['2'\]\)"),
+    ("path,camid,timestamp\ncam1/a.jpg,0,nan\n", "line 2", "timestamp 'nan' is not a finite number"),
+    ("path,camid,timestamp\ncam1/a.jpg,0,1e400\n", "line 2", "timestamp '1e400' is not a finite number"),
 ])
 def test_folder_bad_sidecar(tmp_path, content, where, what):
     folder = tmp_path / "crops"
     make_crops(folder)
     write_image(tmp_path / "outside.jpg")  # exists, so only the escape check can reject it
-    (folder / "bad.csv").write_text(content)
+    if isinstance(content, bytes):
+        (folder / "bad.csv").write_bytes(content)
+    else:
+        (folder / "bad.csv").write_text(content)
     with pytest.raises(SidecarError, match=rf"bad\.csv: {where}: .*{what}"):
         build_dataset("folder", root=folder, sidecar="bad.csv")
+
+
+def test_folder_sidecar_with_a_byte_order_mark(tmp_path):
+    """Excel and Notepad save UTF-8 with a BOM: the header's first column is still `path`."""
+    folder = tmp_path / "crops"
+    make_crops(folder)
+    (folder / "bom.csv").write_bytes(b"\xef\xbb\xbfpath,camid\ncam1/a.jpg,0\nc.jpg,2\n")
+    (folder / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([{"path": "c.jpg", "camid": 1}]).encode())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the unlisted crops
+        assert [cam for _, _, cam, _ in FolderDataset(folder, sidecar="bom.csv").gallery] == [0, 2]
+        assert [cam for _, _, cam, _ in FolderDataset(folder, sidecar="bom.json").gallery] == [1]
 
 
 def test_folder_json_escape_is_rejected(tmp_path):
@@ -379,6 +399,71 @@ def test_test_loader_skips_corrupt_and_converts_modes(tmp_path):
     assert gray.shape == (3, 16, 8) and torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
     assert (rgba[:, 0, 0] * 255).round().tolist() == [10.0, 200.0, 30.0]
     assert (pal[:, 0, 0] * 255).round().tolist() == [0.0, 0.0, 255.0]
+
+
+def test_high_bit_depth_and_palette_images_become_8bit_rgb(tmp_path):
+    """16-bit PNGs (grayscale I;16, RGB 48-bit) are scaled by 257, not clipped to white; palette with
+    transparency, LA and CMYK are converted; the same pixels reach a dataset's loader."""
+    ramp = (np.arange(64 * 32, dtype=np.uint32).reshape(64, 32) * 31).astype(np.uint16)  # 0..63457
+    Image.fromarray(ramp).save(tmp_path / "gray16.png")
+    with Image.open(tmp_path / "gray16.png") as img:
+        assert img.mode.startswith("I")  # what PIL decodes it to: convert("RGB") of this clips to 255
+    got = np.asarray(read_image(str(tmp_path / "gray16.png")))
+    assert got.shape == (64, 32, 3) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got[..., 0], np.rint(ramp / 257.0).astype(np.uint8))
+    assert got.mean() < 150  # the old conversion gave an almost white image (mean 254)
+    rgb16 = (np.random.default_rng(0).random((40, 20, 3)) * 65535).astype(np.uint16)
+    import cv2
+    cv2.imwrite(str(tmp_path / "rgb16.png"), rgb16[..., ::-1])
+    got = np.asarray(read_image(str(tmp_path / "rgb16.png"))).astype(int)
+    assert np.abs(got - rgb16 / 257.0).max() <= 1
+    pal = Image.new("P", (20, 40), 1)
+    pal.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    pal.info["transparency"] = 0
+    pal.save(tmp_path / "pal.png")
+    Image.new("LA", (20, 40), (90, 255)).save(tmp_path / "la.png")
+    Image.new("CMYK", (20, 40), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no palette-transparency warning either
+        assert np.asarray(read_image(str(tmp_path / "pal.png")))[0, 0].tolist() == [10, 200, 30]
+    assert np.asarray(read_image(str(tmp_path / "la.png")))[0, 0].tolist() == [90, 90, 90]
+    assert np.asarray(read_image(str(tmp_path / "cmyk.jpg")))[0, 0, 0] > 200  # red stays red
+    # The dataset loader reads through read_image: the 16-bit crop is not white there either.
+    raw = ImageDataset([(str(tmp_path / "gray16.png"), 1, 0, 0)], T.ToTensor())
+    assert float(raw[0].image.mean()) < 0.6
+
+
+def test_crop_rule_refuses_tiny_and_elongated_images_in_every_reader(tmp_path):
+    """MIN_CROP_SIDE and the aspect bounds: read_image raises CropShapeError naming the file and the size,
+    the loader skips the crop with that reason, in-memory images are refused the same way."""
+    from reid_lite.data import MAX_CROP_ASPECT, MIN_CROP_ASPECT, MIN_CROP_SIDE, CropShapeError, check_crop_shape
+
+    assert (MIN_CROP_SIDE, MIN_CROP_ASPECT, MAX_CROP_ASPECT) == (8, 0.25, 8.0)
+    tiny = write_image(tmp_path / "tiny.png", size=(4, 6))
+    wide = write_image(tmp_path / "wide.png", size=(200, 20))
+    tall = write_image(tmp_path / "tall.png", size=(10, 120))
+    ok = write_image(tmp_path / "ok.png", size=(MIN_CROP_SIDE, 2 * MIN_CROP_SIDE))
+    with pytest.raises(CropShapeError, match=r"tiny.png is 4x6 pixels .*at least 8 pixels"):
+        read_image(str(tiny))
+    with pytest.raises(CropShapeError, match=r"wide.png is 200x20 pixels .*height / width 0.1 is outside"):
+        read_image(str(wide))
+    with pytest.raises(CropShapeError, match=r"tall.png is 10x120 pixels .*height / width 12 is outside"):
+        read_image(str(tall))
+    assert read_image(str(ok)).size == (8, 16)
+    check_crop_shape(64, 128)
+    ds = ImageDataset([(str(p), 1, 0, 0) for p in (tiny, ok)], T.ToTensor())
+    with pytest.warns(ImageReadWarning, match=r"tiny.png .*CropShapeError.*4x6 pixels"):
+        batch = ReIDCollate((16, 8))([ds[0], ds[1]])
+    assert batch.failed == [str(tiny)] and batch.paths == [str(ok)]
+
+
+def test_market_reads_upper_case_extensions_as_reid_gallery_does(tmp_path):
+    base = make_market(tmp_path, MARKET_TRAIN, MARKET_QUERY, MARKET_GALLERY)
+    write_image(base / "bounding_box_test" / "0005_c2s1_000001_00.JPG")
+    write_image(base / "query" / "0005_c1s1_000002_00.png")
+    ds = build_dataset("market1501", root=tmp_path)
+    assert "0005_c2s1_000001_00.JPG" in [Path(p).name for p, *_ in ds.gallery]
+    assert "0005_c1s1_000002_00.png" in [Path(p).name for p, *_ in ds.query]
 
 
 def test_failed_images_warn_once_and_all_failed_batch(tmp_path):

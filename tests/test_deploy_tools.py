@@ -78,6 +78,61 @@ def test_export_then_evaluate_with_onnxruntime(setup, capsys):
     torch_cfg = load_cfg(str(config), common[2:])
     with pytest.raises(FingerprintMismatch, match="backend"):
         gallery.search([crop], k=1, cfg=torch_cfg)
+    gallery.close()
+
+    # The exported file moved away: reid-gallery search says where the gallery expects it, in one line.
+    from reid_lite.index.cli import main as gallery_cli
+
+    moved = onnx_path.with_name("moved.onnx")
+    onnx_path.rename(moved)
+    try:
+        capsys.readouterr()
+        assert gallery_cli(["search", str(tmp / "gallery"), crop, "-k", "1"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"exported model {onnx_path} (its MODEL.ONNX_PATH)" in err[0], err
+    finally:
+        moved.rename(onnx_path)
+
+
+def test_a_bad_onnx_path_is_one_line_naming_the_file(setup, tmp_path, capsys):
+    """Missing, a folder, truncated, not ONNX at all: tools/test.py and reid-gallery build say which file and
+    what is wrong with it, in one line, exit status 2."""
+    tmp, config, root, weights = setup
+    from reid_lite.index.cli import main as gallery_cli
+
+    (tmp_path / "text.onnx").write_text("hello")
+    (tmp_path / "trunc.onnx").write_bytes(b"\x08\x07\x12\x0bpytorch\x1a\xff\xff")  # a ModelProto cut short
+    cases = [(tmp_path / "missing.onnx", "ONNX file not found: {path}"),
+             (tmp_path, "ONNX file {path} is a folder"),
+             (tmp_path / "text.onnx", "{path} is not a readable ONNX file (5 bytes; truncated or not ONNX"),
+             (tmp_path / "trunc.onnx", "{path} is not a readable ONNX file (14 bytes; truncated or not ONNX")]
+    test = load_tool("test")
+    for path, words in cases:
+        opts = ["MODEL.BACKEND", "onnxruntime", "MODEL.ONNX_PATH", str(path)]
+        assert test.main(["--config", str(config), "DATASETS.ROOT_DIR", str(root), *opts]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and words.format(path=path) in err[0], err
+        assert gallery_cli(["build", str(tmp_path / "g"), str(root / "query"), "--config", str(config),
+                            "--opts", *opts]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words.format(path=path) in err[0], err
+        assert not (tmp_path / "g").exists()
+
+
+def test_export_refuses_to_replace_a_file_or_write_into_one(setup, tmp_path, capsys):
+    """--out that exists (without --overwrite), is a folder, or lies under a file: refused before any work."""
+    tmp, config, root, weights = setup
+    export = load_tool("export")
+    existing = tmp_path / "existing.onnx"
+    existing.write_bytes(b"a gallery's model")
+    (tmp_path / "file").write_text("x")
+    base = ["--config", str(config), "TEST.WEIGHT", str(weights), "--backends", "onnxruntime"]
+    for out, words in [(existing, "exists: pass --overwrite"), (tmp_path, "is a folder"),
+                       (tmp_path / "file" / "m.onnx", "is a file, not a folder")]:
+        assert export.main([*base, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: --out {out}") and words in err[0], err
+    assert existing.read_bytes() == b"a gallery's model"
 
 
 def test_export_refuses_tracked_coordinates_and_bad_arguments(setup, capsys):

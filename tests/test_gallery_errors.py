@@ -157,6 +157,30 @@ class Payload:
     """Not a tensor: weights-only loading refuses a checkpoint holding it."""
 
 
+class RunsCode:
+    """Unpickling this calls os.system: a checkpoint built to run code when it is loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_code_running_pickle_is_refused_as_unsafe(capsys, tmp_path, data):
+    """Not "not a readable checkpoint": the file was read and refused, and it is refused even when trusted."""
+    evil, marker = tmp_path / "evil.pth", tmp_path / "it-ran"
+    torch.save({"model": RunsCode(marker)}, evil)
+    for trust in ("False", "True"):
+        rc, _, err = cli(capsys, "build", str(tmp_path / "g"), str(data / "query"), "--weights", str(evil),
+                         "--opts", *TINY, "MODEL.TRUST_CHECKPOINT", trust)
+        assert rc == 2 and not (tmp_path / "g").exists()
+        one_error_line(err, f"{evil} was refused as unsafe: loading it would call posix.system (code execution")
+    assert not marker.exists()
+
+
 def test_refused_or_unreadable_checkpoint_one_line(capsys, tmp_path, data):
     evil = tmp_path / "evil.pth"
     torch.save({"model": Payload()}, evil, pickle_protocol=pickle.DEFAULT_PROTOCOL)
@@ -343,3 +367,25 @@ def test_interrupted_build_leaves_old_gallery_or_nothing(tmp_path, data, gallery
             raise KeyboardInterrupt
     assert sorted(p.name for p in gallery.iterdir()) == before and not (tmp_path / "fresh").exists()
     assert_intact(gallery, data)
+
+
+def test_counts_read_as_english(capsys, tmp_path, data):
+    """One crop is "1 crop" (not "1 crops") in build/add/info/remove, and the page uses the same rule."""
+    from reid_lite.utils.text import count
+
+    assert (count(1, "camera"), count(2, "camera"), count(0, "crop")) == ("1 camera", "2 cameras", "0 crops")
+    assert count(1, "query", "queries") == "1 query" and count(3, "query", "queries") == "3 queries"
+    one = gallery_crops(data)[0]
+    root = tmp_path / "one"
+    rc, out, err = cli(capsys, "build", str(root), str(one), "--opts", *TINY)
+    assert rc == 0, err
+    assert "added 1 crop, skipped 0 duplicates, 0 unreadable" in out
+    rc, out, _ = cli(capsys, "add", str(root), str(one))
+    assert rc == 0 and "added 0 crops, skipped 1 duplicate, 0 unreadable" in out
+    rc, out, _ = cli(capsys, "info", str(root))
+    assert rc == 0 and "size      1 crop, " in out
+    rc, out, _ = cli(capsys, "remove", str(root), "--path", str(one))
+    assert rc == 0 and out.startswith("removed 1 crop; 0 left")
+    page = (REPO / "reid_lite" / "index" / "web" / "app.js").read_text()
+    assert '${count(info.size, "crop")}, ${count(cams.length, "camera")}' in page
+    assert "return `${n} ${n === 1 ? noun : noun + \"s\"}`;" in page

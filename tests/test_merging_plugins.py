@@ -380,3 +380,26 @@ def test_plugin_method_in_the_torchreid_factory(plugin):
     assert {type(r).__name__ for r in model.reducers.values()} == {"EmptyLowAttention"}
     assert all(r.threshold == 0.8 for r in model.reducers.values())
     assert "transreid_emptylow" in rt.register_models()
+
+
+@pytest.mark.parametrize("source, line, what", [
+    ("x = 1\ndef broken(:\n    pass\n", 2, "SyntaxError"),
+    ("import math\n\n\nraise RuntimeError('plugin cannot start')\n", 4, "RuntimeError: plugin cannot start"),
+])
+def test_a_plugin_that_fails_to_import_is_one_line_naming_file_and_line(tmp_path, capsys, source, line, what):
+    """A syntax error or an exception at import is a PluginError (a ValueError) naming the file and the line,
+    and the tools print it as one `error:` line with exit status 2."""
+    from reid_lite.merging.registry import PluginError
+
+    bad = tmp_path / "bad_plugin.py"
+    bad.write_text(source)
+    try:
+        with pytest.raises(PluginError, match=rf"bad_plugin.py.*line {line}\): {what}"):
+            load_cfg(None, ["MERGE.PLUGINS", f"['{bad}']"])
+        rc = load_tool("benchmark").main(["--device", "cpu", "--out", str(tmp_path / "b.json"),
+                                          "MERGE.PLUGINS", f"['{bad}']"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith("error: MERGE.PLUGINS:") and f"line {line}" in err[0]
+        assert not (tmp_path / "b.json").exists()
+    finally:
+        forget_plugin(str(bad))

@@ -300,3 +300,64 @@ def test_model_for_a_checkpoint_takes_its_camera_count_from_the_sie_table(tmp_pa
     cfg.MODEL.SIE_CAMERA = True
     with pytest.raises(CheckpointError, match="has no camera SIE table .* set MODEL.SIE_CAMERA False"):
         build_model_for_checkpoint(cfg, path, camera_num=2)
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: torch.zeros(0, 3, 256, 128), "got an empty batch (0, 3, 256, 128)"),
+    (lambda: torch.zeros(3, 256, 128), "got one unbatched image (3, 256, 128): add the batch dimension"),
+    (lambda: torch.zeros(2, 3, 256, 128, dtype=torch.uint8), "got dtype torch.uint8: convert and normalise"),
+    (lambda: torch.zeros(2, 1, 256, 128), "got 1 channel(s) in shape (2, 1, 256, 128)"),
+    (lambda: torch.zeros(2, 3, 128, 64), "got size (128, 64): resize to INPUT.SIZE_TEST [256, 128]"),
+    (lambda: np.zeros((2, 3, 256, 128), np.float32), "got ndarray"),
+])
+def test_model_input_mistakes_are_a_value_error_naming_the_expected_input(make, words):
+    model = build_model(tiny_cfg(depth=2), 10, 3).eval()
+    with pytest.raises(ValueError) as exc:
+        model(make(), cam_label=torch.zeros(2, dtype=torch.long))
+    assert "the model takes a float tensor (B, 3, 256, 128) of preprocessed images" in str(exc.value)
+    assert words in str(exc.value)
+
+
+def test_a_batch_of_one_in_train_mode_says_to_call_eval():
+    model = build_model(tiny_cfg(depth=2), 10, 3).train()
+    with pytest.raises(ValueError, match=r"a batch of one image in train mode: BatchNorm needs at least 2; call "
+                                         r"model.eval\(\)"):
+        model(torch.zeros(1, 3, 256, 128), cam_label=torch.zeros(1, dtype=torch.long))
+    assert model.eval()(torch.zeros(1, 3, 256, 128), cam_label=torch.zeros(1, dtype=torch.long)).shape[0] == 1
+
+
+def test_the_input_checks_read_no_tensor_values():
+    """Shape and dtype only: the checks pass on a meta tensor, which has no values to read (a `.item()` or
+    `bool(tensor)` would fail), so they add no host-device synchronisation to the forward."""
+    from reid_lite.models.transreid import check_images
+
+    check_images(torch.empty(4, 3, 256, 128, device="meta"), (256, 128), training=True)
+    with pytest.raises(ValueError, match="empty batch"):
+        check_images(torch.empty(0, 3, 256, 128, device="meta"), (256, 128))
+
+
+def test_nan_pixels_are_refused_where_images_enter_and_never_stored(tmp_path):
+    """FeatureExtractor refuses a preprocessed tensor with NaN/inf; a gallery write refuses non-finite features."""
+    from reid_lite.engine.extractor import FeatureExtractor
+    from reid_lite.index.gallery import Gallery
+    from reid_lite.index.storage import GalleryError
+    from reid_lite.index.store import CropRecord
+
+    cfg = tiny_cfg(depth=2)
+    model = build_model(cfg, 10, 3).eval()
+    fe = FeatureExtractor(cfg, model=model)
+    x = torch.zeros(3, 3, 256, 128)
+    x[1, 0, 5, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or inf pixels \(image\(s\) \[1\] of the batch\)"):
+        fe(x, camids=[0, 1, 2])
+    x[1, 0, 5, 5] = float("inf")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        fe([x[0], x[1]], camids=[0, 1])
+    g = Gallery.create(tmp_path / "g", cfg, camera_num=3)
+    feats = np.ones((2, g.dim), np.float32) / np.sqrt(g.dim)
+    feats[1, 0] = np.nan
+    records = [CropRecord(path=f"/x/{i}.jpg", sha256=f"{i:064d}", camid=0) for i in range(2)]
+    with pytest.raises(GalleryError, match=r"1 of 2 feature\(s\) are not finite .* /x/1.jpg: nothing was written"):
+        g.add_features(records, feats)
+    assert g.store.count() == 0
+    g.close()

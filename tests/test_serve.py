@@ -159,9 +159,27 @@ def test_oversized_upload_is_413(live, crops):
     ("get", "/api/crops/12345", {}, None, 404, "no crop with id 12345"),
     ("get", "/api/crops/1/thumbnail", {"height": 5000}, None, 422, "height: "),
     ("delete", "/api/info", {}, None, 405, "Method Not Allowed"),
+    # Numbers beyond SQLite's 64-bit integers, non-finite times, names no file system takes: 4xx, never a 500.
+    ("get", "/api/crops/99999999999999999999", {}, None, 422, "crop_id: Input should be less than or equal to"),
+    ("get", "/api/crops/99999999999999999999/thumbnail", {}, None, 422, "crop_id: "),
+    ("get", "/api/crops/99999999999999999999/search", {}, None, 422, "crop_id: "),
+    ("get", "/api/crops/-3", {}, None, 422, "crop_id: Input should be greater than or equal to 0"),
+    ("post", "/api/search", {"camera": 0, "cameras": 2**70}, "crop", 400, "cameras: 1180591620717411303424 is not"),
+    ("post", "/api/search", {"camera": 0, "nprobe": 2**70}, "crop", 422, "nprobe: "),
+    ("post", "/api/search", {"filename": "c" * 300 + "_c1s1_000001_00.jpg"}, "crop", 400,
+     "filename of 319 bytes is longer than a file name can be (255 bytes)"),
+    ("post", "/api/search", {"camera": 0, "time_from": "nan"}, "crop", 400, "timestamp 'nan' is not a finite number"),
+    ("post", "/api/search", {"camera": 0, "time_to": "inf"}, "crop", 400, "timestamp 'inf' is not a finite number"),
+    ("post", "/api/search", {"camera": 0, "time_to": "1e400"}, "crop", 400, "timestamp '1e400' is not a finite"),
+    ("post", "/api/search", {"camera": 0}, "tiny", 400, "the upload is 4x6 pixels (width x height): too small"),
+    ("post", "/api/search", {"camera": 0}, "strip", 400, "height / width 0.1 is outside a person crop's"),
 ])
 def test_one_clear_json_error_per_bad_request(server, crops, method, url, params, body, status, words):
     data = gallery_files(crops)[0].read_bytes() if body == "crop" else body
+    if body in ("tiny", "strip"):
+        buf = io.BytesIO()
+        Image.new("RGB", (4, 6) if body == "tiny" else (200, 20), (90, 40, 20)).save(buf, "PNG")
+        data = buf.getvalue()
     r = requests.request(method, server.url + url, params=params, data=data, timeout=T)
     assert r.status_code == status, r.text
     assert r.headers["content-type"] == "application/json" and list(r.json()) == ["error"]
@@ -288,3 +306,39 @@ def test_a_damaged_new_generation_is_not_served(live):
         current.write_text(good)
     after = live.current()  # CURRENT changed again: reopened, same generation
     assert after.generation == before.generation and after.search(after.crop_features([0]), k=1)[0][0].id == 0
+
+
+def test_uploads_add_refuses_bad_numbers_and_reads_16_bit_pngs(tmp_path, crops):
+    """POST /api/crops: a non-finite timestamp or an identity beyond 64 bits is a 4xx before anything is
+    written; a 16-bit grayscale PNG is searched as its scaled 8-bit image (the same as an 8-bit copy), not as
+    the white image PIL's own conversion gives."""
+    import numpy as np
+
+    build_gallery(tmp_path / "gal", crops).close()
+    live = LiveGallery(tmp_path / "gal")
+    ramp = (np.arange(64 * 32, dtype=np.uint32).reshape(64, 32) * 31).astype(np.uint16)
+    png16, png8 = io.BytesIO(), io.BytesIO()
+    Image.fromarray(ramp).save(png16, "PNG")
+    Image.fromarray(np.rint(ramp / 257).astype(np.uint8), "L").save(png8, "PNG")
+    before = live.current().store.count()
+    with BackgroundServer(create_app(live, allow_add=True)) as s:
+        for params, status, words in [({"camera": 0, "timestamp": "nan"}, 400, "not a finite number"),
+                                      ({"camera": 0, "timestamp": "1e400"}, 400, "not a finite number"),
+                                      ({"camera": 0, "identity": 2**64}, 422, "identity: ")]:
+            r = requests.post(f"{s.url}/api/crops", data=png8.getvalue(), params=params, timeout=T)
+            assert r.status_code == status and words in r.json()["error"], r.text
+        assert live.current().store.count() == before
+        hits = [requests.post(f"{s.url}/api/search", data=d, params={"camera": 0, "k": 3}, timeout=T).json()["hits"]
+                for d in (png16.getvalue(), png8.getvalue())]
+    assert [h["id"] for h in hits[0]] == [h["id"] for h in hits[1]]
+    assert [h["score"] for h in hits[0]] == pytest.approx([h["score"] for h in hits[1]], abs=1e-5)
+
+
+def test_cli_serve_refuses_a_port_outside_the_tcp_range(live, capsys):
+    from reid_lite.index.cli import main
+
+    for port in ("65536", "-1", "100000"):
+        assert main(["serve", str(live.root), "--no-verify", "--port", port]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"reid-gallery serve: error: --port {port} is not a TCP port: use 1-65535 (or 0 for any "
+                       "free port)"]

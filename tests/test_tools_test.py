@@ -127,7 +127,8 @@ def test_weights_that_are_no_checkpoint_exit_2_with_one_line(tool, data_root, tm
     expect = {"yaml": f"error: {cfg} is not a PyTorch checkpoint (a text file, ",
               "empty": f"error: {weights} is empty (0 bytes): not a checkpoint",
               "directory": f"error: {weights} is a directory, not a checkpoint file",
-              "forbidden object": f"error: {weights} contains objects that weights-only loading refuses "
+              "forbidden object": f"error: {weights} was refused as unsafe: it contains objects that weights-only "
+                                  "loading refuses "
                                   "(Unsupported global: GLOBAL argparse.Namespace"}[kind]
     assert line.startswith(expect), line
     # trusting the file is suggested only where unpickling is what stands in the way
@@ -289,3 +290,47 @@ def test_calibrate_writes_the_threshold_into_the_gallery(tool, copied_queries, t
     line = one_error_line(capsys)
     assert "refused" in line and "merging.r: gallery 2 != query 1" in line
     assert Gallery.open(tmp_path / "gal").generation == 1  # nothing written
+
+
+def test_output_dir_that_is_a_file_or_unwritable_is_refused_before_any_work(tool, data_root, tmp_path, capsys):
+    cfg, out = write_config(tmp_path, data_root)
+    (tmp_path / "file").write_text("x")
+    for bad, words in [(tmp_path / "file", "OUTPUT_DIR {p} is a file, not a folder"),
+                       (tmp_path / "file" / "sub", "OUTPUT_DIR {p}: {f} is a file, not a folder")]:
+        assert run_tool(tool, ["--config", cfg, "OUTPUT_DIR", bad]) == 2
+        line = one_error_line(capsys)
+        assert line == "error: " + words.format(p=bad, f=tmp_path / "file"), line
+        assert "Loaded" not in capsys.readouterr().out  # refused before the dataset was read
+
+
+def test_budget_with_no_merging_method_is_refused(tool, data_root, tmp_path, capsys):
+    """results.json must never claim a budget that was not applied: MERGE.METHOD none has no knob."""
+    cfg, out = write_config(tmp_path, data_root)
+    assert run_tool(tool, ["--config", cfg, "--budget", "75%", "MERGE.METHOD", "none"]) == 2
+    assert "--budget 75%: no evaluated method has a GFLOPs knob (none; MERGE.METHOD none merges nothing)" in \
+        one_error_line(capsys)
+    assert not (out / "results.json").exists()
+
+
+def test_no_query_identity_in_the_gallery_is_one_line(tool, tmp_path, capsys):
+    root = generate_reid_dataset(tmp_path / "data", num_train_ids=2, num_test_ids=2, num_cameras=2,
+                                 images_per_id_per_camera=1, size=(64, 32), num_distractors=0, progress=False)
+    for q in (root / "query").glob("*.jpg"):  # queries of a person the gallery never saw
+        q.rename(q.with_name("0099" + q.name[4:]))
+    cfg, out = write_config(tmp_path, root)
+    assert run_tool(tool, ["--config", cfg, "--no-progress"]) == 2
+    line = one_error_line(capsys)
+    assert "no query identity appears in the gallery from another camera" in line and "gallery image" in line
+    assert not (out / "results.json").exists()
+
+
+def test_market_layout_with_upper_case_jpg_is_read(tool, tmp_path, capsys):
+    """Files named .JPG (a camera's or Windows' habit) are read, as reid-gallery reads them."""
+    root = generate_reid_dataset(tmp_path / "data", num_train_ids=2, num_test_ids=2, num_cameras=2,
+                                 images_per_id_per_camera=1, size=(64, 32), num_distractors=0, progress=False)
+    for f in list((root / "bounding_box_test").glob("*.jpg")) + list((root / "query").glob("*.jpg")):
+        f.rename(f.with_suffix(".JPG"))
+    cfg, out = write_config(tmp_path, root)
+    assert run_tool(tool, ["--config", cfg, "--no-progress"]) == 0, capsys.readouterr().err
+    record = json.loads((out / "results.json").read_text())
+    assert record["num_query"] == 2 and record["num_gallery"] == 2 and record["skipped"] == 0

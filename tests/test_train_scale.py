@@ -87,6 +87,44 @@ def test_checkpoints_reload_strictly_with_weights_only(tiny_data, tmp_path, one_
         train(cfg, resume=True)
 
 
+def test_resume_refuses_another_architecture_and_other_training_settings(tiny_data, tmp_path, one_thread, capsys):
+    """Another architecture: one line naming the key, always. Another batch size or learning rate: refused
+    unless --resume-force (then logged). A state without a saved config is checked by its parameter shapes."""
+    out = tmp_path / "run"
+    first = train(tiny_train_cfg(tiny_data, out, 2), stop_after_steps=1, evaluate=False)
+    assert first.stopped
+    with pytest.raises(ValueError, match=r"another architecture: MODEL.DEPTH 4 \(saved 3\)"):
+        train(tiny_train_cfg(tiny_data, out, 2, "MODEL.DEPTH", 4), resume=True, evaluate=False)
+    tool = load_tool("train")
+    base = ["--no-progress", "--no-eval", "--no-tensorboard", "--resume"]
+    cfg_file = tmp_path / "tiny.yml"
+    cfg_file.write_text(tiny_train_cfg(tiny_data, out, 2).dump())
+    assert tool.main(["--config", str(cfg_file), *base, "MODEL.EMBED_DIM", "64"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error: ")]
+    assert len(err) == 1 and "another architecture: MODEL.EMBED_DIM 64 (saved 32)" in err[0], err
+    for key, value, saved in (("SOLVER.IMS_PER_BATCH", "16", "8"), ("SOLVER.BASE_LR", "0.01", "0.001")):
+        assert tool.main(["--config", str(cfg_file), *base, key, value]) == 2
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error: ")]
+        assert len(err) == 1 and f"other training settings: {key} " in err[0] and f"(saved {saved})" in err[0], err
+        assert "--resume-force" in err[0]
+    # Forced: the run continues with the new learning rate, and says so.
+    forced = train(tiny_train_cfg(tiny_data, out, 2, "SOLVER.BASE_LR", 0.002), resume=True, resume_force=True,
+                   evaluate=False, stop_after_steps=1)
+    assert forced.global_step == 2
+    # An older state without its config: the parameter shapes still tell another model apart.
+    state = load_train_state(out / STATE_FILE)
+    del state["config"]
+    torch.save(state, out / STATE_FILE)
+    with pytest.raises(ValueError, match=r"its model does not fit this config's .*shape\(s\) differ"):
+        train(tiny_train_cfg(tiny_data, out, 2, "MODEL.EMBED_DIM", 64), resume=True, evaluate=False)
+
+
+def test_train_refuses_an_output_dir_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert load_tool("train").main(["OUTPUT_DIR", str(tmp_path / "file")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: OUTPUT_DIR {tmp_path / 'file'} is a file, not a folder"
+
+
 # ------------------------------------------------------------------------------ sampler / augmentation
 
 

@@ -43,7 +43,8 @@ from reid_lite import build_model, load_cfg
 from reid_lite.deploy.latency import measure_latency
 from reid_lite.merging import get_method, method_names
 from reid_lite.merging.budget import budget_label, resolve_budget
-from reid_lite.utils.cli import USER_ERRORS, error_text
+from reid_lite.utils.cli import USER_ERRORS, cli_error
+from reid_lite.utils.files import check_output_dir, check_output_file
 from reid_lite.utils.flops import effective_gflops, fvcore_gflops, transreid_gflops
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -211,24 +212,42 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     batches = args.batch_size or [256 if args.device.startswith("cuda") else 32]
     if any(b < 1 for b in batches):
-        p.error("--batch-size values must be >= 1")
+        return cli_error("--batch-size values must be >= 1")
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError) as err:
+        return cli_error(f"--device {args.device!r} is not a device ({err}); use cpu or cuda[:N]")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        # Checked here, once: each child process would otherwise fail with CUDA's own traceback.
+        return cli_error(f"--device {args.device}: CUDA is not available on this machine (torch "
+                         f"{torch.__version__}, no GPU found); use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        return cli_error(f"--device {args.device}: this machine has {torch.cuda.device_count()} GPU(s)")
     try:
         load_cfg(args.config, args.opts)  # a bad config fails here, once; loads MERGE.PLUGINS' methods
+        # Output paths before any work: the runs take minutes and the report is written last.
+        check_output_file(args.out, "--out")
+        if any(b in ONNX_BACKENDS for b in args.backend):
+            check_output_dir(args.onnx_dir, "--onnx-dir")
     except USER_ERRORS as err:
-        p.error(error_text(err))
+        return cli_error(err)
     methods = [m.strip().lower() for m in args.methods.split(",") if m.strip()] or method_names()
     if "all" in methods:
         methods = list(dict.fromkeys(n for m in methods for n in (method_names() if m == "all" else [m])))
     unknown = [m for m in methods if m not in method_names() and m not in VARIANTS]
     if unknown:
-        p.error(f"unknown methods {unknown}; choose from all, {', '.join([*method_names(), *VARIANTS])}")
+        return cli_error(f"unknown methods {unknown}; choose from all, {', '.join([*method_names(), *VARIANTS])}")
     args.target_gflops = 0.0
     if args.budget:
+        knobs = [m for m in methods if get_method(method_overrides(m)[1]).budget_knob is not None]
+        if not knobs:  # the report would name a budget that no row ran under
+            return cli_error(f"--budget {args.budget}: none of the methods ({', '.join(methods)}) has a GFLOPs "
+                             "knob (MERGE.METHOD none merges nothing): add merging methods to --methods")
         try:
             _, unmerged = _model(args, "none")
             args.target_gflops = resolve_budget(args.budget, unmerged)
         except USER_ERRORS as err:
-            p.error(error_text(err))
+            return cli_error(err)
         print(f"budget: {args.target_gflops:.4g} GFLOPs per image ({args.budget})", flush=True)
 
     ctx = mp.get_context("spawn")

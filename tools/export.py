@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Export the eval model with its token merging to ONNX, verified against PyTorch.
 
-    python tools/export.py --config configs/demo_synthetic.yml --out output/demo_stm.onnx
+    python tools/export.py --config configs/demo_synthetic.yml --out output/demo_stm.onnx [--overwrite]
     python tools/export.py --config configs/msmt17_stm.yml TEST.WEIGHT transreid_msmt17.pth --out stm.onnx
     python tools/export.py --config demo_synthetic.yml MERGE.METHOD tome --out tome.onnx --backends onnxruntime
 
@@ -36,6 +36,7 @@ from reid_lite.deploy.parity import MIN_COSINE
 from reid_lite.deploy.runtime import RUNTIMES
 from reid_lite.models import build_model, build_model_for_checkpoint
 from reid_lite.utils.cli import USER_ERRORS, cli_error
+from reid_lite.utils.files import check_output_file
 
 logger = logging.getLogger("reid_lite.export")
 
@@ -45,7 +46,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--config", default="", help="YAML config (a bare name is looked up in configs/)")
-    p.add_argument("--out", required=True, help="ONNX file to write")
+    p.add_argument("--out", required=True, help="ONNX file to write (an existing file only with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--backends", default="onnxruntime,openvino",
                    help=f"runtimes whose parity with PyTorch is verified, comma-separated from {', '.join(RUNTIMES)}")
     p.add_argument("--cameras", type=int, default=0,
@@ -65,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         cfg = load_cfg(args.config or None, args.opts)
+        # Before any work: an export takes minutes, and an existing file may be the one a gallery runs.
+        check_output_file(args.out, "--out", overwrite=args.overwrite)
     except USER_ERRORS as err:
         return cli_error(err)
     backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())

@@ -42,11 +42,13 @@ from reid_lite.engine.asymmetric import asymmetric_methods, evaluate_pairings, f
 from reid_lite.engine.evaluator import check_methods, evaluate, format_table, gallery_calibration
 from reid_lite.index import Gallery, GalleryError
 from reid_lite.index.calibration import calibrate_gallery, query_fingerprint
-from reid_lite.merging import BudgetError, parse_methods
+from reid_lite.merging import BudgetError, get_method, parse_methods
 from reid_lite.merging.budget import resolve_budget
 from reid_lite.models import build_model, build_model_for_checkpoint, check_checkpoint_file, check_input_size
 from reid_lite.utils.cli import USER_ERRORS, cli_error
 from reid_lite.utils.device import resolve_device
+from reid_lite.utils.files import check_output_dir
+from reid_lite.utils.text import count
 from reid_lite.utils.visualize import rank_gallery, visualize_ranked_results
 
 logger = logging.getLogger("reid_lite.test")
@@ -162,6 +164,15 @@ def _calibrate(args: argparse.Namespace, plan: dict[str, Any], results: dict[str
     return entry
 
 
+def _has_cross_camera_match(dataset: Any) -> bool:
+    """Whether some query's identity is in the gallery from another camera (the protocol drops same-camera
+    matches): without one, no query can be scored and the evaluation would fail after embedding everything."""
+    cameras: dict[int, set[int]] = {}
+    for _, pid, camid, _ in dataset.gallery:
+        cameras.setdefault(pid, set()).add(camid)
+    return any(cameras.get(pid, set()) - {camid} for _, pid, camid, _ in dataset.query)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the evaluation; returns the process exit code."""
     args = parse_args(argv)
@@ -177,6 +188,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             methods = asymmetric_methods(cfg, methods)
         if cfg.TEST.WEIGHT:
             check_checkpoint_file(cfg.TEST.WEIGHT)  # a wrong path fails now, not after the dataset is indexed
+        check_output_dir(cfg.OUTPUT_DIR, "OUTPUT_DIR")  # results.json is written last: refuse before the work
+        if args.budget:
+            # results.json records the budget: it must have been applied to a method that has a knob for it.
+            evaluated = methods or [str(cfg.MERGE.METHOD).lower()]
+            if all(get_method(m).budget_knob is None for m in evaluated):
+                raise ValueError(f"--budget {args.budget}: no evaluated method has a GFLOPs knob "
+                                 f"({', '.join(evaluated)}; MERGE.METHOD none merges nothing): set MERGE.METHOD "
+                                 "or --compare to merging methods")
     except USER_ERRORS as err:
         return cli_error(err)
 
@@ -185,6 +204,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as err:
         return cli_error(err)
     print(dataset.statistics_table())
+    if not _has_cross_camera_match(dataset):
+        return cli_error(f"{dataset.name}: no query identity appears in the gallery from another camera "
+                         f"({count(len(dataset.query), 'query', 'queries')}, "
+                         f"{count(len(dataset.gallery), 'gallery image')}): nothing to evaluate; check that the "
+                         "query and gallery folders hold the same people")
     bad = [q for q in vis_ids if not 0 <= q < len(dataset.query)]
     if bad:
         return cli_error(f"--vis-queries {bad} out of range: the query list has {len(dataset.query)} images")

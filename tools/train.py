@@ -33,6 +33,7 @@ from reid_lite.engine.trainer import check_training_cfg, prepare_dataset, save_s
 from reid_lite.models import CheckpointError
 from reid_lite.utils.cli import USER_ERRORS, cli_error
 from reid_lite.utils.device import resolve_device
+from reid_lite.utils.files import check_output_dir
 
 logger = logging.getLogger("reid_lite.train")
 
@@ -58,6 +59,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="CPU threads for torch (default: torch's choice); 1 is much faster on a busy shared CPU")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUTPUT_DIR/last_checkpoint.pth (same step, sampler position and RNG state)")
+    p.add_argument("--resume-force", action="store_true",
+                   help="with --resume: continue even though SOLVER.IMS_PER_BATCH, BASE_LR, OPTIMIZER_NAME or the "
+                        "sampler differ from the saved run's (logged); another architecture is always refused")
     p.add_argument("--stop-after-steps", type=int, default=0, metavar="N",
                    help="stop after N optimiser steps of this run, leaving a resumable state (preemptible jobs)")
     p.add_argument("--state-every-steps", type=int, default=0, metavar="N",
@@ -95,6 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_cfg(args.config or None, args.opts)
+        check_output_dir(cfg.OUTPUT_DIR, "OUTPUT_DIR")  # the log file goes there first: refuse before any work
+        if args.resume_force and not args.resume:
+            raise ValueError("--resume-force applies to --resume")
     except USER_ERRORS as err:
         return cli_error(err)
     try:
@@ -127,7 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ctx.is_main:
         ctx.barrier()
     try:
-        result = train(cfg, dataset, resume=args.resume, stop_after_steps=args.stop_after_steps,
+        result = train(cfg, dataset, resume=args.resume, resume_force=args.resume_force,
+                       stop_after_steps=args.stop_after_steps,
                        state_every_steps=args.state_every_steps, progress=not args.no_progress,
                        evaluate=not args.no_eval, save_features=args.save_features,
                        tensorboard=not args.no_tensorboard)

@@ -25,21 +25,31 @@ from .datasets import (
     sie_counts,
 )
 from .loader import (
+    MAX_CROP_ASPECT,
+    MIN_CROP_ASPECT,
+    MIN_CROP_SIDE,
     Batch,
+    CropShapeError,
     ImageDataset,
     ImageReadWarning,
     ReIDCollate,
     Sample,
     build_test_loader,
     build_train_loader,
+    check_crop_shape,
     read_image,
+    to_rgb,
 )
 from .sampler import RandomIdentitySampler, TrainBatchSampler
 from .transforms import build_transforms
 
 __all__ = [
+    "MAX_CROP_ASPECT",
+    "MIN_CROP_ASPECT",
+    "MIN_CROP_SIDE",
     "MSMT17",
     "Batch",
+    "CropShapeError",
     "DatasetLayoutError",
     "DukeMTMCreID",
     "FolderDataset",
@@ -60,7 +70,9 @@ __all__ = [
     "build_test_loader",
     "build_train_loader",
     "build_transforms",
+    "check_crop_shape",
     "read_image",
     "register_dataset",
     "sie_counts",
+    "to_rgb",
 ]

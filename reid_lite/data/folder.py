@@ -4,7 +4,9 @@ CSV/JSON sidecar file, validated row by row (`SidecarError` names the file and t
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
 import os
 import re
 import warnings
@@ -37,12 +39,21 @@ def parse_timestamp(value: Any) -> float | str | None:
     """Numbers become float (e.g. epoch seconds); other strings (ISO 8601) are kept as given."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
     try:
-        return float(value)
+        number = float(value)
+    except OverflowError:  # an integer beyond float's range
+        number = math.inf
     except (TypeError, ValueError):
         return str(value).strip()
+    if not math.isfinite(number):  # nan / inf / 1e400 would sort before or after every crop
+        raise ValueError(f"timestamp {str(value)[:40]!r} is not a finite number")
+    return number
+
+
+def _byte_line(path: Path, offset: int) -> str:
+    """'line N' of the byte at `offset` in `path` (for a decoding error, which only knows the offset)."""
+    newlines = path.read_bytes()[:offset].count(b"\n")
+    return f"line {newlines + 1}"
 
 
 class FolderDataset(ReIDDataset):
@@ -132,9 +143,13 @@ class FolderDataset(ReIDDataset):
         """(location, row) pairs; location is 'line N' (CSV) or 'entry N' (JSON) for messages."""
         if sidecar.suffix.lower() == ".json":
             try:
-                data = json.loads(sidecar.read_text(encoding="utf-8"))
+                # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the text.
+                data = json.loads(sidecar.read_text(encoding="utf-8-sig"))
             except json.JSONDecodeError as err:
                 raise SidecarError(f"{sidecar}: line {err.lineno}: invalid JSON ({err.msg})") from None
+            except UnicodeDecodeError as err:
+                raise SidecarError(f"{sidecar}: {_byte_line(sidecar, err.start)}: not UTF-8 text "
+                                   f"(byte {err.object[err.start:err.start + 1]!r})") from None
             if isinstance(data, dict):  # {"path": {"camid": .., ...}, ...}
                 items = [{**(v if isinstance(v, dict) else {"_bad": v}), "path": k} for k, v in data.items()]
             elif isinstance(data, list):
@@ -149,14 +164,24 @@ class FolderDataset(ReIDDataset):
             return rows
         if sidecar.suffix.lower() != ".csv":
             raise SidecarError(f"{sidecar}: sidecar must be a .csv or .json file")
-        with open(sidecar, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
+        try:
+            text = sidecar.read_bytes().decode("utf-8-sig")  # a leading byte-order mark is dropped
+        except UnicodeDecodeError as err:
+            raise SidecarError(f"{sidecar}: {_byte_line(sidecar, err.start)}: not UTF-8 text "
+                               f"(byte {err.object[err.start:err.start + 1]!r}); save it as UTF-8") from None
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows = []
+        try:
             missing = {"path", "camid"} - set(reader.fieldnames or ())
             if missing:
                 raise SidecarError(
                     f"{sidecar}: line 1: header lacks required column(s) {sorted(missing)} "
                     f"(found {reader.fieldnames}); expected path,camid[,pid][,timestamp]")
-            return [(f"line {reader.line_num}", row) for row in reader]
+            for row in reader:
+                rows.append((f"line {reader.line_num}", row))
+        except csv.Error as err:  # e.g. a NUL byte, an unterminated quote at the end of the file
+            raise SidecarError(f"{sidecar}: line {reader.line_num}: not valid CSV ({err})") from None
+        return rows
 
     def _from_sidecar(self, folder: Path, sidecar: Path, cam_base: int) -> list[Record]:
         real_folder = folder.resolve()
@@ -164,6 +189,9 @@ class FolderDataset(ReIDDataset):
         seen: set[str] = set()
         for where, row in self._sidecar_rows(sidecar):
             try:
+                if None in row:  # csv.DictReader files the fields beyond the header under None
+                    raise ValueError(f"{len(row) - 1 + len(row[None])} fields, but the header has {len(row) - 1} "
+                                     f"(extra {row[None]!r}); quote a value that holds a comma")
                 rel = row.get("path")
                 if not isinstance(rel, str) or not rel.strip():
                     raise ValueError("missing required field 'path'")

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -19,35 +20,92 @@ from .transforms import build_transforms
 __all__ = [
     "Batch",
     "ImageDataset",
+    "MAX_CROP_ASPECT",
+    "MIN_CROP_ASPECT",
+    "MIN_CROP_SIDE",
+    "IMAGE_READ_ERRORS",
+    "CropShapeError",
     "ImageReadWarning",
     "ReIDCollate",
     "Sample",
     "build_test_loader",
     "build_train_loader",
+    "check_crop_shape",
     "read_image",
+    "to_rgb",
 ]
 
-# PIL raises these for missing, truncated, corrupt or oversized files (PNG reports some
-# corruption as SyntaxError). Anything else is a bug and must propagate.
-_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+#: What `read_image` raises for a missing, truncated, corrupt or oversized file (PNG reports some corruption
+#: as SyntaxError) or one that breaks the crop rule (CropShapeError, a ValueError). Anything else is a bug
+#: and must propagate.
+IMAGE_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 class ImageReadWarning(UserWarning):
     """An image could not be read and was dropped from its batch."""
 
 
-def read_image(path: str) -> Image.Image:
-    """Open and fully decode `path` as RGB (grayscale, RGBA, palette, CMYK ... are converted).
+#: The crop rule every reader applies (datasets, gallery build/add, search, HTTP uploads): a person crop
+#: has both sides of at least MIN_CROP_SIDE pixels and a height / width ratio within
+#: [MIN_CROP_ASPECT, MAX_CROP_ASPECT]. Market-1501 crops are 128x64 (ratio 2); a standing person is 1.5-4,
+#: a sitting or cycling one about 1. Outside these bounds the resize to INPUT.SIZE_TEST stretches a few
+#: pixels (or a horizontal strip) into a 256x128 input, and the feature describes no person.
+MIN_CROP_SIDE = 8
+MIN_CROP_ASPECT = 0.25  # 4 times wider than tall
+MAX_CROP_ASPECT = 8.0  # 8 times taller than wide
 
-    Raises OSError (or another PIL error) when the file is missing, truncated or corrupt;
+
+class CropShapeError(ValueError):
+    """An image too small or too elongated to be a person crop (see MIN_CROP_SIDE, *_CROP_ASPECT)."""
+
+
+def check_crop_shape(width: int, height: int, what: str = "image") -> None:
+    """Raise CropShapeError when a `width` x `height` image breaks the crop rule (MIN_CROP_SIDE pixels per side,
+    height / width within [MIN_CROP_ASPECT, MAX_CROP_ASPECT]); `what` names the image in the message."""
+    if min(width, height) < MIN_CROP_SIDE:
+        raise CropShapeError(f"{what} is {width}x{height} pixels (width x height): too small for a person crop, "
+                             f"both sides must be at least {MIN_CROP_SIDE} pixels")
+    aspect = height / width
+    if not MIN_CROP_ASPECT <= aspect <= MAX_CROP_ASPECT:
+        raise CropShapeError(f"{what} is {width}x{height} pixels (width x height): height / width {aspect:.3g} "
+                             f"is outside a person crop's [{MIN_CROP_ASPECT:g}, {MAX_CROP_ASPECT:g}]")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB copy of a decoded PIL image of any mode.
+
+    High-bit-depth images are scaled, not clipped: PIL's `convert("RGB")` maps a 16-bit grayscale PNG
+    (mode I;16 / I) to white, since it clips values above 255. 16-bit values are divided by 257 (65535 ->
+    255); 32-bit integer (I) images are taken as 16-bit, which is what PNG and TIFF decode to. Float (F)
+    images are taken as [0, 1] when their maximum is at most 1, else as [0, 255]. Palette images pass
+    through RGBA (PIL warns for a palette with transparency otherwise); alpha is dropped.
+    """
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        arr = np.asarray(img, dtype=np.float64)
+        gray = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if mode == "F":
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        scale = 255.0 if arr.size and arr.max() <= 1.0 else 1.0
+        return Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode in ("P", "PA"):
+        img = img.convert("RGBA")
+    return img.convert("RGB") if img.mode != "RGB" else img.copy()
+
+
+def read_image(path: str) -> Image.Image:
+    """Open and fully decode `path` as 8-bit RGB (`to_rgb`: 16-bit, grayscale, RGBA, palette, CMYK ... are
+    converted), after checking the crop rule (`check_crop_shape`).
+
+    Raises OSError (or another PIL error) when the file is missing, truncated or corrupt, and
+    CropShapeError (a ValueError) for an image too small or too elongated to be a person crop;
     decoding happens here, not lazily, so a truncated JPEG fails in this call.
     """
     with Image.open(path) as img:
+        check_crop_shape(img.width, img.height, f"{path}")
         img.load()
-        if img.mode == "P":
-            # Palette images with transparency warn unless they pass through RGBA.
-            img = img.convert("RGBA")
-        return img.convert("RGB") if img.mode != "RGB" else img.copy()
+        return to_rgb(img)
 
 
 class Sample(NamedTuple):
@@ -84,7 +142,7 @@ class ImageDataset(Dataset):
         path, pid, camid, viewid = self.records[index]
         try:
             img = read_image(path)
-        except _READ_ERRORS as err:
+        except IMAGE_READ_ERRORS as err:
             if path not in self._warned:
                 self._warned.add(path)
                 warnings.warn(f"cannot read image {path} ({type(err).__name__}: {err}); skipped",

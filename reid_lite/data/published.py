@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .base import DatasetLayoutError, Record, ReIDDataset, relabel_train
+from .base import IMG_EXTENSIONS, DatasetLayoutError, Record, ReIDDataset, relabel_train
 
 
 class _MarketLayout(ReIDDataset):
@@ -54,12 +54,16 @@ class _MarketLayout(ReIDDataset):
         gallery = self._process_dir(gallery_dir)
         for split, records, folder in (("query", query, query_dir), ("gallery", gallery, gallery_dir)):
             if not records:
-                raise DatasetLayoutError(f"{self.name}: no {split} images (*.jpg) in {folder}")
+                raise DatasetLayoutError(f"{self.name}: no {split} images ({', '.join(sorted(IMG_EXTENSIONS))}, "
+                                         f"any case) in {folder}")
         super().__init__(train, query, gallery, verbose=verbose)
 
     def _process_dir(self, folder: Path) -> list[Record]:
         records: list[Record] = []
-        for path in sorted(folder.glob("*.jpg")):
+        # Any case and every image extension, as reid-gallery reads a folder: a copy from a camera or
+        # Windows may name its files .JPG, and glob("*.jpg") is case-sensitive on Linux.
+        images = (p for p in folder.iterdir() if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+        for path in sorted(images):
             match = self.pattern.search(path.name)
             if match is None:
                 raise DatasetLayoutError(

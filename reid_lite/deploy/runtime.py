@@ -36,13 +36,31 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     import onnx
 
     path = Path(path)
+    if path.is_dir():
+        raise DeployError(f"ONNX file {path} is a folder: MODEL.ONNX_PATH names the exported .onnx file")
     if not path.is_file():
         raise DeployError(f"ONNX file not found: {path} (export one with tools/export.py)")
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # protobuf's DecodeError, onnx's own errors: the bytes are not an ONNX model
+        raise DeployError(f"{path} is not a readable ONNX file ({path.stat().st_size} bytes; truncated or "
+                          f"not ONNX: {_first_line(err)}); export it again with tools/export.py") from None
     props = {p.key: p.value for p in model.metadata_props}
     if METADATA_KEY not in props:
         raise DeployError(f"{path} has no reid_lite metadata: export it with tools/export.py")
-    return json.loads(props[METADATA_KEY])
+    try:
+        meta = json.loads(props[METADATA_KEY])
+        for key in ("inputs", "feature", "fingerprint"):
+            meta[key]  # noqa: B018 (what every reader of the metadata indexes)
+    except (ValueError, KeyError, TypeError) as err:
+        raise DeployError(f"{path}: its reid_lite metadata is malformed ({type(err).__name__}: {err}); export it "
+                          "again with tools/export.py") from None
+    return meta
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
 class RuntimeModel(nn.Module):
@@ -111,7 +129,10 @@ class OnnxRuntimeModel(RuntimeModel):
         if self.threads:
             opts.intra_op_num_threads = self.threads
         opts.log_severity_level = 3  # constant-folding notes on every load say nothing actionable
-        self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime's Fail / InvalidGraph / ... for a graph it cannot load
+            raise DeployError(f"{self.path}: ONNX Runtime cannot load it ({_first_line(err)})") from None
         self.input_names = {i.name for i in self.session.get_inputs()}
 
     def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -131,7 +152,10 @@ class OpenVINOModel(RuntimeModel):
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
         if self.threads:
             config["INFERENCE_NUM_THREADS"] = self.threads
-        self.compiled = ov.Core().compile_model(str(self.path), "CPU", config)
+        try:
+            self.compiled = ov.Core().compile_model(str(self.path), "CPU", config)
+        except Exception as err:  # OpenVINO raises RuntimeError subclasses for a graph it cannot read
+            raise DeployError(f"{self.path}: OpenVINO cannot load it ({_first_line(err)})") from None
         self.input_names = {n for i in self.compiled.inputs for n in i.get_names()}
         self.request = self.compiled.create_infer_request()
 

@@ -257,6 +257,20 @@ def _feature_dim(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------- ad-hoc images
 
 
+def _check_finite(images: torch.Tensor) -> None:
+    """Raise ValueError when a preprocessed image tensor holds NaN or inf.
+
+    Checked where tensors enter the extractor (one pass over the input, before it reaches the device),
+    not in the model's forward: there it would cost a host-device sync per batch. A NaN pixel spreads
+    through attention to the whole feature, which would then be stored in a gallery.
+    """
+    if images.is_floating_point() and not bool(torch.isfinite(images).all()):
+        bad = ~torch.isfinite(images.reshape(images.shape[0], -1) if images.dim() == 4 else images.reshape(1, -1))
+        rows = torch.nonzero(bad.any(dim=1)).flatten().tolist()
+        raise ValueError(f"image tensor has NaN or inf pixels (image(s) {rows[:5]} of the batch): preprocessed "
+                         "inputs must be finite")
+
+
 ImageInput = str | np.ndarray | Image.Image | torch.Tensor
 
 
@@ -313,7 +327,7 @@ class FeatureExtractor:
         self.batch_size = int(cfg.TEST.IMS_PER_BATCH)
 
     def _to_tensor(self, item: ImageInput) -> torch.Tensor:
-        from ..data.loader import read_image
+        from ..data.loader import check_crop_shape, read_image, to_rgb
 
         if isinstance(item, torch.Tensor):
             return item
@@ -322,26 +336,30 @@ class FeatureExtractor:
         elif isinstance(item, np.ndarray):
             if item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8:
                 raise ValueError(f"numpy images must be HWC uint8 RGB, got shape {item.shape} dtype {item.dtype}")
+            check_crop_shape(item.shape[1], item.shape[0], "a numpy image")  # the crop rule of every reader
             img = Image.fromarray(item)
         elif isinstance(item, Image.Image):
-            img = item.convert("RGB") if item.mode != "RGB" else item
+            check_crop_shape(item.width, item.height, "a PIL image")
+            img = to_rgb(item)  # 16-bit and palette images scaled to 8-bit RGB, as read_image does
         else:
             raise TypeError(f"unsupported image input {type(item).__name__}: use a path, array, PIL image or tensor")
         return self.transform(img)
 
     def _as_batch(self, inputs: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
         if isinstance(inputs, torch.Tensor):
-            if inputs.dim() == 3:
-                return inputs.unsqueeze(0)
-            if inputs.dim() == 4:
-                return inputs
-            raise ValueError(f"tensor inputs must be CHW or BCHW, got shape {tuple(inputs.shape)}")
+            if inputs.dim() not in (3, 4):
+                raise ValueError(f"tensor inputs must be CHW or BCHW, got shape {tuple(inputs.shape)}")
+            _check_finite(inputs)
+            return inputs.unsqueeze(0) if inputs.dim() == 3 else inputs
         if isinstance(inputs, (str, np.ndarray, Image.Image)):
             if isinstance(inputs, np.ndarray) and inputs.ndim == 4:  # a stacked (B, H, W, 3) array
                 inputs = list(inputs)
             else:
                 inputs = [inputs]
         items = [self._to_tensor(x) for x in inputs]
+        for t in items:
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                _check_finite(t)  # a preprocessed tensor among the inputs; decoded images are always finite
         items = [t.squeeze(0) if t.dim() == 4 and t.shape[0] == 1 else t for t in items]
         return torch.stack(items) if items else torch.empty(0, 3, *self.cfg.INPUT.SIZE_TEST)
 

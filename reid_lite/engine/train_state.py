@@ -17,8 +17,17 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["STATE_FILE", "STATE_VERSION", "capture_rng", "find_resume_state", "load_train_state", "restore_rng",
-           "save_train_state"]
+__all__ = ["STATE_FILE", "STATE_VERSION", "capture_rng", "check_resume", "find_resume_state", "load_train_state",
+           "restore_rng", "save_train_state"]
+
+#: Config keys that fix the model's parameters: a state saved under other values cannot be loaded at all.
+ARCHITECTURE_KEYS = ("MODEL.TRANSFORMER_TYPE", "MODEL.EMBED_DIM", "MODEL.DEPTH", "MODEL.NUM_HEADS",
+                     "MODEL.STRIDE_SIZE", "MODEL.SIE_CAMERA", "MODEL.SIE_VIEW", "MODEL.JPM", "INPUT.SIZE_TRAIN",
+                     "MERGE.METHOD")
+#: Keys of the optimisation: a run resumed under other values is not the interrupted run (its schedule,
+#: optimiser state and batches no longer fit), so they are refused unless forced (`--resume-force`).
+TRAINING_KEYS = ("SOLVER.IMS_PER_BATCH", "SOLVER.BASE_LR", "SOLVER.OPTIMIZER_NAME", "DATALOADER.SAMPLER",
+                 "DATALOADER.NUM_INSTANCE")
 
 STATE_FILE = "last_checkpoint.pth"
 STATE_VERSION = 1
@@ -75,3 +84,46 @@ def find_resume_state(output_dir: str | Path) -> Path | None:
     """OUTPUT_DIR's resumable state file, or None when there is none."""
     path = Path(output_dir) / STATE_FILE
     return path if path.is_file() else None
+
+
+def _value(cfg: Any, key: str) -> Any:
+    node = cfg
+    for part in key.split("."):
+        node = node.get(part) if hasattr(node, "get") else None
+    return list(node) if isinstance(node, (list, tuple)) else node
+
+
+def check_resume(cfg: Any, state: dict[str, Any], path: str | Path, model_state: dict[str, torch.Tensor],
+                 force: bool = False) -> list[str]:
+    """Check that `state` (from `load_train_state`) continues the run `cfg` describes, before anything is loaded.
+
+    Raises ValueError in one line: for a different architecture (ARCHITECTURE_KEYS of the saved config, or
+    parameters whose names or shapes differ from `model_state`, the new model's), and for different
+    TRAINING_KEYS unless `force`. Returns the forced differences (the caller logs them).
+    """
+    from yacs.config import CfgNode
+
+    saved = CfgNode.load_cfg(state["config"]) if isinstance(state.get("config"), str) else None
+    if saved is not None:
+        arch = [f"{k} {_value(cfg, k)!r} (saved {_value(saved, k)!r})" for k in ARCHITECTURE_KEYS
+                if _value(saved, k) is not None and _value(cfg, k) != _value(saved, k)]
+        if arch:
+            raise ValueError(f"cannot resume from {path}: it was saved by another architecture: {'; '.join(arch)}")
+    own, theirs = model_state, state["model"]
+    missing, unexpected = sorted(set(own) - set(theirs)), sorted(set(theirs) - set(own))
+    shapes = [f"{k} {tuple(v.shape)} (saved {tuple(theirs[k].shape)})" for k, v in own.items()
+              if k in theirs and tuple(v.shape) != tuple(theirs[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{len(shapes)} shape(s) differ, e.g. {shapes[0]}" if shapes else "",
+                 f"{len(missing)} parameter(s) missing from it, e.g. {missing[0]}" if missing else "",
+                 f"{len(unexpected)} unknown to this model, e.g. {unexpected[0]}" if unexpected else ""]
+        raise ValueError(f"cannot resume from {path}: its model does not fit this config's (another architecture, "
+                         f"dataset or camera count): {'; '.join(p for p in parts if p)}")
+    if saved is None:
+        return []
+    changed = [f"{k} {_value(cfg, k)!r} (saved {_value(saved, k)!r})" for k in TRAINING_KEYS
+               if _value(saved, k) is not None and _value(cfg, k) != _value(saved, k)]
+    if changed and not force:
+        raise ValueError(f"cannot resume from {path} with other training settings: {'; '.join(changed)}; restore "
+                         "them, or pass --resume-force to continue with the new ones")
+    return changed

@@ -50,7 +50,7 @@ from .loop import EvaluateFn, TrainResult, do_train, save_state_dict
 from .losses import make_loss
 from .lr_scheduler import SCHEDULERS, WARMUP_METHODS, create_scheduler
 from .teacher import TEACHER_INPUTS, TEACHER_LOSSES, Distillation, TeacherModel, teacher_targets
-from .train_state import find_resume_state, load_train_state
+from .train_state import check_resume, find_resume_state, load_train_state
 
 logger = logging.getLogger("reid_lite.train")
 
@@ -279,7 +279,7 @@ def make_evaluator(cfg: Any, dataset: ReIDDataset, ctx: DistContext, output_dir:
 
 def train(cfg: Any, dataset: ReIDDataset | None = None, device: torch.device | str | None = None,
           epoch_callback: Callable[[int, nn.Module], None] | None = None, *, resume: bool = False,
-          stop_after_steps: int = 0, state_every_steps: int = 0, progress: bool = False,
+          resume_force: bool = False, stop_after_steps: int = 0, state_every_steps: int = 0, progress: bool = False,
           evaluate: bool = True, save_features: bool = False, tensorboard: bool = True) -> TrainResult:
     """Train TransReID as the config describes and return the checkpoints written to OUTPUT_DIR.
 
@@ -288,7 +288,9 @@ def train(cfg: Any, dataset: ReIDDataset | None = None, device: torch.device | s
     training identities and `camera_num` = training cameras (used when MODEL.SIE_CAMERA; see
     `sie_counts`), the loss, optimiser and schedule, then runs `do_train`, evaluating on the dataset's
     query/gallery split every SOLVER.EVAL_PERIOD epochs when `evaluate`. `resume` continues from
-    OUTPUT_DIR/last_checkpoint.pth (a fresh start when there is none). The config used is written to
+    OUTPUT_DIR/last_checkpoint.pth (a fresh start when there is none); a state of another architecture is a
+    ValueError, one with other batch size, learning rate, optimiser or sampler too unless `resume_force`
+    (`check_resume`). The config used is written to
     OUTPUT_DIR/config.yaml. Other arguments: see `do_train` and `make_evaluator`.
 
     Several processes give the same weights as one (up to floating-point order) when the model draws no
@@ -316,6 +318,9 @@ def train(cfg: Any, dataset: ReIDDataset | None = None, device: torch.device | s
     num_classes = dataset.num_train_pids
     camera_num, view_num = sie_counts(dataset)
     model = build_model(cfg, num_classes, camera_num, view_num)
+    if state is not None:  # before anything is loaded: load_state_dict would fail with a long RuntimeError
+        for change in check_resume(cfg, state, state_path, model.state_dict(), force=resume_force):
+            logger.warning("--resume-force: continuing with %s", change)
     if trains_embedding_only(cfg):
         if str(cfg.MODEL.PRETRAIN_CHOICE).lower() != "self":
             logger.warning("training DTEM's embedding on a backbone that is not a trained TransReID "

@@ -23,12 +23,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..metrics.calibration import ThresholdChoice, choose_threshold, held_out, top1_scores
+from ..utils.text import count
 from .fingerprint import check_query_fingerprint, gallery_space, model_digest, model_fingerprint
 
 if TYPE_CHECKING:
     from .store import MetadataStore
 
-__all__ = ["CALIBRATION_FORMAT", "GalleryCalibration", "calibrate_gallery", "calibration_entry",
+__all__ = ["CALIBRATION_FORMAT", "MIN_CALIBRATION_IDENTITIES", "GalleryCalibration", "calibrate_gallery",
+           "calibration_entry",
            "query_fingerprint", "validate_calibration"]
 
 CALIBRATION_FORMAT = "reid-calibration/1"
@@ -141,6 +143,10 @@ class GalleryCalibration:
             return self.write_generation(mutate)  # type: ignore[attr-defined]
 
 
+#: Fewest distinct query identities `calibrate_gallery` accepts.
+MIN_CALIBRATION_IDENTITIES = 2
+
+
 def calibrate_gallery(gallery: Any, query_feats: np.ndarray, query_pids: np.ndarray, query_camids: np.ndarray,
                       gallery_feats: np.ndarray, gallery_pids: np.ndarray, gallery_camids: np.ndarray, *,
                       query_fingerprint: dict[str, Any] | None = None, target_precision: float | None = None,
@@ -156,6 +162,14 @@ def calibrate_gallery(gallery: Any, query_feats: np.ndarray, query_pids: np.ndar
     """
     qfp = gallery.fingerprint if query_fingerprint is None else query_fingerprint
     check_query_fingerprint(gallery.fingerprint, qfp)
+    identities = len(np.unique(np.asarray(query_pids)))
+    if identities < MIN_CALIBRATION_IDENTITIES:
+        # With one identity every right top hit is the same person: nothing tells a true match from a
+        # look-alike of someone else, and the held-out estimate (folds by identity) cannot be made.
+        queries = count(len(query_pids), "labelled query", "labelled queries")
+        raise ValueError(f"too few identities to calibrate on: {queries} of "
+                         f"{count(identities, 'identity', 'identities')}; at least {MIN_CALIBRATION_IDENTITIES} "
+                         "query identities are needed (more for a useful threshold)")
     scores, correct, kept = top1_scores(gallery_space(query_feats, gallery.fingerprint),
                                         gallery_space(gallery_feats, gallery.fingerprint), np.asarray(query_pids),
                                         np.asarray(gallery_pids), np.asarray(query_camids),

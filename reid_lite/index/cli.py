@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..utils.text import count
 from .gallery import Gallery, GalleryError, IndexParams
 from .sheet import write_sheet
 from .storage import read_current
@@ -210,7 +211,7 @@ def print_report(report: Any, as_json: bool, what: str) -> None:
         d["duplicates"] = d["duplicates"][:100]
         print(json.dumps(d, indent=1))
     else:
-        print(f"{what}: added {d['added']} crops, skipped {d['num_duplicates']} duplicate(s), "
+        print(f"{what}: added {count(d['added'], 'crop')}, skipped {count(d['num_duplicates'], 'duplicate')}, "
               f"{d['num_failed']} unreadable; generation {d['generation']}; {d['seconds']:.1f}s "
               f"({d['images_per_second']:.1f} img/s embedding)")
 
@@ -300,7 +301,8 @@ def _cmd_info(args: argparse.Namespace) -> None:
     m = info["model"]
     a = m["architecture"]
     print(f"gallery   {info['path']} (generation {info['generation']})")
-    print(f"size      {info['size']} crops, {info['bytes'] / 1e6:.1f} MB ({info['bytes_per_crop']:.0f} B/crop)")
+    print(f"size      {count(info['size'], 'crop')}, {info['bytes'] / 1e6:.1f} MB "
+          f"({info['bytes_per_crop']:.0f} B/crop)")
     print(f"index     {info['index']['kind']} (policy {info['index']['params']['kind']}), "
           f"{info['index']['ntotal']} vectors of {m['feature']['dim']}-d ({m['feature']['kind']} feature)")
     print(f"model     {a['transformer_type']} dim {a['embed_dim']} depth {a['depth']} heads {a['num_heads']} "
@@ -319,7 +321,8 @@ def _cmd_info(args: argparse.Namespace) -> None:
         held_text = (f"; held out: precision {held['precision']:.3f}, recall {held['recall']:.3f}"
                      if held.get("precision") is not None else "")
         print(f"threshold {e['threshold']:.4f} for queries merging {method} ({e['rule']}; precision "
-              f"{e['precision']:.3f}, recall {e['recall']:.3f} on {e['num_queries']} labelled queries{held_text})")
+              f"{e['precision']:.3f}, recall {e['recall']:.3f} on "
+              f"{count(e['num_queries'], 'labelled query', 'labelled queries')}{held_text})")
 
 
 def _cmd_remove(args: argparse.Namespace) -> None:
@@ -335,9 +338,9 @@ def _cmd_remove(args: argparse.Namespace) -> None:
         return
     purge_text = f"purged {', '.join(purged) or 'nothing (no older generation)'}"
     if not args.path and not args.camera:
-        print(f"{purge_text}; generation {out['generation']} ({out['size']} crops) kept")
+        print(f"{purge_text}; generation {out['generation']} ({count(out['size'], 'crop')}) kept")
         return
-    print(f"removed {n} crops; {out['size']} left (generation {out['generation']})"
+    print(f"removed {count(n, 'crop')}; {out['size']} left (generation {out['generation']})"
           + (f"; {purge_text}" if args.purge else
              "; older generations keep them until the next write (--purge to delete now)" if n else ""))
 
@@ -345,15 +348,18 @@ def _cmd_remove(args: argparse.Namespace) -> None:
 def _cmd_recover(args: argparse.Namespace) -> None:
     g, gen = Gallery.recover(args.gallery, lock_timeout=args.lock_timeout)
     if gen is None:
-        print(f"nothing to recover: {args.gallery} is complete at generation {g.generation} ({g.store.count()} crops)")
+        print(f"nothing to recover: {args.gallery} is complete at generation {g.generation} "
+              f"({count(g.store.count(), 'crop')})")
     else:
-        print(f"recovered {args.gallery}: CURRENT now names generation {gen} ({g.store.count()} crops)")
+        print(f"recovered {args.gallery}: CURRENT now names generation {gen} ({count(g.store.count(), 'crop')})")
     g.close()
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
     from .server import serve
 
+    if not 0 <= args.port <= 65535:  # before the gallery is opened and the model built
+        raise ValueError(f"--port {args.port} is not a TCP port: use 1-65535 (or 0 for any free port)")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         warnings.warn(f"listening on {args.host}: anyone who can reach it can search the gallery and see its crops "
                       "(there is no authentication)", stacklevel=1)
@@ -379,6 +385,7 @@ def _interrupted(args: argparse.Namespace) -> str:
 def run_command(prefix: str, command: Callable[[], None], interrupted: Callable[[], str]) -> int:
     """Run `command`: an ordinary mistake becomes one line on stderr and exit status 2, Ctrl-C the line
     `interrupted()` and 130, a warning one line (not Python's file:line and source echo)."""
+    from ..deploy.runtime import DeployError
     from ..models.checkpoint import CheckpointError
 
     with warnings.catch_warnings():
@@ -389,7 +396,7 @@ def run_command(prefix: str, command: Callable[[], None], interrupted: Callable[
         except KeyboardInterrupt:
             print(f"{prefix}: {interrupted()}", file=sys.stderr)
             return 130
-        except (GalleryError, CheckpointError, OSError, ValueError, KeyError) as exc:
+        except (GalleryError, CheckpointError, DeployError, OSError, ValueError, KeyError) as exc:
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
             print(f"{prefix}: error: {msg}".replace("\n", " "), file=sys.stderr)
             return 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import math
 import os
 import re
 import tempfile
@@ -23,12 +24,20 @@ def to_seconds(value: float | int | str | None) -> float | None:
     """Timestamps: numbers as given (epoch or frame clock); ISO 8601 strings -> epoch seconds (naive = UTC)."""
     if value is None:
         return None
-    if isinstance(value, (int, float)):
-        return float(value)
+    number: float | None = None
     try:
-        return float(value)
+        number = float(value)
+    except OverflowError:  # an int beyond float's range
+        number = math.inf
     except ValueError:
-        pass
+        if isinstance(value, (int, float)):
+            raise
+    if number is not None:
+        # nan, inf and overflowing literals (1e400) would sort before or after every crop, or match none.
+        if not math.isfinite(number):
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise ValueError(f"timestamp {shown} is not a finite number")
+        return number
     try:
         t = _dt.datetime.fromisoformat(str(value).strip().replace("Z", "+00:00"))
     except ValueError:

@@ -7,6 +7,7 @@ gallery is bound to (seeded, so that every process building the same gallery get
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -79,11 +80,24 @@ class GalleryModel:
         (see :meth:`query_model`)."""
         if cfg is None:
             if self._extractor is None:
-                self._extractor = build_extractor(self.cfg, self.camera_num, device or self.device, None)
+                self._extractor = self._gallery_extractor(device)
                 check_fingerprint(self.fingerprint, model_fingerprint(
                     self.cfg, self._extractor.model, self.fingerprint["feature"]["kind"], self.camera_num))
             return self._extractor
         return self.query_model(cfg, device)[0]
+
+    def _gallery_extractor(self, device: str | None) -> Any:
+        """build_extractor on the stored config; a gallery bound to an exported model whose file is gone says
+        where the gallery expects it."""
+        from ..deploy.runtime import DeployError
+
+        cfg = self.cfg
+        onnx = str(cfg.MODEL.ONNX_PATH) if str(cfg.MODEL.BACKEND).lower() != "torch" else ""
+        if onnx and not Path(onnx).is_file():
+            raise DeployError(f"this gallery embeds with the exported model {onnx} (its MODEL.ONNX_PATH), which "
+                              "is not there any more: put the file back at that path (a copy with the same bytes; "
+                              "the gallery checks its sha256)")
+        return build_extractor(cfg, self.camera_num, device or self.device, None)
 
     def query_model(self, cfg: Any, device: str | None = None) -> tuple[Any, dict[str, Any]]:
         """(FeatureExtractor, fingerprint) of the query model `cfg`, after checking that the gallery

@@ -36,11 +36,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from ..utils.text import count
 from .crops import to_seconds
 from .gallery import Gallery
 from .live import LiveGallery
@@ -90,10 +92,12 @@ def _thumbnail(path: str, sha256: str, height: int, mtime_ns: int, size: int) ->
     per file version: the key holds its mtime and size)."""
     from PIL import Image
 
+    from ..data.loader import to_rgb
+
     data = Path(path).read_bytes()
     if hashlib.sha256(data).hexdigest() != sha256:
         raise HTTPException(410, "the crop's file changed on disk since it was added; it is not served")
-    img = Image.open(io.BytesIO(data)).convert("RGB")
+    img = to_rgb(Image.open(io.BytesIO(data)))  # a 16-bit crop scaled, not clipped to white
     img.thumbnail((height, height), Image.Resampling.BILINEAR)  # person crops are tall: height binds
     out = io.BytesIO()
     img.save(out, "JPEG", quality=85)
@@ -107,13 +111,22 @@ def _crop(g: Gallery, crop_id: int) -> CropRecord:
     return rec
 
 
+#: SQLite's INTEGER range: crop ids and identities beyond it are refused (422) before any query, rather
+#: than overflowing inside sqlite3 (a 500).
+INT64_MAX = 2**63 - 1
+CropId = Annotated[int, PathParam(ge=0, le=INT64_MAX, description="a crop id")]
+
+
 def search_filters(
         k: Annotated[int, Query(ge=1, le=1000, description="hits to return")] = 10,
         cameras: Annotated[list[int] | None, Query(description="keep only these cameras (0-based)")] = None,
         time_from: Annotated[str | None, Query(description="timestamp >= this (number or ISO 8601)")] = None,
         time_to: Annotated[str | None, Query(description="timestamp <= this")] = None,
-        exclude_same_camera: bool = False, nprobe: Annotated[int | None, Query(ge=1)] = None) -> Filters:
+        exclude_same_camera: bool = False, nprobe: Annotated[int | None, Query(ge=1, le=1 << 20)] = None) -> Filters:
     """The search filters of the query string (a FastAPI dependency)."""
+    bad = [c for c in cameras or [] if not 0 <= c <= INT64_MAX]
+    if bad:
+        raise HTTPException(400, f"cameras: {bad[0]} is not a camera id (0-based, at most {INT64_MAX})")
     return {"k": k, "cameras": cameras, "time_window": (time_from, time_to),
             "exclude_same_camera": exclude_same_camera, "nprobe": nprobe}
 
@@ -158,6 +171,11 @@ def create_app(gallery: str | os.PathLike | LiveGallery, *, allow_add: bool = Fa
     @app.exception_handler(GalleryError)
     async def bad_request(request: Request, exc: Exception) -> JSONResponse:  # FingerprintMismatch included
         return _error(400, str(exc).replace("\n", " "))
+
+    @app.exception_handler(OverflowError)
+    async def overflow(request: Request, exc: OverflowError) -> JSONResponse:
+        # A number a parameter's bounds let through but SQLite or faiss cannot hold: the request's fault.
+        return _error(400, f"a number in the request is out of range ({exc})")
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:
@@ -213,19 +231,19 @@ def create_app(gallery: str | os.PathLike | LiveGallery, *, allow_add: bool = Fa
         return await run_in_threadpool(work)
 
     @app.get("/api/crops/{crop_id}/search", summary="Search from a stored crop (its stored feature and camera)")
-    def search_crop(crop_id: int, f: Annotated[Filters, Depends(search_filters)]) -> dict[str, Any]:
+    def search_crop(crop_id: CropId, f: Annotated[Filters, Depends(search_filters)]) -> dict[str, Any]:
         g = live.current()
         rec = _crop(g, crop_id)
         return run_search(g, g.crop_features([crop_id]), rec.camid, f, {"id": crop_id, **_hit_meta(rec)})
 
     @app.get("/api/crops/{crop_id}", summary="A stored crop's metadata")
-    def crop(crop_id: int) -> dict[str, Any]:
+    def crop(crop_id: CropId) -> dict[str, Any]:
         g = live.current()
         return {"id": crop_id, **_hit_meta(_crop(g, crop_id)), "generation": g.generation}
 
     @app.get("/api/crops/{crop_id}/thumbnail", summary="JPEG thumbnail of a stored crop",
              response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
-    def thumbnail(crop_id: int, height: Annotated[int, Query(ge=16, le=512)] = 128) -> Response:
+    def thumbnail(crop_id: CropId, height: Annotated[int, Query(ge=16, le=512)] = 128) -> Response:
         rec = _crop(live.current(), crop_id)
         try:
             st = os.stat(rec.path)
@@ -239,7 +257,8 @@ def create_app(gallery: str | os.PathLike | LiveGallery, *, allow_add: bool = Fa
                   "image/*": {"schema": {"type": "string", "format": "binary"}}}}})
     async def add_crop(request: Request, camera: Annotated[int | None, Query(ge=0)] = None,
                        timestamp: Annotated[str | None, Query(description="number or ISO 8601")] = None,
-                       identity: int | None = None, filename: str | None = None) -> dict[str, Any]:
+                       identity: Annotated[int | None, Query(ge=-INT64_MAX - 1, le=INT64_MAX)] = None,
+                       filename: str | None = None) -> dict[str, Any]:
         if not allow_add:
             raise HTTPException(403, "this server is read-only; start it with --allow-add to accept new crops")
         data = await read_body(request, limit)
@@ -318,7 +337,7 @@ def serve(gallery: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
                          query_cfg=query_cfg)
         g = app.state.live.current()
         merged = "" if query_cfg is None else f", queries embedded with merging {str(query_cfg.MERGE.METHOD)}"
-        print(f"reid-gallery serve: {gallery} (generation {g.generation}, {g.store.count()} crops, "
+        print(f"reid-gallery serve: {gallery} (generation {g.generation}, {count(g.store.count(), 'crop')}, "
               f"{'uploads add crops' if allow_add else 'read-only'}{merged}) on "
               f"http://{host}:{sock.getsockname()[1]}/", flush=True)
         uvicorn.Server(uvicorn.Config(app, log_level="info", lifespan="off")).run(sockets=[sock])

@@ -24,6 +24,8 @@ __all__ = ["FORMATS", "UPLOADS", "add_upload", "camera_from_name", "check_query_
 #: Folder of the gallery where crops added through the API are kept (named by their sha256).
 UPLOADS = "uploads"
 FORMATS = {"JPEG": ".jpg", "PNG": ".png", "BMP": ".bmp"}  # uploads the gallery's crop reader accepts
+#: The longest file name the file systems take (bytes): a longer `filename=` cannot name a crop.
+MAX_NAME_BYTES = 255
 _MAX_PIXELS = 40_000_000  # a person crop is far smaller; refuses decompression bombs before decoding
 
 
@@ -47,18 +49,23 @@ def decode_upload(data: bytes) -> tuple[Any, str]:
     """(RGB PIL image, format) of uploaded bytes; 400/415 for what is not a readable crop."""
     from PIL import Image
 
+    from ..data.loader import CropShapeError, check_crop_shape, to_rgb
+
     try:
         img = Image.open(io.BytesIO(data))
         if img.width * img.height > _MAX_PIXELS:
             raise HTTPException(400, f"image of {img.width}x{img.height} pixels is too large for a person crop")
+        check_crop_shape(img.width, img.height, "the upload")  # the rule every reader of crops applies
         img.load()
+    except CropShapeError as exc:
+        raise HTTPException(400, str(exc)) from None
     except HTTPException:
         raise
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
         raise HTTPException(400, f"the upload is not a readable image ({exc})") from None
     if img.format not in FORMATS:
         raise HTTPException(415, f"unsupported image format {img.format}: send JPEG, PNG or BMP")
-    return img.convert("RGB"), img.format
+    return to_rgb(img), img.format  # 16-bit and palette PNGs are scaled to 8-bit RGB, as files are
 
 
 def camera_from_name(g: Gallery, data: bytes, filename: str | None, fmt: str) -> int | None:
@@ -66,6 +73,12 @@ def camera_from_name(g: Gallery, data: bytes, filename: str | None, fmt: str) ->
     name = Path(filename or "").name
     if not name or name in (".", ".."):
         return None
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > MAX_NAME_BYTES:  # writing it below would fail with ENAMETOOLONG (a 500)
+        raise HTTPException(400, f"filename of {size} bytes is longer than a file name can be "
+                                 f"({MAX_NAME_BYTES} bytes)")
+    if "\0" in name:
+        raise HTTPException(400, "filename contains a NUL character")
     with tempfile.TemporaryDirectory(prefix="reid-serve-") as tmp:
         path = Path(tmp) / (name if Path(name).suffix.lower() in FORMATS.values() else name + FORMATS[fmt])
         path.write_bytes(data)

@@ -179,6 +179,12 @@ class GalleryWrites:
         return report
 
     def _publish_add(self, new: Sequence[CropRecord], feats: np.ndarray, report: AddReport) -> None:
+        # Every write passes here: a NaN/inf row would match nothing (or everything) in every later search.
+        bad = np.flatnonzero(~np.isfinite(feats).all(axis=1)) if len(feats) else []
+        if len(bad):
+            raise GalleryError(f"{len(bad)} of {len(feats)} feature(s) are not finite (NaN or inf), e.g. for "
+                               f"{', '.join(new[i].path for i in bad[:3])}: nothing was written (a NaN/inf "
+                               "pixel in a preprocessed tensor, or a diverged model)")
         def mutate(store: MetadataStore, idx: VectorIndex, gen: int) -> tuple[list[str], list[dict]]:
             # A staged build may add several times before it publishes: number its segments apart.
             name = f"seg-{gen:06d}" + (f"-{len(self.manifest['segments'])}" if self.staged is not None else "")

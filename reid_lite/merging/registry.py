@@ -15,6 +15,7 @@ import hashlib
 import importlib
 import importlib.util
 import sys
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,11 +209,31 @@ def resolve_plugin(entry: str) -> str:
     return entry
 
 
+class PluginError(ValueError):
+    """A MERGE.PLUGINS entry failed to import (a syntax error, or an exception raised while it ran); the
+    message names the file and line, the original exception is its `__cause__`."""
+
+
+def _plugin_error(entry: str, err: BaseException) -> PluginError:
+    """PluginError naming the plugin's file and line where `err` arose (a syntax error's own location, else
+    the deepest traceback frame in the plugin's file, else the deepest frame outside importlib)."""
+    if isinstance(err, SyntaxError) and err.filename:
+        where = f"{err.filename}, line {err.lineno}"
+        what = f"SyntaxError: {err.msg}"
+    else:
+        frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith("<frozen")]
+        own = [f for f in frames if f.filename == entry] or frames
+        where = f"{own[-1].filename}, line {own[-1].lineno}" if own else entry
+        what = f"{type(err).__name__}: {err}"
+    return PluginError(f"MERGE.PLUGINS: {entry!r} failed to import ({where}): {what}")
+
+
 def load_plugins(entries: Sequence[str]) -> list[str]:
     """Import each plugin (a .py file or a module name) once, so that it registers its methods.
 
     Returns the entries as resolved by `resolve_plugin`. A file is imported as module
-    `reid_lite_plugin_<stem>_<hash of its path>`; an error inside a plugin propagates with its traceback.
+    `reid_lite_plugin_<stem>_<hash of its path>`. An exception inside a plugin (syntax error included) is
+    raised as PluginError (a ValueError) naming the file and line, chained to the original.
     """
     resolved = [resolve_plugin(e) for e in entries]
     for entry in resolved:
@@ -226,7 +247,10 @@ def load_plugins(entries: Sequence[str]) -> list[str]:
             sys.modules[name] = module  # registered first: dataclasses and pickling look modules up
             try:
                 spec.loader.exec_module(module)
-            except BaseException:
+            except Exception as err:
+                del sys.modules[name]
+                raise _plugin_error(entry, err) from err
+            except BaseException:  # KeyboardInterrupt, SystemExit: not the plugin's error to report
                 del sys.modules[name]
                 raise
         else:
@@ -235,7 +259,9 @@ def load_plugins(entries: Sequence[str]) -> list[str]:
             except ModuleNotFoundError as e:
                 if e.name and entry.startswith(e.name):
                     raise ValueError(f"MERGE.PLUGINS: no module named {entry!r}") from None
-                raise
+                raise _plugin_error(entry, e) from e
+            except Exception as err:
+                raise _plugin_error(entry, err) from err
         _LOADED[entry] = name
     return resolved
 

@@ -140,7 +140,8 @@ class RankAccumulator:
         """
         num_valid = self.num_valid
         if num_valid == 0:
-            raise ValueError("Error: all query identities do not appear in gallery")
+            raise ValueError(f"no query identity appears in the gallery from another camera ({self._num_queries} "
+                             "queries): nothing to evaluate; check that the query and gallery sets share identities")
         # torchreid: float32 (n_valid, max_rank) 0/1 matrix summed over axis 0 (exact: integers < 2**24)
         # and divided by a Python float, which numpy evaluates in float32.
         # torchreid truncates each query's curve to its junk-removed length (`cmc[:max_rank]`), so when

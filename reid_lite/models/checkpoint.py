@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -32,11 +33,18 @@ def read_state_dict(path: str | Path, trust: bool = False) -> dict[str, torch.Te
         with torch.serialization.safe_globals(_numpy_scalar_globals()):
             obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        blocked = _blocked_global(e)
+        if blocked:
+            # torch blocks modules such as os, subprocess and sys outright: no checkpoint needs them, and a file
+            # that names one is built to run code when loaded. Refused even with MODEL.TRUST_CHECKPOINT.
+            raise CheckpointError(f"{p} was refused as unsafe: loading it would call {blocked} (code execution, "
+                                  "not weights); it is not loaded, even with MODEL.TRUST_CHECKPOINT") from None
         if not _is_forbidden_global(e):
             raise CheckpointError(f"{p} is not a readable PyTorch checkpoint ({_unpickling_reason(e)})") from None
         if not trust:
             raise CheckpointError(
-                f"{p} contains objects that weights-only loading refuses ({_unpickling_reason(e)}). If you trust "
+                f"{p} was refused as unsafe: it contains objects that weights-only loading refuses "
+                f"({_unpickling_reason(e)}). If you trust "
                 "this file, set MODEL.TRUST_CHECKPOINT True (it will be unpickled, which can run code)."
             ) from None
         obj = torch.load(p, map_location="cpu", weights_only=False)
@@ -83,6 +91,12 @@ def _looks_like_text(head: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return b"\x00" not in head
+
+
+def _blocked_global(err: pickle.UnpicklingError) -> str:
+    """The function a weights-only load refused because its module is blocked (e.g. 'posix.system'), or ''."""
+    match = re.search(r"unsupported GLOBAL (\S+) whose module \S+ is blocked", str(err))
+    return match.group(1) if match else ""
 
 
 def _is_forbidden_global(err: pickle.UnpicklingError) -> bool:

@@ -84,6 +84,38 @@ def _classifier(dim: int, num_classes: int) -> nn.Linear:
     return fc
 
 
+def check_images(x: object, size: tuple[int, int], training: bool = False) -> None:
+    """Raise ValueError unless `x` is a batch the model can embed: a float tensor (B, 3, H, W) at the model's
+    (H, W), B >= 1, and B >= 2 in train mode (BatchNorm's batch statistics need two images).
+
+    Metadata only (shape, dtype, mode): no value is read, so the check never waits on the device; NaN/inf
+    pixels are refused where images enter (FeatureExtractor) and where features are stored (gallery writes).
+    """
+    want = f"a float tensor (B, 3, {size[0]}, {size[1]}) of preprocessed images (reid_lite.data.build_transforms)"
+    if not isinstance(x, Tensor):
+        raise ValueError(f"the model takes {want}, got {type(x).__name__}")
+    shape = tuple(x.shape)
+    if x.dim() == 3 and shape[0] == 3:
+        raise ValueError(f"the model takes {want}, got one unbatched image {shape}: add the batch dimension (x[None])")
+    if x.dim() != 4:
+        raise ValueError(f"the model takes {want}, got shape {shape}")
+    if shape[1] != 3:
+        raise ValueError(f"the model takes {want}, got {shape[1]} channel(s) in shape {shape}: repeat a grayscale "
+                         "channel (x.expand(-1, 3, -1, -1)) or drop alpha")
+    if not x.is_floating_point():
+        raise ValueError(f"the model takes {want}, got dtype {x.dtype}: convert and normalise the pixels first "
+                         "(build_transforms, or x.float() / 255 then the config's PIXEL_MEAN/STD)")
+    if shape[2:] != tuple(size):
+        raise ValueError(f"the model takes {want}, got size {shape[2:]}: resize to INPUT.SIZE_TEST {list(size)}")
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return  # the batch is symbolic in compiled and exported graphs: a guard on it would specialise them
+    if shape[0] == 0:
+        raise ValueError(f"the model takes {want}, got an empty batch {shape}")
+    if training and shape[0] == 1:
+        raise ValueError("a batch of one image in train mode: BatchNorm needs at least 2; call model.eval() to "
+                         "embed images, or train with batches of 2 or more")
+
+
 class TransReID(nn.Module):
     """The full TransReID model.
 
@@ -184,6 +216,7 @@ class TransReID(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: Tensor, label: Tensor | None = None, cam_label=None, view_label=None):
+        check_images(x, tuple(self.base.patch_embed.img_size), self.training)
         state = self._new_state()
         features = self.base(x, cam_label=cam_label, view_label=view_label, state=state)
         if self.trace_source or self.count_tokens:

@@ -20,11 +20,12 @@ EXIT_USAGE = 2
 
 #: Exceptions that mean bad input rather than a bug: config and override errors (yacs reports a type
 #: mismatch with AssertionError and an unknown key with KeyError), missing files and datasets,
-#: unreadable or mismatched checkpoints, an exported model that does not fit its config (MODEL.BACKEND),
+#: output paths that are files or unwritable, unreadable or
+#: mismatched checkpoints, an exported model that does not fit its config (MODEL.BACKEND),
 #: invalid settings.
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    CheckpointError, DatasetLayoutError, DeployError, FileNotFoundError, FileExistsError, KeyError, ValueError,
-    AssertionError,
+    CheckpointError, DatasetLayoutError, DeployError, FileNotFoundError, FileExistsError, IsADirectoryError,
+    NotADirectoryError, PermissionError, KeyError, ValueError, AssertionError,
 )
 
 

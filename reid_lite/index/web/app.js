@@ -24,6 +24,11 @@ async function api(url, options) {
   return body;
 }
 
+// "1 camera", "3 cameras": counts read as English (the CLI's reid_lite.utils.text.count).
+function count(n, noun) {
+  return `${n} ${n === 1 ? noun : noun + "s"}`;
+}
+
 async function loadInfo() {
   info = await api("/api/info");
   const cams = Object.keys(info.cameras).filter((c) => c !== "None").map(Number).sort((a, b) => a - b);
@@ -32,7 +37,7 @@ async function loadInfo() {
     ? `, match threshold ${info.calibration.threshold.toFixed(3)}`
     : ", not calibrated (no match threshold)";
   $("gallery-info").textContent =
-    `${info.size} crops, ${cams.length} cameras, generation ${info.generation}${span}${cal}`;
+    `${count(info.size, "crop")}, ${count(cams.length, "camera")}, generation ${info.generation}${span}${cal}`;
   const box = $("cameras");
   box.querySelectorAll("label").forEach((l) => l.remove());
   for (const c of cams) {
@@ -83,7 +88,7 @@ function render(result) {
   const q = result.query;
   const who = q.id !== undefined ? `crop #${q.id} (${q.name})` : (q.filename || "upload");
   const likely = result.calibration ? `, ${result.hits.filter((h) => h.likely).length} likely` : "";
-  setStatus(`${result.hits.length} hits${likely} for ${who}, camera ${q.camera ?? q.camid ?? "?"}; ` +
+  setStatus(`${count(result.hits.length, "hit")}${likely} for ${who}, camera ${q.camera ?? q.camid ?? "?"}; ` +
             `generation ${result.generation}, ${(result.seconds * 1000).toFixed(0)} ms`);
   if (result.calibration && result.no_likely_match && result.hits.length) {
     const span = document.createElement("div");
