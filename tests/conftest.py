@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -105,6 +106,7 @@ def load_tool(name: str) -> ModuleType:
     """Import tools/<name>.py (tools/ is not a package) under its own name: "test" would shadow the stdlib."""
     spec = importlib.util.spec_from_file_location(f"reid_lite_tools_{name}", TOOLS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses in a tool look their module up while it is executed
     spec.loader.exec_module(module)
     return module
 

@@ -84,17 +84,25 @@ def test_per_image_merge_worked_by_hand():
     x, keys = _hand_case()
     state = TokenState(grid=(2, 3), trace_source=True)
     out = ATM(0.9)(x, keys, None, state)
-    # Output: the A slots (positions 0 2 4 6), then the B slots (1 3 5); merged A slots are empty.
-    assert state.size[..., 0].tolist() == [[1, 0, 0, 1, 2, 2, 1], [1, 0, 1, 1, 2, 1, 1]]
+    # Merged, the sequence is the A slots (positions 0 2 4 6), then the B slots (1 3 5), with the merged A
+    # slots empty: sizes [1, 0, 0, 1, 2, 2, 1] and [1, 0, 1, 1, 2, 1, 1]. Each image's valid tokens then move to
+    # the front in that order (ToMe's order, the paper's at batch size 1), and the sequence is cut to the
+    # fullest image's 6 tokens: image 0 keeps one empty slot at the end.
+    assert state.size[..., 0].tolist() == [[1, 1, 2, 2, 1, 0], [1, 1, 1, 2, 1, 1]]
     assert state.may_empty and state.valid().sum(1).tolist() == [5, 6]
-    torch.testing.assert_close(out[0, 4], (x[0, 1] + x[0, 2]) / 2)
-    torch.testing.assert_close(out[0, 5], (x[0, 3] + x[0, 4]) / 2)
-    torch.testing.assert_close(out[1, 5], x[1, 3])  # nothing merged into it: unchanged
-    torch.testing.assert_close(out[1, 2], x[1, 4])
-    assert out[0, 1:3].abs().sum() == 0 and out[1, 1].abs().sum() == 0
+    torch.testing.assert_close(out[0, 2], (x[0, 1] + x[0, 2]) / 2)
+    torch.testing.assert_close(out[0, 3], (x[0, 3] + x[0, 4]) / 2)
+    torch.testing.assert_close(out[1, 4], x[1, 3])  # nothing merged into it: unchanged
+    torch.testing.assert_close(out[1, 1], x[1, 4])
+    assert out[0, 5].abs().sum() == 0
     # every patch is held by exactly one token, and a token's size is the number of patches it holds
     assert torch.equal(state.source.sum(1), torch.ones(2, 6))
-    assert torch.equal(state.source.sum(-1) + (torch.arange(7) == 0), state.size[..., 0])
+    assert torch.equal(state.source.sum(-1) + (torch.arange(6) == 0), state.size[..., 0])
+    # Static shapes (SHRINK off, as when exporting or compiling): the same tokens in the same order, at capacity
+    state = TokenState(grid=(2, 3))
+    static = ATM(0.9, shrink=False)(x, keys, None, state)
+    assert static.shape[1] == 7 and state.size[..., 0].tolist() == [[1, 1, 2, 2, 1, 0, 0], [1, 1, 1, 2, 1, 1, 0]]
+    assert torch.equal(static[:, :6], out)
     # the paper's batch mode: round(mean(2, 1)) = 2 pairs in both images, threshold or not
     state = TokenState(grid=(2, 3))
     ATM(0.9, mode="batch")(x, keys, None, state)
@@ -177,3 +185,16 @@ def test_analytic_flops_agree_with_fvcore(jpm, min_r):
 
     model = _model(jpm, min_r=min_r)
     assert transreid_gflops(model) == pytest.approx(fvcore_gflops(model), rel=1e-9)
+
+
+def test_merging_every_source_in_twelve_blocks_leaves_jpm_a_valid_input(cams):
+    """Cut to the batch's valid tokens, an ATM that merges every source halves the sequence per block, down to
+    the class token and one patch before JPM: its parts then get one empty slot each, not a zero length."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(depth=12, METHOD="atm", ATM__OFFSET=-3.0), 10, 3, 0).eval()
+    images = torch.randn(3, 3, 256, 128)
+    model.count_tokens = True
+    with torch.no_grad():
+        out = model(images, cam_label=cams[:3])
+    assert out.shape == (3, model.feature_dim) and torch.isfinite(out).all()
+    assert model.last_state.counts[-1].tolist() == [2, 2, 2]

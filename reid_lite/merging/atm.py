@@ -10,11 +10,22 @@ large tokens never merge (Theorem 1). Proportional attention follows from the tr
 Batching (../shared/notes/merging-methods.md 1.4, 1.5 m). The paper merges the batch mean of the
 per-image counts in every image, so an image's feature depends on its batch-mates: a gallery cannot
 accept that. Here the default `MODE image` lets every image merge what its own thresholds say through
-the capacity contract: a block keeps its slots (static shapes, no host synchronisation) and the tokens
-merged away become empty slots (size 0). `MODE batch` is the paper's: every image merges the batch's
-mean count (rounded), its top pairs by similarity, threshold or not. `MIN_R` (not in the paper) makes
-every image merge at least that many pairs per block, so the capacity, and what the hardware runs,
-shrinks by MIN_R per block; 0 keeps the paper's thresholds alone.
+the capacity contract: the tokens merged away become empty slots (size 0), and after every merging block
+each image's valid tokens are moved to the front in their order (ToMe's output order: the kept A tokens,
+then the B tokens), which is the sequence the paper's ATM gives that image at batch size 1. `MODE batch`
+is the paper's: every image merges the batch's mean count (rounded), its top pairs by similarity,
+threshold or not. `MIN_R` (not in the paper) makes every image merge at least that many pairs per block,
+so the capacity shrinks by MIN_R per block; 0 keeps the paper's thresholds alone.
+
+Running at the batch's size, not the capacity (`SHRINK`, on by default). In eager mode the sequence is then
+cut to the batch's largest valid token count, so the following blocks run on that many slots instead of the
+full capacity: the FLOPs the thresholds save are really saved. That needs the count on the host: one
+host-device synchronisation per merging block (a scalar read; on a GPU it waits for the work queued so far,
+tens of microseconds next to a block's milliseconds at batch 256). The slots cut are empty ones at the end,
+masked everywhere, so a crop's feature does not depend on its batch-mates (to float rounding: the masked
+softmax and matrix products run at another length). Where shapes must be static (ONNX export,
+torch.compile, jit tracing, the meta device; `base.static_shapes`) and with `SHRINK False` nothing is read
+back: every block keeps its capacity, with the same token order, so the features agree.
 
 The paper keeps only the class token in the last layer of models that classify from it alone. That is
 valid only where the last reducing block feeds such a head (TransReID without JPM, timm with
@@ -29,8 +40,9 @@ import math
 import torch
 from torch import Tensor
 
-from .base import TokenReducer, TokenState, bipartite_split, mask_invalid, take_tokens
+from .base import TokenReducer, TokenState, bipartite_split, mask_invalid, static_shapes, take_tokens
 from .exportable import stable_argsort, stable_ranks, top_and_rest
+from .groups import compact_slots
 from .knobs import option_knob
 from .ops import bipartite_flops, cosine_scores
 from .registry import MergeMethod, register_method
@@ -76,16 +88,19 @@ def size_distinctive_split(size: Tensor, valid: Tensor | None = None) -> tuple[T
 
 class ATM(TokenReducer):
     """ATM for one block: threshold `theta`, split `size_split` (after l_s) or alternating, `mode`
-    'image' (per-image counts, empty slots) or 'batch' (the paper's batch-mean count)."""
+    'image' (per-image counts, empty slots) or 'batch' (the paper's batch-mean count); `shrink`: in eager mode
+    cut the sequence to the batch's largest valid token count (one host read per block, see the module)."""
 
     may_empty = True
 
-    def __init__(self, theta: float, size_split: bool = False, mode: str = "image", min_r: int = 0):
+    def __init__(self, theta: float, size_split: bool = False, mode: str = "image", min_r: int = 0,
+                 shrink: bool = True):
         if mode not in MODES:
             raise ValueError(f"MERGE.ATM.MODE must be one of {MODES}, got {mode!r}")
         if min_r < 0:
             raise ValueError(f"MERGE.ATM.MIN_R must be >= 0, got {min_r}")
         self.theta, self.size_split, self.mode, self.min_r = float(theta), size_split, mode, int(min_r)
+        self.shrink = bool(shrink)
 
     def forced(self, num_tokens: int) -> int:
         """Pairs every image merges (and the block removes from its capacity): MIN_R, at most the sources."""
@@ -102,7 +117,15 @@ class ATM(TokenReducer):
             x = x * state.valid()[..., None].to(x.dtype)
         out = self.reduce(x, keys, cls_attn, state)
         state.may_empty = True
-        return out
+        return self.compact(out, state)
+
+    def compact(self, x: Tensor, state: TokenState) -> Tensor:
+        """Every image's valid tokens first, in order; in eager mode with `shrink`, only as many slots as the
+        batch's fullest image holds (the one host read of a count), else the capacity (static shapes)."""
+        keep = x.shape[1]
+        if self.shrink and not static_shapes(x):
+            keep = state.valid().sum(dim=1).max().item()
+        return compact_slots(x, state, keep)
 
     def matching_flops(self, num_tokens: int, dim: int, heads: int) -> int:
         return bipartite_flops(num_tokens, dim // heads) if num_tokens >= 3 else 0
@@ -123,15 +146,21 @@ class ATM(TokenReducer):
             a_pos = b_pos = None
             if self.size_split:
                 a_pos, b_pos = size_distinctive_split(state.size[..., 0], valid)
-            k_a, k_b = bipartite_split(keys.mean(dim=1), a_pos, b_pos)
+            # fp32 decisions; accumulated in fp32 from the keys as they are (no fp32 copy of every key)
+            k_a, k_b = bipartite_split(keys.mean(dim=1, dtype=torch.float32), a_pos, b_pos)
             scores = cosine_scores(k_a, k_b)
             if valid is not None:
                 v_a, v_b = bipartite_split(valid[..., None], a_pos, b_pos)
                 scores = mask_invalid(scores, v_a[..., 0], v_b[..., 0])
             node_max, node_idx = scores[:, 1:].max(dim=-1)  # sources: the A patch tokens (class token aside)
-            count = self.merge_counts(node_max)
-            rank = stable_ranks(node_max, descending=True)
-            merging = (rank < count[:, None]) & torch.isfinite(node_max)
+            if self.mode == "image" and not self.min_r:
+                # Each image merges exactly its sources above the threshold: the top-`count` by rank are those, so
+                # the ranks (a sort per block) are not needed. Empty sources score -inf and never pass.
+                merging = node_max > self.theta
+            else:
+                count = self.merge_counts(node_max)
+                rank = stable_ranks(node_max, descending=True)
+                merging = (rank < count[:, None]) & torch.isfinite(node_max)
             merging = torch.cat([merging.new_zeros(merging.shape[0], 1), merging], dim=1)  # (B, Na)
             dst = torch.cat([node_idx.new_zeros(node_idx.shape[0], 1), node_idx], dim=1)
             forced = self.forced(T)
@@ -206,7 +235,7 @@ def build_atm(merge, depth: int, rs: dict[int, int] | None) -> dict[int, TokenRe
     layers = check_layers(o.LAYERS, depth, "MERGE.ATM.LAYERS") if len(o.LAYERS) else list(range(1, depth + 1))
     reducers: dict[int, TokenReducer] = {
         layer - 1: ATM(atm_threshold(layer, o.ALPHA, o.BETA, o.THETA_MIN) + o.OFFSET, layer > o.SPLIT_DEPTH, o.MODE,
-                       o.MIN_R)
+                       o.MIN_R, o.SHRINK)
         for layer in layers
     }
     if o.CLS_ONLY_LAST:
@@ -226,7 +255,10 @@ register_method(MergeMethod(
         "LAYERS": [],  # 1-based blocks that merge; empty: every block that can reduce
         "CLS_ONLY_LAST": True,  # last block keeps the class token alone where the head reads only it (never JPM)
         "OFFSET": 0.0,  # not in the paper: added to every block's threshold (after THETA_MIN); the budget knob
+        "SHRINK": True,  # eager: run each block at the batch's largest valid count (one host read per block)
     },
+    # SHRINK changes what runs, not the features (to float rounding): not part of a gallery's fingerprint.
+    identity=("ALPHA", "BETA", "THETA_MIN", "SPLIT_DEPTH", "MODE", "MIN_R", "LAYERS", "CLS_ONLY_LAST", "OFFSET"),
     # A budget shifts every threshold by MERGE.ATM.OFFSET: cosines lie in [-1, 1], so +2 merges nothing and
     # -3 merges every valid source; matched on effective GFLOPs (per-image counts).
     gflops_knob=option_knob("offset", "ATM.OFFSET", 2.0, -3.0, doc="MERGE.ATM.OFFSET, added to every threshold"),

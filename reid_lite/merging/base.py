@@ -152,6 +152,13 @@ class TokenReducer:
         less than configured on `num_tokens` incoming tokens; called by `build_reducers`. Default: no check."""
 
 
+def static_shapes(x: Tensor) -> bool:
+    """Whether shapes must not depend on tensor values here: while exporting, compiling or jit-tracing (fvcore),
+    and on the meta device (no values). A reducer may then not read a count back to size its output."""
+    return (torch.compiler.is_exporting() or torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or x.device.type == "meta")
+
+
 def attach_reducer(block: nn.Module, reducer: TokenReducer | None) -> None:
     """Set `block.reducer`. A reducer that is an `nn.Module` (learned parameters) becomes a registered
     submodule, on the block's device and dtype and in its train/eval mode, so that its parameters are saved,

@@ -6,6 +6,7 @@ patching and each method file use the same code without importing each other.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -41,10 +42,11 @@ def attend(
     )
     cls_attn = None
     if need_cls_attn:
-        logits = (q[:, :, :1].float() * attn.scale) @ k.float().transpose(-2, -1)
-        if bias is not None:
-            logits = logits + bias.float()
-        cls_attn = logits.softmax(dim=-1)[:, :, 0]
+        with full_precision(q.device):  # a merge decision's input: fp32 even under autocast
+            logits = (q[:, :, :1].float() * attn.scale) @ k.float().transpose(-2, -1)
+            if bias is not None:
+                logits = logits + bias.float()
+            cls_attn = logits.softmax(dim=-1)[:, :, 0]
     out = out.transpose(1, 2).reshape(B, T, -1)
     norm = getattr(attn, "norm", None)
     if norm is not None:
@@ -52,12 +54,26 @@ def attend(
     return attn.proj_drop(attn.proj(out)), k, cls_attn
 
 
+# ----------------------------------------------------------------------------------------- precision
+def full_precision(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast switched off on `device`, for merge decisions (similarities, scores, thresholds): under bf16/fp16
+    autocast a matrix product would otherwise run in the low precision, and its rounding flips near-tied
+    decisions (which token merges where), which changes features far more than rounding the values does. A
+    no-op where autocast does not exist (the meta device) and, in fp32, for the results (bit for bit)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 # ----------------------------------------------------------------------------------------- similarity
 def cosine_scores(a: Tensor, b: Tensor) -> Tensor:
-    """(B, Na, Nb) cosine similarity between the rows of a (B, Na, C) and b (B, Nb, C)."""
-    a = a / a.norm(dim=-1, keepdim=True)
-    b = b / b.norm(dim=-1, keepdim=True)
-    return a @ b.transpose(-1, -2)
+    """(B, Na, Nb) cosine similarity between the rows of a (B, Na, C) and b (B, Nb, C), in fp32 whatever the
+    inputs' dtype or an autocast around (see `full_precision`)."""
+    with full_precision(a.device):
+        a, b = a.float(), b.float()
+        a = a / a.norm(dim=-1, keepdim=True)
+        b = b / b.norm(dim=-1, keepdim=True)
+        return a @ b.transpose(-1, -2)
 
 
 def bipartite_flops(num_tokens: int, channels: int) -> int:

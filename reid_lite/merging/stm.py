@@ -41,6 +41,19 @@ def gaussian_prior(coords: Tensor, n: int, alpha: float) -> Tensor:
     return torch.exp(-((coords - 0.5) ** 2).sum(-1) / (2 * sigma**2))
 
 
+_PRIORS: dict[tuple[int, int, float, str], Tensor] = {}
+
+
+def virtual_prior(n: int, k: int, alpha: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(neighbours (n, k), prior W (n,)) on the virtual grid of n tokens: like the neighbourhood, the prior
+    depends on n alone, so it is computed once per (n, k, alpha, device) rather than in every block."""
+    coords, neighbours = virtual_neighbourhood(n, k, device)
+    key = (n, k, float(alpha), str(device))
+    if key not in _PRIORS:
+        _PRIORS[key] = gaussian_prior(coords, n, alpha)
+    return neighbours, _PRIORS[key]
+
+
 def neighbourhood_entropy(attn: Tensor, neighbours: Tensor, normalized: bool = False) -> Tensor:
     """Local entropy of the class-token attention over each token's neighbourhood.
 
@@ -79,8 +92,11 @@ def cc_function(k_a: Tensor, k_b: Tensor, s_a: Tensor, s_b: Tensor, s_min: Tenso
     k_a (B, Na, C), k_b (B, Nb, C), s_a (B, Na), s_b (B, Nb), s_min (B, 1).
     """
     f_sim = (cosine_scores(k_a, k_b) + 1) / 2
-    f_res = (s_min / s_a)[:, :, None] * (s_min / s_b)[:, None, :]
-    return f_sim.pow(d1) * f_res.pow(d2)
+    if d1 != 1:  # x ** 1 is x: skip a pass over the (B, Na, Nb) matrix in the default setting
+        f_sim = f_sim.pow(d1)
+    # (u v)^d = u^d v^d: the power of the (B, Na) and (B, Nb) factors, not of their (B, Na, Nb) product
+    f_res = (s_min / s_a).pow(d2)[:, :, None] * (s_min / s_b).pow(d2)[:, None, :]
+    return f_sim * f_res
 
 
 def prn_fuse(merge: BipartiteMerge, x: Tensor, score: Tensor, state: TokenState) -> Tensor:
@@ -96,7 +112,9 @@ def prn_fuse(merge: BipartiteMerge, x: Tensor, score: Tensor, state: TokenState)
     max_norm = torch.maximum(src_max, take_tokens(x, merge.dst_pos).norm(dim=-1, keepdim=True))
     fused_dst = take_tokens(fused, merge.dst_idx)
     rescaled = fused_dst / fused_dst.norm(dim=-1, keepdim=True).clamp_min(_EPS) * max_norm
-    fused = fused.scatter(1, merge.dst_index(x.shape[-1]), rescaled.to(x.dtype))
+    # In place: `fused` is this function's own fresh tensor, and a copy of the B tokens per block is what made
+    # PRN-Fuse cost more than ToMe's fusion.
+    fused.scatter_(1, merge.dst_index(x.shape[-1]), rescaled.to(x.dtype))
     merge_state(merge, state)
     return torch.cat([unm, fused], dim=1)
 
@@ -158,10 +176,11 @@ class STM(TokenReducer):
         if self.coords == "tracked":
             coords = state.pos[:, 1:]
             neighbours = knn_indices(coords, self.k)
+            prior = gaussian_prior(coords, n, self.alpha)
         else:
-            coords, neighbours = virtual_neighbourhood(n, self.k, attn.device)
+            neighbours, prior = virtual_prior(n, self.k, self.alpha, attn.device)
         entropy = neighbourhood_entropy(attn, neighbours, normalized=self.entropy == "normalized")
-        return pr_degree(attn, entropy, gaussian_prior(coords, n, self.alpha))
+        return pr_degree(attn, entropy, prior)
 
     def reduce(self, x: Tensor, keys: Tensor, cls_attn: Tensor | None, state: TokenState) -> Tensor:
         r = bipartite_r(x.shape[1], self.r)

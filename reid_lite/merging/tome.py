@@ -45,7 +45,7 @@ class ToMe(TokenReducer):
 
     def reduce(self, x: Tensor, keys: Tensor, cls_attn: Tensor | None, state: TokenState) -> Tensor:
         valid = state.valid() if state.may_empty else None
-        merge = tome_match(keys.mean(dim=1), bipartite_r(x.shape[1], self.r), valid)
+        merge = tome_match(keys.mean(dim=1, dtype=torch.float32), bipartite_r(x.shape[1], self.r), valid)
         return size_weighted_merge(merge, x, state)
 
 

@@ -43,7 +43,7 @@ def jpm_positions(num_valid: Tensor, length: int, shift: int, group: int, divide
     image with n valid tokens holds n // divide tokens, the rest of its P slots are empty. With
     n = length this is exactly the positions `shuffle_unit` and the split take.
     """
-    part = length // divide
+    part = max(1, length // divide)  # at least one (then empty) slot: ATM may cut a batch down to a few tokens
     n = num_valid.clamp_min(1)[:, None, None]
     q = num_valid[:, None, None] // divide
     t = torch.arange(part, device=num_valid.device)

@@ -224,10 +224,12 @@ def check_sie_ids(label: torch.Tensor | int | None, count: int, name: str, what:
     """Validate side-information ids before they index an SIE table of `count` rows; returns them on `device`.
 
     `label` is an int or an integer tensor of shape (batch,). Dtype and length are metadata, checked for
-    free. The range is checked on CPU tensors before they are moved (no device sync), and on tensors
-    already on an accelerator in eval mode only (one sync of a `batch`-element tensor; training labels come
-    from the loader's own split, and a per-step sync would stall it). Under torch.compile the range check is
-    skipped: it is data-dependent control flow, which would split the graph.
+    free. The range is checked by an asynchronous device assert (`torch._assert_async`), never by reading the
+    ids back: no host-device synchronisation in a forward pass. On the CPU the assert fires at once and is
+    turned into a ValueError naming the range; on an accelerator a bad id fails the next synchronising call
+    with a device-side assert carrying the same message; on `meta` it checks nothing. Under torch.compile the
+    check is left out (the table lookup's own bounds check remains). `training` is accepted for the callers'
+    sake; the check no longer depends on it (it costs no synchronisation in either mode).
     """
     if label is None:
         raise ValueError(f"this model uses a {what} side-information embedding: pass {name}= (0-based ids, "
@@ -245,12 +247,14 @@ def check_sie_ids(label: torch.Tensor | int | None, count: int, name: str, what:
     if label.dim() > 1 or (label.dim() == 1 and batch is not None and label.shape[0] != batch):
         raise ValueError(f"{name} must have one {what} id (0..{count - 1}) per image: shape ({batch},), got "
                          f"{tuple(label.shape)}")
-    compiling = torch.compiler.is_compiling()
-    if not compiling and label.numel() and (label.device.type == "cpu" or not training):
-        lo, hi = (int(v) for v in torch.aminmax(label))
-        if lo < 0 or hi >= count:
-            raise ValueError(f"{what} ids must lie in [0, {count}) for this model's SIE table ({name}), got "
-                             f"[{lo}, {hi}]; build the model with the checkpoint's camera/view count")
+    if not torch.compiler.is_compiling() and label.numel():
+        message = f"{what} ids must lie in [0, {count}) for this model's SIE table ({name})"
+        try:
+            torch._assert_async(((label >= 0) & (label < count)).all(), message)
+        except RuntimeError:  # raised at once only where the ids are already on the host: read them for the message
+            lo, hi = (int(v) for v in torch.aminmax(label))
+            raise ValueError(f"{message}, got [{lo}, {hi}]; build the model with the checkpoint's camera/view "
+                             "count") from None
     return label.to(device=device, dtype=torch.long, non_blocking=True)
 
 
