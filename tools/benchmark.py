@@ -335,10 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.compile and "compile" not in args.backend:
         explicit = argv is not None and "--backend" in argv or argv is None and "--backend" in sys.argv
         args.backend = [*args.backend, "compile"] if explicit else ["compile"]
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: CUDA is not available on this machine (torch {torch.__version__})")
     if args.pure and args.dtype == "fp32":
-        p.error("--pure needs --dtype bf16 or fp16")
+        return cli_error("--pure needs --dtype bf16 or fp16")
     batches = args.batch_size or [256 if args.device.startswith("cuda") else 32]
     if any(b < 1 for b in batches):
         return cli_error("--batch-size values must be >= 1")
