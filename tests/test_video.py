@@ -4,6 +4,7 @@ the real indoor video with the real pedestrian detector, and bad inputs."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -28,20 +29,26 @@ from reid_lite.video import (
 pytest.importorskip("supervision")
 
 ROOT = Path(__file__).resolve().parents[1]
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "video"
+# ../shared/data/video beside the checkout (REID_LITE_VIDEO_DATA elsewhere, e.g. from a git worktree)
+REAL = Path(os.environ.get("REID_LITE_VIDEO_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data" / "video")
 
 # ----------------------------------------------------------------------------- the generated video
 
-W, H, FPS, N = 320, 240, 10.0, 80
-#: person: colour (BGR), first frame, per-frame position (x1, y1) of its 30x80 body (out of view = cut away)
+W, H, FPS, N = 320, 240, 10.0, 120
+#: person: colour (BGR), frames in the room, top-left (x1, y1) of its 30x80 body per frame (drawn cut by the edge)
 PEOPLE = {
-    "red": ((40, 40, 220), lambda i: (-30 + 10 * i, 140)),   # enters left at frame 1, gone right after 34
-    "green": ((40, 200, 40), lambda i: (320 - 10 * (i - 20), 20)),  # enters right at 21, gone left after 54
-    "blue": ((220, 60, 30), lambda i: (150, 240 - 8 * (i - 45))),  # enters from the bottom at 46, till the end
+    "red": ((40, 40, 220), range(0, 100), lambda i: (-30 + 4 * i, 140)),  # walks in from the left, out right
+    "green": ((40, 200, 40), range(30, 120), lambda i: (320 - 4 * (i - 30), 20)),  # in from the right, out left
+    "blue": ((220, 60, 30), range(60, 120), lambda i: (150, 240 - 3 * (i - 60))),  # up from the bottom edge
 }
-#: frames in which each person is visible (at least 10 px of its body), from the motions above
-VISIBLE = {"red": (1, 34), "green": (21, 54), "blue": (46, 79)}
-ACTIVE = {"red": range(0, 40), "green": range(20, 60), "blue": range(45, 80)}
+
+
+def visible_frames(name: str, least: int = 8) -> tuple[int, int]:
+    """First and last frame in which at least `least` pixels of the person's width and height show."""
+    _, frames, pos = PEOPLE[name]
+    shown = [i for i in frames if min(pos(i)[0] + 30, W) - max(pos(i)[0], 0) >= least
+             and min(pos(i)[1] + 80, H) - max(pos(i)[1], 0) >= least]
+    return shown[0], shown[-1]
 
 
 def write_video(path: Path) -> Path:
@@ -54,9 +61,8 @@ def write_video(path: Path) -> Path:
     assert writer.isOpened()
     for i in range(N):
         frame = bg.copy()
-        for colour, pos in PEOPLE.values():
-            name_frames = [k for k, v in PEOPLE.items() if v[0] == colour][0]
-            if i not in ACTIVE[name_frames]:
+        for colour, frames, pos in PEOPLE.values():
+            if i not in frames:
                 continue
             x, y = pos(i)
             cv2.rectangle(frame, (x + 5, y), (x + 25, y + 18), colour, -1)  # head
@@ -115,10 +121,11 @@ def test_synthetic_people_give_one_tracklet_each(synthetic_video, every):
     assert len(tls) == 3, [(t.track_id, t.first_frame, t.last_frame) for t in tls]
     assert len(seen) == result.stats.sampled == len(range(0, N, every)) and result.stats.decoded == N
     for t, name in zip(tls, ["red", "green", "blue"]):  # ordered by first frame
-        first, last = VISIBLE[name]
+        first, last = visible_frames(name)
         assert t.camera == 4
-        assert first <= t.first_frame <= first + 2 * every, (name, t.first_frame)
-        assert last - 2 * every <= t.last_frame <= last, (name, t.last_frame)
+        # a sliver narrower than 8 px may or may not be detected (JPEG bleeds colour into the background)
+        assert first - 2 <= t.first_frame <= first + 2 * every, (name, t.first_frame)
+        assert last - 2 * every <= t.last_frame <= last + 2, (name, t.last_frame)
         assert t.start == pytest.approx(1000.0 + t.first_frame / FPS)
         assert t.end == pytest.approx(1000.0 + t.last_frame / FPS)
         assert t.crop_count == len(t.crops) == 8 == len(t.crop_features)
@@ -280,7 +287,7 @@ def test_tool_prints_tracklets_and_writes_thumbnails(tmp_path, synthetic_video, 
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "1 tracklets" in out and "frames/s" in out
-    assert " 50.00 " in out and " 57.60 " in out  # frames 0 and 76 of 10 fps from --start 50
+    assert " 50.00 " in out and " 61.60 " in out  # frames 0 and 116 of 10 fps from --start 50
     assert [p.name for p in (tmp_path / "thumbs").iterdir()] == ["cam_t1.jpg"]
 
 
@@ -300,3 +307,38 @@ def test_tool_bad_input_is_one_error_line(tmp_path, synthetic_video, capsys, cas
     assert tool.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:"), err
+
+
+# ----------------------------------------------------------------------------- the real video
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason=f"real video folder absent: {REAL}")
+def test_real_video_tracklets_match_the_passes_seen_by_eye():
+    """people-detection.264 with pedestrian-detection-adas-0002, every 5th frame, threshold 0.5.
+
+    Checked by eye once (frames with the track ids drawn, and the thumbnails): the video has four passes
+    with 1, 2, 3 and 1 people (pass 3: the README's "four in frame 365" counts a duplicate box; three
+    people are in the room). Found, in frames: 30-65 (pass 1, the woman walking to the right-hand
+    window), 190-220 and 195-245 (pass 2, a woman in a grey skirt and a man in black; the man's track takes
+    over the woman in its last frame, 240, as both leave by the left door), 355-395, 355-365 and
+    365-400 (pass 3: the man in the checked shirt, the woman in black - lost after 365 when the detector
+    boxes her together with her neighbour or below 0.6 - and the man in the white shirt and hat), 530-550
+    (pass 4, the man in the hat again). The false box at the right-hand wall (conf 0.5-0.66, in nearly
+    every frame) starts no track (ByteTrack starts tracks above activation + 0.1 = 0.7).
+    """
+    pytest.importorskip("openvino")
+    result = ingest_video(REAL / "people-detection.264", REAL / "pedestrian-detection-adas-0002.xml", every=5,
+                          threshold=0.5, camera=0, progress=False)
+    tls = result.tracklets
+    assert result.info.fps == 25.0 and result.stats.decoded == 596 and result.stats.sampled == 120
+    passes = [(20, 70), (185, 250), (345, 405), (525, 560)]
+    per_pass = [[t for t in tls if a <= t.first_frame and t.last_frame <= b] for a, b in passes]
+    spans = [(t.first_frame, t.last_frame) for t in tls]
+    assert [len(p) for p in per_pass] == [1, 2, 3, 1], spans
+    assert len(tls) == 7, spans
+    for t in tls:
+        assert t.start == pytest.approx(t.first_frame / 25.0) and t.crop_count >= 3
+        assert t.thumbnail.shape[0] > 150  # a whole person (the boxes are 200-330 px high)
+    # the longer passes last as seen: pass 1 about 1.2-2.6 s, pass 4 about 21.2-22.0 s
+    assert per_pass[0][0].start == pytest.approx(1.2, abs=0.25) and per_pass[0][0].end == pytest.approx(2.6, abs=0.25)
+    assert per_pass[3][0].start == pytest.approx(21.2, abs=0.25) and per_pass[3][0].end == pytest.approx(22.0, abs=0.25)

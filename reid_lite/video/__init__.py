@@ -8,7 +8,7 @@ One concern per module: `decode` (frames and their times), `detect` (the detecto
 """
 
 from .crops import CropRule, TrackCrops, box_cut_by_edge, sharpness
-from .decode import Frame, VideoInfo, iter_frames, probe_video
+from .decode import Frame, FrameReader, VideoInfo, iter_frames, probe_video
 from .detect import Detector, DetectorError, SSDDetector, parse_ssd_output
 from .embed import extractor_embedder
 from .pipeline import IngestResult, StageStats, ingest_video
@@ -16,8 +16,8 @@ from .track import ByteTracker
 from .tracklets import Embedder, Tracklet, TrackletRule, aggregate_features, build_tracklets
 
 __all__ = [
-    "ByteTracker", "CropRule", "Detector", "DetectorError", "Embedder", "Frame", "IngestResult", "SSDDetector",
-    "StageStats", "TrackCrops", "Tracklet", "TrackletRule", "VideoInfo", "aggregate_features", "box_cut_by_edge",
-    "build_tracklets", "extractor_embedder", "ingest_video", "iter_frames", "parse_ssd_output", "probe_video",
-    "sharpness",
+    "ByteTracker", "CropRule", "Detector", "DetectorError", "Embedder", "Frame", "FrameReader", "IngestResult",
+    "SSDDetector", "StageStats", "TrackCrops", "Tracklet", "TrackletRule", "VideoInfo", "aggregate_features",
+    "box_cut_by_edge", "build_tracklets", "extractor_embedder", "ingest_video", "iter_frames", "parse_ssd_output",
+    "probe_video", "sharpness",
 ]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Frame", "VideoInfo", "frame_batches", "iter_frames", "probe_video"]
+__all__ = ["Frame", "FrameReader", "VideoInfo", "frame_batches", "iter_frames", "probe_video"]
 
 
 @dataclass(frozen=True)
@@ -75,34 +75,47 @@ def _info(cap, path: str | os.PathLike, fps: float | None):
                      int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)), frames)
 
 
+class FrameReader:
+    """Frames 0, K, 2K, ... (K = `every`) of the video at `path`, with their times; `decoded` counts every
+    frame decoded so far (sampled or not). `fps` overrides the container's rate; `max_frames` stops after
+    that many decoded frames. A video that opens but yields no frame at all raises ValueError."""
+
+    def __init__(self, path: str | os.PathLike, every: int = 1, start: float = 0.0, fps: float | None = None,
+                 max_frames: int | None = None) -> None:
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.path, self.every, self.start, self.fps, self.max_frames = path, int(every), float(start), fps, max_frames
+        self.decoded = 0
+
+    def __iter__(self) -> Iterator[Frame]:
+        import cv2
+
+        cap = _open(self.path)
+        try:
+            info = _info(cap, self.path, self.fps)
+            self.decoded = 0
+            while self.max_frames is None or self.decoded < self.max_frames:
+                if not cap.grab():  # decodes; the colour conversion (retrieve) only for the frames we keep
+                    break
+                index = self.decoded
+                self.decoded += 1
+                if index % self.every == 0:
+                    ok, image = cap.retrieve()
+                    if not ok or image is None:
+                        break
+                    if image.ndim == 2:
+                        image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+                    yield Frame(index, self.start + index / info.fps, image)
+            if self.decoded == 0:
+                raise ValueError(f"cannot decode video {self.path}: no frame could be read")
+        finally:
+            cap.release()
+
+
 def iter_frames(path: str | os.PathLike, every: int = 1, start: float = 0.0, fps: float | None = None,
                 max_frames: int | None = None) -> Iterator[Frame]:
-    """Frames 0, K, 2K, ... (K = `every`) of the video at `path`, with their times. `fps` overrides the
-    container's rate; `max_frames` stops after that many decoded frames (sampled or not). A video that
-    opens but yields no frame at all raises ValueError (nothing to decode)."""
-    import cv2
-
-    if every < 1:
-        raise ValueError(f"every must be >= 1, got {every}")
-    cap = _open(path)
-    try:
-        info = _info(cap, path, fps)
-        index = 0
-        while max_frames is None or index < max_frames:
-            if not cap.grab():  # decodes; the colour conversion (retrieve) only for the frames we keep
-                break
-            if index % every == 0:
-                ok, image = cap.retrieve()
-                if not ok or image is None:
-                    break
-                if image.ndim == 2:
-                    image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
-                yield Frame(index, float(start) + index / info.fps, image)
-            index += 1
-        if index == 0:
-            raise ValueError(f"cannot decode video {path}: no frame could be read")
-    finally:
-        cap.release()
+    """Frames 0, K, 2K, ... (K = `every`) of the video at `path`, with their times (see :class:`FrameReader`)."""
+    return iter(FrameReader(path, every, start, fps, max_frames))
 
 
 def frame_batches(frames: Iterator[Frame], size: int) -> Iterator[list[Frame]]:

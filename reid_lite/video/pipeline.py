@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .crops import CropRule, TrackCrops
-from .decode import Frame, VideoInfo, frame_batches, iter_frames, probe_video
+from .decode import Frame, FrameReader, VideoInfo, frame_batches, probe_video
 from .detect import Detector, SSDDetector
 from .track import ByteTracker
 from .tracklets import Embedder, Tracklet, TrackletRule, build_tracklets
@@ -113,8 +113,9 @@ def ingest_video(path: str | os.PathLike, detector: Detector | str | os.PathLike
     tracks: dict[int, TrackCrops] = {}
     stats = StageStats()
     bar = tqdm(total=info.frame_count, desc=Path(path).name, unit="frame", disable=not progress, leave=False)
+    reader = FrameReader(path, every, start, info.fps, max_frames)
     try:
-        for batch in frame_batches(_timed(iter_frames(path, every, start, info.fps, max_frames), stats), detect_batch):
+        for batch in frame_batches(_timed(iter(reader), stats), detect_batch):
             t0 = time.perf_counter()
             boxes = det([f.image for f in batch])
             stats.seconds["detect"] += time.perf_counter() - t0
@@ -131,11 +132,11 @@ def ingest_video(path: str | os.PathLike, detector: Detector | str | os.PathLike
                 if on_frame is not None:
                     on_frame(f, ids, tracked)
             stats.sampled += len(batch)
-            done = batch[-1].index + 1
-            bar.update(done - stats.decoded)
-            stats.decoded = done
+            bar.update(reader.decoded - stats.decoded)
+            stats.decoded = reader.decoded
     finally:
         bar.close()
+    stats.decoded = reader.decoded
     t0 = time.perf_counter()
     tracklets = build_tracklets(list(tracks.values()), embed, camera, str(path), tracklet_rule, embed_batch,
                                 keep_crops)
