@@ -36,7 +36,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line arguments; trailing `KEY VALUE` pairs override --config."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("videos", nargs="+", help="video files of one camera (each gets its own progress bar)")
+    p.add_argument("video", help="video file (any OpenCV/FFmpeg reads, raw H.264 included)")
     p.add_argument("--detector", required=True, help="SSD-style detector: OpenVINO IR .xml (with its .bin) or .onnx")
     p.add_argument("--threshold", type=float, default=0.5, help="detector confidence threshold (default 0.5)")
     p.add_argument("--activation", type=float, default=0.6,
@@ -79,9 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.opts and not args.config:
             raise ValueError(f"config overrides {args.opts[:2]} need --config")
         start = to_seconds(args.start)
-        for v in args.videos:
-            if not Path(v).is_file():
-                raise FileNotFoundError(f"video not found: {v}")
+        if not Path(args.video).is_file():
+            raise FileNotFoundError(f"video not found: {args.video}")
         thumbs = thumbnail_folder(args.thumbnails)
         detector = SSDDetector(args.detector, threshold=args.threshold, batch_size=args.detect_batch,
                                threads=args.threads)
@@ -95,28 +94,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             embed = extractor_embedder(extractor, camera=args.camera if cfg.MODEL.SIE_CAMERA else None)
     except USER_ERRORS as err:
         return cli_error(err)
-    t0 = start
-    for video in args.videos:
-        try:
-            result = ingest_video(video, detector, embed, camera=args.camera, start=t0, every=args.every,
-                                  threshold=args.threshold, progress=not args.no_progress, fps=args.fps,
-                                  detect_batch=args.detect_batch, activation=args.activation,
-                                  crop_rule=CropRule(max_crops=args.max_crops))
-        except USER_ERRORS as err:
-            return cli_error(err)
-        info = result.info
-        n_frames = result.stats.decoded
-        print(f"{video}: {n_frames} frames at {info.fps:g} fps ({info.width}x{info.height}), camera {args.camera}, "
-              f"start {t0:g} s, every {args.every}; {len(result.tracklets)} tracklets"
-              + ("" if embed else " (not embedded: no --config)"))
-        print(f"  {'track':>5} {'camera':>6} {'start s':>9} {'end s':>9} {'frames':>11} {'boxes':>5} {'crops':>5}")
-        for t in result.tracklets:
-            print(f"  {t.track_id:>5} {t.camera:>6} {t.start:>9.2f} {t.end:>9.2f} "
-                  f"{f'{t.first_frame}-{t.last_frame}':>11} {t.hits:>5} {t.crop_count:>5}")
-            if thumbs is not None:
-                (thumbs / f"{Path(video).stem}_t{t.track_id}.jpg").write_bytes(t.thumbnail_jpeg())
-        print(f"  speed: {result.stats.summary()}")
-        t0 += n_frames / info.fps  # the next video of this camera follows this one
+    video = args.video
+    try:
+        result = ingest_video(video, detector, embed, camera=args.camera, start=start, every=args.every,
+                              threshold=args.threshold, progress=not args.no_progress, fps=args.fps,
+                              detect_batch=args.detect_batch, activation=args.activation,
+                              crop_rule=CropRule(max_crops=args.max_crops))
+    except USER_ERRORS as err:
+        return cli_error(err)
+    info = result.info
+    print(f"{video}: {result.stats.decoded} frames at {info.fps:g} fps ({info.width}x{info.height}), camera "
+          f"{args.camera}, start {start:g} s, every {args.every}; {len(result.tracklets)} tracklets"
+          + ("" if embed else " (not embedded: no --config)"))
+    print(f"  {'track':>5} {'camera':>6} {'start s':>9} {'end s':>9} {'frames':>11} {'boxes':>5} {'crops':>5}")
+    for t in result.tracklets:
+        print(f"  {t.track_id:>5} {t.camera:>6} {t.start:>9.2f} {t.end:>9.2f} "
+              f"{f'{t.first_frame}-{t.last_frame}':>11} {t.hits:>5} {t.crop_count:>5}")
+        if thumbs is not None:
+            (thumbs / f"{Path(video).stem}_t{t.track_id}.jpg").write_bytes(t.thumbnail_jpeg())
+    print(f"  speed: {result.stats.summary()}")
     if thumbs is not None:
         print(f"thumbnails: {thumbs}")
     return 0
