@@ -320,7 +320,8 @@ def test_real_video_tracklets_match_the_passes_seen_by_eye():
     with 1, 2, 3 and 1 people (pass 3: the README's "four in frame 365" counts a duplicate box; three
     people are in the room). Found, in frames: 30-65 (pass 1, the woman walking to the right-hand
     window), 190-220 and 195-245 (pass 2, a woman in a grey skirt and a man in black; the man's track takes
-    over the woman in its last frame, 240, as both leave by the left door), 355-395, 355-365 and
+    over the woman in its last frames, 240-245, as both leave by the left door, and its thumbnail, from
+    frame 240, shows her: an ID switch of ByteTrack at every 5th frame, not caught here), 355-395, 355-365 and
     365-400 (pass 3: the man in the checked shirt, the woman in black - lost after 365 when the detector
     boxes her together with her neighbour or below 0.6 - and the man in the white shirt and hat), 530-550
     (pass 4, the man in the hat again). The false box at the right-hand wall (conf 0.5-0.66, in nearly
