@@ -11,6 +11,11 @@ EXPORT = ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18", "openvino>=2024.
 # its dataset readers) and torch.utils.tensorboard (tensorboard): without them the adapter cannot import.
 TORCHREID = ["torchreid==0.2.5", "gdown", "scipy>=1.7", "tensorboard"]
 
+# reid_lite.video (camera video -> tracklets): ByteTrack from supervision 0.30.x (0.30 is the first without the GUI
+# opencv-python requirement that would clash with opencv-python-headless; 0.31 dropped ByteTrack) and OpenVINO
+# for the detector file (IR or ONNX).
+VIDEO = ["supervision>=0.30,<0.31", "openvino>=2024.4"]
+
 setup(
     name="reid_lite",
     version="0.1.0",
@@ -47,8 +52,9 @@ setup(
         # The test suite covers the torchreid adapter (the torchreid extra in full) and ONNX export.
         # requests: the server tests' client; playwright: drives the system's Chromium (.ci/run installs it)
         # for the web page's test, through executable_path (no browser download).
-        "test": ["pytest>=7", "ruff>=0.5", "requests>=2.28", "playwright>=1.40", *TORCHREID, *EXPORT],
+        "test": ["pytest>=7", "ruff>=0.5", "requests>=2.28", "playwright>=1.40", *TORCHREID, *EXPORT, *VIDEO],
         "torchreid": TORCHREID,
+        "video": VIDEO,
         "gpu": ["faiss-gpu>=1.8"],
     },
     entry_points={

@@ -317,7 +317,7 @@ def test_progress_on_a_terminal_only(capsys, monkeypatch, gallery, data):
 def test_remove_purge_and_readd(capsys, gallery, data):
     victim = gallery_crops(data)[0]
     rc, out, _ = cli(capsys, "remove", str(gallery), "--path", str(victim))
-    assert rc == 0 and "removed 1 crops" in out and "--purge" in out
+    assert rc == 0 and "removed 1 crop;" in out and "--purge" in out
     needle = str(victim.resolve()).encode()
     old = gallery / "gen-000000" / "meta.sqlite"
     assert needle in old.read_bytes()  # the previous generation still holds it, as documented

@@ -521,6 +521,7 @@ def evaluate_stage(args: argparse.Namespace, cfg: Any, dataset: ReIDDataset, spl
     STM-ReID's decisions at the first budget and the calibrated threshold; writes results.json, the plots and
     summary.md to `out`."""
     progress = args.preset != "tiny"
+    commit = git_commit()  # the code evaluated: read now, not after minutes in which it may change
     model = load_trained(cfg, trained, split)
     base = float(model_gflops(model))
     tol = float(cfg.MERGE.BUDGET_TOLERANCE)
@@ -578,7 +579,7 @@ def evaluate_stage(args: argparse.Namespace, cfg: Any, dataset: ReIDDataset, spl
                    for m, r in (("none", None), ("stm", ratios[0])) if (m, r) in per_query]
     summary = {
         "dataset": Path(args.data_root).name, "preset": args.preset, "seed": int(cfg.SOLVER.SEED),
-        "commit": git_commit(), "device": "cpu" if str(cfg.MODEL.DEVICE) == "cpu" else str(cfg.MODEL.DEVICE),
+        "commit": commit, "device": "cpu" if str(cfg.MODEL.DEVICE) == "cpu" else str(cfg.MODEL.DEVICE),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "teacher": Path(cfg.MODEL.TEACHER).name if cfg.MODEL.TEACHER else None,
         "train_seconds": trained["train_seconds"], "epochs": trained["epochs"],
