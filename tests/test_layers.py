@@ -1,7 +1,7 @@
 """The package's dependency order, checked on the source (every import statement, wherever it stands).
 
     utils < merging < config < models < data | metrics < compress < build < deploy < engine < index
-          < integrations | cli                                     (tools/ and tests/ sit on top)
+          < integrations | cli | video                             (tools/ and tests/ sit on top)
 
 A module imports its own package and the layers below it; packages that share a layer do not import
 each other. Imports of the package's own modules stand at the top of a module, never inside a function,
@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("deploy",),
     ("engine",),
     ("index",),
-    ("integrations", "cli"),
+    ("integrations", "cli", "video"),
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 
