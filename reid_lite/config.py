@@ -14,6 +14,8 @@ from typing import Any
 import yaml
 from yacs.config import CfgNode as CN
 
+from .merging import load_plugins, merge_section
+
 _C = CN()
 
 # ----------------------------------------------------------------------------- MODEL
@@ -139,26 +141,9 @@ _C.TEST.AMP = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16
 _C.TEST.QUERY_CHUNK = 1024  # queries searched at once, bounds memory for large galleries
 
 # ----------------------------------------------------------------------------- MERGE
-# Token reduction inside the backbone's blocks (after attention, before the MLP).
+# Token reduction inside the backbone's blocks: the section is the merging package's (its own keys in
+# reid_lite.merging.settings, each registered method's node MERGE.<NAME> from the registry), filled in by get_cfg.
 _C.MERGE = CN()
-_C.MERGE.METHOD = "none"  # a registered method: reid_lite.merging.method_names() (none, tome, evit, stm, ...)
-_C.MERGE.R = 8  # tokens removed per merging block
-_C.MERGE.R_LIST = []  # per-layer r (same length as LAYERS); overrides R when set
-_C.MERGE.LAYERS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]  # 1-based block indices
-# > 0: set the method's budget knob (r, EViT's keep rate, ATM's offset, LoTM's/DHTM's K) to meet this budget
-# within BUDGET_TOLERANCE (reid_lite.merging.budget); image-dependent costs are averaged over CALIBRATION_IMAGES images
-_C.MERGE.TARGET_GFLOPS = 0.0
-_C.MERGE.BUDGET_TOLERANCE = 0.01  # the solved GFLOPs lie in [TARGET (1 - this), TARGET]
-_C.MERGE.CALIBRATION_IMAGES = 32
-# > 0: the mildest setting of the same knob (r: the smallest constant r, 0 = merging off) whose measured latency
-# per batch of TEST.IMS_PER_BATCH fits this budget on MODEL.DEVICE (reid_lite.deploy.latency; tools/export.py)
-_C.MERGE.TARGET_LATENCY_MS = 0.0
-_C.MERGE.PROP_ATTN = True  # proportional attention (+log size on the keys) after a merge
-_C.MERGE.TRACE_SOURCE = False  # keep the patch -> token source map (visualisation)
-# Methods from your own files: .py paths or module names, imported before the rest of the config is read.
-_C.MERGE.PLUGINS = []
-# Each method's options live in its own node MERGE.<NAME>, declared with the method (reid_lite.merging:
-# MERGE.STM in stm.py, MERGE.EVIT in evit.py) and added to these defaults when it is registered.
 
 _C.OUTPUT_DIR = "output"
 
@@ -167,25 +152,9 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 def get_cfg() -> CN:
     """Return a fresh, mutable copy of the default configuration (with every registered method's node)."""
-    from . import merging  # noqa: F401  (registers the built-in methods and their MERGE.<NAME> nodes)
-
-    return _C.clone()
-
-
-def register_merge_node(name: str, options: dict[str, Any] | None, replace: bool = False) -> None:
-    """Add (or with `options` None, remove) the default node MERGE.<name> of a merging method.
-
-    Called by `reid_lite.merging.register_method`; configs created afterwards have the node.
-    """
-    current = _C.MERGE.get(name)
-    if current is not None and not isinstance(current, CN):
-        raise ValueError(f"MERGE.{name} is one of MERGE's own keys; a method cannot use that name")
-    if options is None:
-        _C.MERGE.pop(name, None)
-        return
-    if current is not None and not replace:
-        raise ValueError(f"MERGE.{name} already exists")
-    _C.MERGE[name] = CN(options)
+    cfg = _C.clone()
+    cfg.MERGE = merge_section()
+    return cfg
 
 
 def config_plugins(config_file: str | Path | None = None, opts: Sequence[str] = ()) -> list[str]:
@@ -234,8 +203,6 @@ def load_cfg(config_file: str | Path | None = None, opts: Sequence[str] = ()) ->
     The plugins of MERGE.PLUGINS are imported first, so their methods' nodes are known. Raises KeyError
     naming the key when the file or `opts` contains a key the defaults lack.
     """
-    from .merging.registry import load_plugins
-
     plugins = load_plugins(config_plugins(config_file, opts))  # before the keys their nodes define
     cfg = get_cfg()
     if config_file:

@@ -21,8 +21,8 @@ from conftest import tiny_cfg
 from torch.overrides import TorchFunctionMode
 
 from reid_lite import build_model, load_cfg
+from reid_lite.compress.budget import synthetic_calibration
 from reid_lite.merging import method_names
-from reid_lite.merging.budget import synthetic_calibration
 from reid_lite.models import load_transreid_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent

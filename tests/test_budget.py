@@ -11,18 +11,18 @@ import torch
 from conftest import load_tool, tiny_cfg
 
 from reid_lite import build_model
+from reid_lite.compress.budget import parse_budget
+from reid_lite.compress.flops import effective_gflops, transreid_gflops
 from reid_lite.data import ImageReadWarning
 from reid_lite.merging import (
     BudgetError,
     get_method,
     load_plugins,
     method_names,
-    parse_budget,
     search_knob,
     unregister_method,
 )
 from reid_lite.merging.registry import forget_plugin
-from reid_lite.utils.flops import effective_gflops, transreid_gflops
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op threads only spin on 2 busy cores
 
@@ -143,9 +143,9 @@ def test_atm_is_matched_on_effective_gflops_over_its_calibration_images(base):
     # the budget; the effective count (valid tokens only) is what meets it.
     assert s.gflops > base > target >= s.effective_gflops >= 0.99 * target
     assert s.calibration == {"source": "4 synthetic pedestrians (seed 0)", "images": 4, "paths": []}
-    from reid_lite.deploy import parity_images
+    from reid_lite.data.synthetic_batch import synthetic_test_batch
 
-    images, cams = parity_images(tiny_cfg(), 4, num_cameras=3)
+    images, cams = synthetic_test_batch(tiny_cfg(), 4, num_cameras=3)
     assert effective_gflops(model, images, cam_label=cams)[0] == pytest.approx(s.effective_gflops)
 
 
@@ -199,7 +199,7 @@ OUTPUT_DIR: '{out}'
 
 
 def test_latency_budget_turns_the_same_knob():
-    from reid_lite.deploy.latency import choose_setting
+    from reid_lite.compress.latency import choose_setting
 
     def rising(keep):  # a real knob whose latency rises with the value (EViT's keep rate)
         return 10.0 + 90.0 * keep
@@ -237,13 +237,18 @@ def test_the_gallery_fingerprint_records_a_solved_setting(base):
     assert fp["r_solved"] == 20 and "solved" not in fp
 
 
-def test_an_effective_budget_is_solved_again_when_a_checkpoint_replaces_the_weights(base):
+def test_an_effective_budget_is_solved_again_when_a_checkpoint_replaces_the_weights(base, tmp_path):
+    from reid_lite.build import load_checkpoint
     from reid_lite.models import load_transreid_state
 
     model = _model("atm", TARGET_GFLOPS=0.85 * base)
     torch.manual_seed(1)
     other = build_model(tiny_cfg(METHOD="atm", TARGET_GFLOPS=0.85 * base, **LAYERS), 10, 3, 1).eval()
     assert other.merge_budget.value != model.merge_budget.value  # the offset depends on the weights
-    load_transreid_state(model, other.state_dict())
+    solved = model.merge_budget.value
+    load_transreid_state(model, other.state_dict())  # the models layer loads weights only: no budget side effect
+    assert model.merge_budget.value == solved
+    torch.save(other.state_dict(), tmp_path / "other.pth")
+    load_checkpoint(model, tmp_path / "other.pth")  # reid_lite.build: weights, then the budget solved again
     assert model.merge_budget.value == other.merge_budget.value
     assert model.merge_budget.effective_gflops == pytest.approx(other.merge_budget.effective_gflops)

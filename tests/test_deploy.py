@@ -17,6 +17,8 @@ import torch
 from conftest import tiny_cfg
 
 from reid_lite import build_model, load_cfg
+from reid_lite.compress.flops import effective_gflops
+from reid_lite.data.synthetic_batch import synthetic_test_batch
 from reid_lite.deploy import (
     DeployError,
     ExportError,
@@ -25,7 +27,6 @@ from reid_lite.deploy import (
     export_onnx,
     load_runtime_model,
     open_runtime,
-    parity_images,
     read_metadata,
 )
 from reid_lite.merging import MergeMethod, TokenReducer, register_method, unregister_method
@@ -39,7 +40,6 @@ from reid_lite.merging.exportable import (
     stable_ranks,
 )
 from reid_lite.models import load_transreid_checkpoint
-from reid_lite.utils.flops import effective_gflops
 
 METHODS = ["none", "tome", "stm", "evit"]
 # The methods with data-dependent groups, exported on the tiny model only: ATM with thresholds low enough to
@@ -193,7 +193,7 @@ def test_openvino_parity_for_stm(exports):
 def test_one_merged_file_runs_at_batch_1_and_7_with_several_cameras(exports, backend):
     cfg, model, report = exports("tiny", "stm", ("onnxruntime", "openvino"))
     runtime = open_runtime(backend, report.path)
-    images, _ = parity_images(cfg, 7, num_cameras=1, seed=5)
+    images, _ = synthetic_test_batch(cfg, 7, num_cameras=1, seed=5)
     cams = torch.tensor([0, 1, 2, 0, 1, 2, 1])
     with torch.no_grad():
         ref = model(images, cam_label=cams)
@@ -224,7 +224,7 @@ def test_methods_with_data_dependent_groups_export_with_parity(exports, method):
     assert [p.backend for p in report.parity] == ["onnxruntime", "openvino"]
     for parity in report.parity:
         assert parity.passed and parity.images == 12 and parity.min_cosine >= 0.99, report.summary()
-    images, cams = parity_images(cfg, 4, num_cameras=3)
+    images, cams = synthetic_test_batch(cfg, 4, num_cameras=3)
     _, tokens = effective_gflops(model, images, cams)
     assert tokens[-1] < 211  # the schedule really merges on these images
 
@@ -264,12 +264,12 @@ def emptylow():
 def test_a_plugin_method_with_empty_slots_exports_and_one_that_declares_a_refusal_is_refused(emptylow, tmp_path):
     """Empty slots (masked attention, JPM's stable reordering of the valid tokens) trace to ONNX with parity;
     exportability is the method's own declaration (`TokenReducer.export_refusal`), named in the refusal."""
-    from reid_lite.utils.flops import effective_gflops, transreid_gflops
+    from reid_lite.compress.flops import effective_gflops, transreid_gflops
 
     cfg = tiny_cfg(depth=3, METHOD="emptylow", R=30)
     torch.manual_seed(0)
     model = build_model(cfg, 10, 3, 0).eval()
-    images, cams = parity_images(cfg, 4, num_cameras=3)
+    images, cams = synthetic_test_batch(cfg, 4, num_cameras=3)
     assert effective_gflops(model, images, cam_label=cams)[0] < transreid_gflops(model)  # slots really empty
     report = export_onnx(model, cfg, tmp_path / "emptylow.onnx", 3, backends=("onnxruntime",))
     ort = report.parity[0]
@@ -304,7 +304,7 @@ def test_feature_extractor_and_gallery_fingerprint_use_the_backend(exports, tmp_
     from reid_lite.index.fingerprint import check_fingerprint, model_fingerprint
 
     cfg, model, report = exports("tiny", "stm", ("onnxruntime", "openvino"))
-    images, cams = parity_images(cfg, 6, num_cameras=3, seed=9)
+    images, cams = synthetic_test_batch(cfg, 6, num_cameras=3, seed=9)
     torch_ext = FeatureExtractor(cfg, model=model, device="cpu")
     ref = torch_ext(images, camids=cams.numpy())
     fps = {}
@@ -356,7 +356,7 @@ def test_parity_report_flags_a_moved_feature():
 
 
 def test_choose_r_takes_the_mildest_setting_that_fits_and_none_when_it_fits():
-    from reid_lite.deploy.latency import choose_r
+    from reid_lite.compress.latency import choose_r
 
     def falling(r):  # batch-32-like: every merged token saves time
         return 100.0 - 2 * r

@@ -17,6 +17,7 @@ import pytest
 import torch
 from gallery_writer import writer_paused_at
 
+from reid_lite.build import build_model
 from reid_lite.config import load_cfg
 from reid_lite.data.synthetic import generate_reid_dataset
 from reid_lite.index import storage
@@ -24,7 +25,6 @@ from reid_lite.index.cli import main
 from reid_lite.index.gallery import Gallery, GalleryLocked, IndexParams
 from reid_lite.index.storage import WriteLock
 from reid_lite.index.store import CropRecord
-from reid_lite.models import build_model
 
 TINY = ["MODEL.EMBED_DIM", "32", "MODEL.DEPTH", "2", "MODEL.NUM_HEADS", "2", "INPUT.SIZE_TEST", "[64, 32]",
         "INPUT.SIZE_TRAIN", "[64, 32]", "MODEL.STRIDE_SIZE", "[16, 16]", "MODEL.JPM", "False", "MERGE.METHOD", "none",

@@ -10,11 +10,11 @@ import torch
 from conftest import tiny_cfg, vit_base_cfg
 
 from reid_lite import build_model
+from reid_lite.compress.flops import fvcore_gflops, transreid_gflops
 from reid_lite.merging import STM, EViT, TokenState, ToMe, apply_merging, merge_cfg
 from reid_lite.merging.base import BipartiteMerge, bipartite_match
 from reid_lite.merging.ops import grid_positions, virtual_coordinates, virtual_knn, virtual_neighbourhood
 from reid_lite.merging.stm import gaussian_prior, neighbourhood_entropy, pr_degree, pr_grouping, prn_fuse
-from reid_lite.utils.flops import fvcore_gflops, transreid_gflops
 
 
 def _model(method="none", r=8, **merge):

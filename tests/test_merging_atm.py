@@ -10,9 +10,9 @@ import torch
 from conftest import tiny_cfg
 
 from reid_lite import build_model
+from reid_lite.compress.flops import effective_gflops, transreid_gflops
 from reid_lite.merging import TokenState, get_method, merge_cfg
 from reid_lite.merging.atm import ATM, ClsOnly, atm_threshold, merging_error, size_distinctive_split
-from reid_lite.utils.flops import effective_gflops, transreid_gflops
 
 
 def test_threshold_schedule_worked_by_hand():
@@ -181,7 +181,7 @@ def test_min_r_shrinks_the_capacity():
 @pytest.mark.parametrize("jpm,min_r", [(True, 0), (False, 0), (True, 5)])
 def test_analytic_flops_agree_with_fvcore(jpm, min_r):
     """Capacity-based: the matching runs in every block even where no slot leaves the sequence."""
-    from reid_lite.utils.flops import fvcore_gflops
+    from reid_lite.compress.flops import fvcore_gflops
 
     model = _model(jpm, min_r=min_r)
     assert transreid_gflops(model) == pytest.approx(fvcore_gflops(model), rel=1e-9)

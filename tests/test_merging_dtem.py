@@ -11,11 +11,12 @@ import pytest
 import torch
 from conftest import load_tool, small_tool_yaml, tiny_cfg, tiny_train_cfg
 
+from reid_lite.build import build_model, build_model_for_checkpoint
 from reid_lite.config import load_cfg
 from reid_lite.data import ImageReadWarning
 from reid_lite.merging import DTEM, TokenState, learned_state_dict
 from reid_lite.merging.dtem import hard_assignment, soft_bipartite_assignment, soft_merge
-from reid_lite.models import CheckpointError, build_model, build_model_for_checkpoint
+from reid_lite.models import CheckpointError
 from reid_lite.models.vit import Block
 
 NEG = -math.inf
@@ -221,7 +222,7 @@ def test_a_timm_vit_takes_dtem_and_gives_it_back():
 
 @pytest.mark.parametrize("hidden", [0, 8])
 def test_analytic_flops_count_the_embedding_as_fvcore_does(hidden):
-    from reid_lite.utils.flops import fvcore_gflops, transreid_gflops
+    from reid_lite.compress.flops import fvcore_gflops, transreid_gflops
 
     model = build_model(_dtem_cfg(FRESH=True, DIM=16, HIDDEN=hidden), 5, 3).eval()
     tome = build_model(tiny_cfg(depth=3, method="tome", r=4), 5, 3).eval()
@@ -230,8 +231,8 @@ def test_analytic_flops_count_the_embedding_as_fvcore_does(hidden):
 
 
 def test_compare_gives_the_model_back_with_its_own_learned_embedding(data_root):
-    """`evaluate(..., methods=...)` rebuilds the model's own method at the end; an embedding that came with a
-    checkpoint (not from the config) must come back with its values, not as a fresh one."""
+    """`evaluate(..., methods=...)` runs each method on its own copy of the model: an embedding that came with a
+    checkpoint (not from the config) keeps its values, and the model its reducers."""
     from reid_lite.data import build_dataset
     from reid_lite.engine.evaluator import evaluate
 
@@ -242,9 +243,11 @@ def test_compare_gives_the_model_back_with_its_own_learned_embedding(data_root):
         for p in learned_state_dict(model).values():
             p.add_(1.0)  # as trained: unlike the fresh values the config would rebuild
     trained = {k: v.clone() for k, v in learned_state_dict(model).items()}
+    reducers = dict(model.reducers)
     dataset = build_dataset("market1501", data_root.parent, dataset_dir=data_root.name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ImageReadWarning)
         evaluate(cfg, model, dataset, device="cpu", methods=["none", "dtem"], progress=False)
     after = learned_state_dict(model)
     assert set(after) == set(trained) and all(torch.equal(after[k], v) for k, v in trained.items())
+    assert model.reducers == reducers and all(model.reducers[i] is r for i, r in reducers.items())

@@ -22,6 +22,7 @@ import torch
 from conftest import load_tool, tiny_cfg
 
 from reid_lite import build_model, load_cfg
+from reid_lite.compress.flops import effective_gflops, transreid_gflops
 from reid_lite.config import get_cfg
 from reid_lite.merging import (
     STM,
@@ -36,7 +37,6 @@ from reid_lite.merging import (
 )
 from reid_lite.merging.registry import forget_plugin
 from reid_lite.models.transreid import jpm_positions, shuffle_unit
-from reid_lite.utils.flops import effective_gflops, transreid_gflops
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from conftest import tiny_cfg, vit_base_cfg
 
 from reid_lite import build_model, load_cfg
+from reid_lite.compress.flops import fvcore_gflops, transreid_gflops
 from reid_lite.models import CheckpointError, load_imagenet_backbone, load_transreid_checkpoint, shuffle_unit
-from reid_lite.utils.flops import fvcore_gflops, transreid_gflops
 
 
 def _official_forward(model, x, cams):
@@ -279,8 +279,8 @@ def test_bad_cam_label_is_a_value_error_naming_the_valid_range(images):
 
 
 def test_model_for_a_checkpoint_takes_its_camera_count_from_the_sie_table(tmp_path, images):
+    from reid_lite.build import build_model_for_checkpoint
     from reid_lite.engine.extractor import FeatureExtractor
-    from reid_lite.models import build_model_for_checkpoint
 
     cfg = tiny_cfg()
     trained = build_model(cfg, 10, 6, 0).eval()  # trained on 6 cameras

@@ -13,8 +13,8 @@ from extras import torchreid_evaluate_rank
 
 import reid_lite
 from reid_lite.index import Gallery, IndexParams, VectorIndex
+from reid_lite.index.visualize import rank_gallery
 from reid_lite.metrics import evaluate_retrieval, re_ranking
-from reid_lite.utils.visualize import rank_gallery
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:

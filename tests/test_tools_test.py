@@ -12,7 +12,7 @@ from conftest import load_tool, small_tool_yaml
 
 from reid_lite.data import ImageReadWarning
 from reid_lite.data.synthetic import generate_reid_dataset
-from reid_lite.utils.visualize import canvas_size
+from reid_lite.index.visualize import canvas_size
 
 REPO = Path(__file__).resolve().parent.parent
 TOOL = REPO / "tools" / "test.py"
@@ -145,8 +145,8 @@ def argparse_namespace():
 def test_checkpoint_trained_on_more_cameras_evaluates_data_of_two(tool, data_root, tmp_path, capsys):
     import torch
 
+    from reid_lite.build import build_model
     from reid_lite.config import load_cfg
-    from reid_lite.models import build_model
 
     cfg, out = write_config(tmp_path, data_root)
     weights = tmp_path / "six_cameras.pth"
@@ -200,14 +200,14 @@ def test_an_unfinished_synthetic_folder_is_explained_without_options_test_py_lac
 
 
 def test_cli_errors_are_one_shared_helper(capsys):
-    from reid_lite.utils.cli import EXIT_USAGE, cli_error, error_text
+    from reid_lite.cli import EXIT_USAGE, cli_error, error_text
 
     assert error_text(KeyError("unknown dataset 'x'")) == "unknown dataset 'x'"  # no repr quotes
     assert error_text(EOFError()) == "EOFError"  # never an empty reason
     assert cli_error(ValueError("bad")) == EXIT_USAGE == 2 and capsys.readouterr().err == "error: bad\n"
     train = (REPO / "tools" / "train.py").read_text()
     for source in (TOOL.read_text(), train):
-        assert "from reid_lite.utils.cli import USER_ERRORS, cli_error" in source and "def _error" not in source
+        assert "from reid_lite.cli import USER_ERRORS, cli_error" in source and "def _error" not in source
 
 
 # ------------------------------------------------------------------------------ asymmetric use and calibration

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import load_tool, tiny_train_cfg
 
+from reid_lite.build import build_model
 from reid_lite.config import get_cfg, load_cfg
 from reid_lite.data import build_train_loader
 from reid_lite.engine.losses import TripletLoss, hard_example_mining, jpm_weighted, make_loss
@@ -22,7 +23,7 @@ from reid_lite.engine.trainer import (
     sie_counts,
     train,
 )
-from reid_lite.models import build_model, load_transreid_checkpoint
+from reid_lite.models import load_transreid_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

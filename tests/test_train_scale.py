@@ -15,12 +15,13 @@ import pytest
 import torch
 from conftest import load_tool, tiny_train_cfg
 
+from reid_lite.build import build_model
 from reid_lite.config import get_cfg
 from reid_lite.data import ImageDataset, TrainBatchSampler, build_dataset, build_transforms
 from reid_lite.engine.lr_scheduler import create_scheduler
 from reid_lite.engine.train_state import STATE_FILE, load_train_state
 from reid_lite.engine.trainer import check_training_cfg, prepare_dataset, sie_counts, train
-from reid_lite.models import build_model, load_transreid_checkpoint
+from reid_lite.models import load_transreid_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -24,6 +24,11 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from reid_lite.config import load_cfg
+from reid_lite.index.gallery import Gallery, IndexParams
+from reid_lite.index.store import CropRecord
+from reid_lite.index.vector_index import VectorIndex
+
 
 def _centres(rng: np.random.Generator, ids: int, dim: int, spectrum: float = 0.6) -> np.ndarray:
     """Identity centres with a decaying (power-law) PCA spectrum, as trained ReID embeddings have (a few
@@ -81,11 +86,6 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="where to build the gallery (default: a temporary dir)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
-
-    from reid_lite.config import load_cfg
-    from reid_lite.index.gallery import Gallery, IndexParams
-    from reid_lite.index.store import CropRecord
-    from reid_lite.index.vector_index import VectorIndex
 
     res: dict = {"n": args.n, "dim": args.dim, "ids": args.ids, "cameras": args.cameras, "queries": args.queries,
                  "k": args.k, "threads": faiss.omp_get_max_threads(), "cpu_count": os.cpu_count(),

@@ -36,10 +36,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
+from reid_lite.config import load_cfg  # noqa: E402  (the repository first on the path)
+from reid_lite.index.gallery import Gallery  # noqa: E402
+from reid_lite.index.server import bind  # noqa: E402
+from reid_lite.index.store import CropRecord  # noqa: E402
+
 
 def _free_port() -> int:
-    from reid_lite.index.server import bind
-
     sock = bind("127.0.0.1", 0)
     port = sock.getsockname()[1]
     sock.close()
@@ -99,10 +102,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import requests
     from bench_gallery import make_vectors
-
-    from reid_lite.config import load_cfg
-    from reid_lite.index.gallery import Gallery
-    from reid_lite.index.store import CropRecord
 
     res: dict = {"n": args.n, "clients": args.clients, "cpu_count": os.cpu_count(),
                  "load_average_before": [round(x, 2) for x in os.getloadavg()],

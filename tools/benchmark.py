@@ -8,7 +8,7 @@
     python tools/benchmark.py --methods all --budget 15.53 --fvcore --batch-size 8 --out output/budget_vitb.json
 
 --budget GFLOPS (or a share of the unmerged model, 75%) sets every method's knob to that budget within
-1% (MERGE.TARGET_GFLOPS; reid_lite.merging.budget): the solved setting is recorded per row. Image-dependent
+1% (MERGE.TARGET_GFLOPS; reid_lite.compress.budget): the solved setting is recorded per row. Image-dependent
 methods (ATM) are matched on effective GFLOPs over MERGE.CALIBRATION_IMAGES seeded synthetic pedestrians,
 the same in every child process. --fvcore adds fvcore's count beside the analytic one (they must agree).
 
@@ -44,13 +44,14 @@ from typing import Any
 import torch
 
 from reid_lite import build_model, load_cfg
-from reid_lite.deploy.latency import measure_latency
+from reid_lite.build import build_model_for_checkpoint
+from reid_lite.cli import USER_ERRORS, cli_error
+from reid_lite.compress.budget import budget_label, resolve_budget, synthetic_calibration
+from reid_lite.compress.flops import effective_gflops, fvcore_gflops, transreid_gflops
+from reid_lite.compress.latency import measure_latency
+from reid_lite.deploy import export_onnx, export_refusal, open_runtime
 from reid_lite.merging import get_method, method_names
-from reid_lite.merging.budget import budget_label, resolve_budget, synthetic_calibration
-from reid_lite.models import build_model_for_checkpoint
-from reid_lite.utils.cli import USER_ERRORS, cli_error
 from reid_lite.utils.files import check_output_dir, check_output_file
-from reid_lite.utils.flops import effective_gflops, fvcore_gflops, transreid_gflops
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 BACKENDS = ("torch", "compile", "onnxruntime", "openvino")
@@ -101,8 +102,6 @@ def _onnx_path(args: argparse.Namespace, method: str) -> Path:
 def export_method(args: argparse.Namespace, method: str) -> dict:
     """Export one method's model (parity verified on the ONNX backends benchmarked); a refusal is returned
     as {"refused": reason}."""
-    from reid_lite.deploy import export_onnx, export_refusal
-
     torch.set_num_threads(args.threads or torch.get_num_threads())
     cfg, model = _model(args, method)
     refusal = export_refusal(model)
@@ -143,8 +142,6 @@ def prepare(args: argparse.Namespace, method: str, backend: str, batch: int,
         effective = effective_gflops(model, x, cam_label=cams)[0]  # on the timed images themselves
     dtype = DTYPES[args.dtype] if backend in ("torch", "compile") else None
     if backend in ONNX_BACKENDS:
-        from reid_lite.deploy import open_runtime
-
         del model
         run = open_runtime(backend, _onnx_path(args, method), threads=args.threads)
     else:

@@ -29,13 +29,13 @@ from pathlib import Path
 
 import torch
 
+from reid_lite.build import build_model, build_model_for_checkpoint
+from reid_lite.cli import USER_ERRORS, cli_error
 from reid_lite.config import load_cfg
 from reid_lite.deploy import ExportError, ExportRefused, export_onnx, parity_table
-from reid_lite.deploy.latency import choose_r_on_runtime
 from reid_lite.deploy.parity import MIN_COSINE
 from reid_lite.deploy.runtime import RUNTIMES
-from reid_lite.models import build_model, build_model_for_checkpoint
-from reid_lite.utils.cli import USER_ERRORS, cli_error
+from reid_lite.deploy.runtime_latency import choose_r_on_runtime
 from reid_lite.utils.files import check_output_file
 
 logger = logging.getLogger("reid_lite.export")

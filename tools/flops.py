@@ -20,8 +20,8 @@ import warnings
 import torch
 
 from reid_lite import build_model, load_cfg
+from reid_lite.compress.flops import effective_gflops, fvcore_gflops, transreid_gflops
 from reid_lite.merging import parse_methods
-from reid_lite.utils.flops import effective_gflops, fvcore_gflops, transreid_gflops
 
 # (label, MERGE overrides, the paper's GFLOPs: STM-ReID Tables 1-2)
 PAPER_TABLE = [

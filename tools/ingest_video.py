@@ -28,8 +28,10 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from reid_lite.index.crops import to_seconds
-from reid_lite.utils.cli import USER_ERRORS, cli_error
-from reid_lite.video import CropRule, SSDDetector, extractor_embedder, ingest_video
+from reid_lite.cli import USER_ERRORS, cli_error  # noqa: E402  (after the checkout's path, when needed)
+from reid_lite.config import load_cfg  # noqa: E402
+from reid_lite.engine.extractor import FeatureExtractor  # noqa: E402
+from reid_lite.video import CropRule, SSDDetector, extractor_embedder, ingest_video  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -86,9 +88,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                                threads=args.threads)
         embed = None
         if args.config:
-            from reid_lite.config import load_cfg
-            from reid_lite.engine.extractor import FeatureExtractor
-
             cfg = load_cfg(args.config, args.opts)
             extractor = FeatureExtractor(cfg, weights=cfg.TEST.WEIGHT or None, camera_num=args.camera + 1)
             embed = extractor_embedder(extractor, camera=args.camera if cfg.MODEL.SIE_CAMERA else None)

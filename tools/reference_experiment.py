@@ -66,17 +66,17 @@ from typing import Any
 import torch
 from yacs.config import CfgNode
 
+from reid_lite.build import build_model_for_checkpoint
+from reid_lite.cli import USER_ERRORS, cli_error
+from reid_lite.compress.budget import budget_label
 from reid_lite.config import get_cfg
 from reid_lite.data import ReIDDataset, build_dataset_from_cfg, sie_counts, validation_split
 from reid_lite.engine.evaluator import evaluate, model_gflops
 from reid_lite.engine.trainer import EMBEDDING_FILE, check_training_cfg, train
 from reid_lite.merging import parse_methods
-from reid_lite.merging.budget import budget_label
 from reid_lite.merging.schedule import BudgetError
 from reid_lite.metrics import bootstrap_draws, metric_intervals, paired_difference, per_query_metrics
 from reid_lite.metrics.calibration import choose_threshold, top1_scores
-from reid_lite.models import build_model_for_checkpoint
-from reid_lite.utils.cli import USER_ERRORS, cli_error
 from reid_lite.utils.table import markdown_table
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ chooses the gallery's "no match" score threshold on this labelled split and writ
 model's camera count is the checkpoint's (its SIE table). Without TEST.WEIGHT the randomly initialised
 model is evaluated after a loud warning (useful for smoke tests and speed, meaningless for accuracy).
 Exit codes: 0 success, 2 bad input (arguments, config, dataset, checkpoint, merging settings), with one
-`error:` line (reid_lite.utils.cli, shared with tools/train.py).
+`error:` line (reid_lite.cli, shared with tools/train.py).
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from reid_lite.build import build_model, build_model_for_checkpoint
+from reid_lite.cli import USER_ERRORS, cli_error
+from reid_lite.compress.budget import resolve_budget
 from reid_lite.config import load_cfg
 from reid_lite.data import build_dataset_from_cfg, sie_counts
 from reid_lite.deploy import load_runtime_model
@@ -42,14 +45,12 @@ from reid_lite.engine.asymmetric import asymmetric_methods, evaluate_pairings, f
 from reid_lite.engine.evaluator import check_methods, evaluate, format_table, gallery_calibration
 from reid_lite.index import Gallery, GalleryError
 from reid_lite.index.calibration import calibrate_gallery, query_fingerprint
+from reid_lite.index.visualize import rank_gallery, visualize_ranked_results
 from reid_lite.merging import BudgetError, get_method, parse_methods
-from reid_lite.merging.budget import resolve_budget
-from reid_lite.models import build_model, build_model_for_checkpoint, check_checkpoint_file, check_input_size
-from reid_lite.utils.cli import USER_ERRORS, cli_error
+from reid_lite.models import check_checkpoint_file, check_input_size
 from reid_lite.utils.device import resolve_device
 from reid_lite.utils.files import check_output_dir
 from reid_lite.utils.text import count
-from reid_lite.utils.visualize import rank_gallery, visualize_ranked_results
 
 logger = logging.getLogger("reid_lite.test")
 

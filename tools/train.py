@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
+from reid_lite.cli import USER_ERRORS, cli_error
 from reid_lite.config import load_cfg
 from reid_lite.engine.distributed import init_distributed, shutdown_distributed
 from reid_lite.engine.trainer import check_training_cfg, prepare_dataset, save_state_dict, train
 from reid_lite.models import CheckpointError
-from reid_lite.utils.cli import USER_ERRORS, cli_error
 from reid_lite.utils.device import resolve_device
 from reid_lite.utils.files import check_output_dir
 

@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 
 from reid_lite import build_model, load_cfg
+from reid_lite.build import build_model_for_checkpoint
+from reid_lite.cli import USER_ERRORS, cli_error
 from reid_lite.data import build_transforms, read_image
 from reid_lite.data.loader import IMAGE_READ_ERRORS
 from reid_lite.merging.visualize import render_groups, token_groups
-from reid_lite.models import build_model_for_checkpoint
-from reid_lite.utils.cli import USER_ERRORS, cli_error
 from reid_lite.utils.files import check_output_file
 
 

@@ -25,6 +25,7 @@ from typing import Any
 from .base import IMG_EXTENSIONS, DatasetLayoutError, Record, ReIDDataset, SidecarError, sie_counts
 from .folder import FolderDataset, parse_timestamp
 from .published import MSMT17, DukeMTMCreID, Market1501
+from .synthetic import MARKER_NAME, generate_reid_dataset
 
 __all__ = [
     "IMG_EXTENSIONS",
@@ -97,8 +98,6 @@ def synthetic_dataset(root: str | os.PathLike = DEFAULT_ROOT, dataset_dir: str =
     anywhere else it is a `DatasetLayoutError` naming the folder, so a mistyped DATASETS.ROOT_DIR never
     fills a new folder with generated images.
     """
-    from .synthetic import MARKER_NAME, generate_reid_dataset
-
     target = Path(os.path.expanduser(os.fspath(root))).absolute() / dataset_dir
     default = Path(DEFAULT_ROOT).absolute()
     if not (target / MARKER_NAME).is_file() and not generate and target.parent.resolve() != default.resolve():

@@ -9,7 +9,7 @@ extraction, `tools/test.py` and `reid-gallery`.
 """
 
 from .export import ExportError, ExportRefused, ExportReport, export_onnx, export_refusal, parity_table
-from .parity import ParityReport, compare_features, parity_images, same_ranking
+from .parity import ParityReport, compare_features, same_ranking
 from .runtime import (
     BACKENDS,
     DeployError,
@@ -36,7 +36,6 @@ __all__ = [
     "export_refusal",
     "load_runtime_model",
     "open_runtime",
-    "parity_images",
     "parity_table",
     "read_metadata",
     "same_ranking",

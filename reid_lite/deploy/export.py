@@ -28,7 +28,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .parity import MIN_COSINE, ParityReport, compare_features, parity_images, self_flips
+from ..compress.flops import transreid_gflops
+from ..data.synthetic_batch import synthetic_test_batch
+from ..merging import token_counts
+from ..models.fingerprint import model_fingerprint
+from .parity import MIN_COSINE, ParityReport, compare_features, self_flips
 from .runtime import METADATA_KEY, open_runtime
 
 logger = logging.getLogger(__name__)
@@ -100,8 +104,6 @@ class ExportReport:
 
 
 def _merging_description(model: nn.Module) -> dict[str, Any]:
-    from ..merging import token_counts
-
     reducers = model.reducers
     blocks = model.reducible_blocks
     counts = token_counts(model.base.patch_embed.num_patches + 1, len(blocks), reducers)
@@ -115,9 +117,6 @@ def _merging_description(model: nn.Module) -> dict[str, Any]:
 def build_metadata(model: nn.Module, cfg: Any, camera_num: int) -> dict[str, Any]:
     """The metadata stored in the ONNX file: inputs and their preprocessing, feature layout, merging
     schedule, GFLOPs and the model fingerprint (the gallery's, for the full feature)."""
-    from ..index.fingerprint import model_fingerprint
-    from ..utils.flops import transreid_gflops
-
     base = model.base
     dim = int(model.in_planes)
     inputs: dict[str, Any] = {"images": {
@@ -225,7 +224,7 @@ def export_onnx(model: nn.Module, cfg: Any, path: str | Path, camera_num: int = 
     model = model.cpu().eval()
     graph = FeatureGraph(model)
     cams = max(1, int(model.base.cam_num or model.base.view_num or 1))
-    images, cam_ids = parity_images(cfg, parity_count, num_cameras=cams)
+    images, cam_ids = synthetic_test_batch(cfg, parity_count, num_cameras=cams)
     ids = tuple(cam_ids for _ in graph.inputs[1:])
     labels = dict(zip([{"camera": "cam_label", "view": "view_label"}[n] for n in graph.inputs[1:]], ids))
     with torch.inference_mode():

@@ -131,27 +131,3 @@ def self_flips(forward: Any, images: torch.Tensor, reference: torch.Tensor, eps:
     a, b = _as_numpy(reference), _as_numpy(moved)
     rel = np.abs(a - b).max(1) / np.maximum(np.abs(a).max(1), 1e-12)
     return int((rel >= ROUNDING).sum())
-
-
-def parity_images(cfg: Any, count: int = 12, num_cameras: int = 1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """`count` preprocessed synthetic pedestrians (count/2 identities, two views each) and their cameras.
-
-    Rendered by reid_lite.data.synthetic at INPUT.SIZE_TEST and passed through the test transform, so
-    the parity check needs no dataset. Cameras cycle through 0..num_cameras-1 (several in one batch).
-    """
-    from PIL import Image
-
-    from ..data.synthetic import make_camera, make_identity, render_person
-    from ..data.transforms import build_transforms
-
-    transform = build_transforms(cfg, is_train=False)
-    size = tuple(int(s) for s in cfg.INPUT.SIZE_TEST)
-    rng = np.random.default_rng(seed)
-    images, cams = [], []
-    for i in range(count):
-        cam = i % max(1, num_cameras)
-        person = make_identity(i // 2, seed=seed)
-        arr = render_person(person, make_camera(cam + (i % 2) * 7, seed=seed), rng, size)
-        images.append(transform(Image.fromarray(arr)))
-        cams.append(cam)
-    return torch.stack(images), torch.tensor(cams, dtype=torch.long)

@@ -4,18 +4,20 @@
     results = evaluate(cfg, model, dataset, methods=["none", "tome", "stm"])  # same weights, per method
     print(format_table(results))
 
-Each method re-attaches its reducers to the same model (`apply_merging`) and extracts the same
-loader's images itself (merging changes the features); the query/gallery split comes from
-`Batch.indices < num_query`, so unreadable images never shift it.
+Each method runs on its own copy of the model, with its reducers attached (`merge_with_budget`): the
+caller's model is never changed. Each extracts the same loader's images itself (merging changes the
+features); the query/gallery split comes from `Batch.indices < num_query`, so unreadable images never
+shift it.
 
 With MERGE.TARGET_GFLOPS every compared method is set to that budget through its declared knob before
-any extraction starts (`reid_lite.merging.budget`); methods whose cost depends on the image are matched
+any extraction starts (`reid_lite.compress.budget`); methods whose cost depends on the image are matched
 on effective GFLOPs averaged over the first MERGE.CALIBRATION_IMAGES gallery images (`gallery_calibration`),
 which also give every row's effective GFLOPs.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,11 +26,21 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..compress.budget import Calibration, CalibrationSource, budget_label, merge_with_budget, solve_budget
+from ..compress.flops import transreid_gflops
 from ..data import build_test_loader
 from ..data.datasets import ReIDDataset
-from ..merging import reducible_depth
-from ..merging.budget import Calibration, CalibrationSource, budget_label
-from ..merging.learned import learned_reducers, learned_state_dict
+from ..data.loader import ImageDataset
+from ..data.transforms import build_transforms
+from ..merging import (
+    build_reducers,
+    check_learned_ready,
+    get_method,
+    input_tokens,
+    parse_methods,
+    reducible_depth,
+    reduction_schedule,
+)
 from ..metrics.rank import evaluate_rank
 from ..metrics.rerank import re_ranking
 from ..metrics.retrieval import evaluate_retrieval
@@ -61,8 +73,6 @@ def model_gflops(model: nn.Module) -> float | None:
     """Analytic GFLOPs per image of a TransReID with its current reducers (None for other models)."""
     if not hasattr(model, "reducible_blocks"):
         return getattr(model, "gflops", None)  # a deployed model records its own
-    from ..utils.flops import transreid_gflops
-
     return float(transreid_gflops(model))
 
 
@@ -71,8 +81,6 @@ def model_schedule(model: nn.Module) -> list[dict[str, int]] | None:
     what results record, so a record never shows a schedule other than the one evaluated."""
     if not hasattr(model, "reducible_blocks"):
         return None
-    from ..merging import input_tokens, reduction_schedule
-
     return reduction_schedule(model.reducers, input_tokens(model), len(model.reducible_blocks))
 
 
@@ -131,10 +139,6 @@ def _warmup(model: nn.Module, cfg: Any, device: torch.device) -> None:
 def gallery_calibration(cfg: Any, dataset: ReIDDataset, count: int | None = None) -> Calibration:
     """The first `count` (default MERGE.CALIBRATION_IMAGES) readable gallery images through the test transform,
     with their cameras: what image-dependent GFLOPs are averaged over (recorded with their paths)."""
-    from ..data.loader import ImageDataset
-    from ..data.transforms import build_transforms
-    from ..merging import Calibration
-
     count = int(cfg.MERGE.CALIBRATION_IMAGES if count is None else count)
     if count < 1:
         raise ValueError(f"MERGE.CALIBRATION_IMAGES must be >= 1, got {count}")
@@ -155,8 +159,6 @@ def gallery_calibration(cfg: Any, dataset: ReIDDataset, count: int | None = None
 def _merge_section(cfg: Any, method: str, depth: int) -> Any:
     """cfg.MERGE for `method`: a budget stays set when the method declares a knob or reduces nothing (the
     unmerged reference, then run without it); a reducing method without a knob keeps it and is refused."""
-    from ..merging import build_reducers, get_method
-
     node = cfg.MERGE.clone()
     node.defrost()
     node.METHOD = method
@@ -172,8 +174,6 @@ def _merge_section(cfg: Any, method: str, depth: int) -> Any:
 def _solve(cfg: Any, model: nn.Module, names: Sequence[str], calibration: CalibrationSource = None) -> dict[str, Any]:
     """{method: its budget solution (None without a budget)}, every method validated against cfg.MERGE and
     the model's depth (and its budget solved) before any extraction starts."""
-    from ..merging import build_reducers, input_tokens, solve_budget
-
     if not names:  # nothing to set up (an exported model runs the merging baked into its file)
         return {}
     depth = reducible_depth(model)
@@ -197,8 +197,6 @@ def check_methods(cfg: Any, model: nn.Module, methods: Sequence[str],
     Each method's reducers are built afresh, so a learned method (DTEM) compared on trained weights
     (TEST.WEIGHT) must name its own weights file (MERGE.DTEM.WEIGHTS): ValueError otherwise.
     """
-    from ..merging import build_reducers, check_learned_ready, parse_methods
-
     names = parse_methods(list(methods))
     _solve(cfg, model, names, calibration)
     if cfg.TEST.WEIGHT:
@@ -239,8 +237,6 @@ def evaluate(cfg: Any, model: nn.Module, dataset: ReIDDataset, device: torch.dev
         'skipped_paths', 'num_query', 'num_gallery', 'calibration' (the images effective GFLOPs were averaged
         over, when any were needed), and 'features' ({method: (query, gallery)}) on request.
     """
-    from ..merging import apply_merging, parse_methods
-
     check_input_size(cfg, model)
     dev = resolve_device(device if device is not None else cfg.MODEL.DEVICE, cfg.MODEL.DEVICE_ID)
     loader, num_query = build_test_loader(cfg, dataset)
@@ -262,55 +258,47 @@ def evaluate(cfg: Any, model: nn.Module, dataset: ReIDDataset, device: torch.dev
     kept: dict[str, tuple[Features, Features]] = {}
     skipped_paths: list[str] = []
     prepare_model(model, dev)  # device, eval mode and channels-last before the warm-up
-    # A learned merging loaded with a checkpoint (DTEM's embedding) is not in the config: --compare rebuilds the
-    # model's own method at the end, so its learned values are kept here and put back then.
-    own_learned = {k: v.detach().clone() for k, v in learned_state_dict(model).items()} if methods else {}
-    own_sources = {k: (r.weights_missing, r.weights_source) for k, r in learned_reducers(model).items()}
-    try:
-        for name in names:
-            label = name or own
-            if name is not None or solutions.get(label) is not None:
-                section = _merge_section(cfg, label, reducible_depth(model))
-                apply_merging(model, section, calibration, solutions.get(label))
-            _warmup(model, cfg, dev)
-            feats = extract_features(model, loader, device=dev, amp=cfg.TEST.AMP, flip=flip, feat_norm=feat_norm,
-                                     progress=progress, desc=f"extract [{label}]")
-            query, gallery = split_query_gallery(feats, num_query)
-            metrics = evaluate_features(query, gallery, re_rank=bool(cfg.TEST.RE_RANKING),
-                                        query_chunk=int(cfg.TEST.QUERY_CHUNK))
-            skipped_paths = list(feats.failed)  # same loader for every method, so the same files
-            gflops = model_gflops(model)
-            budget = getattr(model, "merge_budget", None)
-            rows.append({
-                "method": label,
-                "gflops": gflops,
-                "effective_gflops": _effective(model, calibration, gflops),
-                "budget": budget.to_dict() if budget is not None else None,
-                "images_per_second": feats.images_per_second,
-                "model_images_per_second": feats.model_images_per_second,
-                "seconds": feats.seconds,
-                "model_seconds": feats.model_seconds,
-                **{k: metrics[k] for k in ("rank1", "rank5", "rank10", "mAP", "mINP")},
-                "cmc": [float(v) for v in metrics["cmc"]],
-                "feature_dim": int(feats.feats.shape[1]),
-                "num_query": len(query),
-                "num_gallery": len(gallery),
-                "skipped": len(feats.failed),
-                "re_ranking": bool(cfg.TEST.RE_RANKING),
-                "merge_r": getattr(model, "merge_r", None),
-                "schedule": model_schedule(model),
-            })
-            logger.info("%s: rank1 %.4f mAP %.4f (%.1f img/s)", label, metrics["rank1"], metrics["mAP"],
-                        feats.images_per_second)
-            if keep_features:
-                kept[label] = (query, gallery)
-    finally:
-        if methods:
-            apply_merging(model, _merge_section(cfg, own, reducible_depth(model)), calibration, solutions.get(own))
-            if own_learned:
-                model.load_state_dict(own_learned, strict=False)
-                for key, reducer in learned_reducers(model).items():
-                    reducer.weights_missing, reducer.weights_source = own_sources[key]
+    for name in names:
+        label = name or own
+        run = model
+        if name is not None or solutions.get(label) is not None:
+            # A model per compared method (or per budget solved on this data): the caller's model is not changed.
+            run = copy.deepcopy(model)
+            section = _merge_section(cfg, label, reducible_depth(model))
+            merge_with_budget(run, section, calibration, solutions.get(label))
+        _warmup(run, cfg, dev)
+        feats = extract_features(run, loader, device=dev, amp=cfg.TEST.AMP, flip=flip, feat_norm=feat_norm,
+                                 progress=progress, desc=f"extract [{label}]")
+        query, gallery = split_query_gallery(feats, num_query)
+        metrics = evaluate_features(query, gallery, re_rank=bool(cfg.TEST.RE_RANKING),
+                                    query_chunk=int(cfg.TEST.QUERY_CHUNK))
+        skipped_paths = list(feats.failed)  # same loader for every method, so the same files
+        gflops = model_gflops(run)
+        budget = getattr(run, "merge_budget", None)
+        rows.append({
+            "method": label,
+            "gflops": gflops,
+            "effective_gflops": _effective(run, calibration, gflops),
+            "budget": budget.to_dict() if budget is not None else None,
+            "images_per_second": feats.images_per_second,
+            "model_images_per_second": feats.model_images_per_second,
+            "seconds": feats.seconds,
+            "model_seconds": feats.model_seconds,
+            **{k: metrics[k] for k in ("rank1", "rank5", "rank10", "mAP", "mINP")},
+            "cmc": [float(v) for v in metrics["cmc"]],
+            "feature_dim": int(feats.feats.shape[1]),
+            "num_query": len(query),
+            "num_gallery": len(gallery),
+            "skipped": len(feats.failed),
+            "re_ranking": bool(cfg.TEST.RE_RANKING),
+            "merge_r": getattr(run, "merge_r", None),
+            "schedule": model_schedule(run),
+        })
+        logger.info("%s: rank1 %.4f mAP %.4f (%.1f img/s)", label, metrics["rank1"], metrics["mAP"],
+                    feats.images_per_second)
+        if keep_features:
+            kept[label] = (query, gallery)
+        del run
     out: dict[str, Any] = {
         "rows": rows,
         "device": str(dev),

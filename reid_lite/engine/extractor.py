@@ -20,6 +20,11 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..build import build_model, build_model_for_checkpoint, load_checkpoint
+from ..data.loader import check_crop_shape, read_image, to_rgb
+from ..data.transforms import build_transforms
+from ..deploy import load_runtime_model
+from ..models import check_input_size
 from ..utils.device import autocast, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -293,30 +298,18 @@ class FeatureExtractor:
     def __init__(self, cfg: Any, model: nn.Module | None = None, weights: str | None = None,
                  device: torch.device | str | None = None, num_classes: int = 1, camera_num: int = 0,
                  view_num: int = 0) -> None:
-        from ..data.transforms import build_transforms
-
         self.cfg = cfg
         if model is None and str(cfg.MODEL.BACKEND).lower() != "torch":
-            from ..deploy import load_runtime_model
-
             # The exported file carries its weights (load_runtime_model checks them against TEST.WEIGHT);
             # the runtimes run on the CPU, so the images stay there.
             model, weights, device = load_runtime_model(cfg), None, "cpu"
         if model is None and weights:
-            from ..models import build_model_for_checkpoint
-
             # The SIE camera count comes from the checkpoint's table; camera_num only has to fit in it.
             model = build_model_for_checkpoint(cfg, weights, num_classes, camera_num, view_num)
         elif model is None:
-            from ..models import build_model
-
             model = build_model(cfg, num_classes, camera_num, view_num)
         elif weights:
-            from ..models import load_transreid_checkpoint
-
-            load_transreid_checkpoint(model, weights, trust=cfg.MODEL.TRUST_CHECKPOINT, ignore_classifier=True)
-        from ..models import check_input_size
-
+            load_checkpoint(model, weights, trust=cfg.MODEL.TRUST_CHECKPOINT, ignore_classifier=True)
         check_input_size(cfg, model)  # images are resized to INPUT.SIZE_TEST below
         self.model = model
         self.device = prepare_model(model, device if device is not None else cfg.MODEL.DEVICE)
@@ -327,8 +320,6 @@ class FeatureExtractor:
         self.batch_size = int(cfg.TEST.IMS_PER_BATCH)
 
     def _to_tensor(self, item: ImageInput) -> torch.Tensor:
-        from ..data.loader import check_crop_shape, read_image, to_rgb
-
         if isinstance(item, torch.Tensor):
             return item
         if isinstance(item, str):

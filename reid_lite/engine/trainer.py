@@ -29,12 +29,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..build import build_model
 from ..config import get_cfg
 from ..data import ReIDDataset, build_dataset_from_cfg, build_train_loader, sie_counts
 from ..merging import check_learned_ready, learned_state_dict
 from ..merging.dtem import trains_embedding_only
 from ..merging.learned import learned_reducers
-from ..models import build_model
 from ..utils.device import AMP_CHOICES, resolve_device
 from ..utils.files import sha256_file
 from .distributed import (

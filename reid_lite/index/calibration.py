@@ -27,7 +27,7 @@ from ..utils.text import count
 from .fingerprint import check_query_fingerprint, gallery_space, model_digest, model_fingerprint
 
 if TYPE_CHECKING:
-    from .store import MetadataStore
+    from .interfaces import CropMetadata
 
 __all__ = ["CALIBRATION_FORMAT", "MIN_CALIBRATION_IDENTITIES", "GalleryCalibration", "calibrate_gallery",
            "calibration_entry",
@@ -91,7 +91,7 @@ def _unit_or_none(v: Any, allow_none: bool = True) -> bool:
 class GalleryCalibration:
     """Calibration methods of a gallery (mixed into :class:`reid_lite.index.Gallery`)."""
 
-    store: MetadataStore
+    store: CropMetadata
     fingerprint: dict[str, Any]
 
     def calibrations(self) -> list[dict[str, Any]]:
@@ -136,7 +136,7 @@ class GalleryCalibration:
             record = {"format": CALIBRATION_FORMAT, "entries": [*kept, entry]}
             validate_calibration(record)
 
-            def mutate(store: MetadataStore, idx: Any, gen: int) -> tuple[list[str], list[dict]]:
+            def mutate(store: CropMetadata, idx: Any, gen: int) -> tuple[list[str], list[dict]]:
                 store.set_meta("calibration", record)
                 return [], []
 

@@ -23,8 +23,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..config import load_cfg
+from ..deploy.runtime import DeployError
+from ..utils.checkpoint_file import CheckpointError
 from ..utils.text import count
 from .gallery import Gallery, GalleryError, IndexParams
+from .server import serve
 from .sheet import write_sheet
 from .storage import read_current
 
@@ -67,8 +71,6 @@ def _read_list(path: str | None) -> list[str]:
 
 def config_from_args(args: argparse.Namespace) -> Any:
     """The config of `--config` with `--opts`, `--weights` and `--device` applied (frozen)."""
-    from ..config import load_cfg
-
     opts = list(args.opts or [])
     if getattr(args, "weights", None):
         opts += ["TEST.WEIGHT", args.weights]
@@ -356,8 +358,6 @@ def _cmd_recover(args: argparse.Namespace) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
-    from .server import serve
-
     if not 0 <= args.port <= 65535:  # before the gallery is opened and the model built
         raise ValueError(f"--port {args.port} is not a TCP port: use 1-65535 (or 0 for any free port)")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -385,9 +385,6 @@ def _interrupted(args: argparse.Namespace) -> str:
 def run_command(prefix: str, command: Callable[[], None], interrupted: Callable[[], str]) -> int:
     """Run `command`: an ordinary mistake becomes one line on stderr and exit status 2, Ctrl-C the line
     `interrupted()` and 130, a warning one line (not Python's file:line and source echo)."""
-    from ..deploy.runtime import DeployError
-    from ..models.checkpoint import CheckpointError
-
     with warnings.catch_warnings():
         warnings.showwarning = lambda message, category, *a, **k: print(f"{prefix}: warning: {message}",
                                                                          file=sys.stderr)

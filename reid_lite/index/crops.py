@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from ..data.datasets import IMG_EXTENSIONS, FolderDataset, parse_timestamp
 from .storage import sha256_file
 from .store import CropRecord
 
@@ -59,8 +60,6 @@ def collect_crops(inputs: Sequence[str | os.PathLike], pattern: str | None = Non
     same class over a temporary folder of symlinks (it only reads folders). Sorted by path, so the
     order, and with it the ids, is deterministic.
     """
-    from ..data.datasets import IMG_EXTENSIONS, FolderDataset, parse_timestamp
-
     regex = re.compile(pattern or FolderDataset.DEFAULT_PATTERN)
     folders = [Path(p) for p in inputs if Path(p).is_dir()]
     files = [Path(p) for p in inputs if not Path(p).is_dir()]

@@ -1,7 +1,7 @@
 """The model half of a gallery: its stored configuration, the feature extractor, embedding crops.
 
-`GalleryModel` is mixed into :class:`reid_lite.index.Gallery`; `build_extractor` builds the model a
-gallery is bound to (seeded, so that every process building the same gallery gets the same weights).
+`GalleryEncoder` is the component a :class:`reid_lite.index.Gallery` holds; `build_extractor` builds the model
+a gallery is bound to (seeded, so that every process building the same gallery gets the same weights).
 """
 
 from __future__ import annotations
@@ -12,12 +12,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
+from yacs.config import CfgNode
 
+from ..data import ImageDataset, ReIDCollate, build_transforms
+from ..deploy.runtime import DeployError
+from ..engine.extractor import FeatureExtractor, extract_features
 from .fingerprint import check_fingerprint, check_query_fingerprint, gallery_space, model_fingerprint
-from .storage import FingerprintMismatch, StageCallback
-from .store import CropRecord, MetadataStore
+from .interfaces import CropMetadata
+from .storage import FingerprintMismatch
+from .store import CropRecord
 
-__all__ = ["GalleryModel", "build_extractor"]
+__all__ = ["GalleryEncoder", "build_extractor"]
 
 
 class _EachBatch:
@@ -37,43 +43,41 @@ class _EachBatch:
             self.notify("batch embedded")
 
 
-class GalleryModel:
-    """Model methods of a gallery (mixed into :class:`reid_lite.index.Gallery`)."""
+class GalleryEncoder:
+    """A gallery's model: its stored configuration and fingerprint, the feature extractor (built on first use or
+    shared), embedding crops into the gallery's feature space. One per gallery; it survives new generations."""
 
-    store: MetadataStore
-    fingerprint: dict[str, Any]
-    device: str | None
-    on_stage: StageCallback | None
-    _extractor: Any = None  # built on first use (`extractor()`), or shared
+    def __init__(self, fingerprint: dict[str, Any], config_text: str, camera_num: int, pattern: str | None,
+                 device: str | None = None) -> None:
+        self.fingerprint = fingerprint
+        self.config_text = config_text
+        self.camera_num = int(camera_num)
+        self.device = device
+        self._pattern = pattern
+        self._extractor: Any = None  # built on first use (`extractor()`), or shared
 
-    def notify(self, stage: str) -> None:
-        """Call the gallery's `on_stage` callback, if any, at `stage` of a write (see storage.STAGES)."""
-        if self.on_stage is not None:
-            self.on_stage(stage)
+    @classmethod
+    def from_metadata(cls, store: CropMetadata) -> GalleryEncoder:
+        """The encoder a gallery's metadata describes (fingerprint, config, SIE cameras, file-name pattern)."""
+        return cls(store.get_meta("fingerprint"), store.get_meta("config"), store.get_meta("camera_num", 1),
+                   store.get_meta("pattern"))
 
     @property
     def cfg(self) -> Any:
         """The configuration the gallery was built with (frozen)."""
-        from yacs.config import CfgNode
-
-        cfg = CfgNode.load_cfg(self.store.get_meta("config"))
+        cfg = CfgNode.load_cfg(self.config_text)
         cfg.freeze()
         return cfg
 
     @property
     def pattern(self) -> str:
         """Default file-name pattern (camid, optional pid and timestamp groups) of this gallery."""
-        return self.store.get_meta("pattern") or self.cfg.DATASETS.FOLDER_PATTERN
+        return self._pattern or self.cfg.DATASETS.FOLDER_PATTERN
 
     @property
     def dim(self) -> int:
         """Stored feature dimension."""
         return int(self.fingerprint["feature"]["dim"])
-
-    @property
-    def camera_num(self) -> int:
-        """Cameras of the gallery model's SIE (fixed when the gallery was built)."""
-        return int(self.store.get_meta("camera_num", 1))
 
     def extractor(self, cfg: Any | None = None, device: str | None = None) -> Any:
         """The gallery's FeatureExtractor (built from its stored config), or one for the query model `cfg`
@@ -89,8 +93,6 @@ class GalleryModel:
     def _gallery_extractor(self, device: str | None) -> Any:
         """build_extractor on the stored config; a gallery bound to an exported model whose file is gone says
         where the gallery expects it."""
-        from ..deploy.runtime import DeployError
-
         cfg = self.cfg
         onnx = str(cfg.MODEL.ONNX_PATH) if str(cfg.MODEL.BACKEND).lower() != "torch" else ""
         if onnx and not Path(onnx).is_file():
@@ -113,7 +115,7 @@ class GalleryModel:
         a build passes the one it fingerprinted)."""
         self._extractor = extractor
 
-    def share_model(self, other: GalleryModel) -> None:
+    def share_model(self, other: GalleryEncoder) -> None:
         """Use `other`'s already built extractor (another generation of the same gallery, or one with
         the same fingerprint), so that reopening a gallery does not build its model again."""
         if other.fingerprint != self.fingerprint:
@@ -143,17 +145,13 @@ class GalleryModel:
                 "gallery for more cameras (--camera-num N, or a checkpoint trained on them)")
 
     def embed_records(self, records: Sequence[CropRecord], batch_size: int | None = None, workers: int = 0,
-                      progress: bool = False, *, extractor: Any | None = None, what: str = "crop"
+                      progress: bool = False, *, extractor: Any | None = None, what: str = "crop",
+                      on_batch: Callable[[str], None] | None = None
                       ) -> tuple[np.ndarray, list[int], list[str], float]:
         """Embed crops: (features (n, D), positions in `records` of the n embedded crops, unreadable
         paths, seconds). Uses the data package's loader (an unreadable image is skipped and reported,
         never fatal) and the engine's `extract_features`. `extractor`: another model of the same
-        fingerprint (default: the gallery's)."""
-        from torch.utils.data import DataLoader
-
-        from ..data import ImageDataset, ReIDCollate, build_transforms
-        from ..engine.extractor import extract_features
-
+        fingerprint (default: the gallery's). `on_batch`: called with "batch embedded" after every batch."""
         ext = extractor or self.extractor()
         cfg = ext.cfg
         sie = bool(self.fingerprint["architecture"]["sie_camera"])
@@ -162,8 +160,8 @@ class GalleryModel:
                           build_transforms(cfg, is_train=False))
         loader = DataLoader(ds, batch_size=int(batch_size or cfg.TEST.IMS_PER_BATCH), shuffle=False,
                             num_workers=workers, collate_fn=ReIDCollate(cfg.INPUT.SIZE_TEST))
-        if self.on_stage is not None and what == "crop":  # a write: its stage callback sees every batch
-            loader = _EachBatch(loader, self.notify)
+        if on_batch is not None:
+            loader = _EachBatch(loader, on_batch)
         out = extract_features(ext.model, loader, device=ext.device, amp=cfg.TEST.AMP,
                                flip=bool(cfg.TEST.FLIP), feat_norm=True, use_camera=sie,
                                progress=progress, desc="embed" if what == "crop" else what)
@@ -173,8 +171,6 @@ class GalleryModel:
 def build_extractor(cfg: Any, camera_num: int, device: str | None, model: torch.nn.Module | None) -> Any:
     """FeatureExtractor for `cfg`; random initialisation is seeded (SOLVER.SEED) so that every process
     building the same gallery model gets the same weights, without touching the global RNG."""
-    from ..engine.extractor import FeatureExtractor
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(cfg.SOLVER.SEED))
         return FeatureExtractor(cfg, model=model, weights=cfg.TEST.WEIGHT or None,

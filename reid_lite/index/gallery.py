@@ -33,7 +33,7 @@ import torch
 
 from .calibration import GalleryCalibration
 from .crops import collect_crops
-from .embedding import GalleryModel, build_extractor
+from .embedding import GalleryEncoder, build_extractor
 from .fingerprint import (
     accepts_merged_queries,
     allow_merged_queries,
@@ -41,31 +41,24 @@ from .fingerprint import (
     model_fingerprint,
     resolve_camera_num,
 )
+from .interfaces import CropMetadata, GalleryStorage
 from .querying import GallerySearch, SearchHit, SearchResults
 from .storage import (
     CURRENT,
     LOCK,
-    SEGMENTS,
     STAGES,
+    DirectoryStorage,
     FingerprintMismatch,
     GalleryCorrupt,
     GalleryError,
     GalleryLocked,
     StageCallback,
-    WriteLock,
-    all_generations,
-    current_generation,
-    discard_unpublished,
-    generation_name,
-    publish_generation,
-    read_current,
-    recover_current,
+    StagedGeneration,
     sha256_file,
-    verify_generation,
 )
 from .store import CropRecord, MetadataStore
-from .vector_index import IndexParams, VectorIndex, VectorSegments
-from .writes import AddReport, GalleryWrites, StagedGeneration
+from .vector_index import IndexParams, VectorIndex
+from .writes import AddReport, GalleryWrites
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +96,12 @@ def _check_target(root: Path, overwrite: bool) -> None:
                                   "generations)")
 
 
-class Gallery(GallerySearch, GalleryWrites, GalleryModel, GalleryCalibration):
+class Gallery(GallerySearch, GalleryWrites, GalleryCalibration):
     """A gallery directory (see the module docstring). Use :meth:`build`, :meth:`create` or :meth:`open`.
+
+    Built from parts, each behind a small interface (`reid_lite.index.interfaces`): `storage` (generations and
+    the write lock, a `DirectoryStorage`), `store` (the generation's crop metadata), `index` (its `VectorIndex`)
+    and `encoder` (the gallery's model, a `GalleryEncoder`); search, writes and calibration go through them.
 
     `on_stage`: a callable called with the name of each stage a write of this gallery reaches (see
     :data:`STAGES`); an exception it raises aborts the write there, which leaves the published generation
@@ -114,10 +111,10 @@ class Gallery(GallerySearch, GalleryWrites, GalleryModel, GalleryCalibration):
 
     on_stage: StageCallback | None = None
 
-    def __init__(self, root: Path | None, generation: int, manifest: dict[str, Any], store: MetadataStore,
-                 index: VectorIndex, staged: StagedGeneration | None = None,
+    def __init__(self, storage: GalleryStorage | None, generation: int, manifest: dict[str, Any],
+                 store: CropMetadata, index: VectorIndex, staged: StagedGeneration | None = None,
                  on_stage: StageCallback | None = None) -> None:
-        self.root = root
+        self.storage = storage  # None: a detached gallery (directory None) that embeds but is never written
         self.generation = generation
         self.manifest = manifest
         self.store = store
@@ -125,9 +122,76 @@ class Gallery(GallerySearch, GalleryWrites, GalleryModel, GalleryCalibration):
         self.staged = staged
         if on_stage is not None:
             self.on_stage = on_stage
-        self.fingerprint: dict[str, Any] = store.get_meta("fingerprint")
-        self._columns: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-        self.device: str | None = None
+        self.encoder = GalleryEncoder.from_metadata(store)
+        self.fingerprint: dict[str, Any] = self.encoder.fingerprint
+
+    # ------------------------------------------------------------------ the encoder's face
+    def notify(self, stage: str) -> None:
+        """Call the gallery's `on_stage` callback, if any, at `stage` of a write (see storage.STAGES)."""
+        if self.on_stage is not None:
+            self.on_stage(stage)
+
+    @property
+    def cfg(self) -> Any:
+        """The configuration the gallery was built with (frozen)."""
+        return self.encoder.cfg
+
+    @property
+    def pattern(self) -> str:
+        """Default file-name pattern (camid, optional pid and timestamp groups) of this gallery."""
+        return self.encoder.pattern
+
+    @property
+    def dim(self) -> int:
+        """Stored feature dimension."""
+        return self.encoder.dim
+
+    @property
+    def camera_num(self) -> int:
+        """Cameras of the gallery model's SIE (fixed when the gallery was built)."""
+        return self.encoder.camera_num
+
+    @property
+    def device(self) -> str | None:
+        """The device the gallery's model runs on (None: MODEL.DEVICE of its config)."""
+        return self.encoder.device
+
+    @device.setter
+    def device(self, device: str | None) -> None:
+        self.encoder.device = device
+
+    def extractor(self, cfg: Any | None = None, device: str | None = None) -> Any:
+        """The gallery's FeatureExtractor, or one for the query model `cfg` (`GalleryEncoder.extractor`)."""
+        return self.encoder.extractor(cfg, device)
+
+    def query_model(self, cfg: Any, device: str | None = None) -> tuple[Any, dict[str, Any]]:
+        """(FeatureExtractor, fingerprint) of a query model the gallery accepts (`GalleryEncoder.query_model`)."""
+        return self.encoder.query_model(cfg, device)
+
+    def use_extractor(self, extractor: Any) -> None:
+        """Embed with `extractor`, a FeatureExtractor of this gallery's model."""
+        self.encoder.use_extractor(extractor)
+
+    def share_model(self, other: Gallery) -> None:
+        """Use `other`'s already built model (same fingerprint), so that reopening does not build it again."""
+        self.encoder.share_model(other.encoder)
+
+    def normalize_features(self, feats: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Features as the gallery stores them (`GalleryEncoder.normalize_features`)."""
+        return self.encoder.normalize_features(feats)
+
+    def check_cameras(self, records: Sequence[CropRecord], what: str = "crop") -> None:
+        """ValueError when a record's camera is outside the model's SIE table (`GalleryEncoder.check_cameras`)."""
+        self.encoder.check_cameras(records, what)
+
+    def embed_records(self, records: Sequence[CropRecord], batch_size: int | None = None, workers: int = 0,
+                      progress: bool = False, *, extractor: Any | None = None, what: str = "crop"
+                      ) -> tuple[np.ndarray, list[int], list[str], float]:
+        """Embed crops with the gallery's model (`GalleryEncoder.embed_records`); a write's stage callback sees
+        every batch ("batch embedded")."""
+        on_batch = self.notify if self.on_stage is not None and what == "crop" else None
+        return self.encoder.embed_records(records, batch_size, workers, progress, extractor=extractor, what=what,
+                                          on_batch=on_batch)
 
     # ------------------------------------------------------------------ build / create / open
     @classmethod
@@ -213,20 +277,19 @@ class Gallery(GallerySearch, GalleryWrites, GalleryModel, GalleryCalibration):
         if accept_merged_queries:
             fp = allow_merged_queries(fp)
 
-        def staged(store_path: str | Path, stage: StagedGeneration) -> Gallery:
-            store = MetadataStore(store_path, readonly=False)
+        def staged(storage: DirectoryStorage | None, store: MetadataStore, stage: StagedGeneration) -> Gallery:
             for key, value in (("fingerprint", fp), ("config", cfg.dump()), ("feature", feature),
                                ("camera_num", camera_num), ("pattern", pattern or cfg.DATASETS.FOLDER_PATTERN),
                                ("created", time.time())):
                 store.set_meta(key, value)
             store.commit()
-            g = cls(root, -1, {"segments": [], "segment_files": []}, store, VectorIndex(fp["feature"]["dim"], params),
-                    stage, on_stage)
+            g = cls(storage, -1, {"segments": [], "segment_files": []}, store,
+                    VectorIndex(fp["feature"]["dim"], params), stage, on_stage)
             g.use_extractor(extractor)
             return g
 
         if root is None:
-            g = staged(":memory:", StagedGeneration(None, -1, None))
+            g = staged(None, MetadataStore(":memory:", readonly=False), StagedGeneration(None, -1, None))
             try:
                 yield g
             finally:
@@ -235,17 +298,15 @@ class Gallery(GallerySearch, GalleryWrites, GalleryModel, GalleryCalibration):
         created = next((d for d in [root, *root.parents][::-1] if not d.exists()), None)  # topmost new folder
         root.mkdir(parents=True, exist_ok=True)
         lock_existed = (root / LOCK).exists()
+        storage = DirectoryStorage(root)
         stage: StagedGeneration | None = None
         g: Gallery | None = None
         published = False
         try:
-            with WriteLock(root, lock_timeout):
+            with storage.locked(lock_timeout):
                 _check_target(root, overwrite)  # a concurrent build may have published meanwhile
-                gen = max(all_generations(root), default=-1) + 1
-                stage = StagedGeneration(root / f".tmp-{generation_name(gen)}", gen, current_generation(root))
-                shutil.rmtree(stage.tmp, ignore_errors=True)
-                stage.tmp.mkdir()
-                g = staged(stage.tmp / "meta.sqlite", stage)
+                stage, store = storage.begin()
+                g = staged(storage, store, stage)
                 g.notify("locked")
                 yield g
                 if stage.broken:
@@ -253,18 +314,18 @@ class Gallery(GallerySearch, GalleryWrites, GalleryModel, GalleryCalibration):
                 g.store.commit()
                 g.store.close()
                 g.notify("staged")
-                publish_generation(root, stage.tmp, gen, g.index, g.manifest["segments"],
-                                   g.manifest["segment_files"], previous=stage.previous, on_stage=g.on_stage)
+                storage.publish(stage, g.index, g.manifest["segments"], g.manifest["segment_files"],
+                                on_stage=g.on_stage)
                 published = True
                 g.staged = None
                 g.reload()
         except BaseException:
-            if not published and not (stage is not None and current_generation(root) == stage.gen):
+            if not published and not (stage is not None and storage.current_number() == stage.gen):
                 if g is not None:
                     with contextlib.suppress(Exception):
                         g.store.close()
                 if stage is not None:
-                    discard_unpublished(root, stage.gen)
+                    storage.discard(stage.gen)
                 if created is not None:
                     shutil.rmtree(created, ignore_errors=True)
                 elif not lock_existed and not _is_gallery(root):
@@ -276,23 +337,10 @@ class Gallery(GallerySearch, GalleryWrites, GalleryModel, GalleryCalibration):
         """Open the published generation; with `verify` every file's sha256 is checked against the
         manifest (a truncated or bit-flipped file raises :class:`GalleryCorrupt`, it is never used).
         `on_stage`: the write-stage callback of this gallery's writes (see the class docstring)."""
-        root = Path(directory)
-        gen, manifest = read_current(root)
-        gen_dir = root / generation_name(gen)
-        try:
-            verify_generation(root, gen, manifest, hashes=verify)
-        except GalleryCorrupt as exc:
-            if any(g != gen for g in all_generations(root)):
-                raise GalleryCorrupt(f"{exc}; `reid-gallery recover {root}` falls back to the newest complete "
-                                     "generation (the previous one is kept until the next write)") from None
-            raise
-        params = IndexParams(**manifest["index"]["params"])
-        vectors = VectorSegments(root / SEGMENTS, manifest["segments"]) if manifest["segments"] else None
-        idx = VectorIndex.read(gen_dir / "index.faiss", int(manifest["index"]["dim"]), params, vectors)
-        store = MetadataStore(gen_dir / "meta.sqlite", readonly=True)
-        if idx.ntotal != store.count():
-            raise GalleryCorrupt(f"{gen_dir}: index holds {idx.ntotal} vectors, metadata {store.count()} rows")
-        return cls(root, gen, manifest, store, idx, on_stage=on_stage)
+        storage = DirectoryStorage(directory)
+        gen, manifest = storage.current()
+        store, idx = storage.open(gen, manifest, verify)
+        return cls(storage, gen, manifest, store, idx, on_stage=on_stage)
 
     @classmethod
     def recover(cls, directory: str | os.PathLike, lock_timeout: float | None = None) -> tuple[Gallery, int | None]:
@@ -302,9 +350,15 @@ class Gallery(GallerySearch, GalleryWrites, GalleryModel, GalleryCalibration):
         root = Path(directory)
         if not root.is_dir():
             raise GalleryError(f"no gallery at {root} (no such directory)")
-        with WriteLock(root, lock_timeout):
-            gen = recover_current(root)
+        storage = DirectoryStorage(root)
+        with storage.locked(lock_timeout):
+            gen = storage.recover()
         return cls.open(root), gen
+
+    @property
+    def root(self) -> Path | None:
+        """The gallery's directory (None for a detached gallery or another storage backend)."""
+        return getattr(self.storage, "root", None)
 
     def close(self) -> None:
         """Close the metadata connection."""
@@ -319,20 +373,18 @@ class Gallery(GallerySearch, GalleryWrites, GalleryModel, GalleryCalibration):
     def reload(self) -> None:
         """Follow CURRENT to the newest published generation (checksums not verified: a writer calls it
         after its own publish, or with the lock held)."""
-        fresh = Gallery.open(self.root, verify=False)
+        gen, manifest = self.storage.current()
+        store, index = self.storage.open(gen, manifest, verify=False)
         self.store.close()
-        self.generation, self.manifest, self.store, self.index = (fresh.generation, fresh.manifest,
-                                                                  fresh.store, fresh.index)
-        self._columns = None
+        self.generation, self.manifest, self.store, self.index = gen, manifest, store, index
 
     # ------------------------------------------------------------------ info
     def info(self) -> dict[str, Any]:
         """Size, model fingerprint, index type and parameters, generation, bytes on disk, cameras, and the
         calibrated thresholds (one entry per query model; empty when uncalibrated)."""
-        gen_dir = self.root / generation_name(self.generation)
         disk = sum(f["bytes"] for f in self.manifest["files"]) + sum(f["bytes"] for f in self.manifest["segment_files"])
         return {
-            "path": str(self.root.resolve()),
+            "path": self.storage.location,
             "generation": self.generation,
             "size": self.store.count(),
             "index": {"kind": self.index.kind, "ntotal": self.index.ntotal, "params": self.index.params.to_dict()},
@@ -343,6 +395,6 @@ class Gallery(GallerySearch, GalleryWrites, GalleryModel, GalleryCalibration):
             "cameras": {str(k): v for k, v in self.store.cameras().items()},
             "bytes": disk,
             "bytes_per_crop": disk / max(1, self.store.count()),
-            "manifest": str(gen_dir / "manifest.json"),
+            "manifest": self.storage.manifest_location(self.generation),
             "created": self.store.get_meta("created"),
         }

@@ -20,9 +20,10 @@ from .crops import cameras_from_names, to_seconds
 from .fingerprint import check_query_fingerprint
 from .storage import FingerprintMismatch, GalleryError
 from .store import CropRecord
+from .vector_index import VectorIndexError
 
 if TYPE_CHECKING:
-    from .store import MetadataStore
+    from .interfaces import CropMetadata
     from .vector_index import VectorIndex
 
 __all__ = ["GallerySearch", "SearchHit", "SearchResults"]
@@ -85,10 +86,9 @@ def _fmt_time(t: float) -> str:
 class GallerySearch:
     """Query methods of a gallery (mixed into :class:`reid_lite.index.Gallery`)."""
 
-    store: MetadataStore
+    store: CropMetadata
     index: VectorIndex
     fingerprint: dict[str, Any]
-    _columns: tuple[np.ndarray, np.ndarray, np.ndarray] | None
     query_model: Any
     calibration_for: Any
 
@@ -172,22 +172,15 @@ class GallerySearch:
         missing = sorted(set(ids) - set(self.store.get(ids)))
         if missing:
             raise KeyError(f"no crop with id {', '.join(map(str, missing[:5]))} in this gallery")
-        return self.index.stored_vectors(np.asarray(ids, np.int64))
+        try:
+            return self.index.stored_vectors(np.asarray(ids, np.int64))
+        except VectorIndexError:
+            raise GalleryError("this IVF-PQ gallery keeps no float16 copies of its vectors to search from") from None
 
     # ------------------------------------------------------------------ filters
-    def _metadata_columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(ids, cameras with -1 for unknown, timestamps with NaN for none), read once per generation:
-        fetching ~1M ids row by row from SQLite per query would cost a second (bench), this costs ms."""
-        if self._columns is None:
-            rows = self.store.conn.execute("SELECT id, camid, timestamp FROM crops ORDER BY id").fetchall()
-            arr = np.array([(r[0], -1 if r[1] is None else r[1], np.nan if r[2] is None else r[2]) for r in rows],
-                           dtype=np.float64).reshape(-1, 3)
-            self._columns = (arr[:, 0].astype(np.int64), arr[:, 1].astype(np.int64), arr[:, 2])
-        return self._columns
-
     def _check_filters(self, cameras: Sequence[int] | None, t_from: float | None, t_to: float | None) -> None:
         """Refuse filters that can match no crop of this gallery whatever the query."""
-        ids, cams, ts = self._metadata_columns()
+        ids, cams, ts = self.store.columns()
         if not len(ids):
             return
         if (t_from is not None or t_to is not None) and np.isnan(ts).all():
@@ -202,7 +195,7 @@ class GallerySearch:
     def _allowed(self, cameras: Sequence[int] | None, exclude: int | None, t_from: float | None,
                  t_to: float | None) -> np.ndarray:
         """Sorted ids passing the filters, evaluated in numpy over the metadata columns."""
-        ids, cams, ts = self._metadata_columns()
+        ids, cams, ts = self.store.columns()
         mask = np.ones(len(ids), bool)
         if cameras is not None:
             mask &= np.isin(cams, np.asarray(list(cameras), np.int64))
@@ -218,7 +211,7 @@ class GallerySearch:
     def _why_empty(self, cameras: Sequence[int] | None, exclude: int | None, t_from: float | None,
                    t_to: float | None) -> str:
         """One sentence on why no crop passes these filters."""
-        ids, _, ts = self._metadata_columns()
+        ids, _, ts = self.store.columns()
         if not len(ids):
             return "the gallery is empty"
         parts = []

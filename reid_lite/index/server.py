@@ -42,6 +42,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from ..data.loader import to_rgb
 from ..utils.text import count
 from .crops import to_seconds
 from .gallery import Gallery
@@ -91,8 +92,6 @@ def _thumbnail(path: str, sha256: str, height: int, mtime_ns: int, size: int) ->
     """JPEG thumbnail of a stored crop, only if the file still has the bytes the gallery stored (cached
     per file version: the key holds its mtime and size)."""
     from PIL import Image
-
-    from ..data.loader import to_rgb
 
     data = Path(path).read_bytes()
     if hashlib.sha256(data).hexdigest() != sha256:

@@ -6,6 +6,7 @@ import html
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..data.loader import read_image
 from .querying import SearchHit
 
 __all__ = ["write_sheet"]
@@ -27,8 +28,6 @@ def write_sheet(path: str | Path, queries: Sequence[str], results: Sequence[Sequ
                         "<table style='font:12px monospace;text-align:center'>" + "".join(rows) + "</table>")
         return
     from PIL import Image, ImageDraw
-
-    from ..data.loader import read_image
 
     h, w = thumb
     label = 24

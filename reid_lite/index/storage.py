@@ -21,16 +21,16 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ..utils.files import sha256_file
-
-if TYPE_CHECKING:
-    from .vector_index import VectorIndex
+from .store import MetadataStore
+from .vector_index import IndexParams, VectorIndex, VectorIndexError
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,8 @@ __all__ = [
     "FingerprintMismatch", "GalleryCorrupt", "GalleryError", "GalleryLocked", "WriteLock",
     "LOCK_MESSAGE_SECONDS", "all_generations", "collect_garbage", "current_generation", "discard_unpublished",
     "generation_name", "publish_generation", "read_current", "recover_current",
-    "StageCallback", "verify_generation", "write_segment",
+    "DirectoryStorage", "StageCallback", "StagedGeneration", "VectorSegments", "read_index", "verify_generation",
+    "write_segment",
 ]
 
 FORMAT = "reid-gallery/1"
@@ -116,6 +117,46 @@ def write_segment(root: Path, name: str, ids: np.ndarray, vecs: np.ndarray) -> l
     _fsync_dir(root)
     return entries
 
+
+
+class VectorSegments:
+    """float16 copies of IVF-PQ vectors in immutable segment files, for exact re-ranking (`StoredVectors`)."""
+
+    def __init__(self, root: Path, names: Sequence[str]) -> None:
+        self.root = root
+        self.names = list(names)
+        self._ids = [np.load(root / f"{n}.ids.npy") for n in self.names]
+        self._vecs = [np.load(root / f"{n}.f16.npy", mmap_mode="r") for n in self.names]
+        self.ids = np.concatenate(self._ids) if self._ids else np.empty(0, np.int64)
+        self._cum = np.cumsum([0] + [len(i) for i in self._ids])
+        if self.ids.size and np.any(np.diff(self.ids) <= 0):
+            raise GalleryCorrupt(f"vector segments in {root} are not in increasing id order")
+
+    def get(self, ids: np.ndarray) -> np.ndarray:
+        """float32 (len(ids), D) vectors of `ids` (all must be stored)."""
+        rows = np.searchsorted(self.ids, ids)
+        if rows.size and (rows.max() >= self.ids.size or np.any(self.ids[rows] != ids)):
+            raise GalleryCorrupt("an indexed id has no stored vector in the segments")
+        seg = np.searchsorted(self._cum, rows, side="right") - 1
+        out = np.empty((len(ids), self._vecs[0].shape[1] if self._vecs else 0), np.float32)
+        for s in np.unique(seg):
+            sel = seg == s
+            local = rows[sel] - self._cum[s]
+            order = np.argsort(local)  # sorted reads are kinder to the page cache of a memmap
+            out[np.flatnonzero(sel)[order]] = self._vecs[s][local[order]]
+        return out
+
+
+def read_index(root: Path, gen: int, manifest: dict[str, Any]) -> VectorIndex:
+    """The faiss index of generation `gen` with the float16 segments its manifest names; GalleryCorrupt when
+    the file cannot be read or does not hold the manifest's dimension."""
+    params = IndexParams(**manifest["index"]["params"])
+    vectors = VectorSegments(root / SEGMENTS, manifest["segments"]) if manifest["segments"] else None
+    path = root / generation_name(gen) / "index.faiss"
+    try:
+        return VectorIndex.read(path, int(manifest["index"]["dim"]), params, vectors)
+    except VectorIndexError as exc:
+        raise GalleryCorrupt(str(exc)) from None
 
 
 # ============================================================================ generations
@@ -364,3 +405,115 @@ class WriteLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+
+@dataclass
+class StagedGeneration:
+    """An unpublished generation: its staging folder `tmp` (None for a detached gallery that is never
+    published), its number, the generation CURRENT named when it began, and whether a write to it failed
+    (then it is never published)."""
+
+    tmp: Path | None
+    gen: int
+    previous: int | None
+    broken: bool = False
+
+
+class DirectoryStorage:
+    """A gallery's generations in one directory (format reid-gallery/1, see the module docstring): the write
+    lock, CURRENT, `gen-N/` folders with their manifests, the float16 segments. The `GalleryStorage` a
+    `Gallery` holds; another backend is another class with these methods (`reid_lite.index.interfaces`)."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self._lock_depth = 0  # `locked()` calls this object is inside: nested ones do not lock again
+
+    @property
+    def location(self) -> str:
+        """Where the gallery lives, for messages and `info()` (the directory, absolute)."""
+        return str(self.root.resolve())
+
+    @contextlib.contextmanager
+    def locked(self, timeout: float | None = None) -> Iterator[bool]:
+        """Hold the write lock (`WriteLock`), re-entrant for this object: yields True when this call took it,
+        False inside another `locked()` of the same object. `timeout`: seconds, then GalleryLocked."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield False
+            finally:
+                self._lock_depth -= 1
+            return
+        with WriteLock(self.root, timeout):
+            self._lock_depth = 1
+            try:
+                yield True
+            finally:
+                self._lock_depth = 0
+
+    def current(self) -> tuple[int, dict[str, Any]]:
+        """(generation, manifest) CURRENT names, its checksum checked (GalleryError / GalleryCorrupt otherwise)."""
+        return read_current(self.root)
+
+    def current_number(self) -> int | None:
+        """The generation CURRENT names, unverified; None without a readable CURRENT."""
+        return current_generation(self.root)
+
+    def open(self, gen: int, manifest: dict[str, Any], verify: bool = True) -> tuple[MetadataStore, VectorIndex]:
+        """The read-only metadata and the index of generation `gen`; with `verify` every file's sha256 is
+        checked against the manifest first (GalleryCorrupt, naming the way out when another generation exists)."""
+        try:
+            verify_generation(self.root, gen, manifest, hashes=verify)
+        except GalleryCorrupt as exc:
+            if any(g != gen for g in all_generations(self.root)):
+                raise GalleryCorrupt(f"{exc}; `reid-gallery recover {self.root}` falls back to the newest complete "
+                                     "generation (the previous one is kept until the next write)") from None
+            raise
+        gen_dir = self.root / generation_name(gen)
+        idx = read_index(self.root, gen, manifest)
+        store = MetadataStore(gen_dir / "meta.sqlite", readonly=True)
+        if idx.ntotal != store.count():
+            raise GalleryCorrupt(f"{gen_dir}: index holds {idx.ntotal} vectors, metadata {store.count()} rows")
+        return store, idx
+
+    def begin(self, base: int | None = None, after: int = -1) -> tuple[StagedGeneration, MetadataStore]:
+        """Stage the next generation (numbered past every generation on disk and `after`), lock held: a
+        writable metadata store, empty or a copy of generation `base`'s. CURRENT is left as it is."""
+        gen = max([after, *all_generations(self.root)]) + 1
+        staged = StagedGeneration(self.root / f".tmp-{generation_name(gen)}", gen, self.current_number())
+        shutil.rmtree(staged.tmp, ignore_errors=True)
+        try:
+            staged.tmp.mkdir()
+            if base is not None:
+                shutil.copyfile(self.root / generation_name(base) / "meta.sqlite", staged.tmp / "meta.sqlite")
+            return staged, MetadataStore(staged.tmp / "meta.sqlite", readonly=False)
+        except BaseException:
+            discard_unpublished(self.root, gen)
+            raise
+
+    def publish(self, staged: StagedGeneration, index: VectorIndex, segments: list[str],
+                segment_files: list[dict[str, Any]], on_stage: StageCallback | None = None) -> None:
+        """Publish a staged generation (its metadata store closed) with `index` and the segments it uses
+        (`publish_generation`); the one it replaces is kept, older ones are dropped."""
+        publish_generation(self.root, staged.tmp, staged.gen, index, segments, segment_files,
+                           previous=staged.previous, on_stage=on_stage)
+
+    def discard(self, gen: int) -> None:
+        """Remove what the unpublished generation `gen` wrote (`discard_unpublished`)."""
+        discard_unpublished(self.root, gen)
+
+    def write_segment(self, name: str, ids: np.ndarray, vectors: np.ndarray) -> list[dict[str, Any]]:
+        """Write float16 copies of `vectors` under `ids` as segment `name`; returns its manifest entries."""
+        return write_segment(self.root / SEGMENTS, name, ids, vectors)
+
+    def collect_garbage(self, keep: set[int]) -> list[str]:
+        """Drop every generation not in `keep` and the segments only they use; returns the names removed."""
+        return collect_garbage(self.root, keep)
+
+    def recover(self) -> int | None:
+        """Point CURRENT at the newest complete generation (`recover_current`), lock held."""
+        return recover_current(self.root)
+
+    def manifest_location(self, gen: int) -> str:
+        """Where generation `gen`'s manifest is, for `info()`."""
+        return str(self.root / generation_name(gen) / "manifest.json")

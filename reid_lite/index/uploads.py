@@ -13,6 +13,7 @@ from typing import Any
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
+from ..data.loader import CropShapeError, check_crop_shape, to_rgb
 from .crops import cameras_from_names, to_seconds
 from .gallery import Gallery
 from .live import LiveGallery
@@ -48,8 +49,6 @@ async def read_body(request: Request, limit: int) -> bytes:
 def decode_upload(data: bytes) -> tuple[Any, str]:
     """(RGB PIL image, format) of uploaded bytes; 400/415 for what is not a readable crop."""
     from PIL import Image
-
-    from ..data.loader import CropShapeError, check_crop_shape, to_rgb
 
     try:
         img = Image.open(io.BytesIO(data))

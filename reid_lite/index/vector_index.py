@@ -16,19 +16,16 @@ import math
 import threading
 import time
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import faiss
 import numpy as np
 
-from .storage import GalleryCorrupt, GalleryError, write_segment
-
 logger = logging.getLogger(__name__)
 
-__all__ = ["IndexParams", "VectorIndex", "VectorSegments", "gpu_available"]
+__all__ = ["IndexParams", "StoredVectors", "VectorIndex", "VectorIndexError", "gpu_available"]
 
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 
@@ -77,32 +74,18 @@ def _auto_m(dim: int) -> int:
     return 1
 
 
-class VectorSegments:
-    """float16 copies of IVF-PQ vectors in immutable segment files, for exact re-ranking."""
+class StoredVectors(Protocol):
+    """Exact copies of an IVF-PQ index's vectors, by id, for re-ranking its shortlist (a gallery keeps them in
+    float16 segment files: `reid_lite.index.storage.VectorSegments`)."""
 
-    def __init__(self, root: Path, names: Sequence[str]) -> None:
-        self.root = root
-        self.names = list(names)
-        self._ids = [np.load(root / f"{n}.ids.npy") for n in self.names]
-        self._vecs = [np.load(root / f"{n}.f16.npy", mmap_mode="r") for n in self.names]
-        self.ids = np.concatenate(self._ids) if self._ids else np.empty(0, np.int64)
-        self._cum = np.cumsum([0] + [len(i) for i in self._ids])
-        if self.ids.size and np.any(np.diff(self.ids) <= 0):
-            raise GalleryCorrupt(f"vector segments in {root} are not in increasing id order")
+    ids: np.ndarray
 
     def get(self, ids: np.ndarray) -> np.ndarray:
         """float32 (len(ids), D) vectors of `ids` (all must be stored)."""
-        rows = np.searchsorted(self.ids, ids)
-        if rows.size and (rows.max() >= self.ids.size or np.any(self.ids[rows] != ids)):
-            raise GalleryCorrupt("an indexed id has no stored vector in the segments")
-        seg = np.searchsorted(self._cum, rows, side="right") - 1
-        out = np.empty((len(ids), self._vecs[0].shape[1] if self._vecs else 0), np.float32)
-        for s in np.unique(seg):
-            sel = seg == s
-            local = rows[sel] - self._cum[s]
-            order = np.argsort(local)  # sorted reads are kinder to the page cache of a memmap
-            out[np.flatnonzero(sel)[order]] = self._vecs[s][local[order]]
-        return out
+
+
+class VectorIndexError(ValueError):
+    """A faiss index that cannot be read or cannot answer (no stored vectors to return)."""
 
 
 class VectorIndex:
@@ -118,7 +101,7 @@ class VectorIndex:
     """
 
     def __init__(self, dim: int, params: IndexParams | None = None, index: faiss.Index | None = None,
-                 vectors: VectorSegments | None = None) -> None:
+                 vectors: StoredVectors | None = None) -> None:
         self.dim = int(dim)
         self.params = params if params is not None else IndexParams(kind="flat")
         self.index = index if index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
@@ -139,15 +122,15 @@ class VectorIndex:
         return cls(dim, IndexParams(kind="flat", use_gpu=use_gpu), faiss.IndexIDMap2(flat))
 
     @classmethod
-    def read(cls, path: str | Path, dim: int, params: IndexParams, vectors: VectorSegments | None = None
+    def read(cls, path: str | Path, dim: int, params: IndexParams, vectors: StoredVectors | None = None
              ) -> VectorIndex:
-        """Load an index written by :meth:`write` (a gallery's `index.faiss`); unreadable: GalleryCorrupt."""
+        """Load an index written by :meth:`write`; VectorIndexError when it is unreadable or not `dim`-d."""
         try:
             index = faiss.read_index(str(path))
         except RuntimeError as exc:
-            raise GalleryCorrupt(f"cannot read {path}: {exc}") from None
+            raise VectorIndexError(f"cannot read {path}: {exc}") from None
         if int(index.d) != dim:
-            raise GalleryCorrupt(f"{path} holds {index.d}-d vectors, its manifest says {dim}")
+            raise VectorIndexError(f"{path} holds {index.d}-d vectors, expected {dim}")
         return cls(dim, params, index, vectors)
 
     def write(self, path: str | Path) -> None:
@@ -231,17 +214,12 @@ class VectorIndex:
         self._gpu = None
         return old_ids, old
 
-    def prepare(self, new_vectors: np.ndarray, seg_root: Path, seg_name: str) -> tuple[list[str], list[dict]]:
-        """Before a gallery adds `new_vectors`: switch to IVF-PQ if the params ask for it now. Returns the
-        segments (names, manifest entries) holding the float16 copies of the vectors moved over."""
+    def prepare(self, new_vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Before `new_vectors` are added: switch to IVF-PQ if the params ask for it now. Returns the (ids,
+        float32 vectors) moved over (empty when nothing was converted), for a caller that keeps exact copies."""
         if not self._conversion_due(len(new_vectors)):
-            return [], []
-        old_ids, old = self._convert(self._as_f32(new_vectors))
-        if not len(old_ids):
-            return [], []
-        name = f"{seg_name}-conv"
-        entries = write_segment(seg_root, name, old_ids, old)
-        return [name], entries
+            return np.empty(0, np.int64), np.empty((0, self.dim), np.float32)
+        return self._convert(self._as_f32(new_vectors))
 
     # -- data -------------------------------------------------------------------------------------
     def add(self, x: Any, ids: np.ndarray | None = None) -> np.ndarray:
@@ -272,7 +250,7 @@ class VectorIndex:
         if self.kind == "flat":
             return self.index.reconstruct_batch(ids).astype(np.float32, copy=False)
         if self.vectors is None:
-            raise GalleryError("this IVF-PQ gallery keeps no float16 copies of its vectors to search from")
+            raise VectorIndexError("this IVF-PQ index keeps no exact copies of its vectors (StoredVectors)")
         return self.vectors.get(ids)
 
     def _gpu_flat(self) -> faiss.Index | None:

@@ -9,32 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .crops import collect_crops, hash_records
 from .fingerprint import check_fingerprint
-from .storage import (
-    SEGMENTS,
-    GalleryCorrupt,
-    GalleryError,
-    StageCallback,
-    WriteLock,
-    all_generations,
-    collect_garbage,
-    current_generation,
-    discard_unpublished,
-    generation_name,
-    publish_generation,
-    write_segment,
-)
-from .store import CropRecord, MetadataStore
+from .interfaces import CropMetadata, GalleryStorage
+from .storage import GalleryCorrupt, GalleryError, StageCallback, StagedGeneration
+from .store import CropRecord
 from .vector_index import VectorIndex
 
 __all__ = ["AddReport", "GalleryWrites", "Mutation", "StagedGeneration"]
@@ -58,33 +44,19 @@ class AddReport:
         return {**self.__dict__, "num_duplicates": len(self.duplicates), "num_failed": len(self.failed)}
 
 
-Mutation = Callable[[MetadataStore, VectorIndex, int], tuple[list[str], list[dict]]]
-
-
-@dataclass
-class StagedGeneration:
-    """The unpublished generation of a staged build: its `.tmp-gen-N` (None for a detached gallery that
-    is never published), its number, the generation CURRENT named when it began, and whether a write to
-    it failed (then it is never published)."""
-
-    tmp: Path | None
-    gen: int
-    previous: int | None
-    broken: bool = False
+Mutation = Callable[[CropMetadata, VectorIndex, int], tuple[list[str], list[dict]]]
 
 
 class GalleryWrites:
     """Write methods of a gallery (mixed into :class:`reid_lite.index.Gallery`)."""
 
-    root: Path
+    storage: GalleryStorage
     generation: int
     manifest: dict[str, Any]
-    store: MetadataStore
+    store: CropMetadata
     index: VectorIndex
     staged: StagedGeneration | None
     on_stage: StageCallback | None
-    _writing = False  # inside `writing()`: nested writes do not lock again
-    _columns: Any
 
     @contextlib.contextmanager
     def writing(self, lock_timeout: float | None = None) -> Iterator[GalleryWrites]:
@@ -93,17 +65,14 @@ class GalleryWrites:
         Writes inside the block (add, add_features, remove, purge) do not lock again; several writes
         then run without another writer in between. `lock_timeout`: seconds to wait for another
         writer (None: forever, with a repeating message), then :class:`GalleryLocked`."""
-        if self.staged is not None or self._writing:
+        if self.staged is not None:
             yield self
             return
-        with WriteLock(self.root, lock_timeout):
-            self._writing = True
-            try:
+        with self.storage.locked(lock_timeout) as taken:
+            if taken:
                 self.reload()  # another writer may have published since we opened
                 self.notify("locked")
-                yield self
-            finally:
-                self._writing = False
+            yield self
 
     def add(self, inputs: Sequence[str | os.PathLike] | Sequence[CropRecord], *, pattern: str | None = None,
             sidecar: str | os.PathLike | None = None, recursive: bool = True, batch_size: int | None = None,
@@ -185,15 +154,17 @@ class GalleryWrites:
             raise GalleryError(f"{len(bad)} of {len(feats)} feature(s) are not finite (NaN or inf), e.g. for "
                                f"{', '.join(new[i].path for i in bad[:3])}: nothing was written (a NaN/inf "
                                "pixel in a preprocessed tensor, or a diverged model)")
-        def mutate(store: MetadataStore, idx: VectorIndex, gen: int) -> tuple[list[str], list[dict]]:
+        def mutate(store: CropMetadata, idx: VectorIndex, gen: int) -> tuple[list[str], list[dict]]:
             # A staged build may add several times before it publishes: number its segments apart.
             name = f"seg-{gen:06d}" + (f"-{len(self.manifest['segments'])}" if self.staged is not None else "")
-            names, entries = idx.prepare(feats, self.root / SEGMENTS, name)
+            moved_ids, moved = idx.prepare(feats)  # a switch to IVF-PQ: float16 copies of the vectors moved over
+            names, entries = ([f"{name}-conv"], self.storage.write_segment(f"{name}-conv", moved_ids, moved)
+                              ) if len(moved_ids) else ([], [])
             ids = store.insert(new, gen)
             if len(ids):
                 idx.add(feats, ids)
                 if idx.kind == "ivfpq":  # float16 copies for exact re-ranking of the shortlist
-                    entries += write_segment(self.root / SEGMENTS, name, ids, feats)
+                    entries += self.storage.write_segment(name, ids, feats)
                     names.append(name)
             return names, entries
 
@@ -224,7 +195,7 @@ class GalleryWrites:
             known = self.store.get(sorted(sel))
             target = np.array(sorted(known), dtype=np.int64)
             if len(target):
-                def mutate(store: MetadataStore, idx: VectorIndex, gen: int) -> tuple[list[str], list[dict]]:
+                def mutate(store: CropMetadata, idx: VectorIndex, gen: int) -> tuple[list[str], list[dict]]:
                     nonlocal removed
                     store.delete(target.tolist())
                     removed = idx.remove(target)
@@ -253,12 +224,12 @@ class GalleryWrites:
                 live = self.store.all_ids()
                 kept = vectors.get(live)  # float16 -> float32 -> float16 is exact
 
-                def compact(store: MetadataStore, idx: VectorIndex, gen: int) -> tuple[list[str], list[dict]]:
+                def compact(store: CropMetadata, idx: VectorIndex, gen: int) -> tuple[list[str], list[dict]]:
                     name = f"seg-{gen:06d}-compact"
-                    return [name], write_segment(self.root / SEGMENTS, name, live, kept)
+                    return [name], self.storage.write_segment(name, live, kept)
 
                 self.write_generation(compact, replace_segments=True)
-            return collect_garbage(self.root, {self.generation})
+            return self.storage.collect_garbage({self.generation})
 
     def write_generation(self, mutate: Mutation, replace_segments: bool = False) -> int:
         """Build the next generation from the current one with `mutate` and publish it; returns its number.
@@ -277,31 +248,22 @@ class GalleryWrites:
                 raise
             self.manifest["segments"] += names
             self.manifest["segment_files"] += entries
-            self._columns = None
             return self.staged.gen
-        gen = max([self.generation, *all_generations(self.root)]) + 1
-        tmp = self.root / f".tmp-{generation_name(gen)}"
-        store = None
+        staged, store = self.storage.begin(base=self.generation, after=self.generation)
         try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            shutil.copyfile(self.root / generation_name(self.generation) / "meta.sqlite", tmp / "meta.sqlite")
-            store = MetadataStore(tmp / "meta.sqlite", readonly=False)
             idx = self.index.clone()  # the open gallery stays usable if anything below fails
-            names, entries = mutate(store, idx, gen)
+            names, entries = mutate(store, idx, staged.gen)
             store.commit()
             store.close()
             self.notify("staged")
             keep = not replace_segments
-            publish_generation(self.root, tmp, gen, idx, list(self.manifest["segments"]) * keep + names,
-                               list(self.manifest["segment_files"]) * keep + entries, previous=self.generation,
-                               on_stage=self.on_stage)
+            self.storage.publish(staged, idx, list(self.manifest["segments"]) * keep + names,
+                                 list(self.manifest["segment_files"]) * keep + entries, on_stage=self.on_stage)
         except BaseException:
-            if current_generation(self.root) != gen:  # not published: leave no debris behind
-                if store is not None:
-                    with contextlib.suppress(Exception):
-                        store.close()
-                discard_unpublished(self.root, gen)
+            if self.storage.current_number() != staged.gen:  # not published: leave no debris behind
+                with contextlib.suppress(Exception):
+                    store.close()
+                self.storage.discard(staged.gen)
             raise
         self.reload()
-        return gen
+        return staged.gen

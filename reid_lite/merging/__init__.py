@@ -1,29 +1,29 @@
 """Training-free token reduction inside ViT blocks: STM-ReID, ToMe, EViT, and methods you register.
 
-`apply_merging(model, cfg.MERGE)` attaches the configured method to a `TransReID` model or to a timm
-`VisionTransformer`. Each method is a `TokenReducer` (see `base.py` for the contract, including empty
-slots) declared once in the registry (`registry.py`): `register_method(MergeMethod(...))`.
+`patch(model, "stm", r=8)` makes a timm `VisionTransformer` or a `TransReID` reduce tokens, as ToMe's own
+patch does (`patching.py`); `apply_merging(model, cfg.MERGE)` attaches a configured MERGE section
+(`attach.py`). Each method is a `TokenReducer` (see `base.py` for the contract, including empty slots)
+declared once in the registry (`registry.py`): `register_method(MergeMethod(...))`.
 """
 
 from __future__ import annotations
-
-from torch import nn
-from yacs.config import CfgNode
 
 # Importing the method modules registers them, in this order: none (registry), tome, evit, stm, atm, ...
 # isort: off
 from . import registry, tome, evit, stm, atm, lotm, dhtm, dtem  # noqa: F401
 # isort: on
+from .attach import apply_merging, input_tokens, merge_cfg, reducible_depth
 from .base import BipartiteMerge, TokenReducer, TokenState, bipartite_match, mask_invalid
-from .budget import BudgetSolution, Calibration, CalibrationSource, budget_merge, parse_budget, solve_budget
 from .dtem import DTEM
 from .evit import EViT
 from .knobs import BudgetKnob, count_knob, option_knob
 from .learned import check_learned_ready, learned_state_dict
+from .patching import patch, retune
 from .registry import (
     MergeMethod,
     get_method,
     load_plugins,
+    merge_section,
     method_fingerprint,
     method_names,
     option_key,
@@ -45,94 +45,14 @@ from .schedule import (
 from .stm import STM
 from .tome import ToMe
 
-
-def merge_cfg(method: str = "stm", r: int = 8, **options) -> CfgNode:
-    """A MERGE config section from keyword arguments, for library use.
-
-    Top-level keys by lower-case name (`layers`, `r_list`, `target_gflops`, `prop_attn`, `trace_source`,
-    `plugins`); method options as `<method>_<key>` (e.g. `stm_alpha=0.1`, `stm_coords='tracked'`,
-    `evit_keep_rate=0.7`).
-    """
-    from ..config import get_cfg
-
-    load_plugins(list(options.get("plugins", [])))
-    cfg = get_cfg().MERGE
-    cfg.METHOD, cfg.R = get_method(method).name, r
-    for key, value in options.items():
-        node, name = option_key(cfg, key)
-        node[name] = type(node[name])(value) if not isinstance(node[name], list) else list(value)
-    return cfg
-
-
-def input_tokens(model: nn.Module) -> int:
-    """Tokens entering the first block (class token included) of a TransReID or a timm ViT."""
-    embed = model.base.patch_embed if hasattr(model, "reducible_blocks") else model.patch_embed
-    return int(embed.num_patches) + int(getattr(model, "num_prefix_tokens", 1))
-
-
-def reducible_depth(model: nn.Module) -> int:
-    """Blocks whose tokens may be reduced: a TransReID's own blocks (JPM's last block excluded), a timm ViT's."""
-    return len(model.reducible_blocks) if hasattr(model, "reducible_blocks") else len(model.blocks)
-
-
-def apply_merging(model: nn.Module, cfg: CfgNode, calibration: CalibrationSource = None,
-                  solution: BudgetSolution | None = None) -> nn.Module:
-    """Attach the token reduction that `cfg` (a MERGE section) describes; returns `model`.
-
-    Works on reid_lite's `TransReID` and on timm `VisionTransformer`s. With MERGE.TARGET_GFLOPS > 0
-    (TransReID only, methods that declare a `gflops_knob`) the method's knob is set to meet that budget
-    (`budget.solve_budget`): the solution is `model.merge_budget`, its MERGE keys `model.merge_setting`, and
-    a constant r also `model.merge_r`.
-    `calibration` (a `budget.Calibration` or a function returning one) is needed only when the method's
-    cost depends on the image (effective GFLOPs); `build_model` passes synthetic pedestrians, and loading a
-    checkpoint solves such a budget again for the new weights (`budget.refresh_budget`). `solution`:
-    the budget already solved for this model and section (`solve_budget`), so the search is not repeated.
-    """
-    load_plugins(list(cfg.get("PLUGINS", [])))
-    method = get_method(cfg.METHOD)
-    cfg_in = cfg
-    is_transreid = hasattr(model, "reducible_blocks")
-    depth = reducible_depth(model)
-    num_tokens = input_tokens(model)
-    if cfg.TARGET_GFLOPS <= 0:
-        solution = None
-    else:
-        if not is_transreid:
-            raise ValueError("MERGE.TARGET_GFLOPS is supported for TransReID models")
-        if solution is None:
-            solution = solve_budget(model, cfg, float(cfg.TARGET_GFLOPS), calibration)
-        cfg = budget_merge(cfg, solution)
-    # Only a head that reads the class token alone allows a class-token-only last block (never JPM).
-    cls_head = not is_transreid or not model.jpm
-    reducers = build_reducers(cfg, depth, None, num_tokens, cls_head=cls_head)
-    prop_attn = bool(cfg.PROP_ATTN) and method.prop_attn
-    if is_transreid:
-        model.set_reducers(reducers, prop_attn)
-        model.trace_source = bool(cfg.TRACE_SOURCE)
-        model.merge_budget = solution
-        model.merge_r = solution.constant_r if solution is not None else None
-        model.merge_setting = solution.setting if solution is not None else None  # the gallery fingerprint's
-        # What an effective-GFLOPs budget is solved from, to solve it again for new weights (`refresh_budget`).
-        model.merge_budget_inputs = (cfg_in, calibration) if solution is not None else None
-        return model
-    from .timm_vit import patch_timm_vit
-
-    return patch_timm_vit(model, reducers, prop_attn)
-
-
 __all__ = [
     "BipartiteMerge",
     "BudgetError",
     "BudgetKnob",
-    "BudgetSolution",
-    "Calibration",
     "DTEM",
-    "budget_merge",
     "count_knob",
     "option_knob",
-    "parse_budget",
     "search_knob",
-    "solve_budget",
     "EViT",
     "MergeMethod",
     "STM",
@@ -149,6 +69,7 @@ __all__ = [
     "learned_state_dict",
     "largest_r",
     "load_plugins",
+    "merge_section",
     "mask_invalid",
     "merge_cfg",
     "method_fingerprint",
@@ -156,9 +77,11 @@ __all__ = [
     "option_key",
     "option_names",
     "parse_methods",
+    "patch",
     "per_layer_r",
     "reducible_depth",
     "reduction_schedule",
+    "retune",
     "register_method",
     "token_counts",
     "unregister_method",

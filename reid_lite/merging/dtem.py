@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..utils.checkpoint_file import CheckpointError
 from .base import TokenReducer, TokenState, bipartite_match, bipartite_r, size_weighted_merge, take_tokens
 from .exportable import top_and_rest
 from .learned import load_reducer_weights, read_reducer_weights
@@ -205,8 +206,6 @@ def build_dtem(merge: Any, depth: int, rs: dict[int, int] | None) -> dict[int, T
         missing_blocks = sorted(set(rs) - set(entries))
         extra = sorted(set(entries) - set(rs))
         if missing_blocks or extra:
-            from ..models.checkpoint import CheckpointError
-
             raise CheckpointError(f"{source} holds the embedding of blocks {sorted(i + 1 for i in entries)}, but "
                                   f"DTEM merges in blocks {sorted(i + 1 for i in rs)} (MERGE.LAYERS): use the "
                                   "blocks it was trained for")

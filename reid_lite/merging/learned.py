@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..utils.checkpoint_file import CheckpointError, check_checkpoint_file, read_state_dict
 from .base import TokenReducer
 
 logger = logging.getLogger(__name__)
@@ -56,8 +57,6 @@ def reducer_entries(state: dict[str, torch.Tensor]) -> dict[int, dict[str, torch
 
 @lru_cache(maxsize=4)
 def _read_entries(path: str, mtime_ns: int, size: int) -> dict[int, dict[str, torch.Tensor]]:
-    from ..models.checkpoint import read_state_dict
-
     return reducer_entries(read_state_dict(path))
 
 
@@ -66,8 +65,6 @@ def read_reducer_weights(path: str | Path) -> dict[int, dict[str, torch.Tensor]]
     (`read_state_dict`: CheckpointError for a missing, unreadable or unsafe file). Cached per file version:
     a GFLOPs search builds the reducers several times."""
     p = Path(path).expanduser()
-    from ..models.checkpoint import CheckpointError, check_checkpoint_file
-
     check_checkpoint_file(p)
     st = p.stat()
     entries = _read_entries(str(p.resolve()), st.st_mtime_ns, st.st_size)
@@ -80,8 +77,6 @@ def load_reducer_weights(reducers: dict[int, nn.Module], entries: dict[int, dict
                          source: str) -> None:
     """Load {block: weights} into {block: reducer} strictly: the same blocks, names and shapes, else a
     CheckpointError listing every difference."""
-    from ..models.checkpoint import CheckpointError
-
     problems = []
     missing = sorted(set(reducers) - set(entries))
     extra = sorted(set(entries) - set(reducers))
@@ -114,8 +109,6 @@ def resolve_learned_state(model: nn.Module, state: dict[str, torch.Tensor],
     Returns (the state dict to load, whether it brings the learned weights: then call `mark_loaded` once it
     is loaded); raises `CheckpointError`.
     """
-    from ..models.checkpoint import CheckpointError
-
     reducers = learned_reducers(model)
     ours = {k for k in state if _REDUCER_KEY.search(k)}
     if not reducers:

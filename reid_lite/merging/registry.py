@@ -25,6 +25,7 @@ from yacs.config import CfgNode
 
 from .base import TokenReducer
 from .knobs import R_KNOB, BudgetKnob
+from .settings import MERGE_DEFAULTS
 
 #: builder(MERGE section, reducible depth, {0-based block: r} or None) -> {0-based block: reducer}
 Builder = Callable[[CfgNode, int, "dict[int, int] | None"], "dict[int, TokenReducer]"]
@@ -78,13 +79,11 @@ _METHODS: dict[str, MergeMethod] = {}
 
 
 def register_method(method: MergeMethod, replace: bool = False) -> MergeMethod:
-    """Add `method` to the registry and its MERGE.<NAME> node to the config defaults; returns it.
+    """Add `method` to the registry (its MERGE.<NAME> node is then part of `merge_section`); returns it.
 
     A name already taken raises ValueError unless `replace`. Option names must be upper case and may
     not collide with MERGE's own keys (METHOD, R, LAYERS, ...).
     """
-    from ..config import register_merge_node
-
     name = method.name
     if not name or name != name.lower() or not name.replace("_", "").isalnum() or not name[0].isalpha():
         raise ValueError(f"method name {name!r} must be lower case letters, digits and '_', starting with a letter")
@@ -100,17 +99,25 @@ def register_method(method: MergeMethod, replace: bool = False) -> MergeMethod:
     unknown = [k for k in method.identity or () if k not in method.options]
     if unknown:
         raise ValueError(f"{name}: identity names options it does not declare: {unknown}")
-    register_merge_node(method.node, dict(method.options) if method.options else None, replace=replace)
+    if method.node in MERGE_DEFAULTS:
+        raise ValueError(f"MERGE.{method.node} is one of MERGE's own keys; a method cannot use that name")
     _METHODS[name] = method
     return method
 
 
 def unregister_method(name: str) -> None:
     """Remove a method and its config node (for tests and interactive sessions); built-ins included."""
-    from ..config import register_merge_node
+    del _METHODS[name]
 
-    method = _METHODS.pop(name)
-    register_merge_node(method.node, None, replace=True)
+
+def merge_section() -> CfgNode:
+    """A fresh MERGE section: its own keys (`settings.MERGE_DEFAULTS`) and, in registration order, the option
+    node MERGE.<NAME> of every registered method that declares options."""
+    section = CfgNode(dict(MERGE_DEFAULTS))
+    for method in _METHODS.values():
+        if method.options:
+            section[method.node] = CfgNode(dict(method.options))
+    return section.clone()  # a deep copy: the registry's option defaults stay untouched
 
 
 def get_method(name: str) -> MergeMethod:

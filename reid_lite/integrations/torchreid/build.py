@@ -10,17 +10,13 @@ from typing import Any
 from torch import Tensor
 from yacs.config import CfgNode
 
+from ...build import build_model as _build_reid_model
+from ...compress.budget import refresh_budget
 from ...config import CONFIG_DIR, config_plugins, load_cfg
 from ...merging import get_method, load_plugins, method_names, option_key, option_names
 from ...models import TransReID
-from ...models import build_model as _build_reid_model
-from ...models.checkpoint import (
-    CheckpointError,
-    load_transreid_state,
-    read_state_dict,
-    sie_table_cameras,
-    transreid_filter,
-)
+from ...models.checkpoint import load_transreid_state, sie_table_cameras, transreid_filter
+from ...utils.checkpoint_file import CheckpointError, read_state_dict
 from .layout import OWNED_MARKER, model_factory, torchreid_modules
 from .model import TorchreidTransReID
 
@@ -82,6 +78,7 @@ def _load_weights(model: TransReID, state: Mapping[str, Tensor], source: str) ->
         logger.info("%s: classifier shapes differ from num_classes=%d, keeping the model's classifiers",
                     source, model.num_classes)
     load_transreid_state(model, dict(state), source, ignore_classifier=differ)
+    refresh_budget(model)  # an image-dependent budget was solved on the previous weights
 
 
 def _read_weights(weights: str | Path | Mapping[str, Tensor], trust: bool) -> dict[str, Tensor]:

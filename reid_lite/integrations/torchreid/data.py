@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from ...data.datasets import build_dataset
 from .layout import OWNED_MARKER, torchreid_modules
 from .model import unwrap_model
 
@@ -29,8 +30,6 @@ def register_dataset(name: str, reid_lite_dataset: str = "market1501", **dataset
     never downloads, and gives 0-based camera ids as torchreid does. Idempotent for our own names. Returns `name`.
     """
     tr = torchreid_modules()
-    from ...data.datasets import build_dataset
-
     base = tr.data.ImageDataset
 
     class ReidLiteImageDataset(base):  # type: ignore[misc, valid-type]

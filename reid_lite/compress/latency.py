@@ -1,4 +1,5 @@
-"""Latency measurement and the MERGE.TARGET_LATENCY_MS schedule chooser.
+"""Latency measurement and the MERGE.TARGET_LATENCY_MS schedule chooser (PyTorch; an exported model's latency
+is measured by `reid_lite.deploy.runtime_latency`).
 
 `measure_latency` times a forward pass (p50/p90 over timed passes after warm-up). `choose_setting` picks
 the mildest setting of the method's budget knob (the registry's `gflops_knob`, the same one GFLOPs budgets
@@ -16,14 +17,14 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..merging.budget import constant_r
 from ..merging.schedule import BudgetError, search_knob
+from ..utils.device import resolve_device
+from .budget import KnobSpace, constant_r
 
 logger = logging.getLogger(__name__)
 
@@ -117,11 +118,10 @@ def choose_r(latency_of: Callable[[int], float], budget_ms: float, r_max: int) -
     return choose_setting(lambda r: latency_of(int(r)), budget_ms, 0, r_max)
 
 
-def _choose_on(model: nn.Module, cfg: Any, measure: Callable[[], float]) -> tuple[LatencyChoice, Any]:
+def choose_on_model(model: nn.Module, cfg: Any, measure: Callable[[], float]) -> tuple[LatencyChoice, Any]:
     """Choose MERGE.METHOD's knob for MERGE.TARGET_LATENCY_MS, `measure()` timing the model as its reducers
-    stand; attaches the choice to `model` (`merge_r`, `merge_setting`, `latency_choice`)."""
-    from ..merging.budget import KnobSpace
-
+    stand (the PyTorch model here, an exported copy in `reid_lite.deploy.runtime_latency`); attaches the choice
+    to `model` (`merge_r`, `merge_setting`, `latency_choice`)."""
     if cfg.MERGE.TARGET_GFLOPS > 0:
         raise ValueError("set MERGE.TARGET_LATENCY_MS or MERGE.TARGET_GFLOPS, not both")
     space = KnobSpace(model, cfg.MERGE, "MERGE.TARGET_LATENCY_MS")
@@ -149,8 +149,6 @@ def apply_latency_budget(model: nn.Module, cfg: Any, batch_size: int | None = No
     `model.merge_setting` (a constant r also as `model.merge_r`, as the GFLOPs solver does) and
     `model.latency_choice`. Any method that declares a knob (r, EViT's keep rate, ATM's offset, K).
     """
-    from ..utils.device import resolve_device
-
     dev = resolve_device(device if device is not None else cfg.MODEL.DEVICE)
     bs = int(batch_size or cfg.TEST.IMS_PER_BATCH)
     was_training = model.training
@@ -167,46 +165,7 @@ def apply_latency_budget(model: nn.Module, cfg: Any, batch_size: int | None = No
         with torch.inference_mode():
             return measure_latency(lambda: model(x, **kwargs), iters=5, warmup=1, sync=sync)["p50_ms"]
 
-    choice, _ = _choose_on(model, cfg, measure)
+    choice, _ = choose_on_model(model, cfg, measure)
     model.train(was_training)
     logger.info("%s at batch %d on %s", choice.describe(), bs, dev)
-    return choice
-
-
-def choose_r_on_runtime(model: nn.Module, cfg: Any, backend: str, workdir: str | Path,
-                        batch_size: int | None = None, threads: int = 0) -> LatencyChoice:
-    """MERGE.TARGET_LATENCY_MS for an ONNX runtime: each candidate setting of the method's knob is exported to
-    `workdir` and timed on `backend` ('onnxruntime' or 'openvino') at `batch_size` (default TEST.IMS_PER_BATCH).
-
-    An export takes a while (about a minute for ViT-B on two cores) and the search needs a handful;
-    the chosen schedule is attached to `model` (`merge_setting`, `merge_r`), ready for `export_onnx`.
-    """
-    from .export import FeatureGraph, build_metadata, example_inputs, trace_to_onnx, write_metadata
-    from .runtime import open_runtime
-
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    bs = int(batch_size or cfg.TEST.IMS_PER_BATCH)
-    model = model.cpu().eval()
-    count = [0]
-
-    def measure() -> float:
-        graph = FeatureGraph(model)
-        example = example_inputs(graph, cfg)
-        with torch.inference_mode():
-            graph(*example)  # eager first: fills the merging caches with real tensors
-        count[0] += 1
-        path = workdir / f"latency_{count[0]}.onnx"
-        with torch.no_grad():
-            trace_to_onnx(graph, example, path)
-        write_metadata(path, build_metadata(model, cfg, int(model.base.cam_num)))
-        runtime = open_runtime(backend, path, threads)
-        images, *ids = example_inputs(graph, cfg, bs)
-        labels = dict(zip([{"camera": "cam_label", "view": "view_label"}[n] for n in graph.inputs[1:]], ids))
-        ms = measure_latency(lambda: runtime(images, **labels), iters=5, warmup=1)["p50_ms"]
-        logger.info("candidate %d on %s at batch %d: %.1f ms", count[0], backend, bs, ms)
-        return ms
-
-    choice, _ = _choose_on(model, cfg, measure)
-    logger.info("%s at batch %d on %s", choice.describe(), bs, backend)
     return choice

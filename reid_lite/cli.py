@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import sys
 
-from ..data.datasets import DatasetLayoutError
-from ..deploy.runtime import DeployError
-from ..models.checkpoint import CheckpointError
+from .data.datasets import DatasetLayoutError
+from .deploy.runtime import DeployError
+from .utils.checkpoint_file import CheckpointError
 
 #: Exit code of a run refused for bad input (argparse uses it too).
 EXIT_USAGE = 2

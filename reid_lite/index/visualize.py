@@ -15,6 +15,8 @@ import cv2
 import numpy as np
 import torch
 
+from .vector_index import VectorIndex
+
 __all__ = ["canvas_size", "rank_gallery", "visualize_ranked_results"]
 
 CELL_HW = (256, 128)  # every crop is resized to this (height, width)
@@ -40,8 +42,6 @@ def rank_gallery(query_feat: torch.Tensor, q_pid: int, q_camid: int, gallery_fea
     excluding same-identity same-camera images (junk in the Market-1501 protocol). An exact search of the
     one faiss wrapper (`reid_lite.index.VectorIndex`, the gallery's own; on GPU when faiss has one): the
     top `topk` + (number of junk images) without a filter, then the junk dropped, which is still exact."""
-    from ..index.vector_index import VectorIndex
-
     g = gallery_feats.float()
     junk = (np.asarray(g_pids) == q_pid) & (np.asarray(g_camids) == q_camid)
     index = VectorIndex.exact(g.shape[1], metric="l2")

@@ -23,9 +23,12 @@ import torch
 from torch import nn
 from yacs.config import CfgNode
 
-from .knobs import set_overrides
-from .registry import get_method, method_names
-from .schedule import BudgetError, build_reducers, first_fit, search_knob
+from ..data.synthetic_batch import synthetic_test_batch
+from ..merging import apply_merging, input_tokens, load_plugins
+from ..merging.knobs import set_overrides
+from ..merging.registry import get_method, method_names
+from ..merging.schedule import BudgetError, build_reducers, first_fit, search_knob
+from .flops import effective_gflops, transreid_gflops
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +55,6 @@ class Calibration:
     def effective_gflops(self, model: nn.Module) -> float:
         """Mean effective GFLOPs per image of `model` (a TransReID, with the reducers it has now) over these
         images, on the model's device (cameras only where its SIE uses them, view 0 for view SIE)."""
-        from ..utils.flops import effective_gflops
-
         dev = next(model.parameters()).device
         cams = self.cams.to(dev) if self.cams is not None and model.base.cam_num else None
         views = torch.zeros(len(self.images), dtype=torch.long, device=dev) if model.base.view_num else None
@@ -129,9 +130,7 @@ CalibrationSource = Calibration | Callable[[], Calibration] | None
 def synthetic_calibration(cfg: Any, count: int, num_cameras: int = 1) -> Calibration:
     """`count` seeded synthetic pedestrians at INPUT.SIZE_TEST through the test transform (no dataset needed):
     the calibration of a model built from a config alone."""
-    from ..deploy.parity import parity_images
-
-    images, cams = parity_images(cfg, count, num_cameras=max(1, num_cameras))
+    images, cams = synthetic_test_batch(cfg, count, num_cameras=max(1, num_cameras))
     return Calibration(images, cams if num_cameras > 1 else None, f"{count} synthetic pedestrians (seed 0)")
 
 
@@ -155,20 +154,16 @@ def parse_budget(spec: str | float, unmerged_gflops: float) -> float:
 
 def resolve_budget(spec: str | float, model: nn.Module) -> float:
     """`parse_budget` against `model`'s own unmerged GFLOPs (a TransReID): '75%' -> 0.75 x its GFLOPs."""
-    from ..utils.flops import transreid_gflops
-
     return parse_budget(spec, transreid_gflops(model, {}))
 
 
 class KnobSpace:
     """A method's budget knob on one TransReID model: the value range it can build, the MERGE section and the
     reducers of a value, and the setting (MERGE keys) a value stands for. Shared by the GFLOPs budget and the
-    latency budget (`reid_lite.deploy.latency`). `what` names the budget in the error for a knob-less method.
+    latency budget (`reid_lite.compress.latency`). `what` names the budget in the error for a knob-less method.
     """
 
     def __init__(self, model: nn.Module, merge: CfgNode, what: str = "MERGE.TARGET_GFLOPS"):
-        from . import input_tokens
-
         self.method = get_method(merge.METHOD)
         knob = self.method.budget_knob
         if knob is None:
@@ -232,8 +227,6 @@ def solve_budget(model: nn.Module, merge: CfgNode, target: float, calibration: C
     depends on the image. The model's reducers are restored afterwards. Raises ValueError for a method
     without a knob and `schedule.BudgetError` (naming the reachable range) for a budget out of reach.
     """
-    from ..utils.flops import transreid_gflops
-
     space = KnobSpace(model, merge)
     name = space.method.name
     tol = float(merge.get("BUDGET_TOLERANCE", TOLERANCE) if tol is None else tol)
@@ -283,9 +276,7 @@ def refresh_budget(model: nn.Module) -> BudgetSolution | None:
     solution, redo = getattr(model, "merge_budget", None), getattr(model, "merge_budget_inputs", None)
     if solution is None or solution.matched != "effective" or redo is None:
         return None
-    from . import apply_merging
-
-    apply_merging(model, *redo)
+    merge_with_budget(model, *redo)
     return model.merge_budget
 
 
@@ -296,3 +287,30 @@ def budget_merge(merge: CfgNode, solution: BudgetSolution) -> CfgNode:
     node.TARGET_GFLOPS = 0.0
     set_overrides(node, {k.removeprefix("MERGE."): v for k, v in solution.setting.items()})
     return node
+
+
+def merge_with_budget(model: nn.Module, merge: CfgNode, calibration: CalibrationSource = None,
+                      solution: BudgetSolution | None = None) -> nn.Module:
+    """Attach the token reduction of `merge` (a MERGE section) to `model`, solving its GFLOPs budget first.
+
+    Without a budget (MERGE.TARGET_GFLOPS 0) this is `reid_lite.merging.apply_merging`. With one (TransReID
+    only, methods that declare a `gflops_knob`) the method's knob is set to meet it (`solve_budget`): the
+    solution is `model.merge_budget`, its MERGE keys `model.merge_setting`, and a constant r also
+    `model.merge_r`. `calibration` (a `Calibration` or a function returning one) is needed only when the
+    method's cost depends on the image (effective GFLOPs); `solution`: the budget already solved for this
+    model and section, so the search is not repeated. Returns `model`.
+    """
+    load_plugins(list(merge.get("PLUGINS", [])))
+    if merge.TARGET_GFLOPS <= 0:
+        return apply_merging(model, merge)
+    if not hasattr(model, "reducible_blocks"):
+        raise ValueError("MERGE.TARGET_GFLOPS is supported for TransReID models")
+    if solution is None:
+        solution = solve_budget(model, merge, float(merge.TARGET_GFLOPS), calibration)
+    apply_merging(model, budget_merge(merge, solution))
+    model.merge_budget = solution
+    model.merge_r = solution.constant_r
+    model.merge_setting = solution.setting  # the gallery fingerprint's
+    # What an effective-GFLOPs budget is solved from, to solve it again for new weights (`refresh_budget`).
+    model.merge_budget_inputs = (merge, calibration)
+    return model
