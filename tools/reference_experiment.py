@@ -413,18 +413,18 @@ def train_dtem(cfg: Any, trained: dict[str, Any], split: ReIDDataset, target_gfl
 
 
 def run_method(cfg: Any, model: torch.nn.Module, dataset: ReIDDataset, method: str, progress: bool
-               ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Evaluate one method as `cfg` sets it (budget included): (its result row, its per-query figures), or
-    ({'method', 'error'}, None) when its budget cannot be met."""
+               ) -> tuple[dict[str, Any], dict[str, Any] | None, tuple[Any, Any] | None]:
+    """Evaluate one method as `cfg` sets it (budget included): (its result row, its per-query figures, its query
+    and gallery `Features`), or ({'method', 'error'}, None, None) when its budget cannot be met."""
     try:
         res = evaluate(cfg, model, dataset, methods=[method], progress=progress, keep_features=True)
     except BudgetError as err:
         logger.warning("%s: %s", method, err)
-        return {"method": method, "error": str(err)}, None
+        return {"method": method, "error": str(err)}, None, None
     row = res["rows"][0]
     query, gallery = res["features"][method]
     per_q = per_query_metrics(query.feats, gallery.feats, query.pids, gallery.pids, query.camids, gallery.camids)
-    return row, per_q
+    return row, per_q, (query, gallery)
 
 
 def result_row(row: dict[str, Any], per_q: dict[str, Any], draws: Any, ratio: float | None, base: float,
@@ -443,24 +443,24 @@ def result_row(row: dict[str, Any], per_q: dict[str, Any], draws: Any, ratio: fl
     }
 
 
-def calibrate(cfg: Any, model: torch.nn.Module, split: ReIDDataset, test: ReIDDataset, method: str,
+def calibrate(cfg: Any, model: torch.nn.Module, split: ReIDDataset, test_features: tuple[Any, Any], method: str,
               progress: bool) -> dict[str, Any]:
     """The gallery's "likely match" threshold chosen on the validation identities (F1 rule) and its precision
-    and recall on the test split, with the test split's precision-recall curve (scikit-learn)."""
+    and recall on the test split (the method's test `Features`, already extracted), with the test split's
+    precision-recall curve (scikit-learn)."""
     from sklearn.metrics import average_precision_score, precision_recall_curve
 
-    def top1(data: ReIDDataset) -> tuple[Any, Any]:
-        res = evaluate(cfg, model, data, methods=[method], progress=progress, keep_features=True)
-        q, g = res["features"][method]
+    def top1(q: Any, g: Any) -> tuple[Any, Any]:
         scores, correct, _ = top1_scores(q.feats.numpy(), g.feats.numpy(), q.pids, g.pids, q.camids, g.camids)
         return scores, correct
 
-    val_scores, val_correct = top1(split)
+    val = evaluate(cfg, model, split, methods=[method], progress=progress, keep_features=True)
+    val_scores, val_correct = top1(*val["features"][method])
     try:
         choice = choose_threshold(val_scores, val_correct)
     except ValueError as err:  # no validation query's top hit is right: nothing to calibrate for
         return {"method": method, "error": str(err)}
-    scores, correct = top1(test)
+    scores, correct = top1(*test_features)
     flagged = scores >= choice.threshold
     tp = int((flagged & correct).sum())
     if not correct.any():
@@ -533,23 +533,27 @@ def evaluate_stage(args: argparse.Namespace, cfg: Any, dataset: ReIDDataset, spl
         dtem = train_dtem(cfg, trained, split, ratios[0] * base, args.preset, progress)
     rows: list[dict[str, Any]] = []
     per_query: dict[tuple[str, float | None], Any] = {}
-    none_row, per_query[("none", None)] = run_method(method_cfg(cfg, 1.0, base), model, test, "none", progress)
+    test_features: dict[tuple[str, float | None], tuple[Any, Any]] = {}  # reused by the calibration
+    none_row, per_query[("none", None)], test_features[("none", None)] = run_method(
+        method_cfg(cfg, 1.0, base), model, test, "none", progress)
     draws = bootstrap_draws(len(per_query[("none", None)]["rank1"]), args.bootstrap, seed=int(cfg.SOLVER.SEED))
     rows.append(result_row(none_row, per_query[("none", None)], draws, None, base, tol))
     for ratio in ratios:
         for name in [m for m in methods if m != "none"]:
             extra = {"DTEM": {"WEIGHTS": dtem["weights"]}} if name == "dtem" and dtem else {}
-            row, per_q = run_method(method_cfg(cfg, ratio, base, **extra), model, test, name, progress)
+            row, per_q, feats = run_method(method_cfg(cfg, ratio, base, **extra), model, test, name, progress)
             if per_q is None and name.upper() in LAYERED_METHODS:
                 # The paper's three layers cannot remove that much: its all-layers variant (DHTM's paper has one).
                 every = {name.upper(): {"LAYERS": list(cfg.MERGE.LAYERS)}}
-                row, per_q = run_method(method_cfg(cfg, ratio, base, **every), model, test, name, progress)
+                row, per_q, feats = run_method(method_cfg(cfg, ratio, base, **every), model, test, name, progress)
                 if per_q is not None:
                     row["layers"] = f"every merging block {list(cfg.MERGE.LAYERS)} (the paper's 4/7/11 cannot reach it)"
             if per_q is None:
                 rows.append({**row, "budget_ratio": ratio, "target_gflops": ratio * base})
                 continue
             per_query[(name, ratio)] = per_q
+            if (name, ratio) == ("stm", ratios[0]):
+                test_features[(name, ratio)] = feats
             rows.append(result_row(row, per_q, draws, ratio, base, tol))
         for row in rows:
             if row.get("budget_ratio") == ratio and "error" not in row:
@@ -563,7 +567,8 @@ def evaluate_stage(args: argparse.Namespace, cfg: Any, dataset: ReIDDataset, spl
         stm_row = next(r for r in rows if r["method"] == "stm" and r["budget_ratio"] == ratios[0])
         for label, options in STM_ABLATION:
             if options:
-                row, per_q = run_method(method_cfg(cfg, ratios[0], base, STM=options), model, test, "stm", progress)
+                row, per_q, _ = run_method(method_cfg(cfg, ratios[0], base, STM=options), model, test, "stm",
+                                           progress)
                 if per_q is None:
                     ablation.append({"variant": label, "options": options, "error": row["error"]})
                     continue
@@ -575,8 +580,8 @@ def evaluate_stage(args: argparse.Namespace, cfg: Any, dataset: ReIDDataset, spl
             if ("tome", ratios[0]) in per_query:
                 entry["vs_tome"] = paired_difference(per_q, per_query[("tome", ratios[0])], draws)
             ablation.append(entry)
-    calibration = [calibrate(method_cfg(cfg, r or 1.0, base), model, split, test, m, progress)
-                   for m, r in (("none", None), ("stm", ratios[0])) if (m, r) in per_query]
+    calibration = [calibrate(method_cfg(cfg, r or 1.0, base), model, split, test_features[(m, r)], m, progress)
+                   for m, r in (("none", None), ("stm", ratios[0])) if (m, r) in test_features]
     summary = {
         "dataset": Path(args.data_root).name, "preset": args.preset, "seed": int(cfg.SOLVER.SEED),
         "commit": commit, "device": "cpu" if str(cfg.MODEL.DEVICE) == "cpu" else str(cfg.MODEL.DEVICE),
