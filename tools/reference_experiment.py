@@ -29,21 +29,28 @@ that layout. Stages:
 Weights go to OUTPUT/train/ and OUTPUT/dtem/: they derive from the dataset's images, keep them private.
 Exit codes: 0 success, 2 bad arguments or missing dataset.
 
-Why the 'cpu' preset is 8 blocks of width 192 (3 heads), 8 epochs, at 256x128, stride 12, SIE and JPM:
+Why the 'cpu' preset is 8 blocks of width 192 (3 heads), 28 epochs in bf16, at 256x128, stride 12, SIE, JPM:
 the paper's geometry (21 x 10 patches) is kept so that merging schedules and GFLOPs ratios mean what they
-mean in the paper; the rest is what two CPU cores train in about two hours. Measured here (batch 64,
-forward and backward, 2 threads, other work running): 6 x 256 about 14 img/s, 8 x 192 about 29 img/s, so
-8 x 192 is both faster and deeper (7 reducible blocks with JPM: merging in 6 of them, as ViT-B merges in 10
-of 11). Eight epochs of 6.3k crops are then ~70 minutes for each of two runs trained side by side on one
-core each (with and without the teacher). The ID loss trains alone (with the teacher's term when given):
-a first run with TransReID's batch-hard soft-margin triplet at lr 1e-3 collapsed within two epochs (every
-pair of training features at cosine 0.9999, the triplet term stuck at log 2, 0.4% training accuracy, with
-and without the teacher), the known failure of batch-hard mining on an untrained network; this run uses lr
-5e-4 and no triplet term. Drop path and random erasing are off: a short schedule underfits, and
-regularisers that slow fitting cost more than they give (reasoned, not searched: the validation split picks
-the epoch to keep, and no hyperparameter search fitted in the time). The teacher's weight (10) puts its term
-at the size of the ID loss at the start. Warm-up is one epoch, ramped per step; the cosine's last epoch runs
-above lr_min.
+mean in the paper; the rest is what two CPU cores train in well under the issue's 8,000 s. Measured here
+(one training step, batch 64, forward and backward, 2 threads, Xeon with AMX): fp32 8 x 192 26-31 img/s;
+bf16 autocast (SOLVER.AMP bf16: AMX tiles) 8 x 192 55-59, 8 x 256 39-45, 12 x 192 34-42, 8 x 384 21-25
+img/s. bf16 doubles the epochs two hours buy, and more epochs of the small model beat a wider one that
+sees half as many (run 1 of this preset, fp32, 8 epochs, was still underfitting: 4.6% training accuracy);
+8 x 192 also has 7 reducible blocks with JPM, merging in 6 of them as ViT-B merges in 10 of 11. In the
+training loop (data loading in the process, validation every 2 epochs) one epoch of ~5k sampled crops takes
+about 105 s, so 28 epochs are ~50 minutes, and a run with and one without the teacher fit one after the
+other. On a CPU without AMX bf16 is slower than fp32: pass `SOLVER.AMP fp32` there. Evaluation stays fp32
+(TEST.AMP auto). The ID loss trains alone (with the teacher's term when given): a first run with
+TransReID's batch-hard soft-margin triplet at lr 1e-3 collapsed within two epochs (every pair of training
+features at cosine 0.9999, the triplet term stuck at log 2, 0.4% training accuracy, with and without the
+teacher), the known failure of batch-hard mining on an untrained network; this preset uses lr 5e-4 and no
+triplet term. Drop path and random erasing are off: a short schedule underfits, and regularisers that slow
+fitting cost more than they give (reasoned, not searched: the validation split picks the epoch to keep,
+and no hyperparameter search fitted in the time). The teacher's weight (3) puts its two terms (pairwise
+similarities, ~0.5 at the start, and per-image cosine through a projection, ~1) at about half the ID loss
+(ln 643 = 6.5) at the start; weight 10 let them dominate the first epochs and slowed validation mAP (2.9
+vs 4.7 after one epoch in run 1's trials). Warm-up is two epochs, ramped per step; the cosine's last epoch
+runs above lr_min.
 
 Why the 'gpu' preset is 8 blocks of width 384 (6 heads): ViT-B (86 M parameters) would see too few epochs
 from scratch on ~7k crops; 8 x 384 costs 3.71 GFLOPs per image and should pass 60 epochs in minutes on one
@@ -94,9 +101,9 @@ PRESETS: dict[str, list[Any]] = {
     "cpu": [
         "MODEL.EMBED_DIM", 192, "MODEL.DEPTH", 8, "MODEL.NUM_HEADS", 3, "MODEL.STRIDE_SIZE", [12, 12],
         "MODEL.DROP_PATH", 0.0, "INPUT.SIZE_TRAIN", [256, 128], "INPUT.SIZE_TEST", [256, 128], "INPUT.RE_PROB", 0.0,
-        "DATALOADER.NUM_WORKERS", 0, "SOLVER.MAX_EPOCHS", 8, "SOLVER.IMS_PER_BATCH", 64,
-        "SOLVER.BASE_LR", 5e-4, "SOLVER.WARMUP_EPOCHS", 1, "SOLVER.EVAL_PERIOD", 1, "SOLVER.CHECKPOINT_PERIOD", 8,
-        "SOLVER.LOG_PERIOD", 20, "TEST.IMS_PER_BATCH", 128, "MODEL.TEACHER_WEIGHT", 10.0,
+        "DATALOADER.NUM_WORKERS", 0, "SOLVER.MAX_EPOCHS", 28, "SOLVER.IMS_PER_BATCH", 64, "SOLVER.AMP", "bf16",
+        "SOLVER.BASE_LR", 5e-4, "SOLVER.WARMUP_EPOCHS", 2, "SOLVER.EVAL_PERIOD", 2, "SOLVER.CHECKPOINT_PERIOD", 28,
+        "SOLVER.LOG_PERIOD", 20, "TEST.IMS_PER_BATCH", 128, "MODEL.TEACHER_WEIGHT", 3.0,
         "MODEL.TEACHER_LOSS", "both", "MODEL.TRIPLET_LOSS_WEIGHT", 0.0,
     ],
     # The same pipeline in miniature: 4 blocks of width 48 at 128x64, stride 16 (8 x 4 patches), one epoch
