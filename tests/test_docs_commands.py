@@ -174,3 +174,12 @@ def test_no_reference_to_the_folder_outside_the_repository():
     hits = [f"{f.relative_to(REPO)}" for f in files if "../shared" in f.read_text(errors="replace")]
     assert not hits
 
+
+
+def test_readme_links_resolve():
+    """The README is read on the repository's page, not built by MkDocs: its relative links are checked here."""
+    text = (REPO / "README.md").read_text()
+    links = [m.group(1).split("#")[0] for m in re.finditer(r"\]\(([^)\s]+)\)", text)]
+    local = [link for link in links if link and "://" not in link]
+    assert len(local) > 10
+    assert not [link for link in local if not (REPO / link).exists()]
