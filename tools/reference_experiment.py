@@ -296,7 +296,7 @@ def plot_precision_recall(curves: dict[str, dict[str, Any]], path: Path, title: 
     return path
 
 
-#: STM-ReID's decisions (DESIGN.md §3) compared at the 75% budget: (label, MERGE.STM overrides).
+#: STM-ReID's decisions (docs/methods.md, STM-ReID) compared at the 75% budget: (label, MERGE.STM overrides).
 STM_ABLATION: list[tuple[str, dict[str, Any]]] = [
     ("default (literal entropy, virtual coordinates, full keys, d2 = 1/20)", {}),
     ("entropy over the neighbourhood-normalised attention", {"ENTROPY": "normalized"}),

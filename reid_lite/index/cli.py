@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import __version__
 from ..config import load_cfg
 from ..deploy.runtime import DeployError
 from ..utils.checkpoint_file import CheckpointError
@@ -105,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="reid-gallery", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("--version", action="version", version=f"reid-gallery {__version__} (reid_lite)")
     sub = ap.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="embed crops into a new gallery")
