@@ -40,7 +40,8 @@ training accuracy); batch 32 doubles the optimiser steps per epoch for the same 
 reducible blocks with JPM, merging in 6 of them as ViT-B merges in 10 of 11. The run with and the run
 without the teacher train side by side, one thread each pinned to its own core (`taskset -c 0` / `-c 1`):
 two threads in one process lose most of their speed as soon as anything else runs (OpenMP barriers), one
-pinned thread does not; one epoch of ~5k sampled crops then takes about 4.5 minutes. On a CPU without AMX bf16 is slower than fp32: pass `SOLVER.AMP fp32` there. Evaluation stays fp32
+pinned thread does not; one epoch of ~5k sampled crops then takes about 4.5 minutes.
+On a CPU without AMX bf16 is slower than fp32: pass `SOLVER.AMP fp32` there. Evaluation stays fp32
 (TEST.AMP auto). The ID loss trains alone (with the teacher's term when given): a first run with
 TransReID's batch-hard soft-margin triplet at lr 1e-3 collapsed within two epochs (every pair of training
 features at cosine 0.9999, the triplet term stuck at log 2, 0.4% training accuracy, with and without the
