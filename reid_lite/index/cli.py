@@ -28,10 +28,10 @@ from ..config import load_cfg
 from ..deploy.runtime import DeployError
 from ..utils.checkpoint_file import CheckpointError
 from ..utils.text import count
+from .backends import storage_for
 from .gallery import Gallery, GalleryError, IndexParams
 from .server import serve
 from .sheet import write_sheet
-from .storage import read_current
 
 __all__ = ["build_parser", "config_from_args", "input_paths", "main", "print_report", "run_command",
            "show_progress", "write_sheet"]
@@ -378,7 +378,7 @@ def _interrupted(args: argparse.Namespace) -> str:
     if args.command in ("search", "info", "serve"):
         return "interrupted"
     try:
-        gen, _ = read_current(Path(args.gallery))
+        gen, _ = storage_for(args.gallery).current()
     except (GalleryError, OSError, ValueError):
         return "interrupted; nothing was written (no gallery there)"
     return f"interrupted; {args.gallery} is intact at generation {gen} (no partial write is ever published)"
