@@ -524,6 +524,19 @@ def markdown_summary(rows: list[dict[str, Any]], ablation: list[dict[str, Any]])
     return text + "\n(* the 95% interval of the paired difference excludes 0)\n"
 
 
+def without_local_paths(text: str, places: dict[str, str]) -> str:
+    """`text` (JSON) with this machine's folders replaced by placeholders, so results can be committed and shared.
+
+    Each key of `places` (a path as given and resolved) becomes its value; empty keys are ignored.
+    """
+    for path, placeholder in places.items():
+        if not path:
+            continue
+        for form in {path.rstrip("/"), str(Path(path).resolve())}:
+            text = text.replace(json.dumps(form)[1:-1], placeholder)
+    return text
+
+
 def evaluate_stage(args: argparse.Namespace, cfg: Any, dataset: ReIDDataset, split: ReIDDataset,
                    trained: dict[str, Any], methods: list[str], ratios: list[float], out: Path) -> int:
     """Every method at every budget on the test split, with bootstrap intervals and paired differences, then
@@ -607,7 +620,9 @@ def evaluate_stage(args: argparse.Namespace, cfg: Any, dataset: ReIDDataset, spl
         "best_validation": trained["best_validation"], "weights_kept": Path(trained["weights"]).name,
         "rows": rows, "stm_ablation": ablation, "calibration": calibration, "config": cfg.dump(),
     }
-    (out / "results.json").write_text(json.dumps(summary, indent=2, default=float))
+    (out / "results.json").write_text(without_local_paths(json.dumps(summary, indent=2, default=float), {
+        args.data_root: "<data-root>", str(out): "<output>",
+        str(Path(cfg.MODEL.TEACHER).parent) if cfg.MODEL.TEACHER else "": "<teacher-dir>"}))
     (out / "summary.md").write_text(markdown_summary(rows, ablation))
     title = (f"{args.preset} preset: {cfg.MODEL.DEPTH}x{cfg.MODEL.EMBED_DIM} TransReID from scratch"
              f"{' + distillation' if cfg.MODEL.TEACHER else ''} on {Path(args.data_root).name}, seed {cfg.SOLVER.SEED}")
