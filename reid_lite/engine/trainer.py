@@ -8,8 +8,9 @@
 Pieces, usable on their own: `check_training_cfg` (every official key honoured or refused),
 `make_optimizer` (per-parameter lr / weight decay as the official `make_optimizer`), `create_scheduler`
 (`lr_scheduler.py`: the official cosine or a multi-step schedule), `make_loss` (`losses.py`), `do_train`
-(`loop.py`: the epoch loop with resume, evaluation, AMP, DDP, TensorBoard). Under torchrun, `train`
-joins the process group and trains with DistributedDataParallel (`distributed.py`).
+(`loop.py`: the epoch loop with AMP and DDP; resume, evaluation, TensorBoard and the rest are hooks,
+`hooks.py`). Under torchrun, `train` joins the process group and trains with DistributedDataParallel
+(`distributed.py`).
 
 Token merging is a test-time method: the model is trained with MERGE.METHOD 'none' unless
 SOLVER.TRAIN_WITH_MERGING is set. DTEM's modular training (MERGE.METHOD dtem with
@@ -46,11 +47,11 @@ from .distributed import (
     launched_by_torchrun,
 )
 from .evaluator import evaluate_features, split_query_gallery
-from .loop import EvaluateFn, TrainResult, do_train, save_state_dict
+from .loop import EvaluateFn, TrainResult, do_train
 from .losses import make_loss
 from .lr_scheduler import SCHEDULERS, WARMUP_METHODS, create_scheduler
 from .teacher import TEACHER_INPUTS, TEACHER_LOSSES, Distillation, TeacherModel, teacher_targets
-from .train_state import check_resume, find_resume_state, load_train_state
+from .train_state import check_resume, find_resume_state, load_train_state, save_state_dict
 
 logger = logging.getLogger("reid_lite.train")
 
