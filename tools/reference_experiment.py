@@ -76,10 +76,10 @@ from yacs.config import CfgNode
 from reid_lite.build import build_model_for_checkpoint
 from reid_lite.cli import USER_ERRORS, cli_error
 from reid_lite.compress.budget import budget_label
-from reid_lite.config import get_cfg
+from reid_lite.config import get_cfg, validate
 from reid_lite.data import ReIDDataset, build_dataset_from_cfg, sie_counts, validation_split
 from reid_lite.engine.evaluator import evaluate, model_gflops
-from reid_lite.engine.trainer import EMBEDDING_FILE, check_training_cfg, train
+from reid_lite.engine.trainer import EMBEDDING_FILE, train
 from reid_lite.merging import parse_methods
 from reid_lite.merging.schedule import BudgetError
 from reid_lite.metrics import bootstrap_draws, metric_intervals, paired_difference, per_query_metrics
@@ -637,7 +637,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cli_error(f"--ratios must lie in (0, 1], got {ratios}")
     try:
         cfg = build_cfg(args)
-        check_training_cfg(cfg)
+        validate(cfg, training=True)
         dataset = limit_identities(build_dataset_from_cfg(cfg), args.max_train_ids if args.max_train_ids >= 0
                                    else (150 if args.preset == "tiny" else 0))
         split = validation_split(dataset, VALIDATION_IDS[args.preset], seed=int(cfg.SOLVER.SEED))

@@ -38,7 +38,7 @@ import torch
 from reid_lite.build import build_model, build_model_for_checkpoint
 from reid_lite.cli import USER_ERRORS, cli_error
 from reid_lite.compress.budget import resolve_budget
-from reid_lite.config import load_cfg
+from reid_lite.config import load_cfg, validate
 from reid_lite.data import build_dataset_from_cfg, sie_counts
 from reid_lite.deploy import load_runtime_model
 from reid_lite.engine.asymmetric import asymmetric_methods, evaluate_pairings, format_pairings
@@ -182,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_cfg(args.config or None, args.opts)
         methods = parse_methods(args.compare) if args.compare else None
         vis_ids = _parse_indices(args.vis_queries)
-        check_input_size(cfg)  # before any data is read or generated
+        validate(cfg)  # before any data is read or generated
         if args.target_precision is not None and not args.calibrate:
             raise ValueError("--target-precision applies to --calibrate GALLERY")
         if args.asymmetric:

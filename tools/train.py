@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 from reid_lite.cli import USER_ERRORS, cli_error
-from reid_lite.config import load_cfg
+from reid_lite.config import load_cfg, validate
 from reid_lite.engine.distributed import init_distributed, shutdown_distributed
-from reid_lite.engine.trainer import check_training_cfg, prepare_dataset, save_state_dict, train
+from reid_lite.engine.trainer import prepare_dataset, save_state_dict, train
 from reid_lite.models import CheckpointError
 from reid_lite.utils.device import resolve_device
 from reid_lite.utils.files import check_output_dir
@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as err:
         return cli_error(err)
     try:
-        check_training_cfg(cfg)  # before the dataset is prepared: a refused key must not wait for that
+        validate(cfg, training=True)  # before the dataset is prepared: a refused key must not wait for that
     except ValueError as err:
         return cli_error(err)
     for flag in ("stop_after_steps", "state_every_steps"):
