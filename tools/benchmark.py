@@ -45,7 +45,7 @@ import torch
 
 from reid_lite import build_model, load_cfg
 from reid_lite.build import build_model_for_checkpoint
-from reid_lite.cli import USER_ERRORS, cli_error
+from reid_lite.cli import USER_ERRORS, add_config_arg, add_opts_arg, add_threads_arg, cli_error, tool_parser
 from reid_lite.compress.budget import budget_label, resolve_budget, synthetic_calibration
 from reid_lite.compress.flops import effective_gflops, fvcore_gflops, transreid_gflops
 from reid_lite.compress.latency import measure_latency
@@ -303,8 +303,8 @@ def _report_row(res: dict, method: str, backend: str, batch: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Export (ONNX backends), time every (method, backend, batch) and write the JSON; the exit code."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/msmt17_base.yml")
+    p = tool_parser(__doc__)
+    add_config_arg(p, default="configs/msmt17_base.yml", help=None)
     p.add_argument("--methods", default="", help="comma separated registered methods or variants "
                    f"({', '.join(VARIANTS)}); default: every registered method")
     p.add_argument("--backend", nargs="+", default=["torch"], choices=BACKENDS,
@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, nargs="+", default=None, help="default: 256 on GPU, 32 on CPU")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--threads", type=int, default=0, help="CPU threads of torch and the runtimes (0: default)")
+    add_threads_arg(p, help="CPU threads of torch and the runtimes (0: default)")
     p.add_argument("--onnx-dir", default="output/bench_onnx", help="where the ONNX files are exported")
     p.add_argument("--out", default="output/benchmark.json")
     p.add_argument("--budget", default="", help="GFLOPs per image for every method (within 1%%, through its knob), "
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inputs", default="random", choices=("random", "pedestrians"), help="timed images: seeded "
                    "noise, or seeded synthetic pedestrians (what image-dependent methods such as ATM merge on)")
     p.add_argument("--weights", default="", help="a TransReID checkpoint to time instead of seeded random weights")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    add_opts_arg(p, help="KEY VALUE config overrides", remainder=True)
     args = p.parse_args(argv)
     if args.compile and "compile" not in args.backend:
         explicit = argv is not None and "--backend" in argv or argv is None and "--backend" in sys.argv

@@ -74,7 +74,7 @@ import torch
 from yacs.config import CfgNode
 
 from reid_lite.build import build_model_for_checkpoint
-from reid_lite.cli import USER_ERRORS, cli_error
+from reid_lite.cli import USER_ERRORS, add_opts_arg, add_threads_arg, cli_error, set_threads, tool_parser
 from reid_lite.compress.budget import budget_label
 from reid_lite.config import get_cfg, validate
 from reid_lite.data import ReIDDataset, build_dataset_from_cfg, sie_counts, validation_split
@@ -133,8 +133,7 @@ TRAIN_SUMMARY = "train_summary.json"
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line arguments; trailing `KEY VALUE` pairs override the preset."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = tool_parser(__doc__, summary=True)
     p.add_argument("--data-root", required=True, help="a Market-1501-layout dataset (bounding_box_train, query, "
                                                       "bounding_box_test)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="gpu", help="model and schedule (default %(default)s)")
@@ -155,8 +154,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="bootstrap resamples of the queries (default %(default)s)")
     p.add_argument("--max-train-ids", type=int, default=-1,
                    help="train on the first N identities only (default: all; --tiny: 150)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("opts", nargs="*", help="config overrides as KEY VALUE pairs")
+    add_threads_arg(p)
+    add_opts_arg(p)
     args = p.parse_intermixed_args(argv)
     if args.tiny:
         args.preset = "tiny"
@@ -644,8 +643,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         methods = parse_methods([m for m in args.methods.split(",") if m.strip()])
     except USER_ERRORS as err:
         return cli_error(err)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     out = Path(cfg.OUTPUT_DIR).parent
     out.mkdir(parents=True, exist_ok=True)
     if args.stage == "evaluate" and not (Path(cfg.OUTPUT_DIR) / TRAIN_SUMMARY).is_file():
