@@ -33,7 +33,9 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import queue as queue_module
 import resource
+import signal
 import statistics
 import sys
 import time
@@ -257,13 +259,36 @@ def _child(fn, queue: mp.Queue, *a) -> None:
         queue.put({"error": f"{type(e).__name__}: {e}"})
 
 
-def _in_child(ctx, fn, *a) -> dict:
+def _in_child(ctx, fn, *a, poll_s: float = 1.0) -> Any:
+    """`fn(*a)` in a fresh process of `ctx`; its result, or {'error': ...} when it raised or died without one
+    (killed, out of memory, a crash in native code): waiting for a dead child's result would hang the run."""
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(fn, queue, *a))
     proc.start()
-    res = queue.get()
+    while True:
+        try:
+            res = queue.get(timeout=poll_s)
+            break
+        except queue_module.Empty:
+            if proc.is_alive():
+                continue
+            try:  # it may have put its result just before exiting
+                res = queue.get(timeout=poll_s)
+            except queue_module.Empty:
+                res = {"error": f"the measuring process died without a result ({_exit_text(proc.exitcode)})"}
+            break
     proc.join()
     return res
+
+
+def _exit_text(code: int | None) -> str:
+    """'exit code 1', or 'killed by SIGKILL' for a process a signal ended."""
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
 
 
 def table(results: list[dict]) -> str:
