@@ -1,6 +1,11 @@
-"""What the command-line tools share about errors: which exceptions are a user's mistake, how they are
-reported (one line on stderr, no traceback) and the exit codes.
+"""What the command-line tools share: their argument parser's common arguments (`tool_parser`, `add_config_arg`,
+`add_threads_arg`, `add_opts_arg`, `set_threads`), which exceptions are a user's mistake, how they are reported
+(one line on stderr, no traceback) and the exit codes.
 
+    p = tool_parser(__doc__, summary=True)
+    add_config_arg(p, aliases=True)
+    add_opts_arg(p)
+    args = p.parse_intermixed_args(argv)
     try:
         cfg = load_cfg(args.config or None, args.opts)
     except USER_ERRORS as err:
@@ -9,7 +14,10 @@ reported (one line on stderr, no traceback) and the exit codes.
 
 from __future__ import annotations
 
+import argparse
 import sys
+
+import torch
 
 from .data.datasets import DatasetLayoutError
 from .deploy.runtime import DeployError
@@ -41,3 +49,47 @@ def cli_error(err: BaseException | str) -> int:
     """Print `error: <message>` to stderr and return the exit code for bad input (2)."""
     print(f"error: {error_text(err)}", file=sys.stderr, flush=True)
     return EXIT_USAGE
+
+
+#: The help of --config where the tool reads any config file.
+CONFIG_HELP = "YAML config (a bare name is looked up in configs/)"
+#: The help of the trailing overrides.
+OPTS_HELP = "config overrides as KEY VALUE pairs"
+
+
+def tool_parser(doc: str | None, summary: bool = False, epilog: bool = False) -> argparse.ArgumentParser:
+    """A tool's parser, described by its module docstring `doc` as written (line breaks kept): all of it, or with
+    `summary` its first paragraph only (`epilog`: then the whole docstring after the arguments)."""
+    text = doc or ""
+    return argparse.ArgumentParser(description=text.split("\n\n")[0] if summary else text,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog=text if epilog else None)
+
+
+def add_config_arg(p: argparse.ArgumentParser, default: str = "", help: str | None = CONFIG_HELP,
+                   aliases: bool = False, required: bool = False) -> None:
+    """--config (`aliases`: also --config_file, the official TransReID spelling), into `args.config`."""
+    names = ("--config", "--config_file") if aliases else ("--config",)
+    if required:
+        p.add_argument(*names, dest="config", required=True, help=help)
+    else:
+        p.add_argument(*names, dest="config", default=default, help=help)
+
+
+def add_threads_arg(p: argparse.ArgumentParser, default: int | None = 0,
+                    help: str = "CPU threads for torch (default: torch's choice)") -> None:
+    """--threads N (0 or None: leave the count to the library); apply it with `set_threads`."""
+    p.add_argument("--threads", type=int, default=default, help=help)
+
+
+def add_opts_arg(p: argparse.ArgumentParser, help: str = OPTS_HELP, remainder: bool = False) -> None:
+    """The trailing `KEY VALUE` config overrides, into `args.opts`. `remainder`: everything after the last
+    option, unparsed (for `parse_args`); otherwise `nargs='*'`, for `parse_intermixed_args`, so that options may
+    also follow the pairs."""
+    p.add_argument("opts", nargs=argparse.REMAINDER if remainder else "*", help=help)
+
+
+def set_threads(threads: int | None) -> None:
+    """Set torch's CPU thread count to `threads` when it is positive (--threads); otherwise leave torch's."""
+    if threads and threads > 0:
+        torch.set_num_threads(threads)

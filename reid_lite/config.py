@@ -2,6 +2,7 @@
 
 `get_cfg()` returns a fresh copy of the defaults. YAML files and command-line `KEY VALUE`
 overrides are merged with `load_cfg`; an unknown key is an error that names it (yacs' own check).
+`validate(cfg)` checks the values (`training=True`: every key training reads), in one place.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from torch import nn
 from yacs.config import CfgNode as CN
 
 from .merging import load_plugins, merge_section
+from .utils.device import AMP_CHOICES, launched_by_torchrun
 
 _C = CN()
 
@@ -133,6 +136,8 @@ _C.TEST.RE_RANKING = False
 _C.TEST.WEIGHT = ""
 _C.TEST.NECK_FEAT = "after"
 _C.TEST.FEAT_NORM = "yes"
+# Official keys that nothing here reads: kept because official YAML files, the shipped configs (TEST.EVAL) and
+# the configs stored in galleries set them, and yacs refuses a key the defaults lack.
 _C.TEST.DIST_MAT = "dist_mat.npy"
 _C.TEST.EVAL = False
 # reid_lite additions
@@ -146,6 +151,16 @@ _C.TEST.QUERY_CHUNK = 1024  # queries searched at once, bounds memory for large 
 _C.MERGE = CN()
 
 _C.OUTPUT_DIR = "output"
+
+#: SOLVER.SCHEDULER and SOLVER.WARMUP_METHOD values (engine/lr_scheduler.py).
+SCHEDULERS = ("cosine", "multistep")
+WARMUP_METHODS = ("linear", "constant")
+#: MODEL.TEACHER_INPUT: what the teacher's input tensor holds. 'bgr255' is Open Model Zoo's convention
+#: (BGR, 0-255, no mean or scale); 'rgb255' the same in RGB order; 'rgb01' RGB scaled to [0, 1].
+TEACHER_INPUTS = ("bgr255", "rgb255", "rgb01")
+#: MODEL.TEACHER_LOSS: 'similarity' (pairwise cosines, no parameters), 'feature' (each image's embedding through a
+#: learned linear projection, cosine to the teacher's) or 'both' (their sum).
+TEACHER_LOSSES = ("similarity", "feature", "both")
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -177,6 +192,12 @@ def config_plugins(config_file: str | Path | None = None, opts: Sequence[str] = 
     return [str(p) for p in plugins]
 
 
+def load_config_plugins(config_file: str | Path | None = None, opts: Sequence[str] = ()) -> list[str]:
+    """Import the plugins MERGE.PLUGINS names in a config file and overrides (`config_plugins`), so that their
+    methods and nodes are known before the config is read; returns the entries resolved."""
+    return load_plugins(config_plugins(config_file, opts))
+
+
 def _decode_list(value: Any) -> Any:
     if isinstance(value, str) and value.strip().startswith(("[", "(")):
         try:
@@ -203,7 +224,7 @@ def load_cfg(config_file: str | Path | None = None, opts: Sequence[str] = ()) ->
     The plugins of MERGE.PLUGINS are imported first, so their methods' nodes are known. Raises KeyError
     naming the key when the file or `opts` contains a key the defaults lack.
     """
-    plugins = load_plugins(config_plugins(config_file, opts))  # before the keys their nodes define
+    plugins = load_config_plugins(config_file, opts)  # before the keys their nodes define
     cfg = get_cfg()
     if config_file:
         with open(resolve_config_path(config_file), encoding="utf-8") as fh:
@@ -225,3 +246,110 @@ def load_cfg(config_file: str | Path | None = None, opts: Sequence[str] = ()) ->
     cfg.MERGE.PLUGINS = plugins  # resolved: absolute paths, so a stored config finds them from anywhere
     cfg.freeze()
     return cfg
+
+
+def validate(cfg: CN, training: bool = False) -> None:
+    """Refuse, with a ValueError in one line that names the key, a configuration the run cannot honour.
+
+    Testing (`training` False): INPUT.SIZE_TEST must equal INPUT.SIZE_TRAIN (`check_input_size`). Training: every
+    key training reads (`check_training_keys`); the test size is checked against the model when it evaluates.
+    Called before any data is read, by the tools and by `reid_lite.engine.trainer.train`; checks that need a
+    model (its patch grid, its SIE table) run where the model is built.
+    """
+    if training:
+        check_training_keys(cfg)
+    else:
+        check_input_size(cfg)
+
+
+def check_input_size(cfg: CN, model: nn.Module | None = None) -> None:
+    """Raise ValueError when INPUT.SIZE_TEST differs from the image size the model is built for
+    (`model`'s patch embedding, or INPUT.SIZE_TRAIN, from which `build_model` sizes it).
+
+    TransReID's position embedding has one entry per patch of that size's grid, so test images of another
+    size cannot be embedded (the official code, too, uses one size for both); checked before any image is
+    read instead of failing in the first forward.
+    """
+    embed = getattr(getattr(model, "base", None), "patch_embed", None)
+    if model is not None and embed is None:
+        return  # not a TransReID: nothing known about its input size
+    built = tuple(embed.img_size) if embed is not None else tuple(int(v) for v in cfg.INPUT.SIZE_TRAIN)
+    test = tuple(int(v) for v in cfg.INPUT.SIZE_TEST)
+    if built != test:
+        raise ValueError(f"INPUT.SIZE_TEST {list(test)} differs from INPUT.SIZE_TRAIN {list(built)}, the size "
+                         f"the model (its position embedding) is built for: set both to the checkpoint's "
+                         f"training size, e.g. INPUT.SIZE_TEST '{list(built)}'")
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def check_training_keys(cfg: CN) -> None:
+    """Refuse, with a ValueError that names the key, every official key whose setting training would not honour.
+
+    Honoured elsewhere: SOLVER.* schedule, optimiser, batch, periods and seed keys, MODEL.* model and loss
+    keys. Refused here: center loss (MODEL.IF_WITH_CENTER, and SOLVER.CENTER_LR / CENTER_LOSS_WEIGHT
+    changed from their defaults), arcface/cosface heads (MODEL.ID_LOSS_TYPE, MODEL.COS_LAYER,
+    SOLVER.COSINE_MARGIN / COSINE_SCALE changed), MODEL.NECK other than 'bnneck', MODEL.LAST_STRIDE other
+    than 1 (a ResNet key with no meaning for a ViT), SOLVER.STEPS / GAMMA changed while SOLVER.SCHEDULER
+    is 'cosine' (they drive only 'multistep'), MODEL.DIST_TRAIN without torchrun, several
+    MODEL.DEVICE_IDs in one process (use torchrun), unknown SCHEDULER / WARMUP_METHOD / AMP values, a
+    missing MODEL.TEACHER file and bad teacher settings, DTEM's embedding-only training without MERGE.METHOD dtem.
+    """
+    m, s, d = cfg.MODEL, cfg.SOLVER, get_cfg()
+
+    def refuse(msg: str) -> None:
+        raise ValueError(msg)
+
+    if str(m.IF_WITH_CENTER).lower() not in ("no", "false"):
+        refuse("center loss (MODEL.IF_WITH_CENTER) is not supported; set it to 'no'")
+    for key in ("CENTER_LR", "CENTER_LOSS_WEIGHT"):
+        if s[key] != d.SOLVER[key]:
+            refuse(f"SOLVER.{key} configures the center loss, which is not supported; leave it at {d.SOLVER[key]}")
+    if m.ID_LOSS_TYPE != "softmax":
+        refuse(f"MODEL.ID_LOSS_TYPE {m.ID_LOSS_TYPE!r} is not supported; use 'softmax'")
+    if m.COS_LAYER:
+        refuse("MODEL.COS_LAYER (a cosine classifier) is not supported; set it to False")
+    for key in ("COSINE_MARGIN", "COSINE_SCALE"):
+        if s[key] != d.SOLVER[key]:
+            refuse(f"SOLVER.{key} configures arcface/cosface heads, which are not supported; "
+                   f"leave it at {d.SOLVER[key]}")
+    if m.METRIC_LOSS_TYPE != "triplet":
+        refuse(f"MODEL.METRIC_LOSS_TYPE {m.METRIC_LOSS_TYPE!r} is not supported; use 'triplet'")
+    if m.NECK != "bnneck":
+        refuse(f"MODEL.NECK {m.NECK!r} is not supported; TransReID uses 'bnneck'")
+    if int(m.LAST_STRIDE) != 1:
+        refuse(f"MODEL.LAST_STRIDE {m.LAST_STRIDE} has no meaning for a ViT backbone; leave it at 1")
+    scheduler = str(s.SCHEDULER).lower()
+    if scheduler not in SCHEDULERS:
+        refuse(f"SOLVER.SCHEDULER must be one of {SCHEDULERS}, got {s.SCHEDULER!r}")
+    if scheduler == "cosine":
+        for key in ("STEPS", "GAMMA"):
+            if _as_tuple(s[key]) != _as_tuple(d.SOLVER[key]):
+                refuse(f"SOLVER.{key} applies to SOLVER.SCHEDULER 'multistep' only; set SCHEDULER multistep "
+                       "or leave it at its default")
+    if str(s.WARMUP_METHOD).lower() not in WARMUP_METHODS:
+        refuse(f"SOLVER.WARMUP_METHOD must be one of {WARMUP_METHODS}, got {s.WARMUP_METHOD!r}")
+    if str(s.AMP).lower() not in AMP_CHOICES:
+        refuse(f"SOLVER.AMP must be one of {AMP_CHOICES}, got {s.AMP!r}")
+    if m.DIST_TRAIN and not launched_by_torchrun():
+        refuse("MODEL.DIST_TRAIN is set but the process was not started by torchrun: "
+               "run `torchrun --nproc_per_node N tools/train.py ...` (multi-process is then automatic)")
+    if len([x for x in str(m.DEVICE_ID).split(",") if x.strip()]) > 1 and not launched_by_torchrun():
+        refuse(f"MODEL.DEVICE_ID {m.DEVICE_ID!r} lists several GPUs: one process trains on one GPU; "
+               "run `torchrun --nproc_per_node N tools/train.py ...` to use N")
+    if int(s.IMS_PER_BATCH) < 1:
+        refuse(f"SOLVER.IMS_PER_BATCH must be >= 1, got {s.IMS_PER_BATCH}")
+    if m.TEACHER:
+        if not Path(m.TEACHER).is_file():
+            refuse(f"MODEL.TEACHER: no such file: {m.TEACHER}")
+        if m.TEACHER_INPUT not in TEACHER_INPUTS:
+            refuse(f"MODEL.TEACHER_INPUT must be one of {TEACHER_INPUTS}, got {m.TEACHER_INPUT!r}")
+        if m.TEACHER_LOSS not in TEACHER_LOSSES:
+            refuse(f"MODEL.TEACHER_LOSS must be one of {TEACHER_LOSSES}, got {m.TEACHER_LOSS!r}")
+        if not float(m.TEACHER_WEIGHT) > 0:
+            refuse(f"MODEL.TEACHER_WEIGHT must be > 0, got {m.TEACHER_WEIGHT}")
+    if cfg.MERGE.DTEM.TRAIN_EMBEDDING_ONLY and str(cfg.MERGE.METHOD).lower() != "dtem":
+        refuse(f"MERGE.DTEM.TRAIN_EMBEDDING_ONLY trains DTEM's embedding: set MERGE.METHOD dtem (got "
+               f"{cfg.MERGE.METHOD!r})")

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
+import signal
+import threading
+
 import pytest
 import torch
 from conftest import load_tool
@@ -57,3 +62,33 @@ def test_budget_without_a_method_that_has_a_knob_is_refused(tool, tmp_path, caps
     assert tool.main(["--device", "cpu", "--methods", "none", "--budget", "75%", "--out", out]) == 2
     assert "--budget 75%: none of the methods (none) has a GFLOPs knob" in error_line(capsys)
     assert not (tmp_path / "b.json").exists()
+
+
+def _die_without_result() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fail() -> None:
+    raise RuntimeError("out of memory")
+
+
+def _run_in_child(tool, fn, *a):
+    """`tool._in_child` in a thread, so that a hang fails the test instead of stalling the suite."""
+    out: list = []
+    worker = threading.Thread(target=lambda: out.append(tool._in_child(mp.get_context("fork"), fn, *a, poll_s=0.2)),
+                              daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "_in_child still waiting for a child that is gone"
+    return out[0]
+
+
+def test_a_child_that_dies_or_fails_is_an_error_row_not_a_hang(tool, capsys):
+    assert _run_in_child(tool, _die_without_result) == {
+        "error": "the measuring process died without a result (killed by SIGKILL)"}
+    assert _run_in_child(tool, _fail) == {"error": "RuntimeError: out of memory"}
+    assert _run_in_child(tool, max, 3, 7) == 7  # a result comes back as before
+    row = tool._report_row(_run_in_child(tool, _die_without_result), "stm", "torch", 8)
+    assert "error" in row
+    died = "the measuring process died without a result (killed by SIGKILL)"
+    assert capsys.readouterr().err.strip() == f"stm torch b8: {died}"

@@ -33,7 +33,9 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import queue as queue_module
 import resource
+import signal
 import statistics
 import sys
 import time
@@ -45,7 +47,7 @@ import torch
 
 from reid_lite import build_model, load_cfg
 from reid_lite.build import build_model_for_checkpoint
-from reid_lite.cli import USER_ERRORS, cli_error
+from reid_lite.cli import USER_ERRORS, add_config_arg, add_opts_arg, add_threads_arg, cli_error, tool_parser
 from reid_lite.compress.budget import budget_label, resolve_budget, synthetic_calibration
 from reid_lite.compress.flops import effective_gflops, fvcore_gflops, transreid_gflops
 from reid_lite.compress.latency import measure_latency
@@ -257,13 +259,36 @@ def _child(fn, queue: mp.Queue, *a) -> None:
         queue.put({"error": f"{type(e).__name__}: {e}"})
 
 
-def _in_child(ctx, fn, *a) -> dict:
+def _in_child(ctx, fn, *a, poll_s: float = 1.0) -> Any:
+    """`fn(*a)` in a fresh process of `ctx`; its result, or {'error': ...} when it raised or died without one
+    (killed, out of memory, a crash in native code): waiting for a dead child's result would hang the run."""
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(fn, queue, *a))
     proc.start()
-    res = queue.get()
+    while True:
+        try:
+            res = queue.get(timeout=poll_s)
+            break
+        except queue_module.Empty:
+            if proc.is_alive():
+                continue
+            try:  # it may have put its result just before exiting
+                res = queue.get(timeout=poll_s)
+            except queue_module.Empty:
+                res = {"error": f"the measuring process died without a result ({_exit_text(proc.exitcode)})"}
+            break
     proc.join()
     return res
+
+
+def _exit_text(code: int | None) -> str:
+    """'exit code 1', or 'killed by SIGKILL' for a process a signal ended."""
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
 
 
 def table(results: list[dict]) -> str:
@@ -303,8 +328,8 @@ def _report_row(res: dict, method: str, backend: str, batch: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Export (ONNX backends), time every (method, backend, batch) and write the JSON; the exit code."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/msmt17_base.yml")
+    p = tool_parser(__doc__)
+    add_config_arg(p, default="configs/msmt17_base.yml", help=None)
     p.add_argument("--methods", default="", help="comma separated registered methods or variants "
                    f"({', '.join(VARIANTS)}); default: every registered method")
     p.add_argument("--backend", nargs="+", default=["torch"], choices=BACKENDS,
@@ -315,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, nargs="+", default=None, help="default: 256 on GPU, 32 on CPU")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--threads", type=int, default=0, help="CPU threads of torch and the runtimes (0: default)")
+    add_threads_arg(p, help="CPU threads of torch and the runtimes (0: default)")
     p.add_argument("--onnx-dir", default="output/bench_onnx", help="where the ONNX files are exported")
     p.add_argument("--out", default="output/benchmark.json")
     p.add_argument("--budget", default="", help="GFLOPs per image for every method (within 1%%, through its knob), "
@@ -330,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inputs", default="random", choices=("random", "pedestrians"), help="timed images: seeded "
                    "noise, or seeded synthetic pedestrians (what image-dependent methods such as ATM merge on)")
     p.add_argument("--weights", default="", help="a TransReID checkpoint to time instead of seeded random weights")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    add_opts_arg(p, help="KEY VALUE config overrides", remainder=True)
     args = p.parse_args(argv)
     if args.compile and "compile" not in args.backend:
         explicit = argv is not None and "--backend" in argv or argv is None and "--backend" in sys.argv

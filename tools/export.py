@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from reid_lite.build import build_model, build_model_for_checkpoint
-from reid_lite.cli import USER_ERRORS, cli_error
+from reid_lite.cli import USER_ERRORS, add_config_arg, add_opts_arg, cli_error, tool_parser
 from reid_lite.config import load_cfg
 from reid_lite.deploy import ExportError, ExportRefused, export_onnx, parity_table
 from reid_lite.deploy.parity import MIN_COSINE
@@ -43,9 +43,8 @@ logger = logging.getLogger("reid_lite.export")
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line arguments; trailing `KEY VALUE` pairs override the config."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--config", default="", help="YAML config (a bare name is looked up in configs/)")
+    p = tool_parser(__doc__, summary=True, epilog=True)
+    add_config_arg(p)
     p.add_argument("--out", required=True, help="ONNX file to write (an existing file only with --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--backends", default="onnxruntime,openvino",
@@ -55,7 +54,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parity-images", type=int, default=12, help="synthetic pedestrians used for the parity check")
     p.add_argument("--min-cosine", type=float, default=MIN_COSINE,
                    help="per-image cosine with PyTorch required, merging-decision flips included")
-    p.add_argument("opts", nargs="*", help="config overrides as KEY VALUE pairs")
+    add_opts_arg(p)
     return p.parse_intermixed_args(argv)
 
 

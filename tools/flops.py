@@ -12,7 +12,6 @@ over a seeded random batch (--images) and are printed beside them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import warnings
@@ -20,6 +19,7 @@ import warnings
 import torch
 
 from reid_lite import build_model, load_cfg
+from reid_lite.cli import add_config_arg, add_opts_arg, tool_parser
 from reid_lite.compress.flops import effective_gflops, fvcore_gflops, transreid_gflops
 from reid_lite.merging import parse_methods
 
@@ -55,13 +55,13 @@ def gflops_of(config: str | None, opts: list[str], images: int = 0) -> tuple[flo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/msmt17_base.yml", help="config file (looked up in configs/)")
+    parser = tool_parser(__doc__)
+    add_config_arg(parser, default="configs/msmt17_base.yml", help="config file (looked up in configs/)")
     parser.add_argument("--table", action="store_true", help="print the paper's GFLOPs table for our model")
     parser.add_argument("--methods", default="", help="comma-separated registered methods (default: the config's)")
     parser.add_argument("--images", type=int, default=8, help="random images for the effective count")
     parser.add_argument("--json", help="also write the figures to this JSON file")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    add_opts_arg(parser, help="KEY VALUE config overrides", remainder=True)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", module="torch.jit")  # fvcore traces with the deprecated jit
     if not args.table:

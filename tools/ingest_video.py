@@ -28,7 +28,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from reid_lite.index.crops import to_seconds
-from reid_lite.cli import USER_ERRORS, cli_error  # noqa: E402  (after the checkout's path, when needed)
+from reid_lite.cli import USER_ERRORS, add_config_arg, add_opts_arg, add_threads_arg, cli_error, tool_parser  # noqa: E402
 from reid_lite.config import load_cfg  # noqa: E402
 from reid_lite.engine.extractor import FeatureExtractor  # noqa: E402
 from reid_lite.video import CropRule, SSDDetector, extractor_embedder, ingest_video  # noqa: E402
@@ -36,8 +36,7 @@ from reid_lite.video import CropRule, SSDDetector, extractor_embedder, ingest_vi
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line arguments; trailing `KEY VALUE` pairs override --config."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = tool_parser(__doc__, summary=True, epilog=True)
     p.add_argument("video", help="video file (any OpenCV/FFmpeg reads, raw H.264 included)")
     p.add_argument("--detector", required=True, help="SSD-style detector: OpenVINO IR .xml (with its .bin) or .onnx")
     p.add_argument("--threshold", type=float, default=0.5, help="detector confidence threshold (default 0.5)")
@@ -48,12 +47,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--every", type=int, default=1, help="detect every K-th frame (default 1)")
     p.add_argument("--fps", type=float, default=None, help="frame rate, where the container tells none")
     p.add_argument("--detect-batch", type=int, default=8, help="frames per detector inference (default 8)")
-    p.add_argument("--threads", type=int, default=None, help="detector CPU threads (default: OpenVINO's)")
+    add_threads_arg(p, default=None, help="detector CPU threads (default: OpenVINO's)")
     p.add_argument("--max-crops", type=int, default=8, help="best crops embedded per tracklet (default 8)")
-    p.add_argument("--config", default="", help="embed with this model config (the gallery's); none: no embedding")
+    add_config_arg(p, help="embed with this model config (the gallery's); none: no embedding")
     p.add_argument("--thumbnails", default="", help="folder to write each tracklet's best crop into (JPEG)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("opts", nargs="*", help="config overrides as KEY VALUE pairs (with --config)")
+    add_opts_arg(p, help="config overrides as KEY VALUE pairs (with --config)")
     return p.parse_intermixed_args(argv)
 
 

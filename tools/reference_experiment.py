@@ -76,12 +76,12 @@ import torch
 from yacs.config import CfgNode
 
 from reid_lite.build import build_model_for_checkpoint
-from reid_lite.cli import USER_ERRORS, cli_error
+from reid_lite.cli import USER_ERRORS, add_opts_arg, add_threads_arg, cli_error, set_threads, tool_parser
 from reid_lite.compress.budget import budget_label
-from reid_lite.config import get_cfg
+from reid_lite.config import get_cfg, validate
 from reid_lite.data import ReIDDataset, build_dataset_from_cfg, sie_counts, validation_split
 from reid_lite.engine.evaluator import evaluate, model_gflops
-from reid_lite.engine.trainer import EMBEDDING_FILE, check_training_cfg, train
+from reid_lite.engine.trainer import EMBEDDING_FILE, train
 from reid_lite.merging import parse_methods
 from reid_lite.merging.schedule import BudgetError
 from reid_lite.metrics import bootstrap_draws, metric_intervals, paired_difference, per_query_metrics
@@ -135,8 +135,7 @@ TRAIN_SUMMARY = "train_summary.json"
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line arguments; trailing `KEY VALUE` pairs override the preset."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = tool_parser(__doc__, summary=True)
     p.add_argument("--data-root", required=True, help="a Market-1501-layout dataset (bounding_box_train, query, "
                                                       "bounding_box_test)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="gpu", help="model and schedule (default %(default)s)")
@@ -157,8 +156,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="bootstrap resamples of the queries (default %(default)s)")
     p.add_argument("--max-train-ids", type=int, default=-1,
                    help="train on the first N identities only (default: all; --tiny: 150)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("opts", nargs="*", help="config overrides as KEY VALUE pairs")
+    add_threads_arg(p)
+    add_opts_arg(p)
     args = p.parse_intermixed_args(argv)
     if args.tiny:
         args.preset = "tiny"
@@ -654,15 +653,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cli_error(f"--ratios must lie in (0, 1], got {ratios}")
     try:
         cfg = build_cfg(args)
-        check_training_cfg(cfg)
+        validate(cfg, training=True)
         dataset = limit_identities(build_dataset_from_cfg(cfg), args.max_train_ids if args.max_train_ids >= 0
                                    else (150 if args.preset == "tiny" else 0))
         split = validation_split(dataset, VALIDATION_IDS[args.preset], seed=int(cfg.SOLVER.SEED))
         methods = parse_methods([m for m in args.methods.split(",") if m.strip()])
     except USER_ERRORS as err:
         return cli_error(err)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     out = Path(cfg.OUTPUT_DIR).parent
     out.mkdir(parents=True, exist_ok=True)
     if args.stage == "evaluate" and not (Path(cfg.OUTPUT_DIR) / TRAIN_SUMMARY).is_file():

@@ -36,9 +36,9 @@ import numpy as np
 import torch
 
 from reid_lite.build import build_model, build_model_for_checkpoint
-from reid_lite.cli import USER_ERRORS, cli_error
+from reid_lite.cli import USER_ERRORS, add_config_arg, add_opts_arg, cli_error, tool_parser
 from reid_lite.compress.budget import resolve_budget
-from reid_lite.config import load_cfg
+from reid_lite.config import load_cfg, validate
 from reid_lite.data import build_dataset_from_cfg, sie_counts
 from reid_lite.deploy import load_runtime_model
 from reid_lite.engine.asymmetric import asymmetric_methods, evaluate_pairings, format_pairings
@@ -65,10 +65,8 @@ RANDOM_WEIGHTS_WARNING = """
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line arguments; trailing `KEY VALUE` pairs override the config."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", "--config_file", dest="config", default="",
-                   help="YAML config (a bare name is looked up in configs/)")
+    p = tool_parser(__doc__, summary=True)
+    add_config_arg(p, aliases=True)
     p.add_argument("--compare", default="",
                    help="comma-separated merging methods evaluated with the same weights, e.g. none,tome,evit,stm "
                         "(any registered method; your own through MERGE.PLUGINS)")
@@ -87,7 +85,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target-precision", type=float, default=None, metavar="P",
                    help="with --calibrate: the lowest threshold whose precision reaches P (default: best F1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("opts", nargs="*", help="config overrides as KEY VALUE pairs (options may come before or after)")
+    add_opts_arg(p, help="config overrides as KEY VALUE pairs (options may come before or after)")
     # Intermixed: `--compare` may follow the KEY VALUE pairs, as users naturally append it.
     return p.parse_intermixed_args(argv)
 
@@ -182,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_cfg(args.config or None, args.opts)
         methods = parse_methods(args.compare) if args.compare else None
         vis_ids = _parse_indices(args.vis_queries)
-        check_input_size(cfg)  # before any data is read or generated
+        validate(cfg)  # before any data is read or generated
         if args.target_precision is not None and not args.calibrate:
             raise ValueError("--target-precision applies to --calibrate GALLERY")
         if args.asymmetric:

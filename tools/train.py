@@ -27,10 +27,18 @@ from pathlib import Path
 
 import torch
 
-from reid_lite.cli import USER_ERRORS, cli_error
-from reid_lite.config import load_cfg
+from reid_lite.cli import (
+    USER_ERRORS,
+    add_config_arg,
+    add_opts_arg,
+    add_threads_arg,
+    cli_error,
+    set_threads,
+    tool_parser,
+)
+from reid_lite.config import load_cfg, validate
 from reid_lite.engine.distributed import init_distributed, shutdown_distributed
-from reid_lite.engine.trainer import check_training_cfg, prepare_dataset, save_state_dict, train
+from reid_lite.engine.trainer import prepare_dataset, save_state_dict, train
 from reid_lite.models import CheckpointError
 from reid_lite.utils.device import resolve_device
 from reid_lite.utils.files import check_output_dir
@@ -49,14 +57,11 @@ FROM_SCRATCH_WARNING = """
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line arguments; trailing `KEY VALUE` pairs override the config."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", "--config_file", dest="config", default="",
-                   help="YAML config (a bare name is looked up in configs/)")
+    p = tool_parser(__doc__, summary=True)
+    add_config_arg(p, aliases=True)
     p.add_argument("--save", default="", help="also copy the final weights to this path (e.g. weights/x.pth)")
     p.add_argument("--half", action="store_true", help="store the --save copy in fp16 (half the size)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for torch (default: torch's choice); 1 is much faster on a busy shared CPU")
+    add_threads_arg(p, help="CPU threads for torch (default: torch's choice); 1 is much faster on a busy shared CPU")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUTPUT_DIR/last_checkpoint.pth (same step, sampler position and RNG state)")
     p.add_argument("--resume-force", action="store_true",
@@ -71,7 +76,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="write each evaluation's query/gallery features to OUTPUT_DIR/features_<epoch>.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard logs")
-    p.add_argument("opts", nargs="*", help="config overrides as KEY VALUE pairs")
+    add_opts_arg(p)
     # Intermixed: options may follow the KEY VALUE pairs, as users naturally append them.
     return p.parse_intermixed_args(argv)
 
@@ -105,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as err:
         return cli_error(err)
     try:
-        check_training_cfg(cfg)  # before the dataset is prepared: a refused key must not wait for that
+        validate(cfg, training=True)  # before the dataset is prepared: a refused key must not wait for that
     except ValueError as err:
         return cli_error(err)
     for flag in ("stop_after_steps", "state_every_steps"):
@@ -113,8 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cli_error(f"--{flag.replace('_', '-')} must be >= 0")
     if args.half and not args.save:
         return cli_error("--half applies to the --save copy; give --save PATH")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     _setup_logging(cfg.OUTPUT_DIR)
     if cfg.MODEL.PRETRAIN_CHOICE.lower() == "imagenet" and not cfg.MODEL.PRETRAIN_PATH:
         print(FROM_SCRATCH_WARNING, file=sys.stderr)

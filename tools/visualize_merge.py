@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from PIL import Image
 
 from reid_lite import build_model, load_cfg
 from reid_lite.build import build_model_for_checkpoint
-from reid_lite.cli import USER_ERRORS, cli_error
+from reid_lite.cli import USER_ERRORS, add_config_arg, add_opts_arg, cli_error, tool_parser
 from reid_lite.data import build_transforms, read_image
 from reid_lite.data.loader import IMAGE_READ_ERRORS
 from reid_lite.merging.visualize import render_groups, token_groups
@@ -41,13 +40,13 @@ def parse_blocks(text: str, depth: int) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     """Draw the maps; returns the exit code (2 with one `error:` line for bad input)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
+    parser = tool_parser(__doc__)
+    add_config_arg(parser, help=None, required=True)
     parser.add_argument("--image", required=True, help="a person crop")
     parser.add_argument("--blocks", default="2,5,10", help="1-based blocks to show, comma separated")
     parser.add_argument("--camera", type=int, default=0, help="0-based camera id for SIE")
     parser.add_argument("--out", default="output/merge.png")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    add_opts_arg(parser, help="KEY VALUE config overrides", remainder=True)
     args = parser.parse_args(argv)
     try:
         cfg = load_cfg(args.config, args.opts)

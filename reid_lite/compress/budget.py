@@ -24,9 +24,9 @@ from torch import nn
 from yacs.config import CfgNode
 
 from ..data.synthetic_batch import synthetic_test_batch
-from ..merging import apply_merging, input_tokens, load_plugins
+from ..merging import apply_merging, input_tokens
 from ..merging.knobs import set_overrides
-from ..merging.registry import get_method, method_names
+from ..merging.registry import get_method, method_names, method_of
 from ..merging.schedule import BudgetError, build_reducers, first_fit, search_knob
 from .flops import effective_gflops, transreid_gflops
 
@@ -164,7 +164,7 @@ class KnobSpace:
     """
 
     def __init__(self, model: nn.Module, merge: CfgNode, what: str = "MERGE.TARGET_GFLOPS"):
-        self.method = get_method(merge.METHOD)
+        self.method = method_of(merge)
         knob = self.method.budget_knob
         if knob is None:
             solvable = [m for m in method_names() if get_method(m).budget_knob]
@@ -300,7 +300,6 @@ def merge_with_budget(model: nn.Module, merge: CfgNode, calibration: Calibration
     method's cost depends on the image (effective GFLOPs); `solution`: the budget already solved for this
     model and section, so the search is not repeated. Returns `model`.
     """
-    load_plugins(list(merge.get("PLUGINS", [])))
     if merge.TARGET_GFLOPS <= 0:
         return apply_merging(model, merge)
     if not hasattr(model, "reducible_blocks"):

@@ -31,6 +31,7 @@ import torch.distributed.nn.functional as dist_nn
 from torch import Tensor, nn
 
 from ..data import ReIDDataset, build_test_loader
+from ..utils.device import launched_by_torchrun
 from .extractor import Features, extract_features
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,6 @@ __all__ = [
     "gather_cat",
     "gather_labels",
     "init_distributed",
-    "launched_by_torchrun",
     "shard_bounds",
     "shutdown_distributed",
 ]
@@ -84,11 +84,6 @@ class DistContext:
         """Wait for every process (no-op in one process)."""
         if self.enabled:
             dist.barrier()
-
-
-def launched_by_torchrun() -> bool:
-    """True when torchrun (or another launcher) set WORLD_SIZE and RANK."""
-    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
 def init_distributed(device: torch.device) -> DistContext:

@@ -1,7 +1,10 @@
-"""The training loop (`do_train`): the official epoch loop plus resume, evaluation, AMP, DDP and logging.
+"""The training loop (`do_train`): the official epoch loop, short, with hooks around it.
 
-One optimiser step per global batch. On several processes (torchrun) the model runs under
-DistributedDataParallel and the loss sees the whole global batch (`distributed.gather_cat`), so the
+`TrainLoop` holds one run's state and runs its epochs and steps (schedule, sampler position, forward with
+AMP, the loss on the global batch, the optimiser step, the epoch meters); everything around them, resume,
+the training state, checkpoints, evaluation with the best epoch kept, TensorBoard, the progress bar and the
+log, is a hook (`hooks.py`). One optimiser step per global batch. On several processes (torchrun) the model
+runs under DistributedDataParallel and the loss sees the whole global batch (`distributed.gather_cat`), so the
 trained weights do not depend on the process count beyond floating-point order.
 """
 
@@ -9,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,17 +21,15 @@ import torch
 from torch import nn
 
 from ..utils.device import amp_dtype
-from .distributed import DistContext, all_gather_objects, gather_cat, gather_labels
+from .distributed import DistContext, gather_cat, gather_labels
+from .hooks import EvaluateFn, TrainHook, default_hooks
 from .losses import LossFn
 from .lr_scheduler import EpochLRScheduler
-from .train_state import STATE_FILE, capture_rng, restore_rng, save_train_state
+from .train_state import save_state_dict
 
 logger = logging.getLogger("reid_lite.train")
 
-__all__ = ["EvaluateFn", "TrainResult", "do_train", "save_state_dict"]
-
-#: `evaluate_fn(epoch, model) -> metrics` (at least 'mAP'), called on every process (extraction is shared).
-EvaluateFn = Callable[[int, nn.Module], dict[str, float]]
+__all__ = ["EpochMeters", "EvaluateFn", "TrainLoop", "TrainResult", "do_train", "save_state_dict"]
 
 
 @dataclass
@@ -51,27 +52,7 @@ class TrainResult:
     global_step: int = 0
 
 
-def save_state_dict(model: nn.Module | dict[str, torch.Tensor], path: str | Path, half: bool = False) -> Path:
-    """`torch.save(model.state_dict())` in the official key layout (loadable with weights_only=True).
-
-    `model` may also be a state dict. `half` stores floating-point tensors as fp16 (half the size);
-    `load_state_dict` casts them back to the model's dtype. Written to a temporary name and renamed, so a
-    crash never leaves a partial file.
-    """
-    import os
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    items = model.state_dict() if isinstance(model, nn.Module) else model
-    state = {k: (v.detach().to("cpu", torch.float16) if half and v.is_floating_point() else v.detach().cpu())
-             for k, v in items.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def _base_lr(optimizer: torch.optim.Optimizer, base: float) -> float:
+def base_lr(optimizer: torch.optim.Optimizer, base: float) -> float:
     """Current lr of a group that started at BASE_LR (group 0 may be a bias with a factor)."""
     for group in optimizer.param_groups:
         if abs(group.get("initial_lr", group["lr"]) - base) <= 1e-12 * max(1.0, base):
@@ -79,7 +60,7 @@ def _base_lr(optimizer: torch.optim.Optimizer, base: float) -> float:
     return optimizer.param_groups[0]["lr"]
 
 
-class _Meters:
+class EpochMeters:
     """Per-epoch running sums kept on the device (reading them is the only host sync, at log time)."""
 
     def __init__(self, device: torch.device, sums: list[float] | None = None, images: int = 0) -> None:
@@ -88,19 +69,192 @@ class _Meters:
         self.images = images
 
     def update(self, loss: torch.Tensor, correct: torch.Tensor, n: int) -> None:
+        """Add a batch of `n` images with mean `loss` and `correct` top-1 hits."""
         n_t = torch.full((), float(n), dtype=torch.float64, device=loss.device)
         self.sums += torch.stack([loss.detach().double() * n_t, correct.detach().double(), n_t])
         self.images += n
 
     def averages(self) -> tuple[float, float]:
+        """Mean loss and accuracy so far (NaN before the first image)."""
         loss, correct, n = self.sums.tolist()
         return (loss / n, correct / n) if n else (float("nan"), float("nan"))
 
+    def state(self) -> list[float]:
+        """The sums and the image count, as the training state stores them."""
+        return [*self.sums.tolist(), self.images]
 
-def _tensorboard(out_dir: Path, purge_step: int) -> Any:
-    from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=purge_step or None)
+class TrainLoop:
+    """One training run: its state (model, optimiser, schedule, position, result) and the epoch/step loop.
+
+    Built by `do_train`, which documents the behaviour; `hooks` run at the points `hooks.TrainHook` lists,
+    in their order. Attributes the hooks read: `cfg`, `ctx`, `model`, `out_dir`, `epochs`, `epoch`,
+    `start_batch`, `n_iter`, `n_iters`, `steps_this_call`, `stopping`, `step_stats`, `result`.
+    """
+
+    def __init__(self, cfg: Any, model: nn.Module, train_loader: Iterable[Any], optimizer: torch.optim.Optimizer,
+                 scheduler: EpochLRScheduler, loss_fn: LossFn, ctx: DistContext, device: torch.device,
+                 out_dir: Path, hooks: Sequence[TrainHook] = (), stop_after_steps: int = 0,
+                 distill: nn.Module | None = None) -> None:
+        self.cfg, self.ctx, self.device, self.out_dir = cfg, ctx, device, out_dir
+        self.epochs = int(cfg.SOLVER.MAX_EPOCHS)
+        if self.epochs < 1:
+            raise ValueError(f"SOLVER.MAX_EPOCHS must be >= 1, got {self.epochs}")
+        self.log_period = max(1, int(cfg.SOLVER.LOG_PERIOD))
+        self.dtype = amp_dtype(device, str(cfg.SOLVER.AMP))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.model, self.net = model, self.wrap(model)
+        self.loader, self.optimizer, self.scheduler, self.loss_fn = train_loader, optimizer, scheduler, loss_fn
+        batches = getattr(train_loader, "batch_sampler", None)
+        self.batches = batches if hasattr(batches, "set_epoch") else None
+        self.hooks, self.stop_after_steps = list(hooks), stop_after_steps
+        self.result = TrainResult(final_checkpoint=out_dir / f"{cfg.MODEL.NAME}_{self.epochs}.pth")
+        self.epoch, self.start_batch, self.n_iter, self.n_iters = 1, 0, 0, 0
+        self.meters = EpochMeters(device)
+        self.meter_state: list[float] | None = None  # a resumed epoch's meters, used by its first `begin_epoch`
+        self.steps_this_call, self.stopping = 0, False
+        self.step_stats: dict[str, float] | None = None
+        self.epoch_start = self.start = 0.0
+        self.distill = distill
+        if distill is not None:
+            distill.to(device)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """Move the model to the device; under torchrun, wrap it in DistributedDataParallel."""
+        dev = self.device
+        model.to(dev)
+        if dev.type == "cuda":  # before DDP: evaluation's channels-last conversion would re-allocate its buckets
+            model.to(memory_format=torch.channels_last)
+        if not self.ctx.enabled:
+            return model
+        # static_graph: with JPM the backbone's own last block and norm are never used (b1/b2 are their
+        # copies); the used set is the same every step, so DDP can skip the per-step search for unused ones.
+        return nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                                   static_graph=True)
+
+    def call(self, point: str) -> None:
+        """Run every hook's method for `point` ('before_train', 'after_step', ...), in order."""
+        for hook in self.hooks:
+            getattr(hook, point)(self)
+
+    def run(self) -> TrainResult:
+        """Train the epochs not yet done (all of them, or from the resumed position) and return the result."""
+        self.call("before_train")
+        self.start = time.perf_counter()
+        if self.batches is None and self.start_batch:
+            raise ValueError("resuming inside an epoch needs the loader of build_train_loader (a TrainBatchSampler)")
+        logger.info("training epochs %d-%d on %d process(es), device %s, amp %s", self.epoch, self.epochs,
+                    self.ctx.world_size, self.device, self.dtype or "fp32")
+        while self.epoch <= self.epochs:
+            self.begin_epoch()
+            for n_iter, batch in enumerate(self.loader, start=self.start_batch):
+                self.n_iter = n_iter
+                if not self.usable(batch):
+                    continue
+                self.step(batch)
+                self.call("after_step")
+                if self.stopping:
+                    return self.finish()
+            self.end_epoch()
+        return self.finish()
+
+    def begin_epoch(self) -> None:
+        """Set the epoch's lr and sampler position, fresh (or resumed) meters, train mode."""
+        self.epoch_start = time.perf_counter()
+        state, self.meter_state = self.meter_state, None
+        self.meters = EpochMeters(self.device, state[:3], int(state[3])) if state else EpochMeters(self.device)
+        self.scheduler.step(self.epoch)
+        if self.batches is not None:
+            self.batches.set_epoch(self.epoch, self.start_batch)
+            self.n_iters = self.batches.batches_in_epoch()
+        else:
+            self.n_iters = len(self.loader) if hasattr(self.loader, "__len__") else 0
+        self.net.train()
+        self.call("before_epoch")
+
+    def usable(self, batch: Any) -> bool:
+        """False for a batch whose every image was unreadable (the loader warned); refuses partial global
+        batches under several processes."""
+        if batch.failed and self.ctx.enabled:
+            raise RuntimeError(f"unreadable training image(s) {batch.failed[:3]}: multi-process training needs "
+                               "every image of a global batch; remove or fix them")
+        return len(batch) > 0
+
+    def step(self, batch: Any) -> None:
+        """One optimiser step on a global batch; sets `stopping` and, at log steps, `step_stats`."""
+        dev, epoch = self.device, self.epoch
+        img = batch.images.to(dev, non_blocking=True)
+        target = batch.pids.to(dev, non_blocking=True)
+        cams, views = batch.camids.to(dev, non_blocking=True), batch.viewids.to(dev, non_blocking=True)
+        if self.scheduler.in_warmup(epoch):
+            self.scheduler.step_within(epoch, self.n_iter / max(self.n_iters, 1))
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=dev.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            score, feat = self.net(img, target, cam_label=cams, view_label=views)
+        # The loss on the global batch, in fp32: hard mining and softmax are precision-sensitive.
+        score, feat, target = gather_cat(score), gather_cat(feat), gather_labels(target)
+        score = [s.float() for s in score] if isinstance(score, list) else score.float()
+        feat = [f.float() for f in feat] if isinstance(feat, list) else feat.float()
+        loss = self.loss_fn(score, feat, target)
+        if self.distill is not None:  # a loss term: it needs the batch's record indices, gathered like the labels
+            loss = loss + self.distill(feat, gather_labels(batch.indices.to(dev, non_blocking=True)))
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        logits = score[0] if isinstance(score, list) else score
+        self.meters.update(loss, (logits.argmax(1) == target).sum(), int(target.shape[0]))
+        self.result.global_step += 1
+        self.steps_this_call += 1
+        self.stopping = 0 < self.stop_after_steps <= self.steps_this_call
+        self.step_stats = None
+        if (self.n_iter + 1) % self.log_period == 0:
+            avg_loss, avg_acc = self.meters.averages()
+            self.step_stats = {"loss": avg_loss, "acc": avg_acc, "lr": base_lr(self.optimizer, self.cfg.SOLVER.BASE_LR)}
+
+    def end_epoch(self) -> None:
+        """Record the epoch's row in the history, run the epoch hooks, move to the next epoch."""
+        seconds = time.perf_counter() - self.epoch_start
+        avg_loss, avg_acc = self.meters.averages()
+        self.result.history.append({"epoch": self.epoch, "loss": avg_loss, "acc": avg_acc,
+                                    "lr": base_lr(self.optimizer, self.cfg.SOLVER.BASE_LR), "seconds": seconds,
+                                    "images": self.meters.images})
+        self.call("after_epoch")
+        self.epoch, self.start_batch = self.epoch + 1, 0
+
+    def finish(self) -> TrainResult:
+        """Fill in the result's end (stopped early or not) and run the final hooks."""
+        self.result.stopped = self.stopping
+        self.result.seconds = time.perf_counter() - self.start
+        self.result.model = self.model
+        self.call("after_train")
+        return self.result
+
+    def state_dict(self, at_epoch: int, at_batch: int, rngs: list[dict[str, Any]],
+                   fresh_epoch: bool = False) -> dict[str, Any]:
+        """The resumable state at (`at_epoch`, `at_batch`) with every process's random streams `rngs`;
+        `fresh_epoch`: the meters of an epoch not yet begun."""
+        meters = EpochMeters(self.device) if fresh_epoch else self.meters
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "distill": self.distill.state_dict() if self.distill is not None else {},
+                "scaler": self.scaler.state_dict(), "epoch": at_epoch, "batch": at_batch, "meters": meters.state(),
+                "history": self.result.history, "evals": self.result.evals, "best": self.result.best,
+                "global_step": self.result.global_step, "rng": rngs, "world_size": self.ctx.world_size,
+                "checkpoints": [str(p) for p in self.result.checkpoints], "config": self.cfg.dump()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Inverse of `state_dict` (the random streams excepted: `hooks.ResumeHook` restores them)."""
+        self.model.load_state_dict(state["model"])
+        if self.distill is not None and state.get("distill"):
+            self.distill.load_state_dict(state["distill"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.start_batch = int(state["epoch"]), int(state["batch"])
+        self.meter_state = state["meters"]
+        self.result.history, self.result.evals = list(state["history"]), list(state["evals"])
+        self.result.best, self.result.global_step = state["best"], int(state["global_step"])
+        self.result.checkpoints = [Path(p) for p in state["checkpoints"]]
 
 
 def do_train(
@@ -122,6 +276,7 @@ def do_train(
     progress: bool = False,
     tensorboard: bool = True,
     distill: nn.Module | None = None,
+    hooks: Sequence[TrainHook] = (),
 ) -> TrainResult:
     """Run the epochs of SOLVER.MAX_EPOCHS not yet done and return what was saved.
 
@@ -148,177 +303,16 @@ def do_train(
 
     The learning rate is set per step during warm-up (`scheduler.step_within`): a one-epoch warm-up then
     ramps over that epoch's iterations instead of running the whole epoch at the initial rate.
+
+    Everything but the steps is a hook (`hooks.default_hooks` builds them from these arguments); `hooks` adds
+    the caller's own `TrainHook`s, run after `epoch_callback` and before the training state is saved.
     """
-    from tqdm.auto import tqdm
-
     ctx = ctx or DistContext(device=torch.device(device))
-    dev = ctx.device if ctx.enabled else torch.device(device)
     out_dir = Path(output_dir if output_dir is not None else cfg.OUTPUT_DIR)
-    epochs = int(cfg.SOLVER.MAX_EPOCHS)
-    if epochs < 1:
-        raise ValueError(f"SOLVER.MAX_EPOCHS must be >= 1, got {epochs}")
-    log_period = max(1, int(cfg.SOLVER.LOG_PERIOD))
-    ckpt_period, eval_period = int(cfg.SOLVER.CHECKPOINT_PERIOD), int(cfg.SOLVER.EVAL_PERIOD)
-    dtype = amp_dtype(dev, str(cfg.SOLVER.AMP))
-    scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
-    model.to(dev)
-    if dev.type == "cuda":  # before DDP: evaluation's channels-last conversion would re-allocate its buckets
-        model.to(memory_format=torch.channels_last)
-    net: nn.Module = model
-    if ctx.enabled:
-        # static_graph: with JPM the backbone's own last block and norm are never used (b1/b2 are their
-        # copies); the used set is the same every step, so DDP can skip the per-step search for unused ones.
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
-                                                  static_graph=True)
-    batches = getattr(train_loader, "batch_sampler", None)
-    if not hasattr(batches, "set_epoch"):
-        batches = None
-    name = cfg.MODEL.NAME
-    result = TrainResult(final_checkpoint=out_dir / f"{name}_{epochs}.pth")
-    epoch, start_batch, meter_state = 1, 0, None
-    if distill is not None:
-        distill.to(dev)
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        if distill is not None and resume.get("distill"):
-            distill.load_state_dict(resume["distill"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
-        epoch, start_batch = int(resume["epoch"]), int(resume["batch"])
-        meter_state = resume["meters"]
-        result.history, result.evals = list(resume["history"]), list(resume["evals"])
-        result.best, result.global_step = resume["best"], int(resume["global_step"])
-        result.checkpoints = [Path(p) for p in resume["checkpoints"]]
-        rngs = resume["rng"]
-        if len(rngs) == ctx.world_size:
-            restore_rng(rngs[ctx.rank])
-        else:
-            logger.warning("resuming %d process(es) from a state of %d: model-side random draws (drop path) "
-                           "restart from a new stream, so the run is not bit-identical", ctx.world_size, len(rngs))
-        logger.info("resumed at epoch %d, batch %d (step %d)", epoch, start_batch, result.global_step)
-    writer = _tensorboard(out_dir, result.global_step) if tensorboard and ctx.is_main else None
-    steps_this_call = 0
-    start = time.perf_counter()
-
-    def save_state(at_epoch: int, at_batch: int, meters: _Meters) -> None:
-        rngs = all_gather_objects(capture_rng())  # every process's streams, so each resumes its own
-        if ctx.is_main:
-            save_train_state(out_dir / STATE_FILE, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "distill": distill.state_dict() if distill is not None else {},
-                "scaler": scaler.state_dict(), "epoch": at_epoch, "batch": at_batch,
-                "meters": [*meters.sums.tolist(), meters.images], "history": result.history, "evals": result.evals,
-                "best": result.best, "global_step": result.global_step, "rng": rngs, "world_size": ctx.world_size,
-                "checkpoints": [str(p) for p in result.checkpoints], "config": cfg.dump()})
-        ctx.barrier()
-
-    if batches is None and start_batch:
-        raise ValueError("resuming inside an epoch needs the loader of build_train_loader (a TrainBatchSampler)")
-    logger.info("training epochs %d-%d on %d process(es), device %s, amp %s", epoch, epochs, ctx.world_size, dev,
-                dtype or "fp32")
-    while epoch <= epochs:
-        t0 = time.perf_counter()
-        meters = _Meters(dev, meter_state[:3], int(meter_state[3])) if meter_state else _Meters(dev)
-        meter_state = None
-        scheduler.step(epoch)
-        if batches is not None:
-            batches.set_epoch(epoch, start_batch)
-            n_iters = batches.batches_in_epoch()
-        else:
-            n_iters = len(train_loader) if hasattr(train_loader, "__len__") else 0
-        net.train()
-        bar = tqdm(total=n_iters, initial=start_batch, desc=f"epoch {epoch}/{epochs}", unit="batch",
-                   disable=not (progress and ctx.is_main), dynamic_ncols=True, leave=False)
-        for n_iter, batch in enumerate(train_loader, start=start_batch):
-            if batch.failed and ctx.enabled:
-                raise RuntimeError(f"unreadable training image(s) {batch.failed[:3]}: multi-process training needs "
-                                   "every image of a global batch; remove or fix them")
-            if len(batch) == 0:  # every image of the batch was unreadable (already warned by the loader)
-                continue
-            img = batch.images.to(dev, non_blocking=True)
-            target = batch.pids.to(dev, non_blocking=True)
-            cams, views = batch.camids.to(dev, non_blocking=True), batch.viewids.to(dev, non_blocking=True)
-            if scheduler.in_warmup(epoch):
-                scheduler.step_within(epoch, n_iter / max(n_iters, 1))
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                score, feat = net(img, target, cam_label=cams, view_label=views)
-            # The loss on the global batch, in fp32: hard mining and softmax are precision-sensitive.
-            score, feat, target = gather_cat(score), gather_cat(feat), gather_labels(target)
-            score = [s.float() for s in score] if isinstance(score, list) else score.float()
-            feat = [f.float() for f in feat] if isinstance(feat, list) else feat.float()
-            loss = loss_fn(score, feat, target)
-            if distill is not None:
-                loss = loss + distill(feat, gather_labels(batch.indices.to(dev, non_blocking=True)))
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            logits = score[0] if isinstance(score, list) else score
-            meters.update(loss, (logits.argmax(1) == target).sum(), int(target.shape[0]))
-            result.global_step += 1
-            steps_this_call += 1
-            bar.update(1)
-            if (n_iter + 1) % log_period == 0:
-                avg_loss, avg_acc = meters.averages()
-                lr = _base_lr(optimizer, cfg.SOLVER.BASE_LR)
-                logger.info("Epoch[%d] Iteration[%d/%d] Loss: %.3f, Acc: %.3f, Base Lr: %.2e", epoch, n_iter + 1,
-                            n_iters, avg_loss, avg_acc, lr)
-                bar.set_postfix(loss=f"{avg_loss:.3f}", acc=f"{avg_acc:.3f}")
-                if writer is not None:
-                    writer.add_scalar("train/loss", avg_loss, result.global_step)
-                    writer.add_scalar("train/acc", avg_acc, result.global_step)
-                    writer.add_scalar("train/lr", lr, result.global_step)
-            stop = 0 < stop_after_steps <= steps_this_call
-            if stop or (state_every_steps > 0 and result.global_step % state_every_steps == 0):
-                save_state(epoch, n_iter + 1, meters)
-            if stop:
-                bar.close()
-                result.stopped = True
-                result.seconds = time.perf_counter() - start
-                result.model = model
-                logger.info("stopped after %d step(s) at epoch %d, batch %d: resume with --resume", steps_this_call,
-                            epoch, n_iter + 1)
-                if writer is not None:
-                    writer.close()
-                return result
-        bar.close()
-        seconds = time.perf_counter() - t0
-        avg_loss, avg_acc = meters.averages()
-        lr = _base_lr(optimizer, cfg.SOLVER.BASE_LR)
-        result.history.append({"epoch": epoch, "loss": avg_loss, "acc": avg_acc, "lr": lr, "seconds": seconds,
-                               "images": meters.images})
-        logger.info("Epoch %d done: loss %.3f, acc %.3f, lr %.2e, %.1f s (%.1f img/s)", epoch, avg_loss, avg_acc, lr,
-                    seconds, meters.images / max(seconds, 1e-9))
-        if writer is not None:
-            writer.add_scalar("epoch/loss", avg_loss, epoch)
-            writer.add_scalar("epoch/acc", avg_acc, epoch)
-        if ctx.is_main and ((ckpt_period > 0 and epoch % ckpt_period == 0) or epoch == epochs):
-            path = save_state_dict(model, out_dir / f"{name}_{epoch}.pth")
-            result.checkpoints.append(path)
-            logger.info("saved %s", path)
-        if evaluate_fn is not None and eval_period > 0 and (epoch % eval_period == 0 or epoch == epochs):
-            metrics = {"epoch": epoch, **evaluate_fn(epoch, model)}
-            result.evals.append(metrics)
-            logger.info("Validation epoch %d: mAP %.1f%%, Rank-1 %.1f%%", epoch, 100 * metrics["mAP"],
-                        100 * metrics.get("rank1", float("nan")))
-            if writer is not None:
-                for key in ("mAP", "rank1", "rank5", "rank10", "mINP"):
-                    if key in metrics:
-                        writer.add_scalar(f"eval/{key}", metrics[key], epoch)
-            if result.best is None or metrics["mAP"] > result.best["mAP"]:
-                result.best = metrics
-                if ctx.is_main:
-                    save_state_dict(model, out_dir / f"{name}_best.pth")
-                    logger.info("new best mAP %.1f%% at epoch %d: %s", 100 * metrics["mAP"], epoch,
-                                out_dir / f"{name}_best.pth")
-        if epoch_callback is not None:
-            epoch_callback(epoch, model)
-        epoch, start_batch = epoch + 1, 0
-        save_state(epoch, 0, _Meters(dev))
-    result.seconds = time.perf_counter() - start
-    result.model = model
-    if writer is not None:
-        writer.close()
-    logger.info("training done in %.1f min", result.seconds / 60)
-    return result
+    hook_list = default_hooks(cfg, is_main=ctx.is_main, resume=resume, evaluate_fn=evaluate_fn,
+                              epoch_callback=epoch_callback, state_every_steps=state_every_steps, progress=progress,
+                              tensorboard=tensorboard, extra=hooks)
+    loop = TrainLoop(cfg, model, train_loader, optimizer, scheduler, loss_fn, ctx,
+                     ctx.device if ctx.enabled else torch.device(device), out_dir, hook_list,
+                     stop_after_steps=stop_after_steps, distill=distill)
+    return loop.run()

@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["SCHEDULERS", "WARMUP_METHODS", "EpochLRScheduler", "create_scheduler"]
+from ..config import SCHEDULERS, WARMUP_METHODS
 
-SCHEDULERS = ("cosine", "multistep")
-WARMUP_METHODS = ("linear", "constant")
+__all__ = ["EpochLRScheduler", "create_scheduler"]
+
 LR_MIN_FACTOR = 0.002  # the official create_scheduler: lr_min = 0.002 * BASE_LR
 
 

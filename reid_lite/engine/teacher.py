@@ -28,18 +28,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from ..config import TEACHER_INPUTS, TEACHER_LOSSES
 from ..data.loader import read_image
 
 __all__ = [
-    "TEACHER_INPUTS", "TEACHER_LOSSES", "Distillation", "TeacherModel", "similarity_distillation", "teacher_targets",
+    "Distillation", "TeacherModel", "similarity_distillation", "teacher_targets",
 ]
 
 logger = logging.getLogger("reid_lite.train")
-
-#: MODEL.TEACHER_INPUT: what the teacher's input tensor holds. 'bgr255' is Open Model Zoo's convention
-#: (BGR, 0-255, no mean or scale); 'rgb255' the same in RGB order; 'rgb01' RGB scaled to [0, 1].
-TEACHER_INPUTS = ("bgr255", "rgb255", "rgb01")
-
 
 class TeacherModel:
     """A frozen embedding model read from an OpenVINO IR (`.xml` + `.bin`) or an ONNX file.
@@ -157,10 +153,6 @@ def teacher_targets(teacher: TeacherModel, records: Sequence[Sequence], batch_si
         raise ValueError("MODEL.TEACHER: no training image could be read")
     return table
 
-
-#: MODEL.TEACHER_LOSS: 'similarity' (pairwise cosines, no parameters), 'feature' (each image's embedding through a
-#: learned linear projection, cosine to the teacher's) or 'both' (their sum).
-TEACHER_LOSSES = ("similarity", "feature", "both")
 
 
 class Distillation(nn.Module):

@@ -1,4 +1,5 @@
-"""Resumable training state: everything a run needs to continue bit for bit, loadable with weights_only=True.
+"""What training writes to disk: plain weights (`save_state_dict`) and the resumable training state, everything a
+run needs to continue bit for bit; both load with weights_only=True.
 
 OUTPUT_DIR/last_checkpoint.pth holds the model, optimiser, scheduler and GradScaler states, the position
 (the epoch and the number of its global batches already trained; the sampler's order is a function of
@@ -16,9 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 __all__ = ["STATE_FILE", "STATE_VERSION", "capture_rng", "check_resume", "find_resume_state", "load_train_state",
-           "restore_rng", "save_train_state"]
+           "restore_rng", "save_state_dict", "save_train_state"]
 
 #: Config keys that fix the model's parameters: a state saved under other values cannot be loaded at all.
 ARCHITECTURE_KEYS = ("MODEL.TRANSFORMER_TYPE", "MODEL.EMBED_DIM", "MODEL.DEPTH", "MODEL.NUM_HEADS",
@@ -57,6 +59,24 @@ def restore_rng(state: dict[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_state_dict(model: nn.Module | dict[str, torch.Tensor], path: str | Path, half: bool = False) -> Path:
+    """`torch.save(model.state_dict())` in the official key layout (loadable with weights_only=True).
+
+    `model` may also be a state dict. `half` stores floating-point tensors as fp16 (half the size);
+    `load_state_dict` casts them back to the model's dtype. Written to a temporary name and renamed, so a
+    crash never leaves a partial file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    items = model.state_dict() if isinstance(model, nn.Module) else model
+    state = {k: (v.detach().to("cpu", torch.float16) if half and v.is_floating_point() else v.detach().cpu())
+             for k, v in items.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
 
 
 def save_train_state(path: str | Path, state: dict[str, Any]) -> Path:

@@ -5,11 +5,13 @@
     result.final_checkpoint                  # OUTPUT_DIR/<MODEL.NAME>_<last epoch>.pth
     result = train(cfg, resume=True)         # continue from OUTPUT_DIR/last_checkpoint.pth
 
-Pieces, usable on their own: `check_training_cfg` (every official key honoured or refused),
+Pieces, usable on their own: `check_training_cfg` (`config.validate` for training: every official key honoured or
+refused),
 `make_optimizer` (per-parameter lr / weight decay as the official `make_optimizer`), `create_scheduler`
 (`lr_scheduler.py`: the official cosine or a multi-step schedule), `make_loss` (`losses.py`), `do_train`
-(`loop.py`: the epoch loop with resume, evaluation, AMP, DDP, TensorBoard). Under torchrun, `train`
-joins the process group and trains with DistributedDataParallel (`distributed.py`).
+(`loop.py`: the epoch loop with AMP and DDP; resume, evaluation, TensorBoard and the rest are hooks,
+`hooks.py`). Under torchrun, `train` joins the process group and trains with DistributedDataParallel
+(`distributed.py`).
 
 Token merging is a test-time method: the model is trained with MERGE.METHOD 'none' unless
 SOLVER.TRAIN_WITH_MERGING is set. DTEM's modular training (MERGE.METHOD dtem with
@@ -30,12 +32,12 @@ import torch
 from torch import nn
 
 from ..build import build_model
-from ..config import get_cfg
+from ..config import validate
 from ..data import ReIDDataset, build_dataset_from_cfg, build_train_loader, sie_counts
 from ..merging import check_learned_ready, learned_state_dict
 from ..merging.dtem import trains_embedding_only
 from ..merging.learned import learned_reducers
-from ..utils.device import AMP_CHOICES, resolve_device
+from ..utils.device import resolve_device
 from ..utils.files import sha256_file
 from .distributed import (
     DistContext,
@@ -43,14 +45,13 @@ from .distributed import (
     convert_batchnorm,
     extract_test_features,
     init_distributed,
-    launched_by_torchrun,
 )
 from .evaluator import evaluate_features, split_query_gallery
-from .loop import EvaluateFn, TrainResult, do_train, save_state_dict
+from .loop import EvaluateFn, TrainResult, do_train
 from .losses import make_loss
-from .lr_scheduler import SCHEDULERS, WARMUP_METHODS, create_scheduler
-from .teacher import TEACHER_INPUTS, TEACHER_LOSSES, Distillation, TeacherModel, teacher_targets
-from .train_state import check_resume, find_resume_state, load_train_state
+from .lr_scheduler import create_scheduler
+from .teacher import Distillation, TeacherModel, teacher_targets
+from .train_state import check_resume, find_resume_state, load_train_state, save_state_dict
 
 logger = logging.getLogger("reid_lite.train")
 
@@ -89,77 +90,9 @@ def set_seed(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def _as_tuple(value: Any) -> Any:
-    return tuple(value) if isinstance(value, (list, tuple)) else value
-
-
 def check_training_cfg(cfg: Any) -> None:
-    """Refuse, with a ValueError that names the key, every official key whose setting training would not honour.
-
-    Honoured elsewhere: SOLVER.* schedule, optimiser, batch, periods and seed keys, MODEL.* model and loss
-    keys. Refused here: center loss (MODEL.IF_WITH_CENTER, and SOLVER.CENTER_LR / CENTER_LOSS_WEIGHT
-    changed from their defaults), arcface/cosface heads (MODEL.ID_LOSS_TYPE, MODEL.COS_LAYER,
-    SOLVER.COSINE_MARGIN / COSINE_SCALE changed), MODEL.NECK other than 'bnneck', MODEL.LAST_STRIDE other
-    than 1 (a ResNet key with no meaning for a ViT), SOLVER.STEPS / GAMMA changed while SOLVER.SCHEDULER
-    is 'cosine' (they drive only 'multistep'), MODEL.DIST_TRAIN without torchrun, several
-    MODEL.DEVICE_IDs in one process (use torchrun), unknown SCHEDULER / WARMUP_METHOD / AMP values.
-    """
-    m, s, d = cfg.MODEL, cfg.SOLVER, get_cfg()
-
-    def refuse(msg: str) -> None:
-        raise ValueError(msg)
-
-    if str(m.IF_WITH_CENTER).lower() not in ("no", "false"):
-        refuse("center loss (MODEL.IF_WITH_CENTER) is not supported; set it to 'no'")
-    for key in ("CENTER_LR", "CENTER_LOSS_WEIGHT"):
-        if s[key] != d.SOLVER[key]:
-            refuse(f"SOLVER.{key} configures the center loss, which is not supported; leave it at {d.SOLVER[key]}")
-    if m.ID_LOSS_TYPE != "softmax":
-        refuse(f"MODEL.ID_LOSS_TYPE {m.ID_LOSS_TYPE!r} is not supported; use 'softmax'")
-    if m.COS_LAYER:
-        refuse("MODEL.COS_LAYER (a cosine classifier) is not supported; set it to False")
-    for key in ("COSINE_MARGIN", "COSINE_SCALE"):
-        if s[key] != d.SOLVER[key]:
-            refuse(f"SOLVER.{key} configures arcface/cosface heads, which are not supported; "
-                   f"leave it at {d.SOLVER[key]}")
-    if m.METRIC_LOSS_TYPE != "triplet":
-        refuse(f"MODEL.METRIC_LOSS_TYPE {m.METRIC_LOSS_TYPE!r} is not supported; use 'triplet'")
-    if m.NECK != "bnneck":
-        refuse(f"MODEL.NECK {m.NECK!r} is not supported; TransReID uses 'bnneck'")
-    if int(m.LAST_STRIDE) != 1:
-        refuse(f"MODEL.LAST_STRIDE {m.LAST_STRIDE} has no meaning for a ViT backbone; leave it at 1")
-    scheduler = str(s.SCHEDULER).lower()
-    if scheduler not in SCHEDULERS:
-        refuse(f"SOLVER.SCHEDULER must be one of {SCHEDULERS}, got {s.SCHEDULER!r}")
-    if scheduler == "cosine":
-        for key in ("STEPS", "GAMMA"):
-            if _as_tuple(s[key]) != _as_tuple(d.SOLVER[key]):
-                refuse(f"SOLVER.{key} applies to SOLVER.SCHEDULER 'multistep' only; set SCHEDULER multistep "
-                       "or leave it at its default")
-    if str(s.WARMUP_METHOD).lower() not in WARMUP_METHODS:
-        refuse(f"SOLVER.WARMUP_METHOD must be one of {WARMUP_METHODS}, got {s.WARMUP_METHOD!r}")
-    if str(s.AMP).lower() not in AMP_CHOICES:
-        refuse(f"SOLVER.AMP must be one of {AMP_CHOICES}, got {s.AMP!r}")
-    if m.DIST_TRAIN and not launched_by_torchrun():
-        refuse("MODEL.DIST_TRAIN is set but the process was not started by torchrun: "
-               "run `torchrun --nproc_per_node N tools/train.py ...` (multi-process is then automatic)")
-    if len([x for x in str(m.DEVICE_ID).split(",") if x.strip()]) > 1 and not launched_by_torchrun():
-        refuse(f"MODEL.DEVICE_ID {m.DEVICE_ID!r} lists several GPUs: one process trains on one GPU; "
-               "run `torchrun --nproc_per_node N tools/train.py ...` to use N")
-    if int(s.IMS_PER_BATCH) < 1:
-        refuse(f"SOLVER.IMS_PER_BATCH must be >= 1, got {s.IMS_PER_BATCH}")
-    if m.TEACHER:
-        if not Path(m.TEACHER).is_file():
-            refuse(f"MODEL.TEACHER: no such file: {m.TEACHER}")
-        if m.TEACHER_INPUT not in TEACHER_INPUTS:
-            refuse(f"MODEL.TEACHER_INPUT must be one of {TEACHER_INPUTS}, got {m.TEACHER_INPUT!r}")
-        if m.TEACHER_LOSS not in TEACHER_LOSSES:
-            refuse(f"MODEL.TEACHER_LOSS must be one of {TEACHER_LOSSES}, got {m.TEACHER_LOSS!r}")
-        if not float(m.TEACHER_WEIGHT) > 0:
-            refuse(f"MODEL.TEACHER_WEIGHT must be > 0, got {m.TEACHER_WEIGHT}")
-    if cfg.MERGE.DTEM.TRAIN_EMBEDDING_ONLY and str(cfg.MERGE.METHOD).lower() != "dtem":
-        refuse(f"MERGE.DTEM.TRAIN_EMBEDDING_ONLY trains DTEM's embedding: set MERGE.METHOD dtem (got "
-               f"{cfg.MERGE.METHOD!r})")
+    """`reid_lite.config.validate(cfg, training=True)`: every key training reads, refused by name (ValueError)."""
+    validate(cfg, training=True)
 
 
 def training_cfg(cfg: Any) -> Any:
@@ -283,7 +216,7 @@ def train(cfg: Any, dataset: ReIDDataset | None = None, device: torch.device | s
           evaluate: bool = True, save_features: bool = False, tensorboard: bool = True) -> TrainResult:
     """Train TransReID as the config describes and return the checkpoints written to OUTPUT_DIR.
 
-    Checks the config (`check_training_cfg`), joins torchrun's process group when launched by it, seeds
+    Checks the config (`config.validate(cfg, training=True)`), joins torchrun's process group when launched by it, seeds
     with SOLVER.SEED, builds the dataset (`prepare_dataset`, unless given), the model with `num_classes` =
     training identities and `camera_num` = training cameras (used when MODEL.SIE_CAMERA; see
     `sie_counts`), the loss, optimiser and schedule, then runs `do_train`, evaluating on the dataset's
@@ -297,7 +230,7 @@ def train(cfg: Any, dataset: ReIDDataset | None = None, device: torch.device | s
     random numbers in training (MODEL.DROP_PATH, DROP_OUT, ATT_DROP_RATE 0): each process has its own
     random stream for those.
     """
-    check_training_cfg(cfg)
+    validate(cfg, training=True)
     cfg = training_cfg(cfg)
     dev = resolve_device(device if device is not None else cfg.MODEL.DEVICE, cfg.MODEL.DEVICE_ID)
     ctx = init_distributed(dev)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import nn
 from yacs.config import CfgNode
 
-from .registry import get_method, load_plugins, merge_section, option_key
+from .registry import get_method, load_plugins, merge_section, method_of, option_key
 from .schedule import build_reducers
 from .timm_vit import patch_timm_vit
 
@@ -46,8 +46,7 @@ def apply_merging(model: nn.Module, cfg: CfgNode) -> nn.Module:
     solved setting; here it is refused. On a TransReID the budget records (`merge_budget`, `merge_r`,
     `merge_setting`) are cleared: the reducers attached are exactly the section's.
     """
-    load_plugins(list(cfg.get("PLUGINS", [])))
-    method = get_method(cfg.METHOD)
+    method = method_of(cfg)
     if cfg.TARGET_GFLOPS > 0:
         raise ValueError("MERGE.TARGET_GFLOPS is solved by reid_lite.compress.merge_with_budget (or build_model), "
                          "not by reid_lite.merging.apply_merging")

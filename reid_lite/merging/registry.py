@@ -129,6 +129,16 @@ def get_method(name: str) -> MergeMethod:
     return method
 
 
+def method_of(merge: CfgNode) -> MergeMethod:
+    """The method a MERGE section names, its MERGE.PLUGINS imported first (`load_plugins`, once per entry).
+
+    The one entry point for a section: a section need not come from `load_cfg` (a gallery's stored config,
+    a section built in code), so every use of one looks its method up here.
+    """
+    load_plugins(list(merge.get("PLUGINS", [])))
+    return get_method(merge.METHOD)
+
+
 def method_names() -> list[str]:
     """Registered method names, in registration order ('none' first)."""
     return list(_METHODS)
@@ -178,8 +188,7 @@ def method_fingerprint(merge: CfgNode, r_solved: int | None = None,
     `solved`: the setting a GFLOPs budget chose when it is not a constant r (`r_solved`), e.g.
     {'MERGE.EVIT.KEEP_RATE': 0.73}; recorded under 'solved' only then.
     """
-    load_plugins(list(merge.get("PLUGINS", [])))
-    method = get_method(merge.METHOD)
+    method = method_of(merge)
     out: dict[str, Any] = {"method": method.name}
     if method.name == "none":
         return out

@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable, Sequence
 
 from .base import TokenReducer, bipartite_r
-from .registry import get_method, load_plugins
+from .registry import method_of
 
 
 def check_layers(layers: Sequence[int], depth: int, key: str = "MERGE.LAYERS") -> list[int]:
@@ -91,8 +91,7 @@ def build_reducers(merge_cfg, depth: int, r_override: int | None = None,
     that reads the class token alone (no JPM); otherwise a reducer declaring `cls_head_only` is replaced by
     its `fallback`.
     """
-    load_plugins(list(merge_cfg.get("PLUGINS", [])))
-    method = get_method(merge_cfg.METHOD)
+    method = method_of(merge_cfg)
     rs = None
     if method.uses_r:
         rs = per_layer_r(merge_cfg, depth)

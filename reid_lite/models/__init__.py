@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..config import check_input_size
 from ..utils.checkpoint_file import CheckpointError, check_checkpoint_file, read_state_dict
 from .checkpoint import (
     load_imagenet_backbone,
@@ -32,25 +33,6 @@ def check_sie_counts(cfg, camera_num: int, view_num: int) -> None:
                 f"MODEL.{key} is on but {arg}={count}: the side-information embedding needs at least 2 {what}s. "
                 f"Pass the {what} count the model was trained with (a checkpoint's SIE table has one row per "
                 f"camera: reid_lite.models.sie_table_cameras), or set MODEL.{key} False")
-
-
-def check_input_size(cfg, model: nn.Module | None = None) -> None:
-    """Raise ValueError when INPUT.SIZE_TEST differs from the image size the model is built for
-    (`model`'s patch embedding, or INPUT.SIZE_TRAIN, from which `build_model` sizes it).
-
-    TransReID's position embedding has one entry per patch of that size's grid, so test images of another
-    size cannot be embedded (the official code, too, uses one size for both); checked before any image is
-    read instead of failing in the first forward.
-    """
-    embed = getattr(getattr(model, "base", None), "patch_embed", None)
-    if model is not None and embed is None:
-        return  # not a TransReID: nothing known about its input size
-    built = tuple(embed.img_size) if embed is not None else tuple(int(v) for v in cfg.INPUT.SIZE_TRAIN)
-    test = tuple(int(v) for v in cfg.INPUT.SIZE_TEST)
-    if built != test:
-        raise ValueError(f"INPUT.SIZE_TEST {list(test)} differs from INPUT.SIZE_TRAIN {list(built)}, the size "
-                         f"the model (its position embedding) is built for: set both to the checkpoint's "
-                         f"training size, e.g. INPUT.SIZE_TEST '{list(built)}'")
 
 
 def count_parameters(model: nn.Module) -> int:

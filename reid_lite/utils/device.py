@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AMP_CHOICES", "amp_dtype", "autocast", "first_device_id", "resolve_device"]
+__all__ = ["AMP_CHOICES", "amp_dtype", "autocast", "first_device_id", "launched_by_torchrun", "resolve_device"]
 
 AMP_CHOICES = ("auto", "fp32", "fp16", "bf16")
+
+
+def launched_by_torchrun() -> bool:
+    """True when torchrun (or another launcher) set WORLD_SIZE and RANK."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
 def resolve_device(cfg_device: str | torch.device | None = "cuda", device_id: str | int | None = None) -> torch.device:

@@ -12,8 +12,8 @@ from yacs.config import CfgNode
 
 from ...build import build_model as _build_reid_model
 from ...compress.budget import refresh_budget
-from ...config import CONFIG_DIR, config_plugins, load_cfg
-from ...merging import get_method, load_plugins, method_names, option_key, option_names
+from ...config import CONFIG_DIR, load_cfg, load_config_plugins
+from ...merging import get_method, method_names, option_key, option_names
 from ...models import TransReID
 from ...models.checkpoint import load_transreid_state, sie_table_cameras, transreid_filter
 from ...utils.checkpoint_file import CheckpointError, read_state_dict
@@ -134,7 +134,7 @@ def build_transreid(
         raise ValueError(f"loss must be one of {_LOSSES}, got {loss!r}")
     if jpm_loss not in _JPM_LOSSES:
         raise ValueError(f"jpm_loss must be one of {_JPM_LOSSES}, got {jpm_loss!r}")
-    load_plugins(config_plugins(config_file, list(opts)))  # a plugin's method must be known to be checked
+    load_config_plugins(config_file, list(opts))  # a plugin's method must be known to be checked
     method = get_method(method).name
     cfg = load_cfg(config_file or default_config(method), list(opts)).clone()
     cfg.defrost()

@@ -1,0 +1,52 @@
+"""The tools' shared arguments (`reid_lite.cli`): one definition of --config, --threads and the KEY VALUE overrides."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import torch
+
+from reid_lite.cli import CONFIG_HELP, add_config_arg, add_opts_arg, add_threads_arg, set_threads, tool_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = {"--config", "--config_file", "--threads", "opts"}
+
+
+def test_the_shared_arguments_parse_as_the_tools_expect():
+    p = tool_parser("Summary line.\n\nMore text.", summary=True)
+    add_config_arg(p, aliases=True)
+    add_threads_arg(p)
+    add_opts_arg(p)
+    args = p.parse_intermixed_args(["MODEL.DEVICE", "cpu", "--config_file", "a.yml", "--threads", "3"])
+    assert (args.config, args.threads, args.opts) == ("a.yml", 3, ["MODEL.DEVICE", "cpu"])
+    assert p.description == "Summary line." and CONFIG_HELP in p.format_help()
+    q = tool_parser("Doc.")
+    add_config_arg(q, default="configs/x.yml")
+    add_opts_arg(q, remainder=True)
+    args = q.parse_args(["MODEL.NAME", "--weird-value"])  # REMAINDER keeps what follows, dashes included
+    assert (args.config, args.opts) == ("configs/x.yml", ["MODEL.NAME", "--weird-value"])
+
+
+def test_set_threads_sets_only_a_positive_count():
+    before = torch.get_num_threads()
+    try:
+        set_threads(0)
+        set_threads(None)
+        assert torch.get_num_threads() == before
+        set_threads(1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_no_tool_defines_the_shared_arguments_itself():
+    own = []
+    for path in sorted((ROOT / "tools").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument" and node.args:
+                first = node.args[0]
+                if isinstance(first, ast.Constant) and first.value in SHARED:
+                    own.append(f"{path.name} {first.value}")
+    # bench_eval.py stays on reid_lite.metrics alone (its memory figures): its torch --threads is its own.
+    assert own == ["bench_eval.py --threads"], own
