@@ -23,6 +23,10 @@ VIDEO = ["supervision>=0.30,<0.31", "openvino>=2024.4"]
 # mkdocstrings with its Python handler renders the API reference from the docstrings.
 DOCS = ["mkdocs>=1.6,<2", "mkdocs-material>=9.5,<10", "mkdocstrings[python]>=0.26,<2"]
 
+# PostgreSQL galleries (docs/postgres.md): psycopg 3 with its bundled libpq, and pgserver, which ships PostgreSQL 16
+# with pgvector and starts a private server in a folder (the tests' server; `reid-gallery` needs only psycopg).
+POSTGRES = ["psycopg[binary]>=3.1", "pgserver>=0.1.4"]
+
 setup(
     name="reid_lite",
     version=VERSION,
@@ -60,11 +64,13 @@ setup(
         # The test suite covers the torchreid adapter (the torchreid extra in full) and ONNX export.
         # requests: the server tests' client; playwright: drives the system's Chromium (.ci/run installs it)
         # for the web page's test, through executable_path (no browser download).
-        "test": ["pytest>=7", "ruff>=0.5", "requests>=2.28", "playwright>=1.40", *TORCHREID, *EXPORT, *VIDEO],
+        "test": ["pytest>=7", "ruff>=0.5", "requests>=2.28", "playwright>=1.40", *TORCHREID, *EXPORT, *VIDEO,
+                 *POSTGRES],
         # The site's toolchain (the README installs `.[test,docs]`; the tests themselves need none of it).
         "docs": DOCS,
         "torchreid": TORCHREID,
         "video": VIDEO,
+        "postgres": POSTGRES,
         "gpu": ["faiss-gpu>=1.8"],
     },
     entry_points={

@@ -2,6 +2,15 @@
 latency p50/p99 and recall@10 against exact search, on synthetic features shaped like real ReID ones.
 
     python tools/bench_gallery.py --n 1000000 --out /tmp/bench_gallery.json
+    python tools/bench_gallery.py --backend both --n 100000 --out bench.json   # faiss beside PostgreSQL + pgvector
+
+`--backend faiss` (the default) sweeps the IVF-PQ settings below. `--backend postgres` / `both` instead builds
+each backend's gallery through the same public API (`Gallery.staging` + `add_features`, published whole: a
+folder's IVF-PQ with float16 re-ranking, a PostgreSQL table with an HNSW cosine index built at publish) and
+measures one table: build seconds, recall@10 against exact search, and `Gallery.search` latency p50/p99 and
+queries per second with 1 and 8 client threads, without and with a camera + time filter, plus the rate of an
+incremental add into the built gallery. PostgreSQL: `--pg-uri`, else a private pgserver (PostgreSQL 16 +
+pgvector 0.6, its default settings) in a temporary folder.
 
 Vectors: `--ids` identity centres on the unit sphere, `n / ids` crops each spread over `--cameras`
 cameras, crop = centre + camera offset + per-crop noise, L2-normalised (within-identity cosine ~0.6,
@@ -17,9 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -70,6 +82,124 @@ def queries_like(n: int, dim: int, ids: int, cameras: int, seed: int, q: int) ->
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
+def exact_topk(x: np.ndarray, q: np.ndarray, k: int, allowed: np.ndarray | None = None) -> np.ndarray:
+    """Exact top-k ids (row numbers of `x`) of each query, among `allowed` rows when given."""
+    exact = VectorIndex.exact(x.shape[1])
+    if allowed is None:
+        exact.add(x)
+    else:
+        exact.add(x[allowed], allowed.astype(np.int64))
+    return exact.search(q, k)[1]
+
+
+def latencies(g: Gallery, q: np.ndarray, k: int, clients: int, search_kw: dict[str, Any]
+              ) -> tuple[list[float], float, np.ndarray]:
+    """(per-query latencies in ms, queries per second, (Q, k) ids) of `g.search` with `clients` threads sharing
+    the gallery, each taking every `clients`-th query."""
+    lat: list[list[float]] = [[] for _ in range(clients)]
+    found = np.full((len(q), k), -1, np.int64)
+
+    def client(c: int) -> None:
+        for i in range(c, len(q), clients):
+            t = time.perf_counter()
+            hits = g.search(q[i:i + 1], k=k, **search_kw)[0]
+            lat[c].append((time.perf_counter() - t) * 1000)
+            found[i, :len(hits)] = [h.id for h in hits]
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return [v for part in lat for v in part], len(q) / wall, found
+
+
+def recall(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+    """Mean fraction of the exact top-k found."""
+    return float(np.mean([len(set(found[i]) & set(truth[i][truth[i] >= 0])) / k for i in range(len(found))]))
+
+
+def bench_backend(backend: str, target: Any, cfg: Any, x: np.ndarray, pid: np.ndarray, cam: np.ndarray,
+                  q: np.ndarray, truth: dict[str, np.ndarray], args: argparse.Namespace) -> dict[str, Any]:
+    """One backend's row of the comparison (see the module docstring); `target` a folder or a database URI."""
+    if backend == "faiss":
+        params = IndexParams(kind="ivfpq", nlist=args.nlist, m=args.m)
+        search_kw: dict[str, Any] = {"nprobe": args.faiss_nprobe}
+    else:
+        params = IndexParams(kind="hnsw", m=args.hnsw_m, ef_construction=args.ef_construction)
+        search_kw = {"nprobe": args.ef_search}
+    records = [CropRecord(path=f"/synthetic/{i:07d}_c{c + 1}.jpg", sha256=f"{i:064x}", camid=int(c),
+                          timestamp=float(i), identity=int(p)) for i, (p, c) in enumerate(zip(pid, cam))]
+    t0 = time.perf_counter()
+    with Gallery.staging(target, cfg, index=params, camera_num=args.cameras, overwrite=True) as g:
+        g.add_features(records, x, fingerprint=g.fingerprint)
+    row: dict[str, Any] = {"backend": backend, "build_seconds": round(time.perf_counter() - t0, 1)}
+    del records
+    g = Gallery.open(target, verify=False)
+    info = g.info()
+    row.update(index=info["index"]["kind"], search=search_kw, bytes_per_crop=round(info["bytes_per_crop"], 1))
+    filters = {"none": {}, "camera+time": {"cameras": [0, 1], "time_window": (0, args.n // 2)}}
+    for name, flt in filters.items():
+        g.search(q[:5], k=args.k, **search_kw, **flt)  # warm-up (connections, caches)
+        for clients in (1, 8):
+            lat, qps, found = latencies(g, q, args.k, clients, {**search_kw, **flt})
+            key = f"{name}/{clients}c"
+            row[key] = {"recall@10": round(recall(found, truth[name], args.k), 4),
+                        "p50_ms": round(float(np.percentile(lat, 50)), 2),
+                        "p99_ms": round(float(np.percentile(lat, 99)), 2), "qps": round(qps, 1)}
+            print(json.dumps({"backend": backend, key: row[key]}), flush=True)
+    extra = make_vectors(args.add, args.dim, args.ids, args.cameras, args.seed + 7)[0]
+    more = [CropRecord(path=f"/synthetic/add/{i:07d}_c1.jpg", sha256=f"{args.n + i:064x}", camid=0,
+                       timestamp=float(args.n + i)) for i in range(args.add)]
+    t0 = time.perf_counter()
+    g.add_features(more, extra, fingerprint=g.fingerprint)
+    secs = time.perf_counter() - t0
+    row["incremental_add"] = {"crops": args.add, "seconds": round(secs, 2),
+                              "crops_per_second": round(args.add / secs, 1)}
+    g.close()
+    return row
+
+
+def compare(args: argparse.Namespace, backends: list[str]) -> dict[str, Any]:
+    """The faiss / PostgreSQL comparison table (see the module docstring)."""
+    res: dict[str, Any] = {"n": args.n, "dim": args.dim, "ids": args.ids, "cameras": args.cameras,
+                           "queries": args.queries, "k": args.k, "cpu_count": os.cpu_count(),
+                           "load_average_at_start": os.getloadavg()}
+    t0 = time.perf_counter()
+    x, pid, cam = make_vectors(args.n, args.dim, args.ids, args.cameras, args.seed)
+    q = queries_like(args.n, args.dim, args.ids, args.cameras, args.seed, args.queries)
+    res["generate_seconds"] = round(time.perf_counter() - t0, 1)
+    allowed = np.flatnonzero(np.isin(cam, [0, 1]) & (np.arange(args.n) <= args.n // 2))
+    truth = {"none": exact_topk(x, q, args.k), "camera+time": exact_topk(x, q, args.k, allowed)}
+    res["filter"] = {"cameras": [0, 1], "time_window": [0, args.n // 2], "selectivity": round(len(allowed) / args.n, 4)}
+    cfg = load_cfg("configs/market1501_stm.yml", ["MODEL.DEVICE", "cpu", "MODEL.PRETRAIN_CHOICE", "none"])
+    tmp = tempfile.mkdtemp(prefix="bench-gallery-", dir=args.dir)
+    server = None
+    try:
+        rows = []
+        for backend in backends:
+            if backend == "faiss":
+                target: Any = Path(tmp) / "g"
+            else:
+                uri = args.pg_uri
+                if not uri:
+                    import pgserver  # the postgres extra; only this backend needs it
+
+                    server = pgserver.get_server(Path(tmp) / "pgdata", cleanup_mode="stop")
+                    uri = server.get_uri()
+                target = f"{uri}{'&' if '?' in uri else '?'}gallery=bench"
+            rows.append(bench_backend(backend, target, cfg, x, pid, cam, q, truth, args))
+            res["load_average_after_" + backend] = os.getloadavg()
+        res["table"] = rows
+    finally:
+        if server is not None:
+            server.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=1_000_000)
@@ -85,7 +215,22 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dir", default=None, help="where to build the gallery (default: a temporary dir)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--backend", choices=("faiss", "postgres", "both"), default="faiss",
+                    help="faiss: the IVF-PQ sweep; postgres / both: the comparison table")
+    ap.add_argument("--pg-uri", default="", help="PostgreSQL database (default: a private pgserver)")
+    ap.add_argument("--faiss-nprobe", type=int, default=32, help="the folder gallery's nprobe in the table")
+    ap.add_argument("--hnsw-m", type=int, default=16)
+    ap.add_argument("--ef-construction", type=int, default=64)
+    ap.add_argument("--ef-search", type=int, default=40)
+    ap.add_argument("--add", type=int, default=2000, help="crops of the incremental add after the build")
     args = ap.parse_args()
+    if args.backend != "faiss":
+        res = compare(args, ["faiss", "postgres"] if args.backend == "both" else ["postgres"])
+        text = json.dumps(res, indent=1)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text)
+        return
 
     res: dict = {"n": args.n, "dim": args.dim, "ids": args.ids, "cameras": args.cameras, "queries": args.queries,
                  "k": args.k, "threads": faiss.omp_get_max_threads(), "cpu_count": os.cpu_count(),

@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 
 from .interfaces import GalleryStorage
-from .storage import DirectoryStorage, GalleryError
+from .postgres import PostgresStorage
+from .storage import DirectoryStorage
 
 __all__ = ["DATABASE_SCHEMES", "is_database_uri", "storage_for"]
 
@@ -31,5 +32,5 @@ def storage_for(gallery: str | os.PathLike | GalleryStorage) -> GalleryStorage:
     if not isinstance(gallery, (str, os.PathLike)):
         return gallery
     if is_database_uri(gallery):
-        raise GalleryError("PostgreSQL galleries are not available yet (issue 21)")
+        return PostgresStorage(str(gallery))
     return DirectoryStorage(gallery)

@@ -7,6 +7,11 @@
     reid-gallery remove /tmp/gal --camera 3 --path crops/x.jpg [--purge]
     reid-gallery recover /tmp/gal
     reid-gallery serve  /tmp/gal [--host 127.0.0.1] [--port 8000] [--allow-add]   # HTTP API + web page
+    reid-gallery migrate /tmp/gal "postgresql://reid@db:5432/city?gallery=cams"     # and back; verified
+
+A gallery is a folder or a PostgreSQL URI, `postgresql://USER@HOST:PORT/DB?gallery=NAME` (any libpq URI, a
+Unix socket's `postgresql://USER@/DB?host=/run/dir&gallery=NAME` too; NAME defaults to `default`): see
+docs/postgres.md (the `postgres` extra).
 
 Cameras are 0-based ids (a file name's `c1` is camera 0), as in the data package. Mistakes end in
 one line on stderr and exit status 2; Ctrl-C in 130; the gallery is never left half-written.
@@ -30,6 +35,7 @@ from ..utils.checkpoint_file import CheckpointError
 from ..utils.text import count
 from .backends import storage_for
 from .gallery import Gallery, GalleryError, IndexParams
+from .migrate import migrate_gallery
 from .server import serve
 from .sheet import write_sheet
 
@@ -117,12 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", help="cpu | cuda (MODEL.DEVICE)")
     b.add_argument("--feature", choices=("global", "full"), default="global",
                    help="store the 768-d global feature (default) or the full JPM concatenation")
-    b.add_argument("--index", choices=("auto", "flat", "ivfpq"), default="auto",
-                   help="auto: exact flat up to --flat-max crops, then IVF-PQ")
+    b.add_argument("--index", choices=("auto", "flat", "ivfpq", "hnsw"), default="auto",
+                   help="auto: a folder's exact flat index up to --flat-max crops, then IVF-PQ; PostgreSQL's HNSW. "
+                        "flat: exact search. ivfpq: folders only; hnsw: PostgreSQL only")
     b.add_argument("--flat-max", type=int, default=IndexParams.flat_max)
     b.add_argument("--nlist", type=int, default=0)
-    b.add_argument("--m", type=int, default=0)
+    b.add_argument("--m", type=int, default=0, help="IVF-PQ sub-quantizers, or HNSW's graph degree (0: default)")
     b.add_argument("--nprobe", type=int, default=0)
+    b.add_argument("--ef-construction", type=int, default=0, help="HNSW build breadth (0: pgvector's 64)")
+    b.add_argument("--ef-search", type=int, default=0, help="HNSW search breadth (0: pgvector's 40)")
     b.add_argument("--camera-num", type=int, default=0,
                    help="cameras of the SIE embedding for random/ImageNet weights (default: highest camera id of "
                         "the crops + 1); a checkpoint's SIE table decides by itself")
@@ -149,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cameras", type=int, nargs="+", help="keep only these cameras")
     s.add_argument("--time-from", help="keep crops with timestamp >= this (number or ISO 8601)")
     s.add_argument("--time-to", help="keep crops with timestamp <= this")
-    s.add_argument("--nprobe", type=int, default=None, help="IVF lists to visit (IVF-PQ galleries)")
+    s.add_argument("--nprobe", type=int, default=None,
+                   help="IVF lists to visit (IVF-PQ galleries), or HNSW's ef_search (PostgreSQL)")
     s.add_argument("--config", help="query model config: refused unless it is the gallery's model")
     s.add_argument("--weights", help="query model checkpoint: refused unless it is the gallery's")
     s.add_argument("--device", help="cpu | cuda")
@@ -192,6 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embed uploaded queries with the gallery's model changed by these overrides, e.g. "
                         "MERGE.METHOD stm: only token merging may change, on a gallery built with "
                         "--accept-merged-queries")
+
+    m = sub.add_parser("migrate", help="copy a gallery between a folder and PostgreSQL (either way), verified",
+                       description="Copy every crop's record and stored vector (no embedding) with the model "
+                                   "fingerprint and calibration, then compare crop counts and checksums.")
+    m.add_argument("source", help="the gallery to copy (a folder or a postgresql:// URI)")
+    m.add_argument("target", help="where to build the copy (a folder or a postgresql:// URI)")
+    m.add_argument("--overwrite", action="store_true", help="replace a gallery at the target")
+    m.add_argument("--json", action="store_true")
+    _add_lock_arg(m)
     return ap
 
 
@@ -221,7 +240,8 @@ def print_report(report: Any, as_json: bool, what: str) -> None:
 
 
 def _cmd_build(args: argparse.Namespace) -> None:
-    params = IndexParams(kind=args.index, flat_max=args.flat_max, nlist=args.nlist, m=args.m, nprobe=args.nprobe)
+    params = IndexParams(kind=args.index, flat_max=args.flat_max, nlist=args.nlist, m=args.m, nprobe=args.nprobe,
+                         ef_construction=args.ef_construction, ef_search=args.ef_search)
     g, report = Gallery.build(args.gallery, config_from_args(args), input_paths(args), pattern=args.pattern,
                               sidecar=args.sidecar, recursive=not args.no_recursive, feature=args.feature,
                               index=params, camera_num=args.camera_num, overwrite=args.overwrite, device=args.device,
@@ -365,6 +385,9 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         warnings.warn(f"listening on {args.host}: anyone who can reach it can search the gallery and see its crops "
                       "(there is no authentication)", stacklevel=1)
+    if args.allow_add and storage_for(args.gallery).local_dir() is None:
+        raise ValueError(f"--allow-add keeps uploaded crops in the gallery's folder, and {args.gallery} is a database "
+                         "gallery with none; add crops with `reid-gallery add`")
     query_cfg = None
     if args.query_opts:
         with Gallery.open(args.gallery, verify=False) as g:
@@ -373,10 +396,22 @@ def _cmd_serve(args: argparse.Namespace) -> None:
           verify=not args.no_verify, device=args.device, query_cfg=query_cfg)
 
 
+def _cmd_migrate(args: argparse.Namespace) -> None:
+    report = migrate_gallery(args.source, args.target, overwrite=args.overwrite, lock_timeout=args.lock_timeout)
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return
+    print(f"migrated {count(report['crops'], 'crop')} from {report['source']} to {report['target']} "
+          f"({report['target_index']} index) in {report['seconds']:.1f}s; counts and checksums match "
+          f"({report['checksum'][:16]}, vectors as {report['vectors_compared_as']})")
+
+
 def _interrupted(args: argparse.Namespace) -> str:
     """What an interrupted command left behind, read from the disk (not assumed)."""
     if args.command in ("search", "info", "serve"):
         return "interrupted"
+    if args.command == "migrate":
+        return f"interrupted; nothing was published at {args.target} (a copy is published whole or not at all)"
     try:
         gen, _ = storage_for(args.gallery).current()
     except (GalleryError, OSError, ValueError):
@@ -407,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     handlers = {"build": _cmd_build, "add": _cmd_add, "search": _cmd_search, "info": _cmd_info,
-                "remove": _cmd_remove, "recover": _cmd_recover, "serve": _cmd_serve}
+                "remove": _cmd_remove, "recover": _cmd_recover, "serve": _cmd_serve, "migrate": _cmd_migrate}
     return run_command(f"reid-gallery {args.command}", lambda: handlers[args.command](args),
                        lambda: _interrupted(args))
 

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from ..engine.distributed import shard_bounds
+from .backends import is_database_uri
 from .cli import build_parser, config_from_args, input_paths, print_report, run_command, show_progress
 from .crops import collect_crops, hash_records
 from .gallery import AddReport, Gallery, GalleryError, IndexParams
@@ -43,6 +44,9 @@ def _run(argv: Sequence[str] | None) -> None:
     args = build_parser().parse_args(argv)
     if args.command not in ("build", "add"):
         raise SystemExit("reid_lite.index.distributed: only 'build' and 'add' are distributed")
+    if is_database_uri(args.gallery):  # its ranks exchange shard files through the gallery's folder
+        raise SystemExit("reid_lite.index.distributed: a PostgreSQL gallery has no folder for the shards; run one "
+                         "`reid-gallery add` per machine or GPU instead: they write into it concurrently")
     cuda = torch.cuda.is_available() and (getattr(args, "device", None) or "cuda").startswith("cuda")
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -59,7 +63,7 @@ def _run(argv: Sequence[str] | None) -> None:
             records = collect_crops(input_paths(args), pattern=pattern, sidecar=args.sidecar,
                                     recursive=not args.no_recursive)
             params = IndexParams(kind=args.index, flat_max=args.flat_max, nlist=args.nlist, m=args.m,
-                                 nprobe=args.nprobe)
+                                 nprobe=args.nprobe, ef_construction=args.ef_construction, ef_search=args.ef_search)
             with Gallery.staging(args.gallery if rank == 0 else None, cfg, feature=args.feature, index=params,
                                  camera_num=args.camera_num, camids=[r.camid for r in records],
                                  overwrite=args.overwrite, device=device, pattern=pattern,

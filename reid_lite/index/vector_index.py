@@ -46,6 +46,9 @@ class IndexParams:
     a sample, then exact re-ranking of a shortlist from float16 copies), or 'auto': flat until the
     gallery holds more than `flat_max` crops, then converted to IVF-PQ at the next publish.
     nlist/m = 0: chosen from the data at training time (nlist ~ sqrt(N) as a power of two, m = D/8).
+    A PostgreSQL gallery's kinds are 'hnsw' (pgvector's HNSW; `auto` means it) and 'flat' (exact); there `m` is
+    HNSW's graph degree and `ef_construction`/`ef_search` its build and search breadths (0: pgvector's
+    defaults, 16, 64 and 40).
     """
 
     kind: str = "auto"
@@ -57,6 +60,8 @@ class IndexParams:
     refine: int = 5  # shortlist = refine * k candidates re-ranked exactly (0 disables)
     train_size: int = 0  # 0: 64 per list (and >= 2**nbits * 64)
     use_gpu: bool | None = None
+    ef_construction: int = 0
+    ef_search: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict."""
