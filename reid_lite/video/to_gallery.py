@@ -22,7 +22,6 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import json
-import logging
 import os
 import time
 from collections.abc import Callable
@@ -37,14 +36,13 @@ from ..index.gallery import Gallery
 from ..index.store import CropRecord
 from ..index.tracklets import TrackletRecord, VideoRecord, add_tracklets, tracklet_table
 from ..utils.files import sha256_file
+from ..utils.text import count
 from .crops import CropRule
 from .decode import Frame, probe_video
 from .detect import Detector, SSDDetector
 from .embed import extractor_embedder
 from .pipeline import DEFAULT_CROP_RULE, DEFAULT_TRACKLET_RULE, StageStats, ingest_video
 from .tracklets import Tracklet, TrackletRule, jpeg_bytes
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["VideoIngestReport", "detector_identity", "ingest_to_gallery", "is_iso_time", "video_key"]
 
@@ -157,11 +155,9 @@ def ingest_to_gallery(gallery: Gallery, path: str | os.PathLike, detector: Detec
     name = str(Path(path).resolve())
     if known is not None:
         return _skipped(gallery, known, name, time.perf_counter() - t0)
-    notes = [f"{path} was ingested before with other settings (as camera {v.camid} from {v.start:g} s, "
-             f"{v.tracklets} tracklets, generation {v.generation}); its tracklets are added again"
+    notes = [f"{path} was ingested before with other settings (as camera {v.camid} from {v.start:.2f} s, "
+             f"{count(v.tracklets, 'tracklet')}, generation {v.generation}); its tracklets are added again"
              for v in table.videos(sha256=sha)]
-    for n in notes:
-        logger.warning(n)
     sie = bool(gallery.fingerprint["architecture"]["sie_camera"])
     embed = extractor_embedder(gallery.extractor(), camera=camera if sie else None, post=gallery.normalize_features)
     result = ingest_video(path, detector, embed, camera=camera, start=start_seconds, every=every,
@@ -186,8 +182,8 @@ def _skipped(gallery: Gallery, known: VideoRecord, path: str, seconds: float) ->
     found = tracklet_table(gallery.store).of_video(known.key)
     return VideoIngestReport(path, known.key, False, found, gallery.generation, known.start, known.frames,
                              known.fps, None, seconds,
-                             [f"already in the gallery (generation {known.generation}, {known.tracklets} tracklets): "
-                              "skipped"])
+                             [f"already in the gallery (generation {known.generation}, "
+                              f"{count(known.tracklets, 'tracklet')}): skipped"])
 
 
 def is_iso_time(value: float | str) -> bool:
