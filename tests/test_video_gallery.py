@@ -222,6 +222,8 @@ def test_search_after_orders_hits_in_time_within_the_window(tmp_path):
     same = search_after(g, ids[0], parse_within("..1min"), k=10, same_camera=True)
     assert [h.hit.id for h in same.hits] == [ids[2], ids[3], ids[4]]  # camera 0 at 150 s too; 105 s is before
     assert [h.hit.id for h in search_after(g, ids[0], (0.0, math.inf), cameras=[2]).hits] == [ids[5], ids[6]]
+    around = search_after(g, ids[0], parse_within("-10s..1min"), k=10)  # also what starts before it ends
+    assert [h.hit.id for h in around.hits] == [ids[1], ids[2], ids[3]]
     empty = search_after(g, ids[0], parse_within("1h..2h"))
     assert empty.hits == [] and empty.notes
     with pytest.raises(KeyError, match="no entry"):
@@ -232,7 +234,8 @@ def test_parse_within_and_duration():
     assert parse_within("20s..10min") == (20.0, 600.0)
     assert parse_within("..1.5h") == (0.0, 5400.0) and parse_within("90..") == (90.0, math.inf)
     assert parse_duration("250ms") == 0.25
-    for bad in ("20s", "10min..20s", "abc..", "5 weeks..", "-5s.."):
+    assert parse_within("-1min..") == (-60.0, math.inf)
+    for bad in ("20s", "10min..20s", "abc..", "5 weeks..", "..-5s", "--5s.."):
         with pytest.raises(ValueError):
             parse_within(bad)
 

@@ -151,7 +151,7 @@ def build_parser(commands: dict[str, Command] | None = None) -> argparse.Argumen
                         "in time order; --within, --same-camera)")
     s.add_argument("--within", default="..", metavar="FROM..TO",
                    help="with --after: hits starting FROM..TO after the tracklet ends, e.g. 20s..10min (default: any "
-                        "time after it)")
+                        "time after it); a negative FROM as --within=-1min..1min also takes what starts earlier")
     s.add_argument("--same-camera", action="store_true",
                    help="with --after: the tracklet's own camera too (a person returning to one camera)")
     s.add_argument("-k", type=_positive_int, default=10, help="results per query (default 10)")

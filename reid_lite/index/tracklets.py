@@ -295,11 +295,13 @@ def parse_duration(text: str) -> float:
 
 def parse_within(text: str) -> tuple[float, float]:
     """The transition window `A..B` in seconds (e.g. '20s..10min'; '..10min' starts at 0, '20s..' has no end):
-    a hit counts when it starts between A and B after the query tracklet ends."""
+    a hit counts when it starts between A and B after the query tracklet ends. A negative A ('-1min..1min')
+    also takes hits that start before it ends (overlapping camera views; every tracklet around it)."""
     if ".." not in str(text):
         raise ValueError(f"--within {text!r}: expected a window FROM..TO, e.g. 20s..10min (either side may be empty)")
     a, b = str(text).split("..", 1)
-    lo = parse_duration(a) if a.strip() else 0.0
+    a = a.strip()
+    lo = (-parse_duration(a[1:]) if a.startswith("-") else parse_duration(a)) if a else 0.0
     hi = parse_duration(b) if b.strip() else math.inf
     if hi < lo:
         raise ValueError(f"--within {text!r}: the window ends before it starts")
@@ -364,15 +366,15 @@ def search_after(gallery: Gallery, tracklet_id: int, within: tuple[float, float]
         what = "an entry but not a tracklet" if gallery.store.get([tracklet_id]) else "no entry"
         raise KeyError(f"{tracklet_id} is {what} of this gallery (ingest video to get tracklets)")
     lo, hi = within
-    if lo < 0 or hi < lo:
-        raise ValueError(f"the window must satisfy 0 <= from <= to, got {lo}..{hi}")
-    window = (query.end + lo, query.end + hi)
+    if hi < lo:
+        raise ValueError(f"the window must satisfy from <= to, got {lo}..{hi}")
+    window = (query.end + lo, query.end + hi)  # hi may be inf: no end
     if not same_camera and query.camid is None:
         raise ValueError(f"tracklet {tracklet_id} has no camera, so 'other cameras' means nothing: use same_camera")
     feats = gallery.crop_features([query.id])
     results = gallery.search(feats, k=k + 1, camids=[query.camid], exclude_same_camera=not same_camera,
-                             cameras=cameras, time_window=(window[0], window[1] if math.isfinite(hi) else None),
-                             nprobe=nprobe)
+                             cameras=cameras, time_window=(window[0] if math.isfinite(lo) else None,
+                                                           window[1] if math.isfinite(hi) else None), nprobe=nprobe)
     hits = [h for h in results[0] if h.id != query.id][:k]
     for rank, h in enumerate(hits, 1):
         h.rank = rank

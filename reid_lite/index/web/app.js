@@ -274,31 +274,43 @@ function trajectory(q, hits, window) {
   svg.replaceChildren();
   const items = [{...q, query: true}, ...hits.filter((h) => h.start !== null).map((h) => ({...h, query: false}))];
   const cams = [...new Set(items.map((i) => i.camid))].sort((a, b) => (a ?? -1) - (b ?? -1));
-  const lane = 100, top = 8, left = 80, right = 20, width = svg.clientWidth || 900;
-  svg.setAttribute("height", String(cams.length * lane + top + 30));
+  const row = 92, top = 8, left = 80, right = 20, thumb = 34, width = svg.clientWidth || 900;
   let t0 = Math.min(...items.map((i) => i.start)), t1 = Math.max(...items.map((i) => i.end));
   const pad = Math.max(0.5, (t1 - t0) * 0.04);
   t0 -= pad; t1 += pad;
   const x = (t) => left + (t - t0) / (t1 - t0) * (width - left - right);
-  const y = (c) => top + cams.indexOf(c) * lane;
-  const w0 = Math.max(t0, window[0]), w1 = Math.min(t1, window[1] ?? t1);
-  if (w1 > w0) svg.appendChild(svgEl("rect", {class: "window", x: x(w0), y: top, width: x(w1) - x(w0),
-                                              height: cams.length * lane}));
+  // Items of one camera that would overlap (tracklets close in time) go to the next row of its lane.
+  const rows = new Map(cams.map((c) => [c, []]));
+  for (const it of [...items].sort((a, b) => a.start - b.start)) {
+    const ends = rows.get(it.camid);
+    const x0 = x(it.start), x1 = Math.max(x(it.end), x0 + thumb + 4) + 50;  // room for the label
+    let r = ends.findIndex((e) => e <= x0);
+    if (r < 0) { r = ends.length; ends.push(0); }
+    ends[r] = x1;
+    it.row = r;
+  }
+  const laneTop = new Map();
+  let y = top;
+  for (const c of cams) { laneTop.set(c, y); y += rows.get(c).length * row + 6; }
+  svg.setAttribute("height", String(y + 26));
+  const w0 = Math.max(t0, window[0] ?? t0), w1 = Math.min(t1, window[1] ?? t1);
+  if (w1 > w0) svg.appendChild(svgEl("rect", {class: "window", x: x(w0), y: top, width: x(w1) - x(w0), height: y - top}));
   cams.forEach((c) => {
-    svg.appendChild(svgEl("line", {class: "lane", x1: left, x2: width - right, y1: y(c) + lane - 4,
-                                   y2: y(c) + lane - 4}));
-    svg.appendChild(svgEl("text", {class: "lane-label", x: 4, y: y(c) + lane / 2}, `camera ${c}`));
+    const yl = laneTop.get(c) + rows.get(c).length * row + 2;
+    svg.appendChild(svgEl("line", {class: "lane", x1: left, x2: width - right, y1: yl, y2: yl}));
+    svg.appendChild(svgEl("text", {class: "lane-label", x: 4, y: laneTop.get(c) + 40}, `camera ${c}`));
   });
+  const base = (it) => laneTop.get(it.camid) + it.row * row;
+  const qbar = base(items[0]) + row - 12;
   for (const it of items) {
     const g = svgEl("g", {class: it.query ? "item query" : "item", "data-id": it.id});
-    const x0 = x(it.start), x1 = Math.max(x(it.end), x0 + 4), yb = y(it.camid) + lane - 14;
-    if (!it.query) g.appendChild(svgEl("path", {class: "arrow", d: `M${x(q.end)},${y(q.camid) + lane - 9} ` +
-                                                `L${x0},${yb + 5}`}));
+    const x0 = x(it.start), x1 = Math.max(x(it.end), x0 + 4), yb = base(it) + row - 16;
+    if (!it.query) g.appendChild(svgEl("path", {class: "arrow", d: `M${x(q.end)},${qbar + 5} L${x0},${yb + 5}`}));
     const cls = it.query ? "bar query" : (it.likely === false ? "bar unlikely" : "bar");
     g.appendChild(svgEl("rect", {class: cls, x: x0, y: yb, width: x1 - x0, height: 10, rx: 2}));
-    g.appendChild(svgEl("image", {href: it.thumbnail, x: x0, y: y(it.camid) + 14, height: 62, width: 31,
+    g.appendChild(svgEl("image", {href: it.thumbnail, x: x0, y: base(it) + 14, height: 60, width: thumb,
                                   preserveAspectRatio: "xMinYMid meet"}));
-    g.appendChild(svgEl("text", {x: x0, y: y(it.camid) + 11},
+    g.appendChild(svgEl("text", {x: x0, y: base(it) + 11},
                         it.query ? `#${it.id} (query)` : `#${it.rank} ${it.score.toFixed(2)}`));
     g.appendChild(svgEl("title", {}, `${it.query ? "query " : ""}tracklet #${it.id} · cam ${it.camid} · ` +
                         `${fmtSeconds(it.start)} .. ${fmtSeconds(it.end)}` + (it.query ? "" : ` · score ${it.score.toFixed(3)}`)));
@@ -308,7 +320,7 @@ function trajectory(q, hits, window) {
   const ticks = 6;
   for (let i = 0; i <= ticks; i++) {
     const t = t0 + (t1 - t0) * i / ticks;
-    svg.appendChild(svgEl("text", {class: "tick", x: x(t) - 20, y: cams.length * lane + top + 18}, fmtSeconds(t)));
+    svg.appendChild(svgEl("text", {class: "tick", x: x(t) - 20, y: y + 16}, fmtSeconds(t)));
   }
 }
 
@@ -347,9 +359,10 @@ function init() {
   $("cameras").addEventListener("change", search);
   for (const id of ["exclude-same", "query-camera", "k", "time-from", "time-to"]) $(id).addEventListener("change", search);
   $("next").addEventListener("click", () => query && query.tracklet && whereNext(query.id));
-  // /?after=ID[&within=20s..10min][&same_camera=1]: open on that tracklet's trajectory (links, screenshots)
+  // /?after=ID[&within=20s..10min][&same_camera=1][&k=10]: open on that tracklet's trajectory (links, screenshots)
   const url = new URLSearchParams(location.search);
   if (url.get("within")) $("within").value = url.get("within");
+  if (url.get("k")) $("k").value = url.get("k");
   if (url.get("same_camera")) $("same-camera").checked = true;
   loadInfo().then(() => {
     setStatus(info.tracklets ? "Choose a query crop or a tracklet." : "Choose a query crop.");
