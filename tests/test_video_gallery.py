@@ -399,7 +399,7 @@ def test_real_video_through_the_command(tmp_path, capsys):
     gal = str(tmp_path / "gal")
     rc, out, err = run_cli(capsys, "ingest", gal, str(REAL / "people-detection.264"), "--camera", "0",
                            "--detector", str(REAL / "pedestrian-detection-adas-0002.xml"), "--every", "5",
-                           "--no-progress", "--config", tiny_config(tmp_path), "--camera-num", "1")
+                           "--no-progress", "--config", tiny_config(tmp_path), "--camera-num", "2")
     assert rc == 0, err
     assert "added 7 tracklets" in out and "596 frames at 25 fps" in out
     g = Gallery.open(gal)
