@@ -1,10 +1,13 @@
 """Install reid_lite: `pip install -e .` (add `[test]` for the test suite)."""
 
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
+# One version, in reid_lite/__init__.py (read as text: importing the package here would need its dependencies).
+VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "reid_lite" / "__init__.py").read_text(), re.M).group(1)
 EXPORT = ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18", "openvino>=2024.4"]
 
 # torchreid 0.2.5 (PyPI) declares no dependencies, yet `import torchreid` imports gdown, scipy (scipy.io for
@@ -16,10 +19,15 @@ TORCHREID = ["torchreid==0.2.5", "gdown", "scipy>=1.7", "tensorboard"]
 # for the detector file (IR or ONNX).
 VIDEO = ["supervision>=0.30,<0.31", "openvino>=2024.4"]
 
+# The documentation site (mkdocs.yml): `mkdocs build --strict` in .ci/run. Material 9.x runs on MkDocs 1.x;
+# mkdocstrings with its Python handler renders the API reference from the docstrings.
+DOCS = ["mkdocs>=1.6,<2", "mkdocs-material>=9.5,<10", "mkdocstrings[python]>=0.26,<2"]
+
 setup(
     name="reid_lite",
-    version="0.1.0",
+    version=VERSION,
     description="Person re-identification with a compressed TransReID (STM-ReID token merging)",
+    license="Apache-2.0",
     long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["reid_lite", "reid_lite.*"]),
@@ -53,6 +61,8 @@ setup(
         # requests: the server tests' client; playwright: drives the system's Chromium (.ci/run installs it)
         # for the web page's test, through executable_path (no browser download).
         "test": ["pytest>=7", "ruff>=0.5", "requests>=2.28", "playwright>=1.40", *TORCHREID, *EXPORT, *VIDEO],
+        # The site's toolchain (the README installs `.[test,docs]`; the tests themselves need none of it).
+        "docs": DOCS,
         "torchreid": TORCHREID,
         "video": VIDEO,
         "gpu": ["faiss-gpu>=1.8"],

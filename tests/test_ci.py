@@ -80,8 +80,9 @@ def test_ci_script_handles_no_tests_and_prints_the_skip_summary():
     assert "5) echo" in script  # pytest's exit 5 (nothing collected) is a CI failure with a message
     # CI installs exactly as the README says
     readme = (REPO / "README.md").read_text()
-    for line in ("pip install torch==2.14.1 torchvision==0.29.1", "pip install -e '.[test]'"):
+    for line in ("pip install torch==2.14.1 torchvision==0.29.1", "pip install -e '.[test,docs]'"):
         assert line in readme and f"python -m {line}" in script
+    assert "\nNO_MKDOCS_2_WARNING=1 mkdocs build --strict\n" in script  # the docs site, strictly
 
 
 def test_page_test_fails_without_chromium_under_ci():

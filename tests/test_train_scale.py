@@ -296,7 +296,9 @@ def test_reference_experiment_tiny_writes_json_and_png(tmp_path, one_thread):
     code = tool.main(["--tiny", "--data-root", str(root), "--output", str(out), "--bootstrap", "50",
                       "SOLVER.IMS_PER_BATCH", "8"])
     assert code == 0
-    results = json.loads((out / "results.json").read_text())
+    text = (out / "results.json").read_text()
+    assert str(tmp_path) not in text and "<data-root>" in text  # shareable: no folder of this machine
+    results = json.loads(text)
     assert results["seed"] == 1234 and results["commit"] and results["preset"] == "tiny"
     assert results["num_validation_ids"] == 3 and results["num_train_ids"] == 9  # validation held out of training
     assert results["train_seconds"] > 0 and results["dtem_train_seconds"] > 0

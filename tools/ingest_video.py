@@ -2,8 +2,8 @@
 """Turn camera video into tracklets: decode, detect people, track them (ByteTrack), embed each track's best
 crops once, and print the tracklets (camera, time span, crop count) and each stage's frames/s.
 
-    python tools/ingest_video.py ../shared/data/video/people-detection.264 \
-        --detector ../shared/data/video/pedestrian-detection-adas-0002.xml --every 5 --camera 0
+    python tools/ingest_video.py people-detection.264 \
+        --detector pedestrian-detection-adas-0002.xml --every 5 --camera 0
     python tools/ingest_video.py cam1.mp4 --detector det.onnx --start 2026-12-04T09:00:00 \
         --config configs/demo_synthetic.yml --thumbnails output/thumbs
 

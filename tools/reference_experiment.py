@@ -29,17 +29,19 @@ that layout. Stages:
 Weights go to OUTPUT/train/ and OUTPUT/dtem/: they derive from the dataset's images, keep them private.
 Exit codes: 0 success, 2 bad arguments or missing dataset.
 
-Why the 'cpu' preset is 8 blocks of width 192 (3 heads), 28 epochs in bf16, at 256x128, stride 12, SIE, JPM:
-the paper's geometry (21 x 10 patches) is kept so that merging schedules and GFLOPs ratios mean what they
-mean in the paper; the rest is what two CPU cores train in well under the issue's 8,000 s. Measured here
-(one training step, batch 64, forward and backward, 2 threads, Xeon with AMX): fp32 8 x 192 26-31 img/s;
-bf16 autocast (SOLVER.AMP bf16: AMX tiles) 8 x 192 55-59, 8 x 256 39-45, 12 x 192 34-42, 8 x 384 21-25
-img/s. bf16 doubles the epochs two hours buy, and more epochs of the small model beat a wider one that
-sees half as many (run 1 of this preset, fp32, 8 epochs, was still underfitting: 4.6% training accuracy);
-8 x 192 also has 7 reducible blocks with JPM, merging in 6 of them as ViT-B merges in 10 of 11. In the
-training loop (data loading in the process, validation every 2 epochs) one epoch of ~5k sampled crops takes
-about 105 s, so 28 epochs are ~50 minutes, and a run with and one without the teacher fit one after the
-other. On a CPU without AMX bf16 is slower than fp32: pass `SOLVER.AMP fp32` there. Evaluation stays fp32
+Why the 'cpu' preset is 8 blocks of width 192 (3 heads), 20 epochs in bf16, batch 32, at 256x128, stride 12,
+SIE, JPM: the paper's geometry (21 x 10 patches) is kept so that merging schedules and GFLOPs ratios mean
+what they mean in the paper; the rest is what two CPU cores train in well under the issue's 8,000 s.
+Measured here (one training step, batch 64, forward and backward, 2 threads, Xeon with AMX): fp32 8 x 192
+26-31 img/s; bf16 autocast (SOLVER.AMP bf16: AMX tiles) 8 x 192 55-59, 8 x 256 39-45, 12 x 192 34-42,
+8 x 384 21-25 img/s. bf16 doubles the epochs the time buys, and more steps of the small model beat a wider
+one that sees half as many (run 1 of this preset, fp32, 8 epochs of batch 64, was still underfitting: 4.6%
+training accuracy); batch 32 doubles the optimiser steps per epoch for the same reason. 8 x 192 also has 7
+reducible blocks with JPM, merging in 6 of them as ViT-B merges in 10 of 11. The run with and the run
+without the teacher train side by side, one thread each pinned to its own core (`taskset -c 0` / `-c 1`):
+two threads in one process lose most of their speed as soon as anything else runs (OpenMP barriers), one
+pinned thread does not; one epoch of ~5k sampled crops then takes about 4.5 minutes.
+On a CPU without AMX bf16 is slower than fp32: pass `SOLVER.AMP fp32` there. Evaluation stays fp32
 (TEST.AMP auto). The ID loss trains alone (with the teacher's term when given): a first run with
 TransReID's batch-hard soft-margin triplet at lr 1e-3 collapsed within two epochs (every pair of training
 features at cosine 0.9999, the triplet term stuck at log 2, 0.4% training accuracy, with and without the
@@ -101,8 +103,8 @@ PRESETS: dict[str, list[Any]] = {
     "cpu": [
         "MODEL.EMBED_DIM", 192, "MODEL.DEPTH", 8, "MODEL.NUM_HEADS", 3, "MODEL.STRIDE_SIZE", [12, 12],
         "MODEL.DROP_PATH", 0.0, "INPUT.SIZE_TRAIN", [256, 128], "INPUT.SIZE_TEST", [256, 128], "INPUT.RE_PROB", 0.0,
-        "DATALOADER.NUM_WORKERS", 0, "SOLVER.MAX_EPOCHS", 28, "SOLVER.IMS_PER_BATCH", 64, "SOLVER.AMP", "bf16",
-        "SOLVER.BASE_LR", 5e-4, "SOLVER.WARMUP_EPOCHS", 2, "SOLVER.EVAL_PERIOD", 2, "SOLVER.CHECKPOINT_PERIOD", 28,
+        "DATALOADER.NUM_WORKERS", 0, "SOLVER.MAX_EPOCHS", 20, "SOLVER.IMS_PER_BATCH", 32, "SOLVER.AMP", "bf16",
+        "SOLVER.BASE_LR", 5e-4, "SOLVER.WARMUP_EPOCHS", 2, "SOLVER.EVAL_PERIOD", 2, "SOLVER.CHECKPOINT_PERIOD", 20,
         "SOLVER.LOG_PERIOD", 20, "TEST.IMS_PER_BATCH", 128, "MODEL.TEACHER_WEIGHT", 3.0,
         "MODEL.TEACHER_LOSS", "both", "MODEL.TRIPLET_LOSS_WEIGHT", 0.0,
     ],
@@ -295,7 +297,7 @@ def plot_precision_recall(curves: dict[str, dict[str, Any]], path: Path, title: 
     return path
 
 
-#: STM-ReID's decisions (DESIGN.md §3) compared at the 75% budget: (label, MERGE.STM overrides).
+#: STM-ReID's decisions (docs/methods.md, STM-ReID) compared at the 75% budget: (label, MERGE.STM overrides).
 STM_ABLATION: list[tuple[str, dict[str, Any]]] = [
     ("default (literal entropy, virtual coordinates, full keys, d2 = 1/20)", {}),
     ("entropy over the neighbourhood-normalised attention", {"ENTROPY": "normalized"}),
@@ -522,6 +524,19 @@ def markdown_summary(rows: list[dict[str, Any]], ablation: list[dict[str, Any]])
     return text + "\n(* the 95% interval of the paired difference excludes 0)\n"
 
 
+def without_local_paths(text: str, places: dict[str, str]) -> str:
+    """`text` (JSON) with this machine's folders replaced by placeholders, so results can be committed and shared.
+
+    Each key of `places` (a path as given and resolved) becomes its value; empty keys are ignored.
+    """
+    for path, placeholder in places.items():
+        if not path:
+            continue
+        for form in {path.rstrip("/"), str(Path(path).resolve())}:
+            text = text.replace(json.dumps(form)[1:-1], placeholder)
+    return text
+
+
 def evaluate_stage(args: argparse.Namespace, cfg: Any, dataset: ReIDDataset, split: ReIDDataset,
                    trained: dict[str, Any], methods: list[str], ratios: list[float], out: Path) -> int:
     """Every method at every budget on the test split, with bootstrap intervals and paired differences, then
@@ -605,7 +620,9 @@ def evaluate_stage(args: argparse.Namespace, cfg: Any, dataset: ReIDDataset, spl
         "best_validation": trained["best_validation"], "weights_kept": Path(trained["weights"]).name,
         "rows": rows, "stm_ablation": ablation, "calibration": calibration, "config": cfg.dump(),
     }
-    (out / "results.json").write_text(json.dumps(summary, indent=2, default=float))
+    (out / "results.json").write_text(without_local_paths(json.dumps(summary, indent=2, default=float), {
+        args.data_root: "<data-root>", str(out): "<output>",
+        str(Path(cfg.MODEL.TEACHER).parent) if cfg.MODEL.TEACHER else "": "<teacher-dir>"}))
     (out / "summary.md").write_text(markdown_summary(rows, ablation))
     title = (f"{args.preset} preset: {cfg.MODEL.DEPTH}x{cfg.MODEL.EMBED_DIM} TransReID from scratch"
              f"{' + distillation' if cfg.MODEL.TEACHER else ''} on {Path(args.data_root).name}, seed {cfg.SOLVER.SEED}")

@@ -24,14 +24,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import __version__
 from ..config import load_cfg
 from ..deploy.runtime import DeployError
 from ..utils.checkpoint_file import CheckpointError
 from ..utils.text import count
+from .backends import storage_for
 from .gallery import Gallery, GalleryError, IndexParams
 from .server import serve
 from .sheet import write_sheet
-from .storage import read_current
 from .tracklets import parse_within, search_after, tracklet_table, tracklets_of_hits
 
 __all__ = ["Command", "build_parser", "config_from_args", "input_paths", "main", "print_report", "run_command",
@@ -111,6 +112,7 @@ def build_parser(commands: dict[str, Command] | None = None) -> argparse.Argumen
     ap = argparse.ArgumentParser(prog="reid-gallery", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("--version", action="version", version=f"reid-gallery {__version__} (reid_lite)")
     sub = ap.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="embed crops into a new gallery")
@@ -433,7 +435,7 @@ def _interrupted(args: argparse.Namespace) -> str:
     if args.command in ("search", "info", "serve"):
         return "interrupted"
     try:
-        gen, _ = read_current(Path(args.gallery))
+        gen, _ = storage_for(args.gallery).current()
     except (GalleryError, OSError, ValueError):
         return "interrupted; nothing was written (no gallery there)"
     return f"interrupted; {args.gallery} is intact at generation {gen} (no partial write is ever published)"

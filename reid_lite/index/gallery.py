@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .backends import storage_for
 from .calibration import GalleryCalibration
 from .crops import collect_crops
 from .embedding import GalleryEncoder, build_extractor
@@ -44,10 +44,7 @@ from .fingerprint import (
 from .interfaces import CropMetadata, GalleryStorage
 from .querying import GallerySearch, SearchHit, SearchResults
 from .storage import (
-    CURRENT,
-    LOCK,
     STAGES,
-    DirectoryStorage,
     FingerprintMismatch,
     GalleryCorrupt,
     GalleryError,
@@ -77,23 +74,6 @@ __all__ = [
     "model_fingerprint",
     "sha256_file",
 ]
-
-
-def _is_gallery(root: Path) -> bool:
-    return (root / CURRENT).exists() or any(p.name.startswith("gen-") for p in root.iterdir())
-
-
-def _check_target(root: Path, overwrite: bool) -> None:
-    """Refuse to build over anything but an empty directory, or a gallery when `overwrite`."""
-    if root.exists() and not root.is_dir():
-        raise FileExistsError(f"{root} exists and is not a directory")
-    if root.is_dir() and any(p.name != LOCK for p in root.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{root} exists and is not empty; pass --overwrite (overwrite=True) to replace "
-                                  "the gallery there")
-        if not _is_gallery(root):
-            raise FileExistsError(f"refusing to overwrite {root}: it is not a gallery (no {CURRENT} file or gen-* "
-                                  "generations)")
 
 
 class Gallery(GallerySearch, GalleryWrites, GalleryCalibration):
@@ -195,7 +175,8 @@ class Gallery(GallerySearch, GalleryWrites, GalleryCalibration):
 
     # ------------------------------------------------------------------ build / create / open
     @classmethod
-    def build(cls, directory: str | os.PathLike, cfg: Any, inputs: Sequence[str | os.PathLike] | Sequence[CropRecord],
+    def build(cls, directory: str | os.PathLike | GalleryStorage, cfg: Any,
+              inputs: Sequence[str | os.PathLike] | Sequence[CropRecord],
               *, pattern: str | None = None, sidecar: str | os.PathLike | None = None, recursive: bool = True,
               feature: str = "global", index: str | IndexParams = "auto", camera_num: int = 0,
               overwrite: bool = False, device: str | None = None, model: torch.nn.Module | None = None,
@@ -223,7 +204,7 @@ class Gallery(GallerySearch, GalleryWrites, GalleryCalibration):
         return g, report
 
     @classmethod
-    def create(cls, directory: str | os.PathLike, cfg: Any, *, feature: str = "global",
+    def create(cls, directory: str | os.PathLike | GalleryStorage, cfg: Any, *, feature: str = "global",
                index: str | IndexParams = "auto", camera_num: int = 0, overwrite: bool = False,
                device: str | None = None, model: torch.nn.Module | None = None,
                pattern: str | None = None, lock_timeout: float | None = None,
@@ -237,7 +218,7 @@ class Gallery(GallerySearch, GalleryWrites, GalleryCalibration):
 
     @classmethod
     @contextlib.contextmanager
-    def staging(cls, directory: str | os.PathLike | None, cfg: Any, *, feature: str = "global",
+    def staging(cls, directory: str | os.PathLike | GalleryStorage | None, cfg: Any, *, feature: str = "global",
                 index: str | IndexParams = "auto", camera_num: int = 0, camids: Iterable[int | None] = (),
                 overwrite: bool = False, device: str | None = None, model: torch.nn.Module | None = None,
                 pattern: str | None = None, lock_timeout: float | None = None,
@@ -252,61 +233,80 @@ class Gallery(GallerySearch, GalleryWrites, GalleryCalibration):
         (it must be the model `cfg` describes). `pattern`: the default file-name pattern of later adds
         and of query names (else DATASETS.FOLDER_PATTERN). `accept_merged_queries`: also accept queries
         from the same model with token merging (only for a gallery embedded without merging; recorded in
-        the fingerprint, see `reid_lite.index.fingerprint.allow_merged_queries`).
+        the fingerprint, see `reid_lite.index.fingerprint.allow_merged_queries`). `directory`: a folder, a
+        `postgresql://` URI or a storage object (`reid_lite.index.backends.storage_for`).
 
-        The lock is held throughout. An existing gallery (`overwrite`) stays current until the new one
-        is published; an exception discards everything the block wrote. `directory` None yields a
-        detached in-memory gallery that can embed but is never written (distributed workers).
+        The lock is held throughout (a database backend needs none: the build is one transaction). An existing
+        gallery (`overwrite`) stays current until the new one is published; an exception discards everything the
+        block wrote. `directory` None yields a detached in-memory gallery that can embed but is never written
+        (distributed workers).
         `on_stage`: the write-stage callback (see the class docstring).
         """
         if feature not in ("global", "full"):
             raise ValueError(f"feature must be 'global' or 'full', got {feature!r}")
         params = index if isinstance(index, IndexParams) else IndexParams(kind=index)
-        if params.kind not in ("auto", "flat", "ivfpq"):
-            raise ValueError(f"index kind must be auto, flat or ivfpq, got {params.kind!r}")
+        if params.kind not in ("auto", "flat", "ivfpq", "hnsw"):
+            raise ValueError(f"index kind must be auto, flat, ivfpq or hnsw, got {params.kind!r}")
         if accept_merged_queries and str(cfg.MERGE.METHOD).lower() != "none":
             raise ValueError(f"--accept-merged-queries needs a gallery embedded without token merging "
                              f"(MERGE.METHOD none), not {cfg.MERGE.METHOD!r}: the gallery holds the model's own "
                              "features and merged queries approximate them")
         camera_num = resolve_camera_num(cfg, camera_num, camids)
-        root = None if directory is None else Path(directory)
-        if root is not None:
-            _check_target(root, overwrite)  # before the model is built: fail fast
+        storage = None if directory is None else storage_for(directory)
+        if storage is not None:
+            storage.check_target(overwrite)  # before the model is built: fail fast
         extractor = build_extractor(cfg, camera_num, device, model)  # a bad checkpoint fails before any write
         fp = model_fingerprint(cfg, extractor.model, feature, camera_num)
         if accept_merged_queries:
             fp = allow_merged_queries(fp)
+        meta = {"fingerprint": fp, "config": cfg.dump(), "feature": feature, "camera_num": camera_num,
+                "pattern": pattern or cfg.DATASETS.FOLDER_PATTERN, "created": time.time()}
+        with cls.staging_from_metadata(storage, meta, index=params, overwrite=overwrite, lock_timeout=lock_timeout,
+                                       on_stage=on_stage, extractor=extractor) as g:
+            yield g
 
-        def staged(storage: DirectoryStorage | None, store: MetadataStore, stage: StagedGeneration) -> Gallery:
-            for key, value in (("fingerprint", fp), ("config", cfg.dump()), ("feature", feature),
-                               ("camera_num", camera_num), ("pattern", pattern or cfg.DATASETS.FOLDER_PATTERN),
-                               ("created", time.time())):
+    @classmethod
+    @contextlib.contextmanager
+    def staging_from_metadata(cls, storage: GalleryStorage | str | os.PathLike | None, meta: dict[str, Any], *,
+                              index: IndexParams | None = None, overwrite: bool = False,
+                              lock_timeout: float | None = None, on_stage: StageCallback | None = None,
+                              extractor: Any | None = None) -> Iterator[Gallery]:
+        """A new, unpublished gallery whose metadata is `meta` (fingerprint, config, feature, camera_num, pattern,
+        created; optionally calibration), published atomically when the block ends without error: what
+        :meth:`staging` does once it has the model, and what `migrate` does with another gallery's metadata
+        (`extractor` None: the model is built only if the gallery embeds). `storage`: a storage object, a folder
+        or a database URI (`storage_for`); None: a detached gallery (see :meth:`staging`)."""
+        params = index if index is not None else IndexParams()
+        dim = int(meta["fingerprint"]["feature"]["dim"])
+
+        def staged(storage: GalleryStorage | None, store: CropMetadata, stage: StagedGeneration,
+                   idx: VectorIndex) -> Gallery:
+            for key, value in meta.items():
                 store.set_meta(key, value)
             store.commit()
-            g = cls(storage, -1, {"segments": [], "segment_files": []}, store,
-                    VectorIndex(fp["feature"]["dim"], params), stage, on_stage)
-            g.use_extractor(extractor)
+            g = cls(storage, -1, {"segments": [], "segment_files": []}, store, idx, stage, on_stage)
+            if extractor is not None:
+                g.use_extractor(extractor)
             return g
 
-        if root is None:
-            g = staged(None, MetadataStore(":memory:", readonly=False), StagedGeneration(None, -1, None))
+        if storage is None:
+            stage = StagedGeneration(None, -1, None, detached=True)
+            g = staged(None, MetadataStore(":memory:", readonly=False), stage, VectorIndex(dim, params))
             try:
                 yield g
             finally:
                 g.store.close()
             return
-        created = next((d for d in [root, *root.parents][::-1] if not d.exists()), None)  # topmost new folder
-        root.mkdir(parents=True, exist_ok=True)
-        lock_existed = (root / LOCK).exists()
-        storage = DirectoryStorage(root)
-        stage: StagedGeneration | None = None
+        storage = storage_for(storage)
         g: Gallery | None = None
-        published = False
         try:
-            with storage.locked(lock_timeout):
-                _check_target(root, overwrite)  # a concurrent build may have published meanwhile
-                stage, store = storage.begin()
-                g = staged(storage, store, stage)
+            with storage.building(overwrite, lock_timeout) as (stage, store):
+                try:
+                    g = staged(storage, store, stage, storage.new_index(stage, dim, params))
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        store.close()
+                    raise
                 g.notify("locked")
                 yield g
                 if stage.broken:
@@ -316,53 +316,51 @@ class Gallery(GallerySearch, GalleryWrites, GalleryCalibration):
                 g.notify("staged")
                 storage.publish(stage, g.index, g.manifest["segments"], g.manifest["segment_files"],
                                 on_stage=g.on_stage)
-                published = True
                 g.staged = None
                 g.reload()
         except BaseException:
-            if not published and not (stage is not None and storage.current_number() == stage.gen):
-                if g is not None:
-                    with contextlib.suppress(Exception):
-                        g.store.close()
-                if stage is not None:
-                    storage.discard(stage.gen)
-                if created is not None:
-                    shutil.rmtree(created, ignore_errors=True)
-                elif not lock_existed and not _is_gallery(root):
-                    (root / LOCK).unlink(missing_ok=True)
+            if g is not None and g.staged is not None:
+                with contextlib.suppress(Exception):
+                    g.store.close()
             raise
 
     @classmethod
-    def open(cls, directory: str | os.PathLike, verify: bool = True, on_stage: StageCallback | None = None) -> Gallery:
-        """Open the published generation; with `verify` every file's sha256 is checked against the
-        manifest (a truncated or bit-flipped file raises :class:`GalleryCorrupt`, it is never used).
+    def open(cls, gallery: str | os.PathLike | GalleryStorage, verify: bool = True,
+             on_stage: StageCallback | None = None) -> Gallery:
+        """Open the published generation of `gallery` (a folder, a database URI or a storage object: `storage_for`);
+        with `verify` every file's sha256 is checked against the manifest (a truncated or bit-flipped file raises
+        :class:`GalleryCorrupt`, it is never used).
         `on_stage`: the write-stage callback of this gallery's writes (see the class docstring)."""
-        storage = DirectoryStorage(directory)
+        return cls.from_storage(storage_for(gallery), verify, on_stage)
+
+    @classmethod
+    def from_storage(cls, storage: GalleryStorage, verify: bool = True, on_stage: StageCallback | None = None
+                     ) -> Gallery:
+        """The gallery published in `storage` (see :meth:`open`)."""
         gen, manifest = storage.current()
         store, idx = storage.open(gen, manifest, verify)
         return cls(storage, gen, manifest, store, idx, on_stage=on_stage)
 
     @classmethod
-    def recover(cls, directory: str | os.PathLike, lock_timeout: float | None = None) -> tuple[Gallery, int | None]:
+    def recover(cls, gallery: str | os.PathLike | GalleryStorage, lock_timeout: float | None = None
+                ) -> tuple[Gallery, int | None]:
         """Make a gallery whose CURRENT file is missing or damaged usable again: point CURRENT at the
         newest generation whose files all verify. Returns (the gallery, the generation recovered, or
         None when CURRENT already named a complete one). Deletes nothing."""
-        root = Path(directory)
-        if not root.is_dir():
-            raise GalleryError(f"no gallery at {root} (no such directory)")
-        storage = DirectoryStorage(root)
-        with storage.locked(lock_timeout):
-            gen = storage.recover()
-        return cls.open(root), gen
+        storage = storage_for(gallery)
+        gen = storage.recover(lock_timeout)
+        return cls.from_storage(storage), gen
 
     @property
     def root(self) -> Path | None:
-        """The gallery's directory (None for a detached gallery or another storage backend)."""
-        return getattr(self.storage, "root", None)
+        """The gallery's own folder (None for a detached gallery or a backend without one)."""
+        return None if self.storage is None else self.storage.local_dir()
 
     def close(self) -> None:
-        """Close the metadata connection."""
+        """Close the metadata connection (and the storage's, for a database)."""
         self.store.close()
+        if self.storage is not None:
+            self.storage.close()
 
     def __enter__(self) -> Gallery:
         return self

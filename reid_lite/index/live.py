@@ -1,7 +1,8 @@
 """A gallery that follows its published generation: what a long-running reader (the HTTP server) holds.
 
-`LiveGallery.current()` reads CURRENT (a few bytes) on every call; when a writer has published a new
-generation it opens that one (checksums verified) and swaps it in with a single reference assignment,
+`LiveGallery.current()` asks the storage whether a writer has published since (`published_token()`: a
+folder's CURRENT file, a few bytes; a database's one-row generation counter) on every call; when one has, it
+opens the new generation (checksums verified) and swaps it in with a single reference assignment,
 so a request sees either the old generation or the new one whole, never a mix. A request that
 started on the old one keeps it: its faiss index is in memory and its SQLite file stays readable
 (POSIX) even after the writer's garbage collection deletes the directory. While the new generation is
@@ -13,11 +14,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from pathlib import Path
 from typing import Any
 
+from .backends import storage_for
 from .gallery import Gallery
-from .storage import CURRENT, GalleryError, StageCallback
+from .interfaces import GalleryStorage
+from .storage import GalleryError, StageCallback
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +27,8 @@ __all__ = ["LiveGallery"]
 
 
 class LiveGallery:
-    """The published generation of the gallery at `root`, reopened when a writer publishes another.
+    """The published generation of the gallery `gallery` (a folder, a database URI or a storage object),
+    reopened when a writer publishes another. `root`: the gallery's own folder (None: a database).
 
     verify: check every file's sha256 on each open (the first and every reopen). device: where the
     gallery's model runs. The model is built once, here, and shared by every later generation.
@@ -35,13 +38,15 @@ class LiveGallery:
     on_stage: the write-stage callback of the galleries that `writer()` opens (see `Gallery`).
     """
 
-    def __init__(self, root: str | os.PathLike, verify: bool = True, device: str | None = None,
+    def __init__(self, gallery: str | os.PathLike | GalleryStorage, verify: bool = True, device: str | None = None,
                  query_cfg: Any | None = None, on_stage: StageCallback | None = None) -> None:
-        self.root = Path(root)
+        self.gallery = gallery
+        self.storage = storage_for(gallery)
+        self.root = self.storage.local_dir()
         self.verify = verify
         self.on_stage = on_stage
-        self._current_text = self._read_current()
-        gallery = Gallery.open(self.root, verify=verify)
+        self._current_text = self.storage.published_token()
+        gallery = Gallery.from_storage(self.storage, verify=verify)
         gallery.device = device
         gallery.extractor()  # build the model now: the first request should not pay for it
         self.query_model = None if query_cfg is None else gallery.query_model(query_cfg)
@@ -51,22 +56,17 @@ class LiveGallery:
 
     def writer(self) -> Gallery:
         """A separate handle on the gallery for one write (close it after), sharing the served model."""
-        writer = Gallery.open(self.root, verify=False, on_stage=self.on_stage)
+        # Its own storage object (its own lock state and connection), unless one was handed in.
+        writer = Gallery.from_storage(storage_for(self.gallery), verify=False, on_stage=self.on_stage)
         writer.share_model(self._gallery)
         return writer
-
-    def _read_current(self) -> str:
-        try:
-            return (self.root / CURRENT).read_text(errors="replace")
-        except OSError:
-            return ""
 
     def current(self) -> Gallery:
         """The newest published generation (reopened here when CURRENT changed since the last call).
 
         A generation that cannot be opened (damaged, or CURRENT removed) is logged and skipped: the
         previous one goes on serving until CURRENT changes again."""
-        text = self._read_current()
+        text = self.storage.published_token()
         if text != self._current_text and text and self._reopen_lock.acquire(blocking=False):
             try:
                 if text != self._current_text:
@@ -78,7 +78,7 @@ class LiveGallery:
     def _reopen(self, text: str) -> None:
         old = self._gallery
         try:
-            fresh = Gallery.open(self.root, verify=self.verify)
+            fresh = Gallery.from_storage(self.storage, verify=self.verify)
             fresh.share_model(old)
         except (GalleryError, OSError, ValueError) as exc:
             message = f"cannot open the newly published generation ({exc}); still serving generation {old.generation}"

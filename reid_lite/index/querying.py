@@ -146,7 +146,7 @@ class GallerySearch:
         ids = np.full((len(q), k), -1, np.int64)
         notes: list[str] = []
         for cam, members in groups.items():
-            allowed = self._allowed(cameras, cam, t_from, t_to) if filtered else None
+            allowed = self.store.matching(cameras, cam, t_from, t_to) if filtered else None
             if (self.index.ntotal if allowed is None else len(allowed)) == 0:
                 note = self._why_empty(cameras, cam, t_from, t_to)
                 if note not in notes:
@@ -180,39 +180,21 @@ class GallerySearch:
     # ------------------------------------------------------------------ filters
     def _check_filters(self, cameras: Sequence[int] | None, t_from: float | None, t_to: float | None) -> None:
         """Refuse filters that can match no crop of this gallery whatever the query."""
-        ids, cams, ts = self.store.columns()
-        if not len(ids):
+        if not self.store.count():
             return
-        if (t_from is not None or t_to is not None) and np.isnan(ts).all():
+        if (t_from is not None or t_to is not None) and self.store.time_span() is None:
             raise ValueError("a time window was given, but no crop in this gallery has a timestamp, so nothing "
                              "can match; timestamps come from a (?P<timestamp>...) group of --pattern or a "
                              "'timestamp' column of --sidecar when crops are added")
-        if cameras is not None and not np.isin(cams, np.asarray(list(cameras), np.int64)).any():
-            present = sorted(int(c) for c in np.unique(cams) if c >= 0)
+        if cameras is not None and not self.store.has_cameras(cameras):
+            present = sorted(int(c) for c in self.store.cameras() if c is not None and c >= 0)
             raise ValueError(f"no crop in this gallery is from camera(s) {', '.join(map(str, cameras)) or '(none)'}; "
                              f"it holds cameras {', '.join(map(str, present)) or '(none known)'} (0-based ids)")
-
-    def _allowed(self, cameras: Sequence[int] | None, exclude: int | None, t_from: float | None,
-                 t_to: float | None) -> np.ndarray:
-        """Sorted ids passing the filters, evaluated in numpy over the metadata columns."""
-        ids, cams, ts = self.store.columns()
-        mask = np.ones(len(ids), bool)
-        if cameras is not None:
-            mask &= np.isin(cams, np.asarray(list(cameras), np.int64))
-        if exclude is not None:
-            mask &= cams != exclude  # unknown cameras (-1) are kept, as in MetadataStore.ids_where
-        with np.errstate(invalid="ignore"):  # NaN (no timestamp) never satisfies a time window
-            if t_from is not None:
-                mask &= ts >= t_from
-            if t_to is not None:
-                mask &= ts <= t_to
-        return ids[mask]
 
     def _why_empty(self, cameras: Sequence[int] | None, exclude: int | None, t_from: float | None,
                    t_to: float | None) -> str:
         """One sentence on why no crop passes these filters."""
-        ids, _, ts = self.store.columns()
-        if not len(ids):
+        if not self.store.count():
             return "the gallery is empty"
         parts = []
         if cameras is not None:
@@ -220,11 +202,11 @@ class GallerySearch:
         if exclude is not None:
             parts.append(f"not camera {exclude} (the query's own, --exclude-same-camera)")
         if t_from is not None or t_to is not None:
-            span = ts[~np.isnan(ts)]
+            span = self.store.time_span()
             lo = "-inf" if t_from is None else _fmt_time(t_from)
             hi = "+inf" if t_to is None else _fmt_time(t_to)
-            parts.append(f"timestamps in [{lo}, {hi}] (the crops span {_fmt_time(span.min())} .. "
-                         f"{_fmt_time(span.max())})" if len(span) else f"timestamps in [{lo}, {hi}]")
+            parts.append(f"timestamps in [{lo}, {hi}] (the crops span {_fmt_time(span[0])} .. "
+                         f"{_fmt_time(span[1])})" if span else f"timestamps in [{lo}, {hi}]")
         return "no crop matches " + " and ".join(parts)
 
     # ------------------------------------------------------------------ query embedding

@@ -239,10 +239,9 @@ def create_app(gallery: str | os.PathLike | LiveGallery, *, allow_add: bool = Fa
         query_fp = None if live.query_model is None else live.query_model[1]
         out["calibration"] = _calibration(g.calibration_for(query_fp))
         out["query_merging"] = (query_fp or g.fingerprint)["merging"]
-        lo, hi, ids = g.store.conn.execute(
-            "SELECT MIN(timestamp), MAX(timestamp), COUNT(identity) FROM crops").fetchone()
-        out.update(time_span=None if lo is None else [lo, hi], has_identity=bool(ids), camera_num=g.camera_num,
-                   tracklets=tracklet_table(g.store).count(),
+        span = g.store.time_span()
+        out.update(time_span=None if span is None else list(span), has_identity=g.store.has_identity(),
+                   camera_num=g.camera_num, tracklets=tracklet_table(g.store).count(),
                    sie_camera=bool(g.fingerprint["architecture"]["sie_camera"]), allow_add=allow_add,
                    max_upload_bytes=limit, reopen_errors=live.reopen_errors[-5:])
         return out

@@ -40,7 +40,7 @@ __all__ = [
     "LOCK_MESSAGE_SECONDS", "all_generations", "collect_garbage", "current_generation", "discard_unpublished",
     "generation_name", "publish_generation", "read_current", "recover_current",
     "DirectoryStorage", "StageCallback", "StagedGeneration", "VectorSegments", "read_index", "verify_generation",
-    "write_segment",
+    "check_build_target", "is_gallery_dir", "write_segment",
 ]
 
 FORMAT = "reid-gallery/1"
@@ -417,6 +417,26 @@ class StagedGeneration:
     gen: int
     previous: int | None
     broken: bool = False
+    #: A detached gallery's stage (`Gallery.staging(None, ...)`): it embeds but is never written.
+    detached: bool = False
+
+
+def is_gallery_dir(root: Path) -> bool:
+    """Whether the directory `root` holds a gallery (a CURRENT file or gen-* generations)."""
+    return (root / CURRENT).exists() or any(p.name.startswith("gen-") for p in root.iterdir())
+
+
+def check_build_target(root: Path, overwrite: bool) -> None:
+    """Refuse to build over anything but an empty directory, or a gallery when `overwrite`."""
+    if root.exists() and not root.is_dir():
+        raise FileExistsError(f"{root} exists and is not a directory")
+    if root.is_dir() and any(p.name != LOCK for p in root.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{root} exists and is not empty; pass --overwrite (overwrite=True) to replace "
+                                  "the gallery there")
+        if not is_gallery_dir(root):
+            raise FileExistsError(f"refusing to overwrite {root}: it is not a gallery (no {CURRENT} file or gen-* "
+                                  "generations)")
 
 
 class DirectoryStorage:
@@ -451,9 +471,64 @@ class DirectoryStorage:
             finally:
                 self._lock_depth = 0
 
+    def check_target(self, overwrite: bool) -> None:
+        """Refuse to build here unless the directory is empty, or holds a gallery and `overwrite` (FileExistsError);
+        called before the model is built, to fail fast."""
+        check_build_target(self.root, overwrite)
+
+    @contextlib.contextmanager
+    def building(self, overwrite: bool, lock_timeout: float | None = None
+                 ) -> Iterator[tuple[StagedGeneration, MetadataStore]]:
+        """Stage a new gallery here, lock held: yields the first generation's stage and its empty metadata store;
+        the caller publishes it (`publish`) before the block ends. On an exception before that, everything the
+        build wrote goes (folders it created included), and a gallery it was to overwrite stays as it was."""
+        root = self.root
+        created = next((d for d in [root, *root.parents][::-1] if not d.exists()), None)  # topmost new folder
+        root.mkdir(parents=True, exist_ok=True)
+        lock_existed = (root / LOCK).exists()
+        stage: StagedGeneration | None = None
+        try:
+            with self.locked(lock_timeout):
+                check_build_target(root, overwrite)  # a concurrent build may have published meanwhile
+                stage, store = self.begin()
+                yield stage, store
+        except BaseException:
+            if not (stage is not None and self.current_number() == stage.gen):  # not published
+                if stage is not None:
+                    self.discard(stage)
+                if created is not None:
+                    shutil.rmtree(created, ignore_errors=True)
+                elif not lock_existed and not is_gallery_dir(root):
+                    (root / LOCK).unlink(missing_ok=True)
+            raise
+
+    def new_index(self, stage: StagedGeneration, dim: int, params: IndexParams) -> VectorIndex:
+        """The empty index of a new gallery (flat, IVF-PQ or auto; see `IndexParams`)."""
+        if params.kind not in ("auto", "flat", "ivfpq"):
+            raise ValueError(f"index kind must be auto, flat or ivfpq for a gallery directory, got {params.kind!r}")
+        return VectorIndex(dim, params)
+
+    def stage_index(self, stage: StagedGeneration, index: VectorIndex) -> VectorIndex:
+        """The index a write changes: a copy of the published one, which stays usable if the write fails."""
+        return index.clone()
+
     def current(self) -> tuple[int, dict[str, Any]]:
         """(generation, manifest) CURRENT names, its checksum checked (GalleryError / GalleryCorrupt otherwise)."""
         return read_current(self.root)
+
+    def published_token(self) -> str:
+        """Changes whenever a writer publishes (CURRENT's text; "" without one): what a long-running reader polls."""
+        try:
+            return (self.root / CURRENT).read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def local_dir(self) -> Path | None:
+        """The gallery's own folder, where files added through the server are kept."""
+        return self.root
+
+    def close(self) -> None:
+        """Nothing to release: every file is opened and closed by the store and the index."""
 
     def current_number(self) -> int | None:
         """The generation CURRENT names, unverified; None without a readable CURRENT."""
@@ -498,9 +573,10 @@ class DirectoryStorage:
         publish_generation(self.root, staged.tmp, staged.gen, index, segments, segment_files,
                            previous=staged.previous, on_stage=on_stage)
 
-    def discard(self, gen: int) -> None:
-        """Remove what the unpublished generation `gen` wrote (`discard_unpublished`)."""
-        discard_unpublished(self.root, gen)
+    def discard(self, staged: StagedGeneration) -> None:
+        """Remove what a staged generation wrote (`discard_unpublished`), unless it was published."""
+        if self.current_number() != staged.gen:
+            discard_unpublished(self.root, staged.gen)
 
     def write_segment(self, name: str, ids: np.ndarray, vectors: np.ndarray) -> list[dict[str, Any]]:
         """Write float16 copies of `vectors` under `ids` as segment `name`; returns its manifest entries."""
@@ -510,9 +586,13 @@ class DirectoryStorage:
         """Drop every generation not in `keep` and the segments only they use; returns the names removed."""
         return collect_garbage(self.root, keep)
 
-    def recover(self) -> int | None:
-        """Point CURRENT at the newest complete generation (`recover_current`), lock held."""
-        return recover_current(self.root)
+    def recover(self, lock_timeout: float | None = None) -> int | None:
+        """Point CURRENT at the newest complete generation (`recover_current`) under the lock; None when CURRENT
+        already names a complete one."""
+        if not self.root.is_dir():
+            raise GalleryError(f"no gallery at {self.root} (no such directory)")
+        with self.locked(lock_timeout):
+            return recover_current(self.root)
 
     def manifest_location(self, gen: int) -> str:
         """Where generation `gen`'s manifest is, for `info()`."""

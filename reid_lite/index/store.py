@@ -199,6 +199,46 @@ class MetadataStore:
             self._columns = (arr[:, 0].astype(np.int64), arr[:, 1].astype(np.int64), arr[:, 2])
         return self._columns
 
+    def matching(self, cameras: Sequence[int] | None, exclude_camera: int | None, time_from: float | None,
+                 time_to: float | None) -> np.ndarray:
+        """Sorted ids of the crops passing a search's filters (from `columns()`, in numpy): cameras in `cameras`,
+        not `exclude_camera` (unknown cameras are kept, as in `ids_where`), timestamp within [time_from, time_to]."""
+        ids, cams, ts = self.columns()
+        mask = np.ones(len(ids), bool)
+        if cameras is not None:
+            mask &= np.isin(cams, np.asarray(list(cameras), np.int64))
+        if exclude_camera is not None:
+            mask &= cams != exclude_camera
+        with np.errstate(invalid="ignore"):  # NaN (no timestamp) never satisfies a time window
+            if time_from is not None:
+                mask &= ts >= time_from
+            if time_to is not None:
+                mask &= ts <= time_to
+        return ids[mask]
+
+    def has_cameras(self, cameras: Sequence[int]) -> bool:
+        """Whether any crop is from one of `cameras`."""
+        _, cams, _ = self.columns()
+        return bool(np.isin(cams, np.asarray(list(cameras), np.int64)).any())
+
+    def time_span(self) -> tuple[float, float] | None:
+        """(earliest, latest) timestamp of the crops, None when none has one."""
+        row = self.conn.execute("SELECT MIN(timestamp), MAX(timestamp) FROM crops").fetchone()
+        return None if row[0] is None else (float(row[0]), float(row[1]))
+
+    def has_identity(self) -> bool:
+        """Whether any crop has a known identity."""
+        return self.conn.execute("SELECT 1 FROM crops WHERE identity IS NOT NULL LIMIT 1").fetchone() is not None
+
+    def ids_of_hashes(self, hashes: Sequence[str]) -> dict[str, int]:
+        """Content hash -> id of the stored crops among `hashes`."""
+        out: dict[str, int] = {}
+        for s in range(0, len(hashes), 900):
+            chunk = list(hashes[s:s + 900])
+            q = f"SELECT sha256, id FROM crops WHERE sha256 IN ({','.join('?' * len(chunk))})"
+            out.update((r[0], int(r[1])) for r in self.conn.execute(q, chunk))
+        return out
+
     def all_ids(self) -> np.ndarray:
         """Every stored id, sorted."""
         return self.ids_where()

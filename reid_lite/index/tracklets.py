@@ -33,6 +33,7 @@ import numpy as np
 
 from .gallery import Gallery
 from .querying import SearchHit
+from .storage import GalleryError
 from .store import CropRecord, MetadataStore
 
 __all__ = ["AfterResult", "TrackletHit", "TrackletRecord", "TrackletTable", "VideoRecord", "add_tracklets",
@@ -239,7 +240,9 @@ def tracklet_table(store: Any, writable: bool = False) -> TrackletTable:
         return store.tracklet_table(writable)
     if isinstance(store, MetadataStore):
         return TrackletTable(store.conn, writable and not store.readonly)
-    raise TypeError(f"{type(store).__name__} stores no tracklets")
+    if writable:
+        raise GalleryError(f"this gallery's metadata backend ({type(store).__name__}) stores no tracklets yet")
+    return TrackletTable(sqlite3.connect(":memory:", check_same_thread=False), False)  # reads as none
 
 
 def add_tracklets(gallery: Gallery, video: VideoRecord, records: Sequence[TrackletRecord],

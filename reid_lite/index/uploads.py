@@ -103,6 +103,9 @@ def add_upload(live: LiveGallery, data: bytes, fmt: str, camera: int | None, tim
         camera = camera_from_name(g, data, filename, fmt)
     check_query_camera(g, camera)
     sha = hashlib.sha256(data).hexdigest()
+    if live.root is None:
+        raise HTTPException(403, f"this gallery ({live.storage.location}) has no folder of its own to keep uploaded "
+                                 "crops in; add crops with `reid-gallery add` instead")
     folder = live.root / UPLOADS
     folder.mkdir(exist_ok=True)
     path = folder / f"{sha}{FORMATS[fmt]}"
@@ -117,7 +120,7 @@ def add_upload(live: LiveGallery, data: bytes, fmt: str, camera: int | None, tim
     writer = live.writer()
     try:
         report = writer.add([record], lock_timeout=60.0)
-        row = writer.store.conn.execute("SELECT id FROM crops WHERE sha256 = ?", (sha,)).fetchone()
+        crop_id = writer.store.ids_of_hashes([sha]).get(sha)
     except BaseException:
         if not existed:
             path.unlink(missing_ok=True)
@@ -127,5 +130,5 @@ def add_upload(live: LiveGallery, data: bytes, fmt: str, camera: int | None, tim
     if not report.added and not existed:
         path.unlink(missing_ok=True)  # the same bytes were already stored under another file
     live.current()  # serve the new generation from now on
-    return {"added": report.added, "duplicate": bool(report.duplicates), "id": None if row is None else row[0],
+    return {"added": report.added, "duplicate": bool(report.duplicates), "id": crop_id,
             "generation": report.generation}

@@ -168,16 +168,20 @@ class GalleryWrites:
             names, entries = ([f"{name}-conv"], self.storage.write_segment(f"{name}-conv", moved_ids, moved)
                               ) if len(moved_ids) else ([], [])
             ids = store.insert(new, gen)
+            stored = ids >= 0  # -1: a concurrent writer stored the same content first (a database backend)
+            report.added = int(stored.sum())
+            report.duplicates += [r.path for r, keep in zip(new, stored) if not keep]
             if after_insert is not None:
-                after_insert(store, ids, new, gen)
-            if len(ids):
-                idx.add(feats, ids)
+                after_insert(store, ids[stored], [r for r, keep in zip(new, stored) if keep], gen)
+            if report.added:
+                ids, kept = ids[stored], feats[stored]
+                idx.add(kept, ids)
                 if idx.kind == "ivfpq":  # float16 copies for exact re-ranking of the shortlist
-                    entries += self.storage.write_segment(name, ids, feats)
+                    entries += self.storage.write_segment(name, ids, kept)
                     names.append(name)
             return names, entries
 
-        report.added = len(new)
+        report.added = 0
         if not new and self.staged is None:  # nothing new (all duplicates): the current generation stands
             report.generation = self.generation
             return
@@ -206,8 +210,8 @@ class GalleryWrites:
             if len(target):
                 def mutate(store: CropMetadata, idx: VectorIndex, gen: int) -> tuple[list[str], list[dict]]:
                     nonlocal removed
+                    removed = idx.remove(target)  # first: a database's index counts the rows it is to delete
                     store.delete(target.tolist())
-                    removed = idx.remove(target)
                     if removed != len(target):
                         raise GalleryCorrupt(f"index removed {removed} of {len(target)} ids; metadata and index "
                                              "disagree")
@@ -247,7 +251,7 @@ class GalleryWrites:
         are added to the current ones, or replace them. A staged build applies `mutate` to its own
         unpublished generation instead."""
         if self.staged is not None:
-            if self.staged.tmp is None:
+            if self.staged.detached:
                 raise GalleryError("a detached gallery (directory None) embeds only; it cannot be written")
             try:
                 names, entries = mutate(self.store, self.index, self.staged.gen)
@@ -260,7 +264,7 @@ class GalleryWrites:
             return self.staged.gen
         staged, store = self.storage.begin(base=self.generation, after=self.generation)
         try:
-            idx = self.index.clone()  # the open gallery stays usable if anything below fails
+            idx = self.storage.stage_index(staged, self.index)  # the open gallery stays usable if this write fails
             names, entries = mutate(store, idx, staged.gen)
             store.commit()
             store.close()
@@ -269,10 +273,9 @@ class GalleryWrites:
             self.storage.publish(staged, idx, list(self.manifest["segments"]) * keep + names,
                                  list(self.manifest["segment_files"]) * keep + entries, on_stage=self.on_stage)
         except BaseException:
-            if self.storage.current_number() != staged.gen:  # not published: leave no debris behind
-                with contextlib.suppress(Exception):
-                    store.close()
-                self.storage.discard(staged.gen)
+            with contextlib.suppress(Exception):
+                store.close()
+            self.storage.discard(staged)  # unless it was published: leave no debris behind
             raise
         self.reload()
         return staged.gen

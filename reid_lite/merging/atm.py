@@ -7,7 +7,7 @@ the splitting depth l_s the split alternates (ToMe); after it, it is size-distin
 sorted by merging size, the smaller half are sources and the larger half destinations, so that two
 large tokens never merge (Theorem 1). Proportional attention follows from the tracked sizes.
 
-Batching (../shared/notes/merging-methods.md 1.4, 1.5 m). The paper merges the batch mean of the
+Batching (docs/methods.md, ATM). The paper merges the batch mean of the
 per-image counts in every image, so an image's feature depends on its batch-mates: a gallery cannot
 accept that. Here the default `MODE image` lets every image merge what its own thresholds say through
 the capacity contract: the tokens merged away become empty slots (size 0), and after every merging block

@@ -132,6 +132,10 @@ class TokenReducer:
         return out
 
     def reduce(self, x: Tensor, keys: Tensor, cls_attn: Tensor | None, state: TokenState) -> Tensor:
+        """The method itself: `x` (B, T, C) the tokens after attention (class token first), `keys` (B, H, T, d)
+        the block's attention keys per head, `cls_attn` (B, H, T) the class token's attention row when the
+        reducer sets `needs_cls_attn` (else None). Returns (B, num_out(T), C) and updates `state` (sizes, and
+        the source map or positions when they are tracked) to match."""
         raise NotImplementedError
 
     def bind(self, block: nn.Module) -> None:

@@ -2,7 +2,7 @@
 
 In each selected block, after attention, K merges of spatially adjacent tokens (8-connectivity), each
 the most similar adjacent pair by cosine of the residual stream, greedily and hierarchically: a merged
-token may merge again (Algorithm 1; ../shared/notes/merging-methods.md 2). The class token stays out.
+token may merge again (Algorithm 1 of the DHTM paper). The class token stays out.
 
 Vectorised in `ROUNDS` rounds per block (a small fixed number of tensor steps, static shapes, no host
 synchronisation): in each round every token points at its most similar neighbour; of those edges (a

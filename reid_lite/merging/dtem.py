@@ -3,7 +3,7 @@ Transformers"): ToMe's bipartite merging driven by a small learned embedding per
 
 In each merging block a decoupled embedding z = f(stopgrad(LN1(x_in))) (one linear layer to 64 dims, the
 paper's main setting, Eq. 4) decides which tokens merge (cosine, Eq. 5); the ViT's own features are only
-merged. Two regimes (digest: ../shared/notes/merging-methods.md section 4):
+merged. Two regimes (the paper's Sections 3-4 and appendix A.2):
 
 - inference (eval mode, or no gradient): hard merging exactly as ToMe (alternating split, bipartite
   matching on cos(z), size-weighted mean, proportional attention), r tokens per block;

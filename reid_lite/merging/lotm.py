@@ -7,7 +7,7 @@ token, by their plain mean (Eq. 15; `WEIGHTING size` for the size-weighted mean)
 out of the pairing. Merged tokens keep their pair's place, so the sequence stays in raster order and
 JPM reads it in spatial order; both grid widths of TransReID (10 and 8) are even, so the pairs of the
 first merging block lie inside rows. After a merge, rows hold different numbers of tokens and a pair may
-span a row's end (../shared/notes/merging-methods.md 3.5 a). The paper has no size bias in attention,
+span a row's end (the docs: Token reduction, LoTM and DHTM). The paper has no size bias in attention,
 so MERGE.PROP_ATTN does not apply (as for EViT).
 
 Blocks: the paper's 4th, 7th and 11th of 12 (1-based). With JPM, block 11 is the last block of the

@@ -1,7 +1,7 @@
 """STM-ReID: spatial-aware, training-free token merging (DSE-Assess, CCF-Match, PRN-Fuse).
 
-Implements ../shared/DESIGN.md section 3 (the paper's Eq. 3-9 and Algorithms 1-3). Each step is a
-small pure function of tensors; `STM` strings them together for one block. Per block:
+Implements the paper's Eq. 3-9 and Algorithms 1-3 (the equations as implemented: docs/methods.md, STM-ReID).
+Each step is a small pure function of tensors; `STM` strings them together for one block. Per block:
 
 1. virtual coordinates of the N patch tokens in sequence order and their k nearest neighbours
    (cached per N and device), 2. the AdaptGST prior W, 3. local neighbourhood entropy of the class

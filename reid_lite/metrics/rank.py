@@ -44,6 +44,7 @@ class RankResult:
     num_queries: int  # all queries seen, valid or not
 
     def as_tuple(self) -> tuple[np.ndarray, float, float]:
+        """(cmc, mAP, mINP), the official `eval_func`'s return value."""
         return self.cmc, self.mAP, self.mINP
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..index import cli as index_cli
+from ..index.backends import is_database_uri
 from ..index.crops import to_seconds
 from ..index.gallery import Gallery
 from ..index.storage import LOCK
@@ -110,16 +111,18 @@ def print_video(report: VideoIngestReport, as_json: bool) -> None:
 def open_or_create(args: argparse.Namespace) -> Gallery:
     """The gallery of `ingest`: opened; created (empty, published) from --config when its folder holds none."""
     root = Path(args.gallery)
-    exists = root.is_dir() and any(p.name != LOCK for p in root.iterdir())
+    # A database URI names an existing gallery unless --config asks for a new one (staging refuses to overwrite).
+    exists = not args.config if is_database_uri(args.gallery) else (
+        root.is_dir() and any(p.name != LOCK for p in root.iterdir()))
     if exists:
         if args.config or args.weights or args.opts:
             raise ValueError(f"{root} is a gallery already: its own model embeds (--config, --weights and --opts "
                              "only create a new one)")
-        g = Gallery.open(root)
+        g = Gallery.open(args.gallery)
     else:
         if not args.config:
             raise FileNotFoundError(f"no gallery at {root}: give --config (and --weights) to create one")
-        with Gallery.staging(root, index_cli.config_from_args(args), feature=args.feature,
+        with Gallery.staging(args.gallery, index_cli.config_from_args(args), feature=args.feature,
                              camera_num=args.camera_num, camids=[args.camera], device=args.device,
                              lock_timeout=args.lock_timeout) as g:
             pass
