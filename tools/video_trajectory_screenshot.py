@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Screenshot of the `reid-gallery serve` page showing one tracklet's trajectory ("where next"), for docs/.
 
-    reid-gallery ingest /tmp/real ../shared/data/video/people-detection.264 --camera 0 --every 5 \\
-        --detector ../shared/data/video/pedestrian-detection-adas-0002.xml \\
+    reid-gallery ingest /tmp/real VIDEO_DIR/people-detection.264 --camera 0 --every 5 \\
+        --detector VIDEO_DIR/pedestrian-detection-adas-0002.xml \\
         --config configs/demo_synthetic.yml --weights weights/demo_synthetic.pth
     python tools/video_trajectory_screenshot.py /tmp/real 5 --within=-20s..1min --same-camera \\
         --out docs/video_trajectory.png
