@@ -75,7 +75,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "reid-gallery=reid_lite.index.cli:main",
+            "reid-gallery=reid_lite.video.cli:main",
         ]
     },
 )

@@ -3,6 +3,7 @@
     reid-gallery build  /tmp/gal crops/ --config configs/market1501_stm.yml [--weights W.pth] [--opts KEY VALUE ...]
     reid-gallery add    /tmp/gal more_crops/ one.jpg
     reid-gallery search /tmp/gal q1.jpg q2.jpg -k 10 --exclude-same-camera --json --sheet out.png
+    reid-gallery search /tmp/gal --after 12 --within 20s..10min   # where did tracklet 12's person go next
     reid-gallery info   /tmp/gal
     reid-gallery remove /tmp/gal --camera 3 --path crops/x.jpg [--purge]
     reid-gallery recover /tmp/gal
@@ -38,9 +39,14 @@ from .gallery import Gallery, GalleryError, IndexParams
 from .migrate import migrate_gallery
 from .server import serve
 from .sheet import write_sheet
+from .tracklets import parse_within, search_after, tracklet_table, tracklets_of_hits
 
-__all__ = ["build_parser", "config_from_args", "input_paths", "main", "print_report", "run_command",
+__all__ = ["Command", "build_parser", "config_from_args", "input_paths", "main", "print_report", "run_command",
            "show_progress", "write_sheet"]
+
+#: A subcommand added by a higher layer (reid_lite.video.cli adds `ingest`): (add its parser to the
+#: subparsers, run it with the parsed arguments).
+Command = tuple[Callable[[Any], None], Callable[[argparse.Namespace], None]]
 
 
 def _positive_int(text: str) -> int:
@@ -107,8 +113,8 @@ def _add_lock_arg(p: argparse.ArgumentParser) -> None:
                    help="give up after waiting this long for another writer's lock (default: wait, saying so)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of `reid-gallery`."""
+def build_parser(commands: dict[str, Command] | None = None) -> argparse.ArgumentParser:
+    """The argument parser of `reid-gallery` (with the parsers of `commands` added)."""
     ap = argparse.ArgumentParser(prog="reid-gallery", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -150,7 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("search", help="rank gallery crops for query images")
     s.add_argument("gallery")
-    s.add_argument("queries", nargs="+", help="query image files")
+    s.add_argument("queries", nargs="*", help="query image files (or --after)")
+    s.add_argument("--after", type=int, metavar="ID",
+                   help="search from the stored tracklet ID: where did this person appear next (other cameras, "
+                        "in time order; --within, --same-camera)")
+    s.add_argument("--within", default="..", metavar="FROM..TO",
+                   help="with --after: hits starting FROM..TO after the tracklet ends, e.g. 20s..10min (default: any "
+                        "time after it); a negative FROM as --within=-1min..1min also takes what starts earlier")
+    s.add_argument("--same-camera", action="store_true",
+                   help="with --after: the tracklet's own camera too (a person returning to one camera)")
     s.add_argument("-k", type=_positive_int, default=10, help="results per query (default 10)")
     s.add_argument("--query-camera", type=int, nargs="+", help="0-based camera of each query (or one for all)")
     s.add_argument("--pattern", help="file-name pattern to read query cameras (default: the gallery's)")
@@ -211,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true", help="replace a gallery at the target")
     m.add_argument("--json", action="store_true")
     _add_lock_arg(m)
+    for add_parser, _ in (commands or {}).values():
+        add_parser(sub)
     return ap
 
 
@@ -274,8 +290,41 @@ def _merge_overrides(cfg: Any, opts: Sequence[str]) -> Any:
     return cfg
 
 
+def _span(t: Any) -> str:
+    """'1.20..2.60 s (1.4 s, 8 crops)' of a tracklet."""
+    return f"{t.start:.2f}..{t.end:.2f} s ({t.end - t.start:.1f} s, {count(t.crop_count, 'crop')})"
+
+
+def _cmd_after(args: argparse.Namespace, g: Gallery) -> None:
+    if args.queries:
+        raise ValueError("give query images or --after ID, not both")
+    res = search_after(g, args.after, parse_within(args.within), k=args.k, same_camera=args.same_camera,
+                       cameras=args.cameras, nprobe=args.nprobe)
+    for note in res.notes:
+        print(f"reid-gallery search: note: {note}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(res.to_dict(), indent=1))
+        return
+    q = res.query
+    lo, hi = res.window
+    print(f"tracklet {q.id}: camera {q.camid}, {_span(q)}, track {q.track}")
+    print(f"next: {count(len(res.hits), 'hit')} starting {lo:.2f}..{hi:.2f} s on "
+          f"{'any camera' if args.same_camera else 'other cameras'}, in time order (rank = by similarity)")
+    for h in res.hits:
+        span = _span(h.tracklet) if h.tracklet is not None else f"t {h.hit.timestamp_raw or h.hit.timestamp}"
+        flag = "" if h.hit.likely is None else ("  likely  " if h.hit.likely else "  unlikely")
+        print(f"  cam {h.hit.camid}  {span}  #{h.hit.rank} {h.hit.score:.4f}{flag}  id {h.hit.id}  {h.hit.path}")
+
+
 def _cmd_search(args: argparse.Namespace) -> None:
     g = Gallery.open(args.gallery, verify=not args.no_verify)
+    if args.after is not None:
+        _cmd_after(args, g)
+        return
+    if not args.queries:
+        raise ValueError("give query image files, or --after ID to search from a stored tracklet")
+    if args.within != ".." or args.same_camera:
+        raise ValueError("--within and --same-camera go with --after ID")
     g.device = args.device
     cfg = None
     if args.config:
@@ -296,29 +345,35 @@ def _cmd_search(args: argparse.Namespace) -> None:
     if t is None:
         print("reid-gallery search: note: no match threshold calibrated for this query model, so hits are not "
               "flagged likely/unlikely (tools/test.py --calibrate GALLERY)", file=sys.stderr)
+    spans = [tracklets_of_hits(g, hits) for hits in results]  # tracklet hits carry their time span
     if args.json:
-        print(json.dumps([{"query": q, "results": [h.to_dict() for h in hits], "threshold": t,
+        print(json.dumps([{"query": q, "results": [h.to_dict() for h in tracked], "threshold": t,
                            "no_likely_match": None if i in results.skipped else results.no_likely_match(i),
                            **({"skipped": results.skipped[i]} if i in results.skipped else {})}
-                          for i, (q, hits) in enumerate(zip(args.queries, results))], indent=1))
+                          for i, (q, tracked) in enumerate(zip(args.queries, spans))], indent=1))
     else:
-        for i, (q, hits) in enumerate(zip(args.queries, results)):
+        for i, (q, hits, tracked) in enumerate(zip(args.queries, results, spans)):
             if i in results.skipped:
                 continue
             verdict = "" if t is None else ("  (no likely match: every hit scores below the threshold "
                                             f"{t:.4f})" if results.no_likely_match(i) else f"  (threshold {t:.4f})")
             print(f"query {q}{verdict}")
-            for h in hits:
+            for h, tr in zip(hits, tracked):
                 ts = h.timestamp_raw if h.timestamp_raw is not None else "-"
                 flag = "" if h.likely is None else ("  likely  " if h.likely else "  unlikely")
-                print(f"  {h.rank:3d}  {h.score:.4f}{flag}  cam {h.camid}  t {ts}  {h.path}")
+                span = f"  tracklet {_span(tr.tracklet)}" if tr.tracklet is not None else ""
+                print(f"  {h.rank:3d}  {h.score:.4f}{flag}  cam {h.camid}  t {ts}{span}  {h.path}")
     if args.sheet:
         write_sheet(args.sheet, args.queries, results)
         print(f"contact sheet: {args.sheet}", file=sys.stderr)
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
-    info = Gallery.open(args.gallery, verify=not args.no_verify).info()
+    g = Gallery.open(args.gallery, verify=not args.no_verify)
+    info = g.info()
+    table = tracklet_table(g.store)
+    info["tracklets"] = table.count()
+    info["videos"] = [v.to_dict() for v in table.videos()]
     if args.json:
         print(json.dumps(info, indent=1))
         return
@@ -335,6 +390,8 @@ def _cmd_info(args: argparse.Namespace) -> None:
     print(f"merging   {m['merging']}")
     print(f"input     {m['input']['size']}  digest {info['model_digest'][:16]}")
     print(f"cameras   {info['cameras']}")
+    if info["tracklets"]:
+        print(f"tracklets {info['tracklets']} from {count(len(info['videos']), 'video')} (reid-gallery ingest)")
     if info["accepts_merged_queries"]:
         print("queries   also from this model with token merging (--accept-merged-queries)")
     if not info["calibration"]:
@@ -437,12 +494,14 @@ def run_command(prefix: str, command: Callable[[], None], interrupted: Callable[
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `reid-gallery`; returns the exit status (2: a mistake, explained in one line)."""
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, commands: dict[str, Command] | None = None) -> int:
+    """Entry point of `reid-gallery`; returns the exit status (2: a mistake, explained in one line). `commands`:
+    subcommands of higher layers (the installed `reid-gallery` is reid_lite.video.cli's, which adds `ingest`)."""
+    args = build_parser(commands).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     handlers = {"build": _cmd_build, "add": _cmd_add, "search": _cmd_search, "info": _cmd_info,
-                "remove": _cmd_remove, "recover": _cmd_recover, "serve": _cmd_serve, "migrate": _cmd_migrate}
+                "remove": _cmd_remove, "recover": _cmd_recover, "serve": _cmd_serve, "migrate": _cmd_migrate,
+                **{name: run for name, (_, run) in (commands or {}).items()}}
     return run_command(f"reid-gallery {args.command}", lambda: handlers[args.command](args),
                        lambda: _interrupted(args))
 

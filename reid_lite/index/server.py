@@ -5,7 +5,10 @@
     POST /api/search                    body: an image; ?k&camera&cameras&time_from&time_to&exclude_same_camera
     GET  /api/crops/{id}/search         the same filters, searching from a stored crop (its stored feature)
     GET  /api/crops/{id}                a crop's metadata
-    GET  /api/crops/{id}/thumbnail      a JPEG thumbnail of a stored crop
+    GET  /api/crops/{id}/thumbnail      a JPEG thumbnail of a stored crop (a tracklet's: its best crop)
+    GET  /api/tracklets                 tracklets in time order (?camera&limit)
+    GET  /api/tracklets/{id}            a tracklet: camera, start, end, crops, video
+    GET  /api/tracklets/{id}/after      where did this person appear next: ?within=20s..10min&k&same_camera&cameras
     POST /api/crops                     add an uploaded crop (only with --allow-add)
     GET  /openapi.json                  the OpenAPI description
 
@@ -50,6 +53,7 @@ from .live import LiveGallery
 from .querying import SearchHit, SearchResults
 from .storage import GalleryCorrupt, GalleryError, GalleryLocked
 from .store import CropRecord
+from .tracklets import TrackletHit, TrackletRecord, parse_within, search_after, tracklet_table, tracklets_of_hits
 from .uploads import UPLOADS, add_upload, camera_from_name, check_query_camera, decode_upload, read_body
 
 logger = logging.getLogger(__name__)
@@ -68,9 +72,24 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def _hit(h: SearchHit) -> dict[str, Any]:
+def _hit(h: SearchHit, tracklet: TrackletRecord | None = None) -> dict[str, Any]:
     # The file's location on the server is not part of the answer: a crop is its id (and its base name).
-    return {"rank": h.rank, "id": h.id, "score": h.score, **_hit_meta(h), "likely": h.likely}
+    return {"rank": h.rank, "id": h.id, "score": h.score, **_hit_meta(h), "likely": h.likely,
+            "tracklet": _tracklet(tracklet)}
+
+
+def _tracklet(t: TrackletRecord | None) -> dict[str, Any] | None:
+    """What the API tells of a tracklet (None: the entry is a plain crop): span, frames, crops; not the video's
+    path on the server."""
+    if t is None:
+        return None
+    d = t.to_dict()
+    d["video"] = d["video"][:12]  # the video's key, shortened: which entries come from one video
+    return d
+
+
+def _tracked_hit(h: TrackletHit) -> dict[str, Any]:
+    return {**_hit(h.hit, h.tracklet), "start": h.start, "end": h.end}
 
 
 def _calibration(entry: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -82,7 +101,8 @@ def _calibration(entry: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _results(g: Gallery, results: SearchResults, query: dict[str, Any], seconds: float) -> dict[str, Any]:
-    return {"query": query, "generation": g.generation, "hits": [_hit(h) for h in results[0]],
+    tracked = tracklets_of_hits(g, results[0]) if results else []
+    return {"query": query, "generation": g.generation, "hits": [_tracked_hit(h) for h in tracked],
             "notes": results.notes, "seconds": seconds, "calibration": _calibration(results.calibration),
             "no_likely_match": results.no_likely_match(0) if results else None}
 
@@ -98,6 +118,20 @@ def _thumbnail(path: str, sha256: str, height: int, mtime_ns: int, size: int) ->
         raise HTTPException(410, "the crop's file changed on disk since it was added; it is not served")
     img = to_rgb(Image.open(io.BytesIO(data)))  # a 16-bit crop scaled, not clipped to white
     img.thumbnail((height, height), Image.Resampling.BILINEAR)  # person crops are tall: height binds
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=85)
+    return out.getvalue()
+
+
+@functools.lru_cache(maxsize=4096)
+def _resized(jpeg: bytes, height: int) -> bytes:
+    """A stored JPEG (a tracklet's thumbnail) at most `height` pixels high."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    if img.height <= height:
+        return jpeg
+    img.thumbnail((height, height), Image.Resampling.BILINEAR)
     out = io.BytesIO()
     img.save(out, "JPEG", quality=85)
     return out.getvalue()
@@ -207,7 +241,7 @@ def create_app(gallery: str | os.PathLike | LiveGallery, *, allow_add: bool = Fa
         out["query_merging"] = (query_fp or g.fingerprint)["merging"]
         span = g.store.time_span()
         out.update(time_span=None if span is None else list(span), has_identity=g.store.has_identity(),
-                   camera_num=g.camera_num,
+                   camera_num=g.camera_num, tracklets=tracklet_table(g.store).count(),
                    sie_camera=bool(g.fingerprint["architecture"]["sie_camera"]), allow_add=allow_add,
                    max_upload_bytes=limit, reopen_errors=live.reopen_errors[-5:])
         return out
@@ -243,13 +277,57 @@ def create_app(gallery: str | os.PathLike | LiveGallery, *, allow_add: bool = Fa
     @app.get("/api/crops/{crop_id}/thumbnail", summary="JPEG thumbnail of a stored crop",
              response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
     def thumbnail(crop_id: CropId, height: Annotated[int, Query(ge=16, le=512)] = 128) -> Response:
-        rec = _crop(live.current(), crop_id)
+        g = live.current()
+        rec = _crop(g, crop_id)
+        jpeg = tracklet_table(g.store).thumbnail(crop_id)
+        if jpeg is not None:  # a tracklet's best crop, stored in the gallery
+            return Response(_resized(jpeg, height), media_type="image/jpeg",
+                            headers={"Cache-Control": "private, max-age=3600"})
         try:
             st = os.stat(rec.path)
             jpeg = _thumbnail(rec.path, rec.sha256, height, st.st_mtime_ns, st.st_size)
         except OSError:
             raise HTTPException(404, f"crop {crop_id}'s image file is no longer on disk") from None
         return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+    def _tracklet_or_404(g: Gallery, tracklet_id: int) -> TrackletRecord:
+        t = tracklet_table(g.store).get([tracklet_id]).get(tracklet_id)
+        if t is None:
+            raise HTTPException(404, f"no tracklet with id {tracklet_id} in generation {g.generation} of this gallery")
+        return t
+
+    @app.get("/api/tracklets", summary="Tracklets in time order (of one camera)")
+    def tracklets(camera: Annotated[int | None, Query(ge=0, le=INT64_MAX)] = None,
+                  limit: Annotated[int, Query(ge=1, le=10000)] = 500) -> dict[str, Any]:
+        g = live.current()
+        table = tracklet_table(g.store)
+        found = table.list(None if camera is None else [camera], limit)
+        recs = g.store.get([t.id for t in found])
+        return {"generation": g.generation, "count": table.count(),
+                "tracklets": [{**_tracklet(t), **_hit_meta(recs[t.id])} for t in found if t.id in recs]}
+
+    @app.get("/api/tracklets/{tracklet_id}", summary="A stored tracklet: camera, time span, frames, crops")
+    def tracklet(tracklet_id: CropId) -> dict[str, Any]:
+        g = live.current()
+        t = _tracklet_or_404(g, tracklet_id)
+        return {**_tracklet(t), **_hit_meta(_crop(g, tracklet_id)), "generation": g.generation}
+
+    @app.get("/api/tracklets/{tracklet_id}/after",
+             summary="Where did this tracklet's person appear next: hits on other cameras in time order")
+    def after(tracklet_id: CropId,
+              within: Annotated[str, Query(description="FROM..TO after the tracklet ends, e.g. 20s..10min")] = "..",
+              k: Annotated[int, Query(ge=1, le=1000)] = 10, same_camera: bool = False,
+              cameras: Annotated[list[int] | None, Query(description="keep only these cameras")] = None,
+              ) -> dict[str, Any]:
+        g = live.current()
+        q = _tracklet_or_404(g, tracklet_id)
+        t0 = time.perf_counter()
+        res = search_after(g, tracklet_id, parse_within(within), k, same_camera=same_camera, cameras=cameras)
+        out = res.to_dict()
+        out.update(query={**_tracklet(q), **_hit_meta(_crop(g, tracklet_id))},
+                   hits=[_tracked_hit(h) for h in res.hits], generation=g.generation,
+                   seconds=time.perf_counter() - t0, within=within, same_camera=same_camera)
+        return out
 
     @app.post("/api/crops", summary="Add an uploaded crop to the gallery (server started with --allow-add)",
               openapi_extra={"requestBody": {"required": True, "content": {

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CropRecord", "MetadataStore", "SCHEMA_VERSION"]
+__all__ = ["DEPENDENT_TABLES", "CropRecord", "MetadataStore", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
 
@@ -63,6 +63,10 @@ class CropRecord:
                 "timestamp": self.timestamp, "timestamp_raw": self.timestamp_raw,
                 "identity": self.identity, "track": self.track, "generation": self.generation}
 
+
+#: Tables whose rows belong to a crop row (their `id` column is its id) and are deleted with it; created by
+#: the modules that use them (reid_lite.index.tracklets), absent from galleries that never needed them.
+DEPENDENT_TABLES = ("tracklets", "tracklet_crops")
 
 _COLUMNS = "id, path, sha256, camid, timestamp, timestamp_raw, identity, track, generation"
 
@@ -139,6 +143,10 @@ class MetadataStore:
     def delete(self, ids: Sequence[int]) -> None:
         """Delete the rows of ``ids``."""
         self.conn.executemany("DELETE FROM crops WHERE id = ?", [(int(i),) for i in ids])
+        present = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        for table in DEPENDENT_TABLES:
+            if table in present:
+                self.conn.executemany(f"DELETE FROM {table} WHERE id = ?", [(int(i),) for i in ids])
         self._columns = None
 
     def get(self, ids: Sequence[int]) -> dict[int, CropRecord]:

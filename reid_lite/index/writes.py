@@ -23,7 +23,7 @@ from .storage import GalleryCorrupt, GalleryError, StageCallback, StagedGenerati
 from .store import CropRecord
 from .vector_index import VectorIndex
 
-__all__ = ["AddReport", "GalleryWrites", "Mutation", "StagedGeneration"]
+__all__ = ["AddReport", "AfterInsert", "GalleryWrites", "Mutation", "StagedGeneration"]
 
 
 @dataclass
@@ -45,6 +45,10 @@ class AddReport:
 
 
 Mutation = Callable[[CropMetadata, VectorIndex, int], tuple[list[str], list[dict]]]
+#: Called inside a write with the staged metadata, the ids just given to the new records, the records and the
+#: generation being written: rows of other tables that belong to those records (tracklets) are written here, so
+#: they publish with them or not at all.
+AfterInsert = Callable[[CropMetadata, np.ndarray, Sequence[CropRecord], int], None]
 
 
 class GalleryWrites:
@@ -129,9 +133,11 @@ class GalleryWrites:
         return new, dups
 
     def add_features(self, records: Sequence[CropRecord], feats: np.ndarray,
-                     fingerprint: dict[str, Any] | None = None, lock_timeout: float | None = None) -> AddReport:
+                     fingerprint: dict[str, Any] | None = None, lock_timeout: float | None = None,
+                     after_insert: AfterInsert | None = None) -> AddReport:
         """Store precomputed features (rows L2-normalised by the gallery's model) with their records
-        (sha256 required). `fingerprint` (recommended) is checked against the gallery's."""
+        (sha256 required). `fingerprint` (recommended) is checked against the gallery's. `after_insert`
+        writes rows that belong to the new records in the same generation (see :data:`AfterInsert`)."""
         if fingerprint is not None:
             check_fingerprint(self.fingerprint, fingerprint)
         feats = np.asarray(feats, np.float32)
@@ -144,10 +150,11 @@ class GalleryWrites:
             keep = {id(r) for r in new}
             rows = [i for i, r in enumerate(records) if id(r) in keep]
             report = AddReport(duplicates=dups)
-            self._publish_add(new, feats if len(rows) == len(records) else feats[rows], report)
+            self._publish_add(new, feats if len(rows) == len(records) else feats[rows], report, after_insert)
         return report
 
-    def _publish_add(self, new: Sequence[CropRecord], feats: np.ndarray, report: AddReport) -> None:
+    def _publish_add(self, new: Sequence[CropRecord], feats: np.ndarray, report: AddReport,
+                     after_insert: AfterInsert | None = None) -> None:
         # Every write passes here: a NaN/inf row would match nothing (or everything) in every later search.
         bad = np.flatnonzero(~np.isfinite(feats).all(axis=1)) if len(feats) else []
         if len(bad):
@@ -164,6 +171,8 @@ class GalleryWrites:
             stored = ids >= 0  # -1: a concurrent writer stored the same content first (a database backend)
             report.added = int(stored.sum())
             report.duplicates += [r.path for r, keep in zip(new, stored) if not keep]
+            if after_insert is not None:
+                after_insert(store, ids[stored], [r for r, keep in zip(new, stored) if keep], gen)
             if report.added:
                 ids, kept = ids[stored], feats[stored]
                 idx.add(kept, ids)

@@ -18,7 +18,7 @@ import numpy as np
 
 from .crops import TrackCrops
 
-__all__ = ["Embedder", "Tracklet", "TrackletRule", "aggregate_features", "build_tracklets"]
+__all__ = ["Embedder", "Tracklet", "TrackletRule", "aggregate_features", "build_tracklets", "jpeg_bytes"]
 
 #: RGB uint8 HWC crops -> (n, D) float32 L2-normalised features, one row per crop, in order.
 Embedder = Callable[[Sequence[np.ndarray]], np.ndarray]
@@ -63,11 +63,16 @@ class Tracklet:
 
     def thumbnail_jpeg(self, quality: int = 90) -> bytes:
         """The thumbnail as JPEG bytes."""
-        from PIL import Image
+        return jpeg_bytes(self.thumbnail, quality)
 
-        buf = io.BytesIO()
-        Image.fromarray(self.thumbnail).save(buf, format="JPEG", quality=quality)
-        return buf.getvalue()
+
+def jpeg_bytes(rgb: np.ndarray, quality: int = 90) -> bytes:
+    """An RGB uint8 HWC image as JPEG bytes."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
 
 
 def aggregate_features(feats: np.ndarray) -> np.ndarray:
