@@ -373,7 +373,8 @@ def test_index_modules_use_only_each_others_public_names():
         own |= {n.target.id for n in ast.walk(tree) if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
         for n in ast.walk(tree):
             if isinstance(n, ast.ImportFrom) and (n.level or (n.module or "").startswith("reid_lite")):
-                bad += [f"{path.name}:{n.lineno} imports {a.name}" for a in n.names if a.name.startswith("_") and not a.name.startswith("__")]
+                bad += [f"{path.name}:{n.lineno} imports {a.name}" for a in n.names
+                        if a.name.startswith("_") and not a.name.startswith("__")]
             elif (isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Load) and n.attr.startswith("_")
                   and not n.attr.startswith("__") and n.attr not in own):
                 bad.append(f"{path.name}:{n.lineno} uses .{n.attr}")
