@@ -5,7 +5,7 @@
         --detector VIDEO_DIR/pedestrian-detection-adas-0002.xml \\
         --config configs/demo_synthetic.yml --weights weights/demo_synthetic.pth
     python tools/video_trajectory_screenshot.py /tmp/real 5 --within=-20s..1min --same-camera \\
-        --out docs/video_trajectory.png
+        --out /tmp/video_trajectory.png
 
 Serves GALLERY on loopback, opens `/?after=ID&within=...` in headless Chromium (the system's, as .ci/run
 installs it) and saves the page once the trajectory and its thumbnails are drawn.
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--within", default="..", help="the window after it ends (default: any time after)")
     ap.add_argument("--same-camera", action="store_true", help="its own camera too")
     ap.add_argument("-k", type=int, default=10, help="hits (default 10)")
-    ap.add_argument("--out", default="docs/video_trajectory.png")
+    ap.add_argument("--out", default="video_trajectory.png")
     ap.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
     args = ap.parse_args(argv)
     from playwright.sync_api import sync_playwright
