@@ -13,16 +13,28 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["DEPENDENT_TABLES", "CropRecord", "MetadataStore", "SCHEMA_VERSION"]
+__all__ = ["DEPENDENT_TABLES", "CropRecord", "MetadataStore", "SCHEMA_VERSION", "select_where_in"]
+
+#: Values bound per query by `select_where_in`: below SQLite's bound-parameter limit (999 in old builds).
+IN_CHUNK = 900
 
 SCHEMA_VERSION = 1
+
+def select_where_in(conn: sqlite3.Connection, select: str, column: str, values: Iterable[Any]) -> Iterator[tuple]:
+    """Rows of `select` (a `SELECT ... FROM table` without WHERE) whose `column` is one of `values`, queried
+    IN_CHUNK values at a time so that no query binds more parameters than SQLite allows."""
+    values = list(values)
+    for start in range(0, len(values), IN_CHUNK):
+        chunk = values[start:start + IN_CHUNK]
+        yield from conn.execute(f"{select} WHERE {column} IN ({','.join('?' * len(chunk))})", chunk)
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS crops (
@@ -120,13 +132,7 @@ class MetadataStore:
 
     def known_hashes(self, hashes: Iterable[str]) -> set[str]:
         """The subset of ``hashes`` already stored."""
-        hashes = list(hashes)
-        found: set[str] = set()
-        for s in range(0, len(hashes), 900):  # stay below SQLite's bound-parameter limit
-            chunk = hashes[s:s + 900]
-            q = f"SELECT sha256 FROM crops WHERE sha256 IN ({','.join('?' * len(chunk))})"
-            found.update(r[0] for r in self.conn.execute(q, chunk))
-        return found
+        return {r[0] for r in select_where_in(self.conn, "SELECT sha256 FROM crops", "sha256", hashes)}
 
     def insert(self, records: Sequence[CropRecord], generation: int) -> np.ndarray:
         """Insert ``records`` with fresh ids (returned, int64, contiguous and increasing)."""
@@ -151,14 +157,8 @@ class MetadataStore:
 
     def get(self, ids: Sequence[int]) -> dict[int, CropRecord]:
         """Records by id (missing ids are absent from the result)."""
-        ids = [int(i) for i in ids]
-        out: dict[int, CropRecord] = {}
-        for s in range(0, len(ids), 900):
-            chunk = ids[s:s + 900]
-            q = f"SELECT {_COLUMNS} FROM crops WHERE id IN ({','.join('?' * len(chunk))})"
-            for row in self.conn.execute(q, chunk):
-                out[row[0]] = _row_to_record(row)
-        return out
+        rows = select_where_in(self.conn, f"SELECT {_COLUMNS} FROM crops", "id", [int(i) for i in ids])
+        return {row[0]: _row_to_record(row) for row in rows}
 
     def ids_where(self, cameras: Sequence[int] | None = None, exclude_cameras: Sequence[int] | None = None,
                   time_from: float | None = None, time_to: float | None = None,
@@ -232,12 +232,7 @@ class MetadataStore:
 
     def ids_of_hashes(self, hashes: Sequence[str]) -> dict[str, int]:
         """Content hash -> id of the stored crops among `hashes`."""
-        out: dict[str, int] = {}
-        for s in range(0, len(hashes), 900):
-            chunk = list(hashes[s:s + 900])
-            q = f"SELECT sha256, id FROM crops WHERE sha256 IN ({','.join('?' * len(chunk))})"
-            out.update((r[0], int(r[1])) for r in self.conn.execute(q, chunk))
-        return out
+        return {r[0]: int(r[1]) for r in select_where_in(self.conn, "SELECT sha256, id FROM crops", "sha256", hashes)}
 
     def all_ids(self) -> np.ndarray:
         """Every stored id, sorted."""

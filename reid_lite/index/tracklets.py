@@ -34,7 +34,7 @@ import numpy as np
 from .gallery import Gallery
 from .querying import SearchHit
 from .storage import GalleryError
-from .store import CropRecord, MetadataStore
+from .store import CropRecord, MetadataStore, select_where_in
 
 __all__ = ["AfterResult", "TrackletHit", "TrackletRecord", "TrackletTable", "VideoRecord", "add_tracklets",
            "parse_duration", "parse_within", "search_after", "tracklet_table", "tracklets_of_hits"]
@@ -158,15 +158,9 @@ class TrackletTable:
         """Tracklets by id (ids that are not tracklets are absent); no image bytes."""
         if not self.present:
             return {}
-        ids = [int(i) for i in ids]
-        out: dict[int, TrackletRecord] = {}
-        for s in range(0, len(ids), 900):
-            chunk = ids[s:s + 900]
-            q = f"SELECT {_TRACKLET_COLUMNS} FROM tracklets WHERE id IN ({','.join('?' * len(chunk))})"
-            for r in self.conn.execute(q, chunk):
-                out[r[0]] = TrackletRecord(id=r[0], video=r[1], track=r[2], camid=r[3], start=r[4], end=r[5],
-                                           first_frame=r[6], last_frame=r[7], boxes=r[8], crop_count=r[9])
-        return out
+        rows = select_where_in(self.conn, f"SELECT {_TRACKLET_COLUMNS} FROM tracklets", "id", [int(i) for i in ids])
+        return {r[0]: TrackletRecord(id=r[0], video=r[1], track=r[2], camid=r[3], start=r[4], end=r[5],
+                                     first_frame=r[6], last_frame=r[7], boxes=r[8], crop_count=r[9]) for r in rows}
 
     def list(self, cameras: Sequence[int] | None = None, limit: int = 1000) -> list[TrackletRecord]:
         """Tracklets in time order (of these cameras), at most `limit`."""

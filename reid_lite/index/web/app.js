@@ -120,19 +120,20 @@ function render(result) {
   setStatus(`${count(result.hits.length, "hit")}${likely} for ${who}, camera ${q.camera ?? q.camid ?? "?"}; ` +
             `generation ${result.generation}, ${(result.seconds * 1000).toFixed(0)} ms`);
   if (result.calibration && result.no_likely_match && result.hits.length) {
-    const span = document.createElement("div");
-    span.className = "no-match";
-    span.textContent = `No likely match: every hit scores below the threshold ${result.calibration.threshold.toFixed(3)}.`;
-    $("status").appendChild(span);
+    addStatusLine("no-match",
+                  `No likely match: every hit scores below the threshold ${result.calibration.threshold.toFixed(3)}.`);
   }
-  for (const n of result.notes) {
-    const span = document.createElement("div");
-    span.className = "note";
-    span.textContent = n;
-    $("status").appendChild(span);
-  }
+  for (const n of result.notes) addStatusLine("note", n);
   renderHits(result.hits);
   timeline(result.hits);
+}
+
+// One line under the status bar (a note of the server's, or the calibrated "no likely match").
+function addStatusLine(className, text) {
+  const line = document.createElement("div");
+  line.className = className;
+  line.textContent = text;
+  $("status").appendChild(line);
 }
 
 function renderHits(hits) {
@@ -249,12 +250,7 @@ async function whereNext(id) {
   setStatus(`${count(result.hits.length, "hit")} on ${where} within ${result.within} after tracklet #${q.id} ` +
             `(camera ${q.camid}), in time order; generation ${result.generation}, ` +
             `${(result.seconds * 1000).toFixed(0)} ms`);
-  for (const n of result.notes) {
-    const span = document.createElement("div");
-    span.className = "note";
-    span.textContent = n;
-    $("status").appendChild(span);
-  }
+  for (const n of result.notes) addStatusLine("note", n);
   renderHits(result.hits);
   timeline(result.hits);
   trajectory(q, result.hits, result.window);
