@@ -36,6 +36,7 @@ INTERNAL: dict[str, str] = {
     "records need their content sha256": "internal writer invariant: every record is hashed before writing",
     "index removed … of … ids; metadata and": "internal invariant: metadata and index are removed from together",
     "a requested id has no stored": "PostgreSQL store invariant: ids come from the same transaction",
+    "a postgresql gallery keeps no vector": "never called: a PostgreSQL gallery writes no IVF-PQ re-ranking segments",
     "unexpected binary copy of …-d vectors": "PostgreSQL COPY protocol invariant (psycopg's wire format)",
     "a stored vector is not …-d": "PostgreSQL store invariant: the column's dimension is fixed by its type",
     "resuming inside an epoch needs the": "library invariant: train() always builds that loader itself",
