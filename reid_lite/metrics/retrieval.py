@@ -25,7 +25,7 @@ def evaluate_retrieval(
     """Market-1501 evaluation (rank-1/5/10, mAP, mINP, CMC) without ever forming the Q x G matrix.
 
     Queries are processed ``query_chunk`` at a time: the dense (chunk, G) distance block is computed with
-    one torch matmul, ranked and folded into a :class:`~reid_lite.metrics.rank.RankAccumulator`. The
+    one torch matmul, ranked and folded into a `~reid_lite.metrics.rank.RankAccumulator`. The
     result equals a one-shot evaluation of the full matrix (row results do not depend on the chunking).
 
     Peak memory ~ features + ``query_chunk * G * 4`` bytes (distances) + the accumulator's bounded
