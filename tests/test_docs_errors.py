@@ -28,8 +28,6 @@ INTERNAL: dict[str, str] = {
     "module 'reid_lite' has no attribute": "Python's own wording for a misspelled import; nothing to fix in a config",
     "module … has no attribute": "torchreid adapter's lazy attributes: Python's own wording for a misspelled import",
     "jpeg encoding failed": "Pillow failed to encode an in-memory synthetic image: a bug, not input",
-    "internal error (…); see the server's log": "the HTTP server's answer to a bug (status 500), by design",
-    "the server did not start": "BackgroundServer/bench_serve: uvicorn failed to come up; its own error is logged",
     "vector segments in … are not in": "storage invariant the writer maintains; a damaged gallery fails its "
                                         "checksums first",
     "an indexed id has no stored": "storage invariant: the checksummed index and vector files agree",
@@ -42,11 +40,8 @@ INTERNAL: dict[str, str] = {
     "resuming inside an epoch needs the": "library invariant: train() always builds that loader itself",
     "rank … outside a world of … processes": "distributed sampler: rank and world size come from torchrun",
     "got … tracklets, … entries and … features": "video ingest invariant: one entry and feature per tracklet",
-    "expected (n >= 1, d) features, got": "video ingest invariant: a tracklet has at least one embedded crop",
     "the detector returned … results for … frames": "video pipeline invariant: the detector answers per frame",
     "the embedder returned … features for … crops": "video pipeline invariant: the embedder answers per crop",
-    "rank 0 failed to publish": "distributed build: wraps rank 0's own error, which is listed itself",
-    "a write to this build failed": "wraps the first failed write's error, which is listed itself",
 }
 
 
