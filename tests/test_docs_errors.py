@@ -1,9 +1,11 @@
 """docs/troubleshooting.md lists every error message a user can meet. The test walks the AST of reid_lite/ and
 tools/ for the places that build an error with a literal or f-string message (an exception of a built-in or the
-project's own class, raised or returned; `cli_error(...)`, `parser.error(...)` and the HTTP server's
-`_error(status, ...)`), renders each message with `…` for its variable parts, takes its first few words (its
-key) and asserts the page holds that text. A message a user cannot trigger (an internal invariant, a library
-caller's programming error behind a validated front end) is in INTERNAL with a one-line reason instead."""
+project's own class, raised or returned; `cli_error(...)`, `parser.error(...)`, the HTTP server's
+`_error(status, ...)` and local helpers that raise their argument; a message bound to a name first, or joined
+from lines; the text that `*_reason` / `*_hint` functions return for messages), renders each message with `…`
+for its variable parts, takes its first few words (its key) and asserts the page holds that text. A message no
+user can trigger (an internal invariant; a library caller's mistakes are listed on the page) is in INTERNAL with
+a one-line reason instead."""
 
 from __future__ import annotations
 
@@ -22,6 +24,9 @@ KEY_WORDS = 6
 
 #: Not raised as exceptions but reported to the user all the same.
 REPORTING_CALLS = {"cli_error"}
+
+#: Functions whose returned text becomes (part of) an error message elsewhere, by name.
+MESSAGE_FUNCTIONS = re.compile(r"_(reason|hint)$")
 
 #: Messages a user cannot meet, by key, each with the reason. Reviewed: keep it short.
 INTERNAL: dict[str, str] = {
@@ -75,7 +80,7 @@ def message_key(message: str) -> str | None:
         counted += bool(re.search(r"[^\W_]", word.replace("…", "")))
         if counted == KEY_WORDS:
             break
-    key = " ".join(words).rstrip(" …:;,(.'\"")
+    key = " ".join(words).rstrip(" …:;,(.")
     return key if re.search(r"[^\W_]", key) else None
 
 
@@ -94,6 +99,11 @@ def render(node: ast.expr, literals: dict[str, list[ast.expr]]) -> list[str] | N
     if isinstance(node, ast.Name) and node.id in literals:
         out = [m for value in literals[node.id] for m in (render(value, {}) or [])]
         return out or None
+    if isinstance(node, ast.List) and node.elts:  # lines of a message joined later: its first line leads
+        return render(node.elts[0], literals)
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "join"
+            and isinstance(node.func.value, ast.Constant) and len(node.args) == 1):
+        return render(node.args[0], literals)
     return None
 
 
@@ -177,6 +187,11 @@ def error_sites(root: Path = ROOT) -> list[ErrorSite]:
         for scope in scopes:  # outer functions first, so a nested function's own bindings win
             names = _string_bindings(scope)
             bindings.update({id(node): names for node in ast.walk(scope)})
+        for scope in scopes:
+            if MESSAGE_FUNCTIONS.search(scope.name):
+                returns = [n for n in ast.walk(scope) if isinstance(n, ast.Return) and n.value is not None]
+                sites += [ErrorSite(str(path.relative_to(root)), n.lineno, scope.name, m)
+                          for n in returns for m in render(n.value, bindings.get(id(n), {})) or []]
         for node in ast.walk(tree):
             if not isinstance(node, ast.Call):
                 continue
@@ -190,7 +205,13 @@ def error_sites(root: Path = ROOT) -> list[ErrorSite]:
 def undocumented(sites: list[ErrorSite], doc: str, internal: dict[str, str]) -> list[ErrorSite]:
     """The sites whose key is neither on the page nor allowed as internal."""
     page = normalise(doc)
-    return [s for s in sites if s.key and s.key not in internal and s.key not in page]
+    return [s for s in sites if s.key and s.key not in internal and not on_page(s.key, page)]
+
+
+def on_page(key: str, page: str) -> bool:
+    """Whether the normalised page holds `key` ending where a word ends (the key `… does not match the model`
+    is not the page's `does not match the model's`)."""
+    return re.search(re.escape(key) + (r"(?![\w'])" if key[-1].isalnum() else ""), page) is not None
 
 
 def test_every_user_error_message_is_in_troubleshooting():
@@ -215,20 +236,25 @@ def test_the_walk_finds_raised_returned_and_reported_messages(tmp_path):
     (tmp_path / "tools").mkdir()
     (tmp_path / "reid_lite" / "m.py").write_text(
         "class ShelfError(ValueError):\n    pass\n\n\n"
+        "def _dust_reason():\n    return 'the shelf is dusty'\n\n\n"
         "def f(x, p):\n"
         "    if x:\n        raise ShelfError(f'{x} is not on the shelf: put it back')\n"
         "    msg = f'the shelf holds {x} books, at most {p}'\n"
         "    if p:\n        raise ValueError(msg)\n"
+        "    lines = [f'{x} does not match the shelf:', '  more']\n"
+        "    if p > 1:\n        raise ShelfError('\\n'.join(lines))\n"
         "    p.error('--shelf must be positive')\n"
         "    def refuse(m):\n        raise ValueError(m)\n"
         "    refuse('the shelf is closed')\n"
         "    return KeyError('unknown book ' + x)\n")
     (tmp_path / "tools" / "t.py").write_text("def g(e):\n    return cli_error(e)\n")  # no literal: nothing
     sites = error_sites(tmp_path)
-    assert sorted(s.key for s in sites) == ["--shelf must be positive", "is not on the shelf: put",
-                                            "the shelf holds … books, at most", "the shelf is closed", "unknown book"]
-    doc = "| `… is not on the shelf: put it back` | fix |\n`--shelf must be positive`, `unknown book …`"
-    missing = undocumented(sites, doc, {})
-    assert sorted(s.key for s in missing) == ["the shelf holds … books, at most", "the shelf is closed"]
-    allowed = {"the shelf holds … books, at most": "reason", "the shelf is closed": "reason"}
+    assert sorted(s.key for s in sites) == [
+        "--shelf must be positive", "does not match the shelf", "is not on the shelf: put",
+        "the shelf holds … books, at most", "the shelf is closed", "the shelf is dusty", "unknown book"]
+    doc = ("| `… is not on the shelf: put it back` | fix |\n`--shelf must be positive`, `unknown book …`,\n"
+           "`the shelf is dusty`, `… does not match the shelf's`")
+    missing = sorted(s.key for s in undocumented(sites, doc, {}))
+    assert missing == ["does not match the shelf", "the shelf holds … books, at most", "the shelf is closed"]
+    allowed = dict.fromkeys(missing, "reason")
     assert undocumented(sites, doc, allowed) == []
