@@ -13,6 +13,7 @@ from reid_lite import build_model
 from reid_lite.compress.flops import fvcore_gflops, transreid_gflops
 from reid_lite.merging import STM, EViT, TokenState, ToMe, apply_merging, merge_cfg
 from reid_lite.merging.base import BipartiteMerge, bipartite_match
+from reid_lite.merging.diagnostics import record_merges
 from reid_lite.merging.ops import grid_positions, virtual_coordinates, virtual_knn, virtual_neighbourhood
 from reid_lite.merging.stm import gaussian_prior, neighbourhood_entropy, pr_degree, pr_grouping, prn_fuse
 
@@ -155,6 +156,29 @@ def test_stm_with_every_component_off_is_exactly_tome(images, cams):
     tome = _features(_model("tome", 8), images, cams)
     stm = _features(_model("stm", 8, STM__DSE=False, STM__CCF=False, STM__PRN=False, STM__KEYS="mean"), images, cams)
     assert torch.equal(tome, stm)
+
+
+def test_recording_merges_changes_nothing_and_describes_each_block(images, cams):
+    model = _model("stm", 8)
+    before = _features(model, images, cams)
+    stats = record_merges(model, [(images, cams)])
+    assert torch.equal(_features(model, images, cams), before)  # outputs as before; the recorder is gone again
+    assert list(stats) == [i + 1 for i in sorted(model.reducers)]
+    for s in stats.values():
+        assert s["tokens_in"] - s["tokens_out"] == 8
+        assert 0 < s["merged_fraction"] <= 1 and -1 <= s["key_cosine"] <= 1 and s["distance"] > 0
+        assert s["attention_ratio"] > 0 and s["pr_decades"] >= 0
+
+
+def test_a_heavier_response_term_merges_tokens_the_class_token_attends_less(images, cams):
+    # What the reference investigation measures: CCF-Match's response factor (delta2) steers merges towards
+    # low-PR-Degree tokens, away from the most similar pairs.
+    light = record_merges(_model("stm", 8, STM__DELTA2=0.0), [(images, cams)])
+    heavy = record_merges(_model("stm", 8, STM__DELTA2=5.0), [(images, cams)])
+    for block in light:
+        assert heavy[block]["attention_ratio"] < light[block]["attention_ratio"]
+        assert heavy[block]["spread_log_fres"] > heavy[block]["spread_log_fsim"]
+        assert light[block]["spread_log_fres"] == 0
 
 
 def test_ablation_switches_each_change_the_result(images, cams):

@@ -326,6 +326,14 @@ def test_reference_experiment_tiny_writes_json_and_png(tmp_path, one_thread):
     ablation = results["stm_ablation"]
     assert len(ablation) == len(tool.STM_ABLATION) and ablation[0]["vs_default"]["mAP"]["diff"] == 0.0
     assert {c["method"] for c in results["calibration"]} == {"none", "stm"}
+    # What ToMe and STM-ReID merge, per merging block, on the same test crops at the same budget.
+    diagnosed = {d["variant"]: d for d in results["merge_diagnostics"]}
+    assert set(diagnosed) == {label for label, _, _ in tool.DIAGNOSED}
+    for d in diagnosed.values():
+        assert d["blocks"] and -1 <= d["feature_cosine"]["p05"] <= d["feature_cosine"]["mean"] <= 1 + 1e-6
+        for stats in d["blocks"].values():
+            assert stats["tokens_out"] < stats["tokens_in"] and 0 < stats["merged_fraction"] <= 1
+    assert "pr_decades" in next(iter(diagnosed["stm"]["blocks"].values()))
     for name in ("accuracy_vs_gflops.png",):
         png = (out / name).read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 10_000

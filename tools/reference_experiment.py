@@ -23,8 +23,10 @@ that layout. Stages:
    intervals over queries and paired differences against ToMe and the unmerged model (the same resamples
    for every method); then STM-ReID's decisions at the first budget (STM_ABLATION), and the gallery's
    "likely match" threshold calibrated on the validation identities with its precision and recall on the
-   test split. Writes OUTPUT/results.json, summary.md, accuracy_vs_gflops.png and precision_recall.png.
-   A budget a method cannot meet is a row with its `error`, never a silent omission.
+   test split; and what ToMe and STM-ReID merge block by block at the first budget on 256 test crops
+   (`merge_diagnostics`: similarity, distance and attention of the merged tokens, the PR-Degree's range and
+   which factor of the CC-Function decides). Writes OUTPUT/results.json, summary.md, accuracy_vs_gflops.png
+   and precision_recall.png. A budget a method cannot meet is a row with its `error`, never a silent omission.
 
 Weights go to OUTPUT/train/ and OUTPUT/dtem/: they derive from the dataset's images, keep them private.
 Exit codes: 0 success, 2 bad arguments or missing dataset.
@@ -65,6 +67,7 @@ GPU. This sizing is reasoned, not yet measured on a GPU: check `train_seconds` i
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -80,12 +83,20 @@ from yacs.config import CfgNode
 
 from reid_lite.build import build_model_for_checkpoint
 from reid_lite.cli import USER_ERRORS, add_opts_arg, add_threads_arg, cli_error, set_threads, tool_parser
-from reid_lite.compress.budget import budget_label
+from reid_lite.compress.budget import budget_label, merge_with_budget
 from reid_lite.config import get_cfg, validate
-from reid_lite.data import ReIDDataset, build_dataset_from_cfg, sie_counts, validation_split
+from reid_lite.data import (
+    ReIDDataset,
+    build_dataset_from_cfg,
+    build_transforms,
+    read_image,
+    sie_counts,
+    validation_split,
+)
 from reid_lite.engine.evaluator import evaluate, model_gflops
 from reid_lite.engine.trainer import EMBEDDING_FILE, train
 from reid_lite.merging import parse_methods
+from reid_lite.merging.diagnostics import record_merges
 from reid_lite.merging.schedule import BudgetError
 from reid_lite.metrics import bootstrap_draws, metric_intervals, paired_difference, per_query_metrics
 from reid_lite.metrics.calibration import choose_threshold, top1_scores
@@ -379,6 +390,48 @@ def train_stage(cfg: Any, split: ReIDDataset, progress: bool) -> dict[str, Any]:
     return summary
 
 
+#: What `merge_diagnostics` compares at the first budget: ToMe, STM-ReID, and STM-ReID without the CC-Function.
+DIAGNOSED: list[tuple[str, str, dict[str, Any]]] = [
+    ("tome", "tome", {}), ("stm", "stm", {}), ("stm, CCF-Match off", "stm", {"CCF": False})]
+
+
+def merge_diagnostics(cfg: Any, model: torch.nn.Module, test: ReIDDataset, ratio: float, base: float,
+                      images: int = 256, batch_size: int = 64) -> list[dict[str, Any]]:
+    """What each of DIAGNOSED merges, per block, at `ratio` of the unmerged GFLOPs (reid_lite.merging.diagnostics),
+    on `images` test crops spread evenly over query and gallery, and how close its features stay to the unmerged
+    model's (`feature_cosine`: mean and 5th percentile over the crops)."""
+    records = [*test.query, *test.gallery]
+    step = max(1, len(records) // images)
+    chosen = records[::step][:images]
+    transform = build_transforms(cfg, is_train=False)
+    batches = []
+    for i in range(0, len(chosen), batch_size):
+        part = chosen[i:i + batch_size]
+        batches.append((torch.stack([transform(read_image(r[0])) for r in part]),
+                        torch.tensor([int(r[2]) for r in part])))
+    with torch.no_grad():
+        plain = torch.nn.functional.normalize(torch.cat([model(x, cam_label=c) for x, c in batches]), dim=-1)
+    out = []
+    for label, method, options in DIAGNOSED:
+        mcfg = method_cfg(cfg, ratio, base, **({"STM": options} if options else {})).clone()
+        mcfg.defrost()
+        mcfg.MERGE.METHOD = method
+        try:
+            merged = merge_with_budget(copy.deepcopy(model), mcfg.MERGE)
+        except BudgetError as err:
+            out.append({"variant": label, "error": str(err)})
+            continue
+        blocks = record_merges(merged, batches)
+        with torch.no_grad():
+            feats = torch.nn.functional.normalize(torch.cat([merged(x, cam_label=c) for x, c in batches]), dim=-1)
+        cosine = (feats * plain).sum(-1)
+        out.append({"variant": label, "method": method, "options": options, "images": len(chosen),
+                    "setting": budget_label(merged.merge_budget.to_dict()),
+                    "feature_cosine": {"mean": cosine.mean().item(), "p05": cosine.quantile(0.05).item()},
+                    "blocks": {str(b): v for b, v in blocks.items()}})
+    return out
+
+
 def load_trained(cfg: Any, trained: dict[str, Any], split: ReIDDataset) -> torch.nn.Module:
     """The training stage's kept weights (the best validation epoch) in an unmerged model, in eval mode."""
     plain = cfg.clone()
@@ -604,6 +657,7 @@ def evaluate_stage(args: argparse.Namespace, cfg: Any, dataset: ReIDDataset, spl
             if ("tome", ratios[0]) in per_query:
                 entry["vs_tome"] = paired_difference(per_q, per_query[("tome", ratios[0])], draws)
             ablation.append(entry)
+    diagnostics = merge_diagnostics(cfg, model, test, ratios[0], base) if "stm" in methods else []
     calibration = [calibrate(method_cfg(cfg, r or 1.0, base), model, split, test_features[(m, r)], m, progress)
                    for m, r in (("none", None), ("stm", ratios[0])) if (m, r) in test_features]
     summary = {
@@ -620,7 +674,8 @@ def evaluate_stage(args: argparse.Namespace, cfg: Any, dataset: ReIDDataset, spl
         "num_valid_queries": int(len(per_query[("none", None)]["rank1"])),
         "training_history": trained["history"], "validation": trained["validation"],
         "best_validation": trained["best_validation"], "weights_kept": Path(trained["weights"]).name,
-        "rows": rows, "stm_ablation": ablation, "calibration": calibration, "config": cfg.dump(),
+        "rows": rows, "stm_ablation": ablation, "merge_diagnostics": diagnostics, "calibration": calibration,
+        "config": cfg.dump(),
     }
     (out / "results.json").write_text(without_local_paths(json.dumps(summary, indent=2, default=float), {
         args.data_root: "<data-root>", str(out): "<output>",
