@@ -183,3 +183,11 @@ def test_readme_links_resolve():
     local = [link for link in links if link and "://" not in link]
     assert len(local) > 10
     assert not [link for link in local if not (REPO / link).exists()]
+
+
+def test_docstrings_use_markdown_not_sphinx_roles():
+    """The API pages render docstrings as Markdown: a Sphinx role such as :meth:`open` (or `~x.y`) shows literally."""
+    role = re.compile(r":(meth|func|class|data|attr|mod|exc|obj):`|`~")  # a role, or its `~name` shorthand
+    bad = [f"{path.relative_to(REPO)}:{number}" for path in sorted((REPO / "reid_lite").rglob("*.py"))
+           for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if role.search(line)]
+    assert not bad, f"Sphinx roles in docstrings (write `name` instead): {bad}"

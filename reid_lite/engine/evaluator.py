@@ -229,13 +229,13 @@ def evaluate(cfg: Any, model: nn.Module, dataset: ReIDDataset, device: torch.dev
 
     Returns:
         dict with 'rows' (one dict per method: method, gflops, images_per_second (whole pass),
-        model_images_per_second, seconds, model_seconds, rank1, rank5, rank10, mAP, mINP, cmc (list),
-        feature_dim, num_query, num_gallery, skipped, re_ranking, merge_r (the constant r a GFLOPs budget chose),
-        effective_gflops (valid tokens only, mean over the calibration images; = gflops for fixed counts),
-        budget (the solved setting: knob, value, MERGE keys, GFLOPs, error; None without a budget),
-        schedule: the reducing blocks with their token counts in and out, as run), 'device', 'skipped' (count),
-        'skipped_paths', 'num_query', 'num_gallery', 'calibration' (the images effective GFLOPs were averaged
-        over, when any were needed), and 'features' ({method: (query, gallery)}) on request.
+            model_images_per_second, seconds, model_seconds, rank1, rank5, rank10, mAP, mINP, cmc (list),
+            feature_dim, num_query, num_gallery, skipped, re_ranking, merge_r (the constant r a GFLOPs budget chose),
+            effective_gflops (valid tokens only, mean over the calibration images; = gflops for fixed counts),
+            budget (the solved setting: knob, value, MERGE keys, GFLOPs, error; None without a budget),
+            schedule: the reducing blocks with their token counts in and out, as run), 'device', 'skipped' (count),
+            'skipped_paths', 'num_query', 'num_gallery', 'calibration' (the images effective GFLOPs were averaged
+            over, when any were needed), and 'features' ({method: (query, gallery)}) on request.
     """
     check_input_size(cfg, model)
     dev = resolve_device(device if device is not None else cfg.MODEL.DEVICE, cfg.MODEL.DEVICE_ID)

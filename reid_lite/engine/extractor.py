@@ -286,7 +286,7 @@ class FeatureExtractor:
         feats = extractor(["a.jpg", "b.jpg"], camids=[0, 3])   # (2, D) float32 on the CPU
 
     Paths, arrays and PIL images go through the test transform (`build_transforms(cfg, False)`), the
-    same as the evaluation loader, so the features are identical to `extract_features`'. Tensors are
+    same as the evaluation loader, so the features are identical to those of `extract_features`. Tensors are
     taken as already preprocessed (resized and normalised), CHW or BCHW, as torchreid does. The model
     is built from `cfg` (with the merging method cfg.MERGE describes) unless `model` is given, or read
     from MODEL.ONNX_PATH with MODEL.BACKEND onnxruntime|openvino (reid_lite.deploy); `weights`

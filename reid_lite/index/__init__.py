@@ -1,6 +1,6 @@
 """Nearest-neighbour search (one faiss wrapper, `VectorIndex`) and the persisted gallery of crops.
 
-Retrieval evaluation (Rank-k, mAP, mINP) lives in :mod:`reid_lite.metrics` (`evaluate_retrieval`).
+Retrieval evaluation (Rank-k, mAP, mINP) lives in `reid_lite.metrics` (`evaluate_retrieval`).
 """
 
 from reid_lite.index.vector_index import IndexParams, VectorIndex, gpu_available

@@ -89,7 +89,7 @@ def _unit_or_none(v: Any, allow_none: bool = True) -> bool:
 
 
 class GalleryCalibration:
-    """Calibration methods of a gallery (mixed into :class:`reid_lite.index.Gallery`)."""
+    """Calibration methods of a gallery (mixed into `reid_lite.index.Gallery`)."""
 
     store: CropMetadata
     fingerprint: dict[str, Any]
@@ -127,7 +127,7 @@ class GalleryCalibration:
         return entry
 
     def set_calibration(self, entry: dict[str, Any], lock_timeout: float | None = None) -> int:
-        """Store `entry` (from :func:`calibration_entry`), replacing the entry of the same query model, as a
+        """Store `entry` (from `calibration_entry`), replacing the entry of the same query model, as a
         new generation; returns the generation published."""
         if entry.get("gallery_model") != model_digest(self.fingerprint):
             raise ValueError("this calibration was made for another gallery model; calibrate this gallery")
@@ -157,7 +157,7 @@ def calibrate_gallery(gallery: Any, query_feats: np.ndarray, query_pids: np.ndar
     query_feats: the split's query features from the query model (`query_fingerprint`; None: the
     gallery's own model); gallery_feats: its gallery features from the gallery's model. Both as
     extracted (any normalisation, the full eval feature or its global part): they are brought into the
-    gallery's space (:func:`gallery_space`) here. A query model the gallery does not accept raises
+    gallery's space (`gallery_space`) here. A query model the gallery does not accept raises
     FingerprintMismatch before anything is computed. `target_precision`: the precision rule, else F1.
     """
     qfp = gallery.fingerprint if query_fingerprint is None else query_fingerprint

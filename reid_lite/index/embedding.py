@@ -1,6 +1,6 @@
 """The model half of a gallery: its stored configuration, the feature extractor, embedding crops.
 
-`GalleryEncoder` is the component a :class:`reid_lite.index.Gallery` holds; `build_extractor` builds the model
+`GalleryEncoder` is the component a `reid_lite.index.Gallery` holds; `build_extractor` builds the model
 a gallery is bound to (seeded, so that every process building the same gallery gets the same weights).
 """
 
@@ -81,7 +81,7 @@ class GalleryEncoder:
 
     def extractor(self, cfg: Any | None = None, device: str | None = None) -> Any:
         """The gallery's FeatureExtractor (built from its stored config), or one for the query model `cfg`
-        (see :meth:`query_model`)."""
+        (see `query_model`)."""
         if cfg is None:
             if self._extractor is None:
                 self._extractor = self._gallery_extractor(device)
@@ -104,7 +104,7 @@ class GalleryEncoder:
     def query_model(self, cfg: Any, device: str | None = None) -> tuple[Any, dict[str, Any]]:
         """(FeatureExtractor, fingerprint) of the query model `cfg`, after checking that the gallery
         accepts it: the gallery's own model, or (a gallery built with `accept_merged_queries`) the same
-        model with other token merging; anything else raises :class:`FingerprintMismatch`."""
+        model with other token merging; anything else raises `FingerprintMismatch`."""
         ext = build_extractor(cfg, self.camera_num, device or self.device, None)
         fp = model_fingerprint(cfg, ext.model, self.fingerprint["feature"]["kind"], self.camera_num)
         check_query_fingerprint(self.fingerprint, fp)

@@ -64,8 +64,8 @@ def accepts_merged_queries(fp: dict[str, Any]) -> bool:
 
 
 def check_fingerprint(gallery_fp: dict[str, Any], other_fp: dict[str, Any]) -> None:
-    """Raise :class:`FingerprintMismatch` listing the differing fields when the models differ at all
-    (what a gallery stores must come from its own model; see :func:`check_query_fingerprint` for queries)."""
+    """Raise `FingerprintMismatch` listing the differing fields when the models differ at all
+    (what a gallery stores must come from its own model; see `check_query_fingerprint` for queries)."""
     diff = _fingerprint_diff(model_part(gallery_fp), model_part(other_fp))
     if diff:
         raise FingerprintMismatch(
@@ -77,7 +77,7 @@ def check_fingerprint(gallery_fp: dict[str, Any], other_fp: dict[str, Any]) -> N
 def check_query_fingerprint(gallery_fp: dict[str, Any], query_fp: dict[str, Any]) -> bool:
     """Check a query model against a gallery: returns True for an accepted asymmetric query (the gallery
     accepts merged queries and only the merging differs), False for the gallery's own model, and raises
-    :class:`FingerprintMismatch` (listing the differing fields, with the opt-in when it would help) otherwise."""
+    `FingerprintMismatch` (listing the differing fields, with the opt-in when it would help) otherwise."""
     diff = _fingerprint_diff(model_part(gallery_fp), model_part(query_fp))
     if not diff:
         return False

@@ -77,14 +77,14 @@ __all__ = [
 
 
 class Gallery(GallerySearch, GalleryWrites, GalleryCalibration):
-    """A gallery directory (see the module docstring). Use :meth:`build`, :meth:`create` or :meth:`open`.
+    """A gallery directory (see the module docstring). Use `build`, `create` or `open`.
 
     Built from parts, each behind a small interface (`reid_lite.index.interfaces`): `storage` (generations and
     the write lock, a `DirectoryStorage`), `store` (the generation's crop metadata), `index` (its `VectorIndex`)
     and `encoder` (the gallery's model, a `GalleryEncoder`); search, writes and calibration go through them.
 
     `on_stage`: a callable called with the name of each stage a write of this gallery reaches (see
-    :data:`STAGES`); an exception it raises aborts the write there, which leaves the published generation
+    `STAGES`); an exception it raises aborts the write there, which leaves the published generation
     as it was (before "published") or the new one published whole. Tests pause and fail writers with it.
     Without one, the class attribute applies (None: no callback).
     """
@@ -183,11 +183,11 @@ class Gallery(GallerySearch, GalleryWrites, GalleryCalibration):
               batch_size: int | None = None, workers: int = 0, progress: bool = False,
               lock_timeout: float | None = None, accept_merged_queries: bool = False,
               on_stage: StageCallback | None = None) -> tuple[Gallery, AddReport]:
-        """Embed crops (folders, image files or :class:`CropRecord`s) into a new gallery, published at once.
+        """Embed crops (folders, image files or `CropRecord`s) into a new gallery, published at once.
 
         All or nothing: on any error (an unreadable checkpoint, cameras the model lacks, every crop
         unreadable, Ctrl-C) nothing is left at `directory`, and with `overwrite` the gallery that was
-        there stays current and complete. See :meth:`staging` for the model and index arguments.
+        there stays current and complete. See `staging` for the model and index arguments.
         """
         t0 = time.perf_counter()
         pattern = pattern or cfg.DATASETS.FOLDER_PATTERN
@@ -209,7 +209,7 @@ class Gallery(GallerySearch, GalleryWrites, GalleryCalibration):
                device: str | None = None, model: torch.nn.Module | None = None,
                pattern: str | None = None, lock_timeout: float | None = None,
                accept_merged_queries: bool = False, on_stage: StageCallback | None = None) -> Gallery:
-        """Create an empty gallery bound to the model `cfg` describes and publish it (see :meth:`staging`)."""
+        """Create an empty gallery bound to the model `cfg` describes and publish it (see `staging`)."""
         with cls.staging(directory, cfg, feature=feature, index=index, camera_num=camera_num, overwrite=overwrite,
                          device=device, model=model, pattern=pattern, lock_timeout=lock_timeout,
                          accept_merged_queries=accept_merged_queries, on_stage=on_stage) as g:
@@ -229,7 +229,7 @@ class Gallery(GallerySearch, GalleryWrites, GalleryCalibration):
         feature: 'global' stores the 768-d global (b1) feature, L2-normalised; 'full' the whole eval
         feature (3840-d with JPM). camera_num: cameras of the SIE when no checkpoint's SIE table says
         (see `resolve_camera_num`; `camids` are the crops' cameras, checked against it). index: 'auto' |
-        'flat' | 'ivfpq' or an :class:`IndexParams`. A `model` may be passed to avoid building it again
+        'flat' | 'ivfpq' or an `IndexParams`. A `model` may be passed to avoid building it again
         (it must be the model `cfg` describes). `pattern`: the default file-name pattern of later adds
         and of query names (else DATASETS.FOLDER_PATTERN). `accept_merged_queries`: also accept queries
         from the same model with token merging (only for a gallery embedded without merging; recorded in
@@ -273,9 +273,9 @@ class Gallery(GallerySearch, GalleryWrites, GalleryCalibration):
                               extractor: Any | None = None) -> Iterator[Gallery]:
         """A new, unpublished gallery whose metadata is `meta` (fingerprint, config, feature, camera_num, pattern,
         created; optionally calibration), published atomically when the block ends without error: what
-        :meth:`staging` does once it has the model, and what `migrate` does with another gallery's metadata
+        `staging` does once it has the model, and what `migrate` does with another gallery's metadata
         (`extractor` None: the model is built only if the gallery embeds). `storage`: a storage object, a folder
-        or a database URI (`storage_for`); None: a detached gallery (see :meth:`staging`)."""
+        or a database URI (`storage_for`); None: a detached gallery (see `staging`)."""
         params = index if index is not None else IndexParams()
         dim = int(meta["fingerprint"]["feature"]["dim"])
 
@@ -329,14 +329,14 @@ class Gallery(GallerySearch, GalleryWrites, GalleryCalibration):
              on_stage: StageCallback | None = None) -> Gallery:
         """Open the published generation of `gallery` (a folder, a database URI or a storage object: `storage_for`);
         with `verify` every file's sha256 is checked against the manifest (a truncated or bit-flipped file raises
-        :class:`GalleryCorrupt`, it is never used).
+        `GalleryCorrupt`, it is never used).
         `on_stage`: the write-stage callback of this gallery's writes (see the class docstring)."""
         return cls.from_storage(storage_for(gallery), verify, on_stage)
 
     @classmethod
     def from_storage(cls, storage: GalleryStorage, verify: bool = True, on_stage: StageCallback | None = None
                      ) -> Gallery:
-        """The gallery published in `storage` (see :meth:`open`)."""
+        """The gallery published in `storage` (see `open`)."""
         gen, manifest = storage.current()
         store, idx = storage.open(gen, manifest, verify)
         return cls(storage, gen, manifest, store, idx, on_stage=on_stage)

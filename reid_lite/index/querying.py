@@ -1,6 +1,6 @@
 """Searching a gallery: query embedding, exact metadata filters, and why a query got nothing back.
 
-`GallerySearch` is the query half of :class:`reid_lite.index.Gallery` (which mixes it in); it needs the
+`GallerySearch` is the query half of `reid_lite.index.Gallery` (which mixes it in); it needs the
 gallery's store, index, fingerprint and embedding methods.
 """
 
@@ -51,7 +51,7 @@ class SearchHit:
 
 
 class SearchResults(list):
-    """One list of :class:`SearchHit` per query, in query order, plus what went wrong.
+    """One list of `SearchHit` per query, in query order, plus what went wrong.
 
     skipped: query position -> why it was skipped (missing or unreadable image; its list is empty).
     notes: why a query's filters left no crop to return (one sentence per distinct reason).
@@ -84,7 +84,7 @@ def _fmt_time(t: float) -> str:
 
 
 class GallerySearch:
-    """Query methods of a gallery (mixed into :class:`reid_lite.index.Gallery`)."""
+    """Query methods of a gallery (mixed into `reid_lite.index.Gallery`)."""
 
     store: CropMetadata
     index: VectorIndex
@@ -97,13 +97,13 @@ class GallerySearch:
                time_window: tuple[Any, Any] | None = None, fingerprint: dict[str, Any] | None = None,
                cfg: Any | None = None, nprobe: int | None = None, pattern: str | None = None,
                query_model: tuple[Any, dict[str, Any]] | None = None) -> SearchResults:
-        """Top-`k` crops for each query, as a :class:`SearchResults` (a list of hit lists).
+        """Top-`k` crops for each query, as a `SearchResults` (a list of hit lists).
 
         queries: image paths / PIL images / HWC uint8 arrays (embedded with the gallery's model, or the
         model of `cfg` after a fingerprint check), or a float (Q, D) array/tensor of features already in
         the gallery's space (pass their `fingerprint` to have it checked). The query model may differ from
         the gallery's in token merging only when the gallery accepts merged queries. `query_model`: an
-        (extractor, fingerprint) pair from :meth:`query_model`, built once by a caller that searches many
+        (extractor, fingerprint) pair from `query_model`, built once by a caller that searches many
         times (the server), used instead of `cfg`. A missing or unreadable query
         image is skipped with a warning (`SearchResults.skipped`); the others are still answered, and
         only when none can be read is it an error.

@@ -405,7 +405,7 @@ def serve(gallery: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
           max_upload_mb: float = 10.0, verify: bool = True, device: str | None = None,
           query_cfg: Any | None = None) -> None:
     """Serve `gallery` until Ctrl-C (blocking). The socket is bound before the model is built, so a port in
-    use fails at once. `query_cfg`: the model that embeds uploaded queries (see :func:`create_app`)."""
+    use fails at once. `query_cfg`: the model that embeds uploaded queries (see `create_app`)."""
     import uvicorn
 
     sock = bind(host, port)

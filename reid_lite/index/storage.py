@@ -227,7 +227,7 @@ def read_current(root: Path) -> tuple[int, dict[str, Any]]:
 
 def verify_generation(root: Path, gen: int, manifest: dict[str, Any], hashes: bool = True) -> None:
     """Check that every file the manifest lists exists with its size and (with `hashes`) its sha256;
-    raise :class:`GalleryCorrupt` naming the first file that does not."""
+    raise `GalleryCorrupt` naming the first file that does not."""
     gen_dir = root / generation_name(gen)
     files = [(gen_dir / f["name"], f) for f in manifest["files"]]
     files += [(root / SEGMENTS / f["name"], f) for f in manifest["segment_files"]]
@@ -357,7 +357,7 @@ class WriteLock:
     flock locks belong to the open file, so two writers in one process exclude each other too, and
     the kernel releases the lock when a writer dies (no stale lock after a crash). While waiting, a
     warning repeats every `LOCK_MESSAGE_SECONDS`; `timeout` (seconds, None: forever) gives up with
-    :class:`GalleryLocked`.
+    `GalleryLocked`.
     """
 
     def __init__(self, root: Path, timeout: float | None = None) -> None:

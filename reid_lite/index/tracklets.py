@@ -330,7 +330,7 @@ class TrackletHit:
 
 @dataclass
 class AfterResult:
-    """Answer of :func:`search_after`: the query tracklet, the time window searched (absolute seconds) and the
+    """Answer of `search_after`: the query tracklet, the time window searched (absolute seconds) and the
     hits in time order (each keeps its similarity rank)."""
 
     query: TrackletRecord

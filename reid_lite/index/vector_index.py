@@ -129,7 +129,7 @@ class VectorIndex:
     @classmethod
     def read(cls, path: str | Path, dim: int, params: IndexParams, vectors: StoredVectors | None = None
              ) -> VectorIndex:
-        """Load an index written by :meth:`write`; VectorIndexError when it is unreadable or not `dim`-d."""
+        """Load an index written by `write`; VectorIndexError when it is unreadable or not `dim`-d."""
         try:
             index = faiss.read_index(str(path))
         except RuntimeError as exc:
@@ -230,7 +230,7 @@ class VectorIndex:
     def add(self, x: Any, ids: np.ndarray | None = None) -> np.ndarray:
         """Append vectors (N, dim) (numpy or torch) under `ids` (default: ntotal, ntotal + 1, ..., the row
         numbers of an index without removals); returns the ids. An index whose params ask for IVF-PQ
-        is trained on its first vectors (a gallery calls :meth:`prepare` first, to keep float16 copies)."""
+        is trained on its first vectors (a gallery calls `prepare` first, to keep float16 copies)."""
         x = self._as_f32(x)
         ids = np.arange(self.ntotal, self.ntotal + len(x), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
         if ids.shape != (len(x),):

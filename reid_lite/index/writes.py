@@ -1,6 +1,6 @@
 """Writing to a gallery: the lock, add (hash, dedupe, embed), precomputed features, remove, purge.
 
-`GalleryWrites` is the write half of :class:`reid_lite.index.Gallery` (which mixes it in). Every write
+`GalleryWrites` is the write half of `reid_lite.index.Gallery` (which mixes it in). Every write
 builds the next generation from the current one and publishes it atomically (storage.py); inside a
 staged build (`Gallery.staging`) the writes go to the unpublished generation instead.
 """
@@ -52,7 +52,7 @@ AfterInsert = Callable[[CropMetadata, np.ndarray, Sequence[CropRecord], int], No
 
 
 class GalleryWrites:
-    """Write methods of a gallery (mixed into :class:`reid_lite.index.Gallery`)."""
+    """Write methods of a gallery (mixed into `reid_lite.index.Gallery`)."""
 
     storage: GalleryStorage
     generation: int
@@ -68,7 +68,7 @@ class GalleryWrites:
 
         Writes inside the block (add, add_features, remove, purge) do not lock again; several writes
         then run without another writer in between. `lock_timeout`: seconds to wait for another
-        writer (None: forever, with a repeating message), then :class:`GalleryLocked`."""
+        writer (None: forever, with a repeating message), then `GalleryLocked`."""
         if self.staged is not None:
             yield self
             return
@@ -81,7 +81,7 @@ class GalleryWrites:
     def add(self, inputs: Sequence[str | os.PathLike] | Sequence[CropRecord], *, pattern: str | None = None,
             sidecar: str | os.PathLike | None = None, recursive: bool = True, batch_size: int | None = None,
             workers: int = 0, progress: bool = False, lock_timeout: float | None = None) -> AddReport:
-        """Embed new crops (folders, image files, or :class:`CropRecord`s) and publish a new generation.
+        """Embed new crops (folders, image files, or `CropRecord`s) and publish a new generation.
 
         Crops whose content hash is already stored (or repeated in `inputs`) are skipped before any
         embedding; existing crops are never re-embedded. All-or-nothing: either the whole batch is
@@ -137,7 +137,7 @@ class GalleryWrites:
                      after_insert: AfterInsert | None = None) -> AddReport:
         """Store precomputed features (rows L2-normalised by the gallery's model) with their records
         (sha256 required). `fingerprint` (recommended) is checked against the gallery's. `after_insert`
-        writes rows that belong to the new records in the same generation (see :data:`AfterInsert`)."""
+        writes rows that belong to the new records in the same generation (see `AfterInsert`)."""
         if fingerprint is not None:
             check_fingerprint(self.fingerprint, fingerprint)
         feats = np.asarray(feats, np.float32)
@@ -194,7 +194,7 @@ class GalleryWrites:
         Vectors leave the faiss index (IndexIDMap2 / IndexIVFPQ remove_ids) and rows the SQLite table
         (with secure_delete: their bytes are overwritten). The previous generation still holds them
         until the next write, and adding their files again stores them again (removal is not a block
-        list). `purge`: also drop every older generation now (:meth:`purge`).
+        list). `purge`: also drop every older generation now (`purge`).
         """
         removed = 0
         with self.writing(lock_timeout):
@@ -246,7 +246,7 @@ class GalleryWrites:
 
     def write_generation(self, mutate: Mutation, replace_segments: bool = False) -> int:
         """Build the next generation from the current one with `mutate` and publish it; returns its number.
-        Call it inside :meth:`writing` (the lock held). `mutate(store, index, generation)` changes copies
+        Call it inside `writing` (the lock held). `mutate(store, index, generation)` changes copies
         of the metadata and the index and returns the segments it wrote (names, manifest entries), which
         are added to the current ones, or replace them. A staged build applies `mutate` to its own
         unpublished generation instead."""

@@ -148,7 +148,7 @@ def held_out(scores: np.ndarray, correct: np.ndarray, groups: np.ndarray, target
     """Precision and recall of the rule on queries its threshold was not chosen on.
 
     The queries are split into `folds` by `groups` (their identities, so that one person's queries never
-    sit on both sides); each fold is flagged with the threshold :func:`choose_threshold` picks on the
+    sit on both sides); each fold is flagged with the threshold `choose_threshold` picks on the
     others, and the counts are pooled. Returns {'precision' (None when nothing was flagged), 'recall',
     'folds'}, or None when a fold's complement cannot be calibrated (no right top hit, target not reached)
     or there are fewer identities than folds.

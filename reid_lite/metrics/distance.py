@@ -35,7 +35,7 @@ def pairwise_distance(
 
     * ``euclidean``: squared Euclidean distance ``||q||^2 + ||g||^2 - 2 q.g`` exactly as TransReID's
       ``euclidean_distance`` (one ``addmm``, no sqrt, no clamping; ranking is the same as Euclidean).
-    * ``cosine``: ``1 - q.g``; the caller passes rows already L2-normalised (see :func:`l2_normalize`),
+    * ``cosine``: ``1 - q.g``; the caller passes rows already L2-normalised (see `l2_normalize`),
       which is torchreid's ``cosine_distance``.
 
     Args:

@@ -218,7 +218,7 @@ def evaluate_rank(
 ) -> tuple[np.ndarray, float, float]:
     """One-shot Market-1501 evaluation of a dense (Q, G) distance matrix.
 
-    Equivalent to feeding the whole matrix to a :class:`RankAccumulator`.
+    Equivalent to feeding the whole matrix to a `RankAccumulator`.
 
     Returns:
         ``(cmc, mAP, mINP)``: float32 CMC curve of length ``min(max_rank, G)``, mean AP, mean INP.

@@ -25,7 +25,7 @@ def evaluate_retrieval(
     """Market-1501 evaluation (rank-1/5/10, mAP, mINP, CMC) without ever forming the Q x G matrix.
 
     Queries are processed ``query_chunk`` at a time: the dense (chunk, G) distance block is computed with
-    one torch matmul, ranked and folded into a :class:`~reid_lite.metrics.rank.RankAccumulator`. The
+    one torch matmul, ranked and folded into a `reid_lite.metrics.RankAccumulator`. The
     result equals a one-shot evaluation of the full matrix (row results do not depend on the chunking).
 
     Peak memory ~ features + ``query_chunk * G * 4`` bytes (distances) + the accumulator's bounded
@@ -38,7 +38,7 @@ def evaluate_retrieval(
 
     Returns:
         dict with ``rank1``, ``rank5``, ``rank10``, ``mAP``, ``mINP`` (floats in [0, 1]) and ``cmc``
-        (float32 array of length ``min(max_rank, G)``).
+            (float32 array of length ``min(max_rank, G)``).
     """
     if metric not in ("cosine", "euclidean"):
         raise ValueError(f"unknown metric {metric!r}; use 'cosine' or 'euclidean'")

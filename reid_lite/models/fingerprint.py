@@ -43,7 +43,7 @@ def model_fingerprint(cfg: Any, model: torch.nn.Module, feature: str, camera_num
     """Everything that changes a stored feature: architecture, weights, merging, feature and input.
 
     Two fingerprints are equal iff features from the two models are comparable. Compared as
-    canonical JSON; :func:`fingerprint_digest` is its sha256.
+    canonical JSON; `fingerprint_digest` is its sha256.
     """
     deployed = getattr(model, "deployed_fingerprint", None)
     if deployed is not None:  # an exported model (reid_lite.deploy): its file's fingerprint, backend and digest

@@ -15,7 +15,7 @@ not grow with the track's length):
    track has nothing else.
 
 Spurious tracks (a one-frame false box) are dropped later, by the tracklet's minimum length
-(:class:`reid_lite.video.tracklets.TrackletRule`).
+(`reid_lite.video.tracklets.TrackletRule`).
 """
 
 from __future__ import annotations

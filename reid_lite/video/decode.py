@@ -114,7 +114,7 @@ class FrameReader:
 
 def iter_frames(path: str | os.PathLike, every: int = 1, start: float = 0.0, fps: float | None = None,
                 max_frames: int | None = None) -> Iterator[Frame]:
-    """Frames 0, K, 2K, ... (K = `every`) of the video at `path`, with their times (see :class:`FrameReader`)."""
+    """Frames 0, K, 2K, ... (K = `every`) of the video at `path`, with their times (see `FrameReader`)."""
     return iter(FrameReader(path, every, start, fps, max_frames))
 
 

@@ -8,8 +8,8 @@ so there is one code path; a batch of N frames is one inference (the model is re
 a short last batch is padded with black frames whose rows are dropped).
 
 A detector here is any callable `frames -> boxes`: a list of BGR frames in, one `(n, 5)` float32 array
-`[x1, y1, x2, y2, conf]` in pixels per frame out. :class:`SSDDetector` is the file-backed one; tests and
-other models can pass their own callable to :func:`reid_lite.video.ingest_video`.
+`[x1, y1, x2, y2, conf]` in pixels per frame out. `SSDDetector` is the file-backed one; tests and
+other models can pass their own callable to `reid_lite.video.ingest_video`.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class SSDDetector:
 
     `labels`: class ids to keep (None: all; single-class person detectors need none). `threads`: CPU
     inference threads (None: OpenVINO's default, all cores). Raises FileNotFoundError for a missing file
-    and :class:`DetectorError` for one OpenVINO cannot read or that is not of the documented shape.
+    and `DetectorError` for one OpenVINO cannot read or that is not of the documented shape.
     """
 
     def __init__(self, path: str | os.PathLike, threshold: float = 0.5, batch_size: int = 4,

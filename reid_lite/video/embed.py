@@ -1,4 +1,4 @@
-"""The gallery's model as the pipeline's embedder: a :class:`reid_lite.engine.FeatureExtractor` (token
+"""The gallery's model as the pipeline's embedder: a `reid_lite.engine.FeatureExtractor` (token
 merging as its config says) wrapped into a callable `RGB crops -> (n, D) L2-normalised float32`."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ __all__ = ["extractor_embedder"]
 def extractor_embedder(extractor: Any, camera: int | None = None,
                        post: Callable[[np.ndarray], np.ndarray] | None = None
                        ) -> Callable[[Sequence[np.ndarray]], np.ndarray]:
-    """An embedder for :func:`reid_lite.video.ingest_video` from a FeatureExtractor (or anything called as
+    """An embedder for `reid_lite.video.ingest_video` from a FeatureExtractor (or anything called as
     `extractor(images, camids=...)` returning (n, D) features). `camera`: the 0-based camera id given to
     a model with a camera SIE (None: the model must have none). `post`: what the gallery does to
     extracted features before storing them (e.g. `Gallery.normalize_features`, which keeps the global

@@ -62,7 +62,7 @@ class StageStats:
 
 @dataclass
 class IngestResult:
-    """What :func:`ingest_video` returns: the tracklets, the per-stage speed, the video's properties."""
+    """What `ingest_video` returns: the tracklets, the per-stage speed, the video's properties."""
 
     tracklets: list[Tracklet]
     stats: StageStats
@@ -90,15 +90,15 @@ def ingest_video(path: str | os.PathLike, detector: Detector | str | os.PathLike
                  crop_rule: CropRule = DEFAULT_CROP_RULE, tracklet_rule: TrackletRule = DEFAULT_TRACKLET_RULE,
                  keep_crops: bool = False, max_frames: int | None = None,
                  on_frame: Callable[[Frame, np.ndarray, np.ndarray], None] | None = None) -> IngestResult:
-    """Detect, track and embed the people of the video at `path`; one :class:`Tracklet` per track.
+    """Detect, track and embed the people of the video at `path`; one `Tracklet` per track.
 
-    `detector`: a detector file (SSD-style OpenVINO IR or ONNX, :class:`SSDDetector`, run with `threshold`)
+    `detector`: a detector file (SSD-style OpenVINO IR or ONNX, `SSDDetector`, run with `threshold`)
     or a callable `frames -> boxes`; boxes below `threshold` are dropped either way. `embed`: RGB crops ->
-    L2-normalised features (e.g. :func:`extractor_embedder`), None to skip embedding. `camera` is recorded
+    L2-normalised features (e.g. `extractor_embedder`), None to skip embedding. `camera` is recorded
     on the tracklets. Frame times are `start + index / fps` seconds (`fps`: the container's unless given);
     every `every`-th frame is detected. `detect_batch` frames go to the detector at once and
-    `embed_batch` crops to the embedder. ByteTrack (:class:`ByteTracker`): `activation`, `lost_seconds`.
-    Best crops per :class:`CropRule`; tracks shorter than :class:`TrackletRule` are dropped. `keep_crops`:
+    `embed_batch` crops to the embedder. ByteTrack (`ByteTracker`): `activation`, `lost_seconds`.
+    Best crops per `CropRule`; tracks shorter than `TrackletRule` are dropped. `keep_crops`:
     keep every tracklet's crops (RGB). `on_frame(frame, track_ids, boxes)`: called per processed frame.
     A progress bar per video when `progress`. Returns the tracklets, the per-stage speed and the video info.
     """

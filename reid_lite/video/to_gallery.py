@@ -5,9 +5,9 @@
                                start="2026-12-04T09:00:00", every=5)
     print(report.added, len(report.tracklets), report.stats.summary())
 
-The video runs through :func:`reid_lite.video.ingest_video` with the gallery's own model as the embedder
+The video runs through `reid_lite.video.ingest_video` with the gallery's own model as the embedder
 (token merging as the gallery's config says; the camera SIE given `camera`), then its tracklets are
-stored by :func:`reid_lite.index.tracklets.add_tracklets` in one new generation. So a crash or Ctrl-C
+stored by `reid_lite.index.tracklets.add_tracklets` in one new generation. So a crash or Ctrl-C
 before that publish leaves the gallery exactly as it was, and the next run does the video again.
 
 A video is known by the sha256 of its file and the settings that shape its tracklets (camera, start,
@@ -133,7 +133,7 @@ def ingest_to_gallery(gallery: Gallery, path: str | os.PathLike, detector: Detec
     `camera`: the video's 0-based camera. `start`: time of its frame 0 (seconds, or ISO 8601: the entries'
     times are then shown in ISO 8601). `detector`: an SSD-style file (run with `threshold`) or a callable
     (`reid_lite.video.detect`). `keep_crops`: store each tracklet's best crops (JPEG) besides its
-    thumbnail. The rest as :func:`reid_lite.video.ingest_video`. Returns what was stored, or, when the
+    thumbnail. The rest as `reid_lite.video.ingest_video`. Returns what was stored, or, when the
     gallery already holds this video with these settings, what it holds (`added` False, nothing decoded).
     """
     t0 = time.perf_counter()
