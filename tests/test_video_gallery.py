@@ -287,7 +287,8 @@ def test_cli_ingest_two_videos_then_search_after(tmp_path, video, capsys):
 
 
 @pytest.mark.parametrize("case", ["missing video", "bad detector", "bad start", "bad within", "not a tracklet",
-                                  "after and images", "within without after", "config for existing"])
+                                  "after and images", "within without after", "config for existing",
+                                  "missing crops"])
 def test_cli_mistakes_are_one_line(tmp_path, video, capsys, case):
     g, ids = scene_gallery(tmp_path / "gal")
     g.close()
@@ -304,10 +305,13 @@ def test_cli_mistakes_are_one_line(tmp_path, video, capsys, case):
         "within without after": ["search", gal, "q.jpg", "--within", "..1min"],
         "config for existing": ["ingest", gal, str(video), "--camera", "0", "--detector", str(det), "--config",
                                 tiny_config(tmp_path)],
+        "missing crops": ["add", gal, str(tmp_path / "no_such_folder")],
     }[case]
     rc, out, err = run_cli(capsys, *argv)
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and "error:" in lines[0], err
+    if case == "missing crops":  # the path as typed, not a Python list
+        assert lines[0].endswith(f"no such image file or folder: {tmp_path / 'no_such_folder'}"), err
 
 
 # ----------------------------------------------------------------------------- the HTTP API

@@ -65,7 +65,8 @@ def collect_crops(inputs: Sequence[str | os.PathLike], pattern: str | None = Non
     files = [Path(p) for p in inputs if not Path(p).is_dir()]
     missing = [str(p) for p in files if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"no such image file or folder: {missing[:5]}")
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise FileNotFoundError(f"no such image file or folder: {', '.join(missing[:5])}{more}")
     if sidecar is not None and (len(folders) != 1 or files):
         raise ValueError("a sidecar file describes one folder: pass exactly one folder with --sidecar")
     raw: list[tuple[str, int, int, float | str | None]] = []
