@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -14,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from conftest import load_tool
+from doc_commands import doc_command
 from PIL import Image
 from serve_util import TINY
 from test_video import REAL, colour_detector, ssd_onnx, visible_frames, write_video
@@ -393,6 +397,30 @@ def test_page_trajectory_view(tmp_path):
                                                                                                    str(ids[6])]
         assert not errors, errors
         browser.close()
+
+
+def test_documented_synthetic_trajectory_screenshot(tmp_path, capsys):
+    """docs/img/video_trajectory.png's command (docs/video.md): three generated camera videos of synthetic
+    pedestrians, ingested with the demo model through a background-subtraction detector, give one tracklet
+    per pass; the followed person's passes on cameras 1 and 2 are the two most similar hits; the page is saved."""
+    from test_serve_page import CHROMIUM
+
+    if CHROMIUM is None or not os.path.isfile(CHROMIUM):
+        pytest.skip("chromium is not installed")
+    pytest.importorskip("playwright.sync_api")
+    tool = load_tool("video_trajectory_screenshot")
+    args = shlex.split(doc_command("python tools/video_trajectory_screenshot.py --synthetic"))[2:]
+    args[args.index("--out") + 1] = str(tmp_path / "trajectory.png")
+    assert tool.main([*args, "--chromium", CHROMIUM]) == 0
+    out = capsys.readouterr().out
+    for camera, (_, passes) in tool.SCENE.items():
+        assert f"camera {camera}: {len(passes)} tracklets" in out, out
+    hits = [tuple(map(int, m)) for m in re.findall(r"hit rank (\d+): tracklet \d+, camera (\d+), person (\d+)", out)]
+    assert len(hits) == 6 and {c for _, c, _ in hits} == {1, 2}  # other cameras only, within 20s..10min
+    assert {r for r, _, p in hits if p == tool.FOLLOWED} == {1, 2}  # on camera 1 and 2, the two best
+    assert "6 hits on other cameras within 20s..10min after tracklet #0" in out
+    png = Image.open(tmp_path / "trajectory.png")
+    assert png.width == 1280 and png.height > 860 and png.mode == "P"  # the whole page, 256 colours
 
 
 @pytest.mark.skipif(not REAL.is_dir(), reason=f"real video folder absent: {REAL}")
