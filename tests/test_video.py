@@ -19,6 +19,7 @@ from reid_lite.video import (
     TrackCrops,
     aggregate_features,
     box_cut_by_edge,
+    build_tracklets,
     extractor_embedder,
     ingest_video,
     iter_frames,
@@ -168,6 +169,23 @@ def test_crop_rule_prefers_whole_then_sharp_boxes():
     best = tc.best()
     assert [b[0] for b in best] == [2, 1] and not any(cut for *_, cut in best)  # cut box dropped first
     assert (tc.first_frame, tc.last_frame, tc.hits) == (0, 2, 3)
+
+
+@pytest.mark.parametrize("start", [0.0, 1796374800.0])  # 2026-12-04T09:00:00Z: float64 times lose ~1e-7 s there
+def test_a_track_of_exactly_the_minimum_duration_is_kept_whatever_the_start(start):
+    """The real video's 3-box track at 25 fps, every 5th frame (frames 355-365: 0.4 s) is kept with an ISO start
+    as with start 0 (it was dropped at an epoch start: 14.6 - 14.2 came out 0.39999986)."""
+    frame = np.random.default_rng(2).integers(0, 255, (200, 300, 3), dtype=np.uint8)
+    tc = TrackCrops(1, CropRule(max_crops=2))
+    for index in (355, 360, 365):
+        tc.add(frame, np.array([40, 20, 100, 180, 0.9]), index, start + index / 25.0)
+    assert tc.last_time - tc.first_time < 0.4 or start == 0.0  # the rounding this guards against
+    assert [t.first_frame for t in build_tracklets([tc], None, 0, "v")] == [355]
+    short = TrackCrops(2, CropRule(max_crops=2))
+    for index in (355, 360):
+        short.add(frame, np.array([40, 20, 100, 180, 0.9]), index, start + index / 25.0)
+    short.add(frame, np.array([40, 20, 100, 180, 0.9]), 362, start + 362 / 25.0)
+    assert build_tracklets([short], None, 0, "v") == []  # 0.28 s: still too short
 
 
 def test_extractor_embedder_passes_camera_and_normalises():

@@ -90,7 +90,9 @@ def build_tracklets(tracks: Sequence[TrackCrops], embed: Embedder | None, camera
                     ) -> list[Tracklet]:
     """Tracklets of the `tracks` that pass `rule`, in order of their first frame; their best crops are
     embedded with `embed` in batches of `batch_size` crops across tracks (no embedding when None)."""
-    kept = [t for t in tracks if t.hits >= rule.min_hits and t.last_time - t.first_time >= rule.min_seconds
+    # Times are absolute (start + index / fps): at an epoch start (1.8e9 s) the difference of two float64 times
+    # is off by up to 1e-6 s, so a track of exactly `min_seconds` must not depend on the start (1 ms slack).
+    kept = [t for t in tracks if t.hits >= rule.min_hits and t.last_time - t.first_time >= rule.min_seconds - 1e-3
             and t.heap]
     kept.sort(key=lambda t: (t.first_frame, t.track_id))
     bests = [t.best() for t in kept]
