@@ -342,7 +342,9 @@ def test_real_video_tracklets_match_the_passes_seen_by_eye():
     frame 240, shows her: an ID switch of ByteTrack at every 5th frame, not caught here), 355-395, 355-365 and
     365-400 (pass 3: the man in the checked shirt, the woman in black - lost after 365 when the detector
     boxes her together with her neighbour or below 0.6 - and the man in the white shirt and hat), 530-550
-    (pass 4, the man in the hat again). The false box at the right-hand wall (conf 0.5-0.66, in nearly
+    (pass 4, a man in a grey cap, light-blue shirt and khaki trousers: by his clothes not pass 3's man in the
+    straw hat, white shirt and dark trousers; and pass 3's dark-haired woman is not pass 1's blonde one).
+    The false box at the right-hand wall (conf 0.5-0.66, in nearly
     every frame) starts no track (ByteTrack starts tracks above activation + 0.1 = 0.7).
     """
     pytest.importorskip("openvino")
