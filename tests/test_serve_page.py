@@ -24,16 +24,22 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = import_extra("playwright.sync_api", "test")
+def require_chromium() -> str:
+    """The system Chromium's path for a page test: a failure under CI (which installs it), else a skip."""
     if CHROMIUM is None or not os.path.isfile(CHROMIUM):
         if os.environ.get("REID_LITE_NO_MISSING_MODULE_SKIPS") == "1" or os.environ.get("CI"):
             pytest.fail("chromium is not installed, so the web page is untested: .ci/run installs it "
                         "(apt-get install -y chromium chromium-driver)", pytrace=False)
         pytest.skip(f"{MISSING_MODULE} chromium: apt-get install -y chromium chromium-driver")
+    return CHROMIUM
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = import_extra("playwright.sync_api", "test")
+    chromium = require_chromium()
     with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        b = p.chromium.launch(executable_path=chromium, args=ARGS)
         yield b
         b.close()
 

@@ -18,8 +18,10 @@ import pytest
 import requests
 from conftest import load_tool
 from doc_commands import doc_command
+from extras import import_extra
 from PIL import Image
 from serve_util import TINY
+from test_serve_page import ARGS, require_chromium
 from test_video import REAL, colour_detector, ssd_onnx, visible_frames, write_video
 
 from reid_lite.config import load_cfg
@@ -356,15 +358,12 @@ def test_http_api_tracklets_and_where_next(tmp_path):
 
 
 def test_page_trajectory_view(tmp_path):
-    from test_serve_page import ARGS, CHROMIUM
-
+    sync_api = import_extra("playwright.sync_api", "test")
+    chromium = require_chromium()
     g, ids = scene_gallery(tmp_path / "gal")
     g.close()
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if CHROMIUM is None or not os.path.isfile(CHROMIUM):
-        pytest.skip("chromium is not installed")
     with BackgroundServer(create_app(tmp_path / "gal")) as server, sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        browser = p.chromium.launch(executable_path=chromium, args=ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.set_default_timeout(20_000)
         errors: list[str] = []
@@ -403,15 +402,12 @@ def test_documented_synthetic_trajectory_screenshot(tmp_path, capsys):
     """docs/img/video_trajectory.png's command (docs/video.md): three generated camera videos of synthetic
     pedestrians, ingested with the demo model through a background-subtraction detector, give one tracklet
     per pass; the followed person's passes on cameras 1 and 2 are the two most similar hits; the page is saved."""
-    from test_serve_page import CHROMIUM
-
-    if CHROMIUM is None or not os.path.isfile(CHROMIUM):
-        pytest.skip("chromium is not installed")
-    pytest.importorskip("playwright.sync_api")
+    import_extra("playwright.sync_api", "test")
+    chromium = require_chromium()
     tool = load_tool("video_trajectory_screenshot")
     args = shlex.split(doc_command("python tools/video_trajectory_screenshot.py --synthetic"))[2:]
     args[args.index("--out") + 1] = str(tmp_path / "trajectory.png")
-    assert tool.main([*args, "--chromium", CHROMIUM]) == 0
+    assert tool.main([*args, "--chromium", chromium]) == 0
     out = capsys.readouterr().out
     for camera, (_, passes) in tool.SCENE.items():
         assert f"camera {camera}: {len(passes)} tracklets" in out, out

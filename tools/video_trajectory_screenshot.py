@@ -155,7 +155,9 @@ def synthetic_gallery(folder: Path, weights: Path = REPO / "weights/demo_synthet
         print(f"camera {v.camera}: {len(report.tracklets)} tracklets; {report.stats.summary()}")
     g.close()
     people = {}
-    for t in tracklet_table(Gallery.open(gal).store).list():
+    with Gallery.open(gal) as opened:
+        tracklets = tracklet_table(opened.store).list()
+    for t in tracklets:
         offset, passes = SCENE[t.camid]
         # the pass that entered last before the tracklet started: its first box comes less than 1 s after
         # it enters (a sliver at the edge is too small a blob), and passes enter at least 1 s apart
@@ -214,12 +216,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.synthetic:
             gallery, people = synthetic_gallery(Path(tmp))
             tracklet = min(t for t, p in people.items() if p == FOLLOWED)
-            g = Gallery.open(gallery)
-            for h in search_after(g, tracklet, parse_within(within), k=k, same_camera=args.same_camera).hits:
+            with Gallery.open(gallery) as g:
+                hits = search_after(g, tracklet, parse_within(within), k=k, same_camera=args.same_camera).hits
+            for h in hits:
                 who = people[h.hit.id]
                 print(f"hit rank {h.hit.rank}: tracklet {h.hit.id}, camera {h.tracklet.camid}, person {who}"
                       f"{' (the followed person)' if who == FOLLOWED else ''}, score {h.hit.score:.3f}")
-            g.close()
         status = screenshot(gallery, tracklet, args.out, within, k, args.same_camera, args.chromium)
     print(f"wrote {args.out}: {status}")
     return 0
