@@ -37,10 +37,14 @@ TINY_ATM = {"ATM__ALPHA": 0.5, "ATM__THETA_MIN": 0.5, "ATM__SPLIT_DEPTH": 1}
 # ATM is the exception, stated on its own: it merges every pair whose key cosine passes an absolute threshold,
 # and reduced-precision keys (bf16: 8 mantissa bits, fp16: 11) move cosines near the threshold, so a few pairs
 # flip and the features of those few images move (measured min: bf16 autocast 0.961, fp16 0.989, pure bf16
-# 0.909), while the median image is unaffected (0.9997, 1.0000, 0.9906). Every method's median must reach
-# MEDIAN_COSINE.
+# 0.909), while the median image is unaffected (0.9997, 1.0000, 0.9906). STM-ReID too depends on the CPU's
+# bf16 kernels: it merges the top r pairs by CC-Function, and where two pairs nearly tie, the rounding of the
+# keys decides which merges. On an Intel Xeon (AMX) every image stayed above 0.99; on an AMD EPYC (AVX-512
+# bf16) one image of the 16 fell to 0.933 under bf16 autocast (fp16 0.9985, pure bf16 0.9952; medians
+# 0.9996, 0.9997, 0.9992). Every method's median must reach MEDIAN_COSINE.
 MIN_COSINE = {"bf16": 0.99, "fp16": 0.99, "pure_bf16": 0.98}
-MIN_COSINE_OF = {"atm": {"bf16": 0.9, "fp16": 0.95, "pure_bf16": 0.85}}
+MIN_COSINE_OF = {"atm": {"bf16": 0.9, "fp16": 0.95, "pure_bf16": 0.85},
+                 "stm": {"bf16": 0.9, "fp16": 0.99, "pure_bf16": 0.98}}
 MEDIAN_COSINE = 0.99
 
 def _tiny(method: str, **opts):
@@ -236,7 +240,7 @@ def test_no_host_sync_in_a_forward(method, training, images, cams, one_thread):
     model = _tiny(method).train(training)
     with torch.no_grad(), HostReads() as mode:
         model(images, cam_label=cams)
-    expected = ["item"] * _atm_blocks(model) if method == "atm" else []  # ATM: one count read per block
+    expected = ["tolist"] * _atm_blocks(model) if method == "atm" else []  # ATM: one read of two counts per block
     assert mode.reads == expected
     if method == "atm":
         static = _tiny(method, ATM__SHRINK=False).train(training)

@@ -178,12 +178,40 @@ def test_min_r_shrinks_the_capacity():
     assert math.isclose(atm_threshold(1, 0.9, 0.3, 0.3), 0.9)
 
 
-@pytest.mark.parametrize("jpm,min_r", [(True, 0), (False, 0), (True, 5)])
-def test_analytic_flops_agree_with_fvcore(jpm, min_r):
-    """Capacity-based: the matching runs in every block even where no slot leaves the sequence."""
+# Thresholds 1.3, 1.2 (size split from block 2 on), then 1.07, 0.93, ...: blocks 1-3 cannot merge, later ones do.
+SKIPPING = dict(alpha=1.2, beta=0.1, theta_min=0.3, split_depth=1, offset=0.1)
+
+
+@pytest.mark.parametrize("trace", [False, True])
+def test_blocks_that_cannot_merge_skip_the_matching_with_the_same_features(images, cams, trace):
+    """A threshold above every cosine (the early blocks under a positive OFFSET, as a GFLOPs budget solves it)
+    merges nothing in any image: those blocks only put the tokens in the split's order, with no matching and no
+    host read, and the features and source maps equal the full path's bit for bit."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(depth=6, METHOD="atm", **{f"ATM__{k.upper()}": v for k, v in SKIPPING.items()}),
+                        10, 3, 1).eval()
+    model.trace_source = trace
+    assert [r.merges_nothing for r in model.reducers.values()] == [True, True, True, False, False]
+    fast = _features(model, images, cams)
+    fast_source = model.last_state.source if trace else None
+    for reducer in model.reducers.values():
+        reducer.merges_nothing = False
+    full = _features(model, images, cams)
+    assert torch.equal(fast, full)
+    assert not trace or torch.equal(fast_source, model.last_state.source)
+    model.count_tokens = True
+    _features(model, images, cams)
+    assert model.last_state.counts[-1].min() < 211  # the later blocks do merge
+
+
+@pytest.mark.parametrize("jpm,min_r,skipping", [(True, 0, False), (False, 0, False), (True, 5, False), (True, 0, True)])
+def test_analytic_flops_agree_with_fvcore(jpm, min_r, skipping):
+    """Capacity-based: the matching runs in every block even where no slot leaves the sequence, except in the
+    blocks whose threshold no cosine reaches (they skip it)."""
     from reid_lite.compress.flops import fvcore_gflops
 
-    model = _model(jpm, min_r=min_r)
+    model = _model(jpm, min_r=min_r, **(SKIPPING if skipping else {}))
+    assert any(getattr(r, "merges_nothing", False) for r in model.reducers.values()) == skipping
     assert transreid_gflops(model) == pytest.approx(fvcore_gflops(model), rel=1e-9)
 
 

@@ -19,13 +19,20 @@ so the capacity shrinks by MIN_R per block; 0 keeps the paper's thresholds alone
 
 Running at the batch's size, not the capacity (`SHRINK`, on by default). In eager mode the sequence is then
 cut to the batch's largest valid token count, so the following blocks run on that many slots instead of the
-full capacity: the FLOPs the thresholds save are really saved. That needs the count on the host: one
-host-device synchronisation per merging block (a scalar read; on a GPU it waits for the work queued so far,
-tens of microseconds next to a block's milliseconds at batch 256). The slots cut are empty ones at the end,
+full capacity, and the MLPs (per token) run on the valid tokens alone (`TokenState.valid_rows`): the FLOPs
+the thresholds save are really saved, attention's at the fullest image's count, the MLP's at each image's.
+That needs the counts on the host: one host-device synchronisation per merging block (a read of two
+numbers; on a GPU it waits for the work queued so far, tens of microseconds next to a block's milliseconds
+at batch 256). The slots cut are empty ones at the end,
 masked everywhere, so a crop's feature does not depend on its batch-mates (to float rounding: the masked
 softmax and matrix products run at another length). Where shapes must be static (ONNX export,
 torch.compile, jit tracing, the meta device; `base.static_shapes`) and with `SHRINK False` nothing is read
 back: every block keeps its capacity, with the same token order, so the features agree.
+
+Blocks that cannot merge. A threshold above 1 (the early blocks under a positive OFFSET, which a GFLOPs
+budget usually solves for) is above every cosine: without MIN_R such a block merges nothing in any image,
+so it skips the matching, the masking and the host read and only puts the tokens in the split's order,
+bit for bit what the full path gives (`ATM.unmerged_order`); its matching FLOPs are not counted.
 
 The paper keeps only the class token in the last layer of models that classify from it alone. That is
 valid only where the last reducing block feeds such a head (TransReID without JPM, timm with
@@ -49,6 +56,9 @@ from .registry import MergeMethod, register_method
 from .schedule import check_layers
 
 MODES = ("image", "batch")
+# A cosine of fp32 unit vectors exceeds 1 by float rounding only (a few ulps per 64-term dot product): a block
+# whose threshold lies above this merges nothing, whatever the image.
+COSINE_MAX = 1.0 + 1e-4
 
 
 def atm_threshold(layer: int, alpha: float, beta: float, theta_min: float) -> float:
@@ -101,6 +111,8 @@ class ATM(TokenReducer):
             raise ValueError(f"MERGE.ATM.MIN_R must be >= 0, got {min_r}")
         self.theta, self.size_split, self.mode, self.min_r = float(theta), size_split, mode, int(min_r)
         self.shrink = bool(shrink)
+        # No similarity can pass the threshold and no pair is forced: the block merges nothing in any image.
+        self.merges_nothing = self.theta > COSINE_MAX and self.min_r == 0
 
     def forced(self, num_tokens: int) -> int:
         """Pairs every image merges (and the block removes from its capacity): MIN_R, at most the sources."""
@@ -112,23 +124,44 @@ class ATM(TokenReducer):
     def __call__(self, x: Tensor, keys: Tensor, cls_attn: Tensor | None, state: TokenState) -> Tensor:
         if x.shape[1] < 3:
             return x  # nothing to pair
+        if self.merges_nothing and not state.may_empty:
+            return self.unmerged_order(x, state)
         state.init(x)
+        state.valid_rows = None
         if state.may_empty:
             x = x * state.valid()[..., None].to(x.dtype)
         out = self.reduce(x, keys, cls_attn, state)
         state.may_empty = True
         return self.compact(out, state)
 
+    def unmerged_order(self, x: Tensor, state: TokenState) -> Tensor:
+        """What the merge gives when nothing merges, without matching: the tokens in the split's order (the A
+        slots, then the B slots), which the following blocks' alternating splits and JPM read. Bit for bit the
+        output of the full path, which adds zeros; sizes stay all ones (untracked while they are)."""
+        if state.size is None and not (state.track_pos or state.trace_source):
+            return x if self.size_split else torch.cat(bipartite_split(x), dim=1)  # equal sizes: identity split
+        state.init(x)
+        a_pos, b_pos = size_distinctive_split(state.size[..., 0]) if self.size_split else (None, None)
+        for name in ("size", "pos", "source"):
+            t = getattr(state, name)
+            if t is not None:
+                setattr(state, name, torch.cat(bipartite_split(t, a_pos, b_pos), dim=1))
+        return torch.cat(bipartite_split(x, a_pos, b_pos), dim=1)
+
     def compact(self, x: Tensor, state: TokenState) -> Tensor:
         """Every image's valid tokens first, in order; in eager mode with `shrink`, only as many slots as the
-        batch's fullest image holds (the one host read of a count), else the capacity (static shapes)."""
-        keep = x.shape[1]
-        if self.shrink and not static_shapes(x):
-            keep = state.valid().sum(dim=1).max().item()
-        return compact_slots(x, state, keep)
+        batch's fullest image holds, and the valid rows recorded for the MLP (`TokenState.valid_rows`), from
+        one host read of two counts; else the capacity (static shapes)."""
+        if not self.shrink or static_shapes(x):
+            return compact_slots(x, state, x.shape[1])
+        counts = state.valid().sum(dim=1)
+        keep, total = torch.stack([counts.max(), counts.sum()]).tolist()
+        x = compact_slots(x, state, keep)
+        state.valid_rows = (x.shape, torch.nonzero_static(state.valid().flatten(), size=total)[:, 0])
+        return x
 
     def matching_flops(self, num_tokens: int, dim: int, heads: int) -> int:
-        return bipartite_flops(num_tokens, dim // heads) if num_tokens >= 3 else 0
+        return bipartite_flops(num_tokens, dim // heads) if num_tokens >= 3 and not self.merges_nothing else 0
 
     def merge_counts(self, node_max: Tensor) -> Tensor:
         """(B,) pairs each image merges, from its sources' best similarities (B, Na - 1)."""

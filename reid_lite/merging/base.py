@@ -47,6 +47,9 @@ class TokenState:
         for a reducer with `needs_block_input` (DTEM's embedding reads it).
     active: soft (training-time) reducers keep every token and shrink sizes instead; the first `active`
         tokens are those a hard merge would still hold, the others were merged away softly (None: all).
+    valid_rows: (shape of the tokens, (R,) indices of their valid slots in the flattened (B * T) rows), set in
+        eager mode by a reducer that leaves empty slots (ATM) and cleared by the next reduction: blocks then run
+        their MLP (per token) on those R rows only, so that the empty slots cost nothing there (None: all rows).
     """
 
     grid: tuple[int, int]
@@ -61,6 +64,7 @@ class TokenState:
     counts: list[Tensor] = field(default_factory=list)
     block_input: Tensor | None = None
     active: int | None = None
+    valid_rows: tuple[torch.Size, Tensor] | None = None
 
     def attn_bias(self) -> Tensor | None:
         """Added to every key's logit, shape (B, 1, 1, T): log(size) with proportional attention (log 0 =
@@ -82,6 +86,12 @@ class TokenState:
         if self.size is None or not self.may_empty:
             return torch.full((x.shape[0],), x.shape[1], device=x.device)
         return self.valid().sum(dim=1)
+
+    def rows_of(self, x: Tensor) -> Tensor | None:
+        """The valid rows of `x` flattened to (B * T, C) when they were recorded for tokens of its shape, else None."""
+        if self.valid_rows is None or self.valid_rows[0] != x.shape:
+            return None
+        return self.valid_rows[1]
 
     def init(self, x: Tensor) -> None:
         """Fill in sizes (and positions/sources when requested) for the unreduced tokens `x`."""
@@ -123,6 +133,7 @@ class TokenReducer:
         if self.num_out(x.shape[1]) == x.shape[1]:
             return x  # nothing to reduce: leave the state untouched, so r = 0 changes nothing
         state.init(x)
+        state.valid_rows = None
         if state.may_empty:
             # Empty slots carry zeros into every reduction: they add nothing to sums, norms or means.
             x = x * state.valid()[..., None].to(x.dtype)

@@ -106,6 +106,10 @@ class Block(nn.Module):
             if reducer.needs_block_input:
                 state.block_input = h
             x = reducer(x, k, cls_attn, state)
+        rows = state.rows_of(x) if state is not None and not self.training else None
+        if rows is not None:  # empty slots (ATM): the MLP, per token, runs on the valid rows alone
+            flat = x.reshape(-1, x.shape[-1])
+            return flat.index_add(0, rows, self.mlp(self.norm2(flat.index_select(0, rows))).to(x.dtype)).view_as(x)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
