@@ -1,6 +1,6 @@
 """What the command-line tools share: their argument parser's common arguments (`tool_parser`, `add_config_arg`,
-`add_threads_arg`, `add_opts_arg`, `set_threads`), which exceptions are a user's mistake, how they are reported
-(one line on stderr, no traceback) and the exit codes.
+`add_threads_arg`, `add_malloc_arg`, `add_opts_arg`, `set_threads`, `set_malloc`), which exceptions are a user's
+mistake, how they are reported (one line on stderr, no traceback) and the exit codes.
 
     p = tool_parser(__doc__, summary=True)
     add_config_arg(p, aliases=True)
@@ -22,6 +22,7 @@ import torch
 from .data.datasets import DatasetLayoutError
 from .deploy.runtime import DeployError
 from .utils.checkpoint_file import CheckpointError
+from .utils.malloc import retain_freed_memory
 
 #: Exit code of a run refused for bad input (argparse uses it too).
 EXIT_USAGE = 2
@@ -80,6 +81,19 @@ def add_threads_arg(p: argparse.ArgumentParser, default: int | None = 0,
                     help: str = "CPU threads for torch (default: torch's choice)") -> None:
     """--threads N (0 or None: leave the count to the library); apply it with `set_threads`."""
     p.add_argument("--threads", type=int, default=default, help=help)
+
+
+def add_malloc_arg(p: argparse.ArgumentParser) -> None:
+    """--system-malloc: keep glibc's default of returning freed buffers to the OS; apply with `set_malloc`."""
+    p.add_argument("--system-malloc", action="store_true",
+                   help="leave glibc malloc as it is (default: the process keeps freed tensor buffers for reuse, "
+                        "which spares each CPU forward pass its page faults; reid_lite.utils.malloc)")
+
+
+def set_malloc(system: bool) -> bool:
+    """Keep freed memory in the process (`retain_freed_memory`) unless `system` (--system-malloc) is set;
+    whether it is kept."""
+    return not system and retain_freed_memory()
 
 
 def add_opts_arg(p: argparse.ArgumentParser, help: str = OPTS_HELP, remainder: bool = False) -> None:

@@ -230,9 +230,9 @@ def test_stm_response_floor_ignores_empty_slots(reducer_cls, monkeypatch):
     seen = []
     real_cc = stm_module.cc_function
 
-    def spy(k_a, k_b, s_a, s_b, s_min, d1, d2):
+    def spy(cos, s_a, s_b, s_min, d1, d2):
         seen.append(s_min)
-        return real_cc(k_a, k_b, s_a, s_b, s_min, d1, d2)
+        return real_cc(cos, s_a, s_b, s_min, d1, d2)
 
     monkeypatch.setattr(stm_module, "cc_function", spy)
     reducer(x, torch.randn(B, H, T, C // H, generator=g), cls_attn, state)

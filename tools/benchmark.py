@@ -47,7 +47,16 @@ import torch
 
 from reid_lite import build_model, load_cfg
 from reid_lite.build import build_model_for_checkpoint
-from reid_lite.cli import USER_ERRORS, add_config_arg, add_opts_arg, add_threads_arg, cli_error, tool_parser
+from reid_lite.cli import (
+    USER_ERRORS,
+    add_config_arg,
+    add_malloc_arg,
+    add_opts_arg,
+    add_threads_arg,
+    cli_error,
+    set_malloc,
+    tool_parser,
+)
 from reid_lite.compress.budget import budget_label, resolve_budget, synthetic_calibration
 from reid_lite.compress.flops import effective_gflops, fvcore_gflops, transreid_gflops
 from reid_lite.compress.latency import measure_latency
@@ -101,10 +110,16 @@ def _onnx_path(args: argparse.Namespace, method: str) -> Path:
     return Path(args.onnx_dir) / f"{Path(args.config).stem or 'default'}_{method}.onnx"
 
 
+def setup_process(args: argparse.Namespace) -> None:
+    """What every (spawned) process of the benchmark sets first: torch's CPU threads and the malloc setting."""
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    set_malloc(args.system_malloc)
+
+
 def export_method(args: argparse.Namespace, method: str) -> dict:
     """Export one method's model (parity verified on the ONNX backends benchmarked); a refusal is returned
     as {"refused": reason}."""
-    torch.set_num_threads(args.threads or torch.get_num_threads())
+    setup_process(args)
     cfg, model = _model(args, method)
     refusal = export_refusal(model)
     if refusal:
@@ -203,7 +218,7 @@ def peak_memory_mb(device: torch.device, rss_before: float) -> tuple[float, str]
 
 def measure(args: argparse.Namespace, method: str, backend: str, batch: int) -> dict:
     """Time one (method, backend, batch) in this process: warm-up, then `iters` timed forward passes."""
-    torch.set_num_threads(args.threads or torch.get_num_threads())
+    setup_process(args)
     info, forward, sync = prepare(args, method, backend, batch)
     device = torch.device(info["device"])
     if sync is not None:
@@ -222,7 +237,7 @@ def measure_interleaved(args: argparse.Namespace, methods: list[str], backend: s
     rounds and, when 'none' is among them, `speedup_vs_none` = the median over rounds of none's time / its
     time (the ratio within a round is what interleaving protects). Peak memory is not measured here (the
     models share one process)."""
-    torch.set_num_threads(args.threads or torch.get_num_threads())
+    setup_process(args)
     shared = None
     runs = {}
     for method in methods:
@@ -341,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     add_threads_arg(p, help="CPU threads of torch and the runtimes (0: default)")
+    add_malloc_arg(p)
     p.add_argument("--onnx-dir", default="output/bench_onnx", help="where the ONNX files are exported")
     p.add_argument("--out", default="output/benchmark.json")
     p.add_argument("--budget", default="", help="GFLOPs per image for every method (within 1%%, through its knob), "
@@ -451,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         "budget": {"spec": args.budget, "target_gflops": args.target_gflops} if args.budget else None,
         "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "exports": exports,
         "interleaved": args.interleave, "inputs": args.inputs, "weights": args.weights or None, "pure": args.pure,
+        "system_malloc": args.system_malloc,  # False: freed buffers kept in the process (reid_lite.utils.malloc)
         # Other work on the machine while timing: the 1/5/15-minute load averages before and after.
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
         "results": results,

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from reid_lite.build import build_model, build_model_for_checkpoint
-from reid_lite.cli import USER_ERRORS, add_config_arg, add_opts_arg, cli_error, tool_parser
+from reid_lite.cli import USER_ERRORS, add_config_arg, add_malloc_arg, add_opts_arg, cli_error, set_malloc, tool_parser
 from reid_lite.compress.budget import resolve_budget
 from reid_lite.config import load_cfg, validate
 from reid_lite.data import build_dataset_from_cfg, sie_counts
@@ -85,6 +85,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target-precision", type=float, default=None, metavar="P",
                    help="with --calibrate: the lowest threshold whose precision reaches P (default: best F1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_malloc_arg(p)
     add_opts_arg(p, help="config overrides as KEY VALUE pairs (options may come before or after)")
     # Intermixed: `--compare` may follow the KEY VALUE pairs, as users naturally append it.
     return p.parse_intermixed_args(argv)
@@ -197,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  "or --compare to merging methods")
     except USER_ERRORS as err:
         return cli_error(err)
+    set_malloc(args.system_malloc)
 
     try:
         dataset = build_dataset_from_cfg(cfg)

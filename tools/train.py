@@ -30,9 +30,11 @@ import torch
 from reid_lite.cli import (
     USER_ERRORS,
     add_config_arg,
+    add_malloc_arg,
     add_opts_arg,
     add_threads_arg,
     cli_error,
+    set_malloc,
     set_threads,
     tool_parser,
 )
@@ -76,6 +78,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="write each evaluation's query/gallery features to OUTPUT_DIR/features_<epoch>.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard logs")
+    add_malloc_arg(p)
     add_opts_arg(p)
     # Intermixed: options may follow the KEY VALUE pairs, as users naturally append them.
     return p.parse_intermixed_args(argv)
@@ -119,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.half and not args.save:
         return cli_error("--half applies to the --save copy; give --save PATH")
     set_threads(args.threads)
+    set_malloc(args.system_malloc)
     _setup_logging(cfg.OUTPUT_DIR)
     if cfg.MODEL.PRETRAIN_CHOICE.lower() == "imagenet" and not cfg.MODEL.PRETRAIN_PATH:
         print(FROM_SCRATCH_WARNING, file=sys.stderr)

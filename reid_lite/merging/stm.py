@@ -20,6 +20,7 @@ from .base import (
     BipartiteMerge,
     TokenReducer,
     TokenState,
+    bipartite_cosine,
     bipartite_match,
     bipartite_r,
     bipartite_split,
@@ -29,7 +30,7 @@ from .base import (
     take_tokens,
 )
 from .exportable import grouped_max, stable_argsort
-from .ops import bipartite_flops, cosine_scores, knn_indices, virtual_neighbourhood
+from .ops import bipartite_flops, knn_indices, virtual_neighbourhood
 from .registry import MergeMethod, register_method
 
 _EPS = 1e-12
@@ -85,13 +86,13 @@ def pr_grouping(score: Tensor) -> tuple[Tensor, Tensor]:
     return torch.cat([cls, order[:, 0::2]], dim=1), order[:, 1::2]
 
 
-def cc_function(k_a: Tensor, k_b: Tensor, s_a: Tensor, s_b: Tensor, s_min: Tensor, d1: float, d2: float) -> Tensor:
+def cc_function(cos: Tensor, s_a: Tensor, s_b: Tensor, s_min: Tensor, d1: float, d2: float) -> Tensor:
     """CC-Function F = F_sim^d1 * F_res^d2 (Eq. 8-9).
 
     F_sim = (cos(k_a, k_b) + 1) / 2; F_res = S^_a S^_b with S^ = min_k S_k / S (inverse response).
-    k_a (B, Na, C), k_b (B, Nb, C), s_a (B, Na), s_b (B, Nb), s_min (B, 1).
+    cos (B, Na, Nb) the keys' cosine similarity, s_a (B, Na), s_b (B, Nb), s_min (B, 1).
     """
-    f_sim = (cosine_scores(k_a, k_b) + 1) / 2
+    f_sim = (cos + 1) / 2
     if d1 != 1:  # x ** 1 is x: skip a pass over the (B, Na, Nb) matrix in the default setting
         f_sim = f_sim.pow(d1)
     # (u v)^d = u^d v^d: the power of the (B, Na) and (B, Nb) factors, not of their (B, Na, Nb) product
@@ -104,19 +105,19 @@ def prn_fuse(merge: BipartiteMerge, x: Tensor, score: Tensor, state: TokenState)
 
     Tokens that take part in no merge are returned unchanged (bit for bit).
     """
-    unm, src, b = parts = merge.parts(x)
-    fused = merge.weighted_mean(x, score[..., None], parts)
+    out = merge.weighted_mean(x, score[..., None])
     # Rescale only the destinations that received sources: the others keep their own norm already.
     # Largest source norm of each source's group (no scatter 'amax': it does not export well).
-    src_max = grouped_max(src.norm(dim=-1), merge.dst_idx)[..., None]
+    src_max = grouped_max(take_tokens(x, merge.src_pos).norm(dim=-1), merge.dst_idx)[..., None]
     max_norm = torch.maximum(src_max, take_tokens(x, merge.dst_pos).norm(dim=-1, keepdim=True))
-    fused_dst = take_tokens(fused, merge.dst_idx)
+    rows = merge.fused_rows()
+    fused_dst = take_tokens(out, rows)
     rescaled = fused_dst / fused_dst.norm(dim=-1, keepdim=True).clamp_min(_EPS) * max_norm
-    # In place: `fused` is this function's own fresh tensor, and a copy of the B tokens per block is what made
-    # PRN-Fuse cost more than ToMe's fusion.
-    fused.scatter_(1, merge.dst_index(x.shape[-1]), rescaled.to(x.dtype))
+    # In place: `out` is this function's own fresh tensor (copying it per block made PRN-Fuse cost more than
+    # ToMe's fusion).
+    out.scatter_(1, rows[..., None].expand(-1, -1, x.shape[-1]), rescaled.to(x.dtype))
     merge_state(merge, state)
-    return torch.cat([unm, fused], dim=1)
+    return out
 
 
 class STM(TokenReducer):
@@ -197,14 +198,12 @@ class STM(TokenReducer):
             a_idx = b_idx = None
             if self.dse:
                 a_idx, b_idx = pr_grouping(score[:, 1:])
-            k_a, k_b = bipartite_split(metric, a_idx, b_idx)
+            scores = bipartite_cosine(metric, a_idx, b_idx)
             if self.ccf:
-                s_a, s_b = bipartite_split(score[..., None], a_idx, b_idx)
+                s_a, s_b = bipartite_split(score, a_idx, b_idx)
                 patch_score = score[:, 1:] if valid is None else score[:, 1:].masked_fill(~valid[:, 1:], math.inf)
                 s_min = patch_score.amin(dim=1, keepdim=True)
-                scores = cc_function(k_a, k_b, s_a[..., 0], s_b[..., 0], s_min, self.delta1, self.delta2)
-            else:
-                scores = cosine_scores(k_a, k_b)
+                scores = cc_function(scores, s_a, s_b, s_min, self.delta1, self.delta2)
             if valid is not None:
                 v_a, v_b = bipartite_split(valid[..., None], a_idx, b_idx)
                 scores = mask_invalid(scores, v_a[..., 0], v_b[..., 0])
