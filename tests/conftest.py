@@ -12,6 +12,7 @@ import pytest
 import torch
 from extras import pytest_sessionfinish, pytest_terminal_summary  # noqa: F401 (pytest hooks for CI)
 
+import reid_lite.cli
 from reid_lite import get_cfg
 
 # fvcore traces through the deprecated torch.jit; the warning says nothing about our code.
@@ -139,3 +140,13 @@ MERGE:
   LAYERS: {list(layers)}
 """
     return text + (f"OUTPUT_DIR: '{out}'\n" if out is not None else "")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def system_malloc_in_the_test_process():
+    """The tools run in-process here, and their malloc setting (`reid_lite.cli.set_malloc`) is process-wide and
+    never undone: keep it out of the test process, so that no test depends on which tool ran first. The setting
+    itself is tested in a child process (tests/test_cli_args.py)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(reid_lite.cli, "retain_freed_memory", lambda: False)
+        yield

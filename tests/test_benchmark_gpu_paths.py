@@ -66,7 +66,8 @@ def test_interleaved_rounds_time_every_method_on_one_batch(bench, monkeypatch, o
     runs, on the CPU)."""
     args = argparse.Namespace(config=str(REPO / "configs" / "demo_synthetic.yml"), opts=["MODEL.DEPTH", "3",
                               "MERGE.LAYERS", "[1, 2]"], target_gflops=0.0, weights="", threads=1, fvcore=False,
-                              device="cpu", dtype="bf16", pure=True, inputs="pedestrians", iters=3, warmup=1)
+                              device="cpu", dtype="bf16", pure=True, inputs="pedestrians", iters=3, warmup=1,
+                              system_malloc=True)  # the malloc setting is process-wide: not in the test process
     rows = bench.measure_interleaved(args, ["none", "tome"], "torch", 2)
     assert [r["method"] for r in rows] == ["none", "tome"]
     none, tome = rows
