@@ -294,16 +294,16 @@ def bipartite_split(t: Tensor, a_idx: Tensor | None = None, b_idx: Tensor | None
 def bipartite_cosine(t: Tensor, a_idx: Tensor | None = None, b_idx: Tensor | None = None) -> Tensor:
     """`cosine_scores` of the A and B parts of `t` (B, T, C) (`bipartite_split`), in fp32.
 
-    With indices, the rows are gathered into one buffer and normalised there in place: for full-width keys
-    (STM's 768-d) each avoided copy is megabytes per block. The same values as `cosine_scores`, bit for bit.
+    With indices, the parts are fresh (one gather) and are normalised in place: for full-width keys (STM's
+    768-d) each avoided copy is megabytes per block. The same values as `cosine_scores`, bit for bit.
     """
     if a_idx is None or (torch.is_grad_enabled() and t.requires_grad):
         return cosine_scores(*bipartite_split(t, a_idx, b_idx))
     with full_precision(t.device):
-        ab = take_tokens(t, torch.cat([a_idx, b_idx], dim=1)).float()  # a fresh buffer (or its fp32 copy)
-        ab.div_(ab.norm(dim=-1, keepdim=True))
-        na = a_idx.shape[1]
-        return ab[:, :na] @ ab[:, na:].transpose(-1, -2)
+        a, b = (part.float() for part in bipartite_split(t, a_idx, b_idx))  # fresh views (or their fp32 copies)
+        a.div_(a.norm(dim=-1, keepdim=True))
+        b.div_(b.norm(dim=-1, keepdim=True))
+        return a @ b.transpose(-1, -2)
 
 
 def bipartite_match(scores: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
