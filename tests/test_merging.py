@@ -12,7 +12,7 @@ from conftest import tiny_cfg, vit_base_cfg
 from reid_lite import build_model
 from reid_lite.compress.flops import fvcore_gflops, transreid_gflops
 from reid_lite.merging import STM, EViT, TokenState, ToMe, apply_merging, merge_cfg
-from reid_lite.merging.base import BipartiteMerge, bipartite_match
+from reid_lite.merging.base import BipartiteMerge, bipartite_match, put_tokens_, take_tokens
 from reid_lite.merging.diagnostics import record_merges
 from reid_lite.merging.ops import grid_positions, virtual_coordinates, virtual_knn, virtual_neighbourhood
 from reid_lite.merging.stm import gaussian_prior, neighbourhood_entropy, pr_degree, pr_grouping, prn_fuse
@@ -123,6 +123,20 @@ def test_normalised_entropy_is_the_entropy_of_the_renormalised_neighbourhood():
     p = attn[..., nbr]  # (2, 3, 12, 4)
     p = p / p.sum(-1, keepdim=True)
     torch.testing.assert_close(got, -(p * p.log()).sum(-1))
+
+
+def test_put_tokens_writes_and_adds_rows_as_scatter_does():
+    # Row writes of the fusion: several sources may go into one row (they add, in source order).
+    g = torch.Generator().manual_seed(3)
+    t = torch.randn(3, 7, 5, generator=g)
+    idx = torch.tensor([[1, 4, 1], [0, 0, 6], [2, 3, 5]])
+    values = torch.randn(3, 3, 5, generator=g)
+    index = idx[..., None].expand(-1, -1, 5)
+    assert torch.equal(put_tokens_(t.clone(), idx, values, accumulate=True), t.scatter_add(1, index, values))
+    unique = torch.tensor([[1, 4, 2], [0, 5, 6], [2, 3, 5]])
+    got = put_tokens_(t.clone(), unique, values)
+    assert torch.equal(got, t.scatter(1, unique[..., None].expand(-1, -1, 5), values))
+    assert torch.equal(take_tokens(got, unique), values)
 
 
 def test_prn_fuse_keeps_the_largest_norm_and_leaves_the_others_alone():

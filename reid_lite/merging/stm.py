@@ -26,6 +26,7 @@ from .base import (
     bipartite_split,
     mask_invalid,
     merge_state,
+    put_tokens_,
     size_weighted_merge,
     take_tokens,
 )
@@ -108,14 +109,16 @@ def prn_fuse(merge: BipartiteMerge, x: Tensor, score: Tensor, state: TokenState)
     out = merge.weighted_mean(x, score[..., None])
     # Rescale only the destinations that received sources: the others keep their own norm already.
     # Largest source norm of each source's group (no scatter 'amax': it does not export well).
-    src_max = grouped_max(take_tokens(x, merge.src_pos).norm(dim=-1), merge.dst_idx)[..., None]
-    max_norm = torch.maximum(src_max, take_tokens(x, merge.dst_pos).norm(dim=-1, keepdim=True))
+    r = merge.src_pos.shape[1]
+    norms = take_tokens(x, torch.cat([merge.src_pos, merge.dst_pos], dim=1)).norm(dim=-1, keepdim=True)
+    src_max = grouped_max(norms[:, :r, 0], merge.dst_idx)[..., None]
+    max_norm = torch.maximum(src_max, norms[:, r:])
     rows = merge.fused_rows()
     fused_dst = take_tokens(out, rows)
     rescaled = fused_dst / fused_dst.norm(dim=-1, keepdim=True).clamp_min(_EPS) * max_norm
     # In place: `out` is this function's own fresh tensor (copying it per block made PRN-Fuse cost more than
     # ToMe's fusion).
-    out.scatter_(1, rows[..., None].expand(-1, -1, x.shape[-1]), rescaled.to(x.dtype))
+    put_tokens_(out, rows, rescaled.to(x.dtype))
     merge_state(merge, state)
     return out
 
